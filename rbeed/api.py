@@ -1,0 +1,145 @@
+"""The job API's HTTP routes: create, list, inspect, cancel and stream jobs; health."""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+import trio
+
+from . import __version__
+from .jobs import FINISHED, Job, JobRegistry, JobState, RegistryFull
+from .operations import PayloadError, decode
+from .server import Request, Response, StreamingResponse, error_response, json_response
+
+_JOB_PATH = re.compile(r"^/v1/jobs/([^/]+)(/stream)?$")
+_STATES = ", ".join(state.value for state in JobState)
+_KEEPALIVE = b": keep-alive\n\n"
+
+
+class JobAPI:
+    """Turns requests into registry calls; `accepting` goes False while the daemon drains."""
+
+    def __init__(self, registry: JobRegistry, sse_keepalive: float):
+        self.registry = registry
+        self.sse_keepalive = sse_keepalive
+        self.accepting = True
+
+    async def __call__(self, request: Request) -> Response | StreamingResponse:
+        path = request.path
+        if path == "/health":
+            return self._only(request, "GET") or json_response(200, {"status": "ok", "version": __version__})
+        if path == "/v1/jobs":
+            if request.method == "POST":
+                return self._create(request)
+            return self._only(request, "GET", "POST") or self._list(request)
+        match = _JOB_PATH.match(path)
+        if match is None:
+            return error_response(404, f"no such path: {path}")
+        job_id, stream = match.groups()
+        allowed = ("GET",) if stream else ("GET", "DELETE")
+        if refusal := self._only(request, *allowed):
+            return refusal
+        job = self.registry.get(job_id)
+        if job is None:
+            return error_response(404, f"unknown job {job_id!r}")
+        if stream:
+            return self._stream(job, request)
+        if request.method == "DELETE":
+            return self._cancel(job)
+        return json_response(200, job.status())
+
+    @staticmethod
+    def _only(request: Request, *methods: str) -> Response | None:
+        if request.method in methods or (request.method == "HEAD" and "GET" in methods):
+            return None
+        allow = ", ".join(methods)
+        return error_response(405, f"method {request.method} not allowed; allowed: {allow}", [("allow", allow)])
+
+    def _create(self, request: Request) -> Response:
+        if not self.accepting:
+            return error_response(503, "daemon shutting down")
+        try:
+            operation = decode(request.body)
+            job = self.registry.create(operation)
+        except PayloadError as exc:
+            return error_response(400, str(exc))
+        except RegistryFull as exc:
+            return error_response(503, str(exc))
+        sse_url = f"/v1/jobs/{job.id}/stream"
+        return Response(201, msgspec.json.encode({"job_id": job.id, "sse_url": sse_url}),
+                        headers=[("location", f"/v1/jobs/{job.id}")])  # fmt: skip
+
+    def _list(self, request: Request) -> Response:
+        state = request.query.get("state")
+        if state is not None and state not in JobState.__members__.values():
+            return error_response(400, f"unknown state {state!r}; valid states: {_STATES}")
+        jobs = self.registry.list(JobState(state) if state else None)
+        return json_response(200, [job.status() for job in jobs])
+
+    def _cancel(self, job: Job) -> Response:
+        if not self.registry.cancel(job):
+            return error_response(409, f"job {job.id} already {job.state.value}")
+        return json_response(200, job.status())
+
+    def _stream(self, job: Job, request: Request) -> Response | StreamingResponse:
+        header = request.headers.get("last-event-id", "0").strip() or "0"
+        if not header.isdigit():
+            return error_response(400, f"Last-Event-ID must be an event id, got {header!r}")
+        self.registry.start(job)
+        first_after = int(header)
+
+        async def produce(send) -> None:
+            after = first_after
+            job.readers += 1
+            try:
+                while True:
+                    backlog, gap, feed = job.subscribe(after)
+                    if gap is not None:
+                        # Events fell out of the replay buffer: say which, then go on.
+                        data = msgspec.json.encode({"missed_from": gap[0], "missed_to": gap[1]})
+                        await send(b"event: gap\ndata: %s\n\n" % data)
+                    if backlog:
+                        after = backlog[-1][0]
+                        await send(b"".join(event for _, event in backlog))
+                    if feed is None:
+                        return
+                    with feed:
+                        after = await self._follow(feed, send, after)
+            finally:
+                job.readers -= 1
+
+        on_disconnect = None
+        if job.cancel_on_disconnect:
+
+            def on_disconnect() -> None:
+                if job.readers == 0 and job.state not in FINISHED:
+                    self.registry.cancel(job)
+
+        return StreamingResponse(200, produce, on_disconnect=on_disconnect)
+
+    async def _follow(self, feed: trio.MemoryReceiveChannel, send, after: int) -> int:
+        """Relay live events until the feed closes (job ended, or this reader lagged).
+
+        Events that queued up while the client was slow go out in one write. Returns the id of
+        the last event sent, from which the caller re-reads the replay buffer.
+        """
+        while True:
+            event = None
+            with trio.move_on_after(self.sse_keepalive):
+                try:
+                    event = await feed.receive()
+                except trio.EndOfChannel:
+                    return after
+            if event is None:
+                await send(_KEEPALIVE)
+                continue
+            after, batch = event[0], [event[1]]
+            while True:
+                try:
+                    event = feed.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                after = event[0]
+                batch.append(event[1])
+            await send(b"".join(batch))

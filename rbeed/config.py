@@ -1,0 +1,138 @@
+"""Configuration: defaults, the TOML file, command-line overrides and the paths derived from them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+DEFAULT_CONFIG_FILE = Path("/etc/rbeed/rbeed.toml")
+
+Seconds = Annotated[float, msgspec.Meta(ge=0)]
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Section):
+    listen: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1:8500"])
+    socket: str | None = None  # None: derived from the environment (see default_socket_path)
+    socket_mode: Annotated[int, msgspec.Meta(ge=0, le=0o777)] = 0o660
+    max_body_bytes: Positive = 1024 * 1024
+    max_header_bytes: Positive = 16 * 1024
+    request_timeout: Seconds = 30.0  # receiving one request's head and body
+    keepalive_timeout: Seconds = 75.0  # idle connection between requests
+    sse_keepalive: Seconds = 15.0  # comment line on an idle event stream
+    shutdown_grace: Seconds = 10.0  # how long SIGTERM waits for running jobs
+    idle_exit: Seconds = 0.0  # socket activation: exit after this long with nothing to do; 0 = never
+
+
+class JobsConfig(_Section):
+    unstreamed_ttl: Seconds = 600.0  # a job nobody streamed is dropped after this
+    finished_ttl: Seconds = 600.0  # a finished job stays for status and replay this long
+    event_buffer: Positive = 4096  # events kept per job for replay
+    max_jobs: Positive = 10_000  # jobs held at once (all states); more is 503
+
+
+class HivesConfig(_Section):
+    health_timeout: Seconds = 2.0
+    start_command: str = "systemctl --host {ssh_host} {action} rbeed.service"
+
+
+class ModelsConfig(_Section):
+    hf_base: str = "https://huggingface.co/{owner}/{repo}/resolve/main/{path}"
+
+
+class WorkersConfig(_Section):
+    backend: Literal["auto", "process", "systemd"] = "auto"
+    threads: int = 0  # total worker threads across workers; 0 = number of cores
+    n_ctx: Positive = 2048
+    n_batch: Positive = 32  # small batches let a cancel land during prompt processing
+    queue_size: Annotated[int, msgspec.Meta(ge=0)] = 8  # jobs waiting per worker
+    keep_alive: float = 300.0  # idle seconds before an on-demand worker stops; -1 = never
+    load_timeout: Seconds = 120.0
+    stop_grace: Seconds = 5.0  # SIGTERM → SIGKILL
+    restart: Literal["on-failure", "no"] = "on-failure"
+    max_restarts: Annotated[int, msgspec.Meta(ge=0)] = 3
+    restart_backoff: Seconds = 1.0  # doubled on each restart in a row
+    memory_max: str | None = None  # systemd backend: MemoryMax= of each worker unit
+    cpu_quota: str | None = None  # systemd backend: CPUQuota= of each worker unit
+
+
+class Config(_Section):
+    state_dir: str | None = None
+    runtime_dir: str | None = None
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    jobs: JobsConfig = msgspec.field(default_factory=JobsConfig)
+    hives: HivesConfig = msgspec.field(default_factory=HivesConfig)
+    models: ModelsConfig = msgspec.field(default_factory=ModelsConfig)
+    workers: WorkersConfig = msgspec.field(default_factory=WorkersConfig)
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir) if self.state_dir else default_state_dir()
+
+    @property
+    def runtime_path(self) -> Path:
+        return Path(self.runtime_dir) if self.runtime_dir else default_runtime_dir()
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.server.socket) if self.server.socket else self.runtime_path / "rbeed.sock"
+
+
+class ConfigError(Exception):
+    """The config file or a flag holds something rbeed cannot use."""
+
+
+def _first_dir(variable: str) -> Path | None:
+    # systemd passes e.g. STATE_DIRECTORY as a colon-separated list; the first entry is ours.
+    value = os.environ.get(variable)
+    return Path(value.split(":")[0]) if value else None
+
+
+def default_state_dir() -> Path:
+    if path := _first_dir("STATE_DIRECTORY"):
+        return path
+    if xdg := os.environ.get("XDG_STATE_HOME"):
+        return Path(xdg) / "rbeed"
+    return Path.home() / ".local" / "state" / "rbeed"
+
+
+def default_runtime_dir() -> Path:
+    if path := _first_dir("RUNTIME_DIRECTORY"):
+        return path
+    if xdg := os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(xdg) / "rbeed"
+    return Path(f"/tmp/rbeed-{os.getuid()}")
+
+
+def load(path: Path | None, overrides: dict | None = None) -> Config:
+    """Read the TOML file (the default one only if it exists), then apply flag overrides.
+
+    `overrides` maps dotted keys ("server.listen", "state_dir") to values from the command line.
+    """
+    explicit = path is not None
+    path = path or DEFAULT_CONFIG_FILE
+    raw: dict = {}
+    if explicit or path.exists():
+        try:
+            raw = msgspec.toml.decode(path.read_bytes())
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+        except msgspec.DecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    for dotted, value in (overrides or {}).items():
+        *sections, key = dotted.split(".")
+        node = raw
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[key] = value
+    try:
+        return msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

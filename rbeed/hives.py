@@ -1,0 +1,218 @@
+"""The hive catalog (SQLite under the state dir) and the hive_* operations."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shlex
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import msgspec
+import trio
+
+from . import __version__
+from .config import HivesConfig
+from .httpclient import Client, HTTPError
+from .jobs import Job, JobFailed
+from .operations import HiveCreate, HiveDelete, HiveGet, HiveList, HiveStart, HiveStop, HiveUpdate
+
+log = logging.getLogger("rbeed.hives")
+
+LOCAL = "localhost"
+
+
+class Hive(msgspec.Struct, frozen=True):
+    id: str
+    host: str
+    port: int
+    ssh_host: str | None = None
+
+
+class HiveCatalog:
+    """Hives by id: read from memory, written through to SQLite in a worker thread."""
+
+    def __init__(self, path: Path):
+        self._path = path
+        self._db: sqlite3.Connection | None = None
+        self._lock = trio.Lock()  # one writer at a time on the shared connection
+        self._hives: dict[str, Hive] = {}
+
+    async def open(self) -> None:
+        self._hives = await trio.to_thread.run_sync(self._open)
+
+    def _open(self) -> dict[str, Hive]:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS hives (id TEXT PRIMARY KEY, host TEXT NOT NULL,"
+            " port INTEGER NOT NULL, ssh_host TEXT)"
+        )
+        rows = self._db.execute("SELECT id, host, port, ssh_host FROM hives ORDER BY id").fetchall()
+        return {row[0]: Hive(*row) for row in rows}
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._db is not None:
+                db, self._db = self._db, None
+                await trio.to_thread.run_sync(db.close)
+
+    def get(self, hive_id: str) -> Hive | None:
+        return self._hives.get(hive_id)
+
+    def list(self) -> list[Hive]:
+        return sorted(self._hives.values(), key=lambda hive: hive.id)
+
+    async def put(self, hive: Hive) -> None:
+        await self._write(
+            "INSERT OR REPLACE INTO hives (id, host, port, ssh_host) VALUES (?, ?, ?, ?)",
+            (hive.id, hive.host, hive.port, hive.ssh_host),
+        )
+        self._hives[hive.id] = hive
+
+    async def delete(self, hive_id: str) -> None:
+        await self._write("DELETE FROM hives WHERE id = ?", (hive_id,))
+        del self._hives[hive_id]
+
+    async def _write(self, sql: str, args: tuple) -> None:
+        async with self._lock:
+            if self._db is None:
+                raise JobFailed("the hive catalog is closed")
+            await trio.to_thread.run_sync(self._db.execute, sql, args)
+
+
+def _slug(host: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", host).strip("-.")[:128] or "hive"
+
+
+class Hives:
+    """The hive_* operations over a catalog; this daemon is always hive `localhost`."""
+
+    def __init__(self, catalog: HiveCatalog, config: HivesConfig):
+        self.catalog = catalog
+        self.config = config
+
+    def _local(self) -> dict:
+        return {"id": LOCAL, "host": LOCAL, "port": None, "ssh_host": None, "local": True,
+                "online": True, "version": __version__, "pid": os.getpid()}  # fmt: skip
+
+    def _remote(self, hive_id: str) -> Hive:
+        hive = self.catalog.get(hive_id)
+        if hive is None:
+            raise JobFailed(f"unknown hive {hive_id!r}")
+        return hive
+
+    async def _health(self, hive: Hive) -> dict:
+        record = {**msgspec.structs.asdict(hive), "local": False, "online": False}
+        host = f"[{hive.host}]" if ":" in hive.host else hive.host
+        timeout = self.config.health_timeout
+        record["error"] = f"no answer within {timeout:g} s"
+        with trio.move_on_after(timeout):
+            try:
+                async with Client(f"http://{host}:{hive.port}", connect_timeout=timeout, read_timeout=timeout) as client:
+                    response = await client.request("GET", "/health")
+                if response.status == 200:
+                    record.update(online=True, version=response.json().get("version"))
+                    del record["error"]
+                else:
+                    record["error"] = f"/health answered {response.status}"
+            except (HTTPError, ValueError) as exc:
+                record["error"] = str(exc)
+        return record
+
+    async def _health_all(self, hives: list[Hive]) -> list[dict]:
+        records: list[dict] = [{}] * len(hives)
+
+        async def check(index: int, hive: Hive) -> None:
+            records[index] = await self._health(hive)
+
+        async with trio.open_nursery() as nursery:
+            for index, hive in enumerate(hives):
+                nursery.start_soon(check, index, hive)
+        return records
+
+    async def list(self, job: Job, op: HiveList) -> None:
+        remotes = self.catalog.list()
+        job.narrate(f"{len(remotes) + 1} hive(s)")
+        job.result([self._local(), *await self._health_all(remotes)])
+
+    async def get(self, job: Job, op: HiveGet) -> None:
+        if op.id == LOCAL:
+            job.result(self._local())
+        else:
+            job.result(await self._health(self._remote(op.id)))
+
+    async def create(self, job: Job, op: HiveCreate) -> None:
+        hive_id = op.id or _slug(op.host)
+        if hive_id == LOCAL or self.catalog.get(hive_id):
+            raise JobFailed(f"hive {hive_id!r} already exists")
+        hive = Hive(hive_id, op.host, op.port, op.ssh_host)
+        await self.catalog.put(hive)
+        job.narrate(f"hive {hive_id} registered at {op.host}:{op.port}")
+        job.result(await self._health(hive))
+
+    async def update(self, job: Job, op: HiveUpdate) -> None:
+        if op.id == LOCAL:
+            raise JobFailed("hive 'localhost' is this daemon and cannot be changed")
+        changes = {k: v for k in ("host", "port", "ssh_host") if (v := getattr(op, k)) is not None}
+        hive = msgspec.structs.replace(self._remote(op.id), **changes)
+        await self.catalog.put(hive)
+        job.narrate(f"hive {hive.id} updated: {', '.join(changes) or 'nothing changed'}")
+        job.result(await self._health(hive))
+
+    async def delete(self, job: Job, op: HiveDelete) -> None:
+        if op.id == LOCAL:
+            raise JobFailed("hive 'localhost' is this daemon and cannot be deleted")
+        self._remote(op.id)
+        await self.catalog.delete(op.id)
+        job.narrate(f"hive {op.id} deleted")
+        job.result({"id": op.id, "deleted": True})
+
+    async def start(self, job: Job, op: HiveStart) -> None:
+        await self._start_stop(job, op.hive_id, "start")
+
+    async def stop(self, job: Job, op: HiveStop) -> None:
+        await self._start_stop(job, op.hive_id, "stop")
+
+    async def _start_stop(self, job: Job, hive_id: str, action: str) -> None:
+        if hive_id == LOCAL:
+            job.narrate(f"hive localhost is this daemon (pid {os.getpid()}); it is running")
+            job.result({"id": LOCAL, "action": action, "running": True, "local": True})
+            return
+        hive = self._remote(hive_id)
+        command = self.config.start_command.format(
+            ssh_host=hive.ssh_host or hive.host, host=hive.host, port=hive.port, action=action
+        )
+        job.narrate(f"$ {command}")
+        returncode = await run_narrated(job, shlex.split(command))
+        if returncode != 0:
+            raise JobFailed(f"{action} of hive {hive_id} failed: command exited with status {returncode}")
+        job.result({"id": hive_id, "action": action, "local": False})
+
+
+async def run_narrated(job: Job, argv: list[str]) -> int:
+    """Run a command, streaming each line it prints as narration; returns its exit status."""
+    try:
+        process = await trio.lowlevel.open_process(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+    except OSError as exc:
+        raise JobFailed(f"cannot run {argv[0]}: {exc.strerror}") from None
+    try:
+        buffered = b""
+        async with process.stdout:
+            while chunk := await process.stdout.receive_some(65536):
+                *lines, buffered = (buffered + chunk).split(b"\n")
+                for line in lines:
+                    job.narrate(line.decode(errors="replace"), stream="output")
+        if buffered:
+            job.narrate(buffered.decode(errors="replace"), stream="output")
+        return await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()

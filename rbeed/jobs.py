@@ -1,0 +1,276 @@
+"""The JobRegistry: each job's payload until a stream takes it, its events, and the tasks that run it."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import trio
+
+from .config import JobsConfig
+from .operations import AnyOperation
+
+log = logging.getLogger("rbeed.jobs")
+
+_encode = msgspec.json.Encoder().encode
+_SUBSCRIBER_BUFFER = 256  # events a live reader may fall behind before it re-reads the replay buffer
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINISHED = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
+
+
+class JobFailed(Exception):
+    """Raised by an operation to end its job with `[ERROR] <message>`."""
+
+
+class RegistryFull(Exception):
+    """More jobs are held than the configured maximum."""
+
+
+class JobStatus(msgspec.Struct):
+    job_id: str
+    operation: str
+    state: str
+    error: str | None
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp)) + f".{int(timestamp % 1 * 1000):03d}Z"
+
+
+class Job:
+    """One operation: its payload (until started), state, and a bounded log of rendered SSE events."""
+
+    def __init__(self, operation: AnyOperation, buffer: int):
+        self.id = f"job-{uuid.uuid4()}"
+        self.operation = operation.name
+        self.payload: AnyOperation | None = operation
+        self.state = JobState.QUEUED
+        self.error: str | None = None
+        self.created_at = time.time()
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        # A dropped client cancels the job (infer) instead of letting it finish for a later reader.
+        self.cancel_on_disconnect = False
+        self.readers = 0
+        self._events: deque[tuple[int, bytes]] = deque(maxlen=buffer)
+        self._next_id = 1
+        self._subscribers: set[trio.MemorySendChannel[tuple[int, bytes]]] = set()
+        self._scope: trio.CancelScope | None = None
+        self._cancel_reason: tuple[JobState, str | None] = (JobState.CANCELLED, None)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED
+
+    def status(self) -> JobStatus:
+        return JobStatus(
+            self.id, self.operation, self.state.value, self.error,
+            _iso(self.created_at), _iso(self.started_at), _iso(self.finished_at),
+        )  # fmt: skip
+
+    # -- producing events -------------------------------------------------------------------
+
+    def emit(self, name: str, data: Any) -> None:
+        """Append one event and hand it to every live reader; JSON-encodes `data` unless bytes."""
+        payload = data if isinstance(data, bytes) else _encode(data)
+        event_id = self._next_id
+        self._next_id += 1
+        event = (event_id, b"id: %d\nevent: %s\ndata: %s\n\n" % (event_id, name.encode(), payload))
+        self._events.append(event)
+        for channel in list(self._subscribers):
+            try:
+                channel.send_nowait(event)
+            except trio.WouldBlock:
+                # The reader lags: drop its live feed; it re-reads the replay buffer from its last id.
+                self._subscribers.discard(channel)
+                channel.close()
+            except trio.BrokenResourceError:
+                self._subscribers.discard(channel)
+
+    def narrate(self, message: str, **fields: Any) -> None:
+        self.emit("narration", {"message": message, **fields})
+
+    def progress(self, **fields: Any) -> None:
+        self.emit("progress", fields)
+
+    def result(self, value: Any) -> None:
+        self.emit("result", value)
+
+    def _finish(self, state: JobState, error: str | None = None) -> None:
+        self.state, self.error, self.finished_at = state, error, time.time()
+        self.payload = None
+        marker = {JobState.COMPLETED: b"[DONE]", JobState.CANCELLED: b"[CANCELLED]"}.get(state)
+        self.emit("end", marker or b"[ERROR] " + (error or "failed").replace("\n", " ").encode())
+        for channel in self._subscribers:
+            channel.close()
+        self._subscribers.clear()
+
+    # -- reading events ---------------------------------------------------------------------
+
+    def subscribe(
+        self, after: int
+    ) -> tuple[
+        list[tuple[int, bytes]], tuple[int, int] | None, trio.MemoryReceiveChannel[tuple[int, bytes]] | None
+    ]:
+        """Events after id `after`, the range of ids lost to the buffer bound, and a live feed.
+
+        The feed is None once the job has finished: the replayed events then end with `end`.
+        """
+        gap = None
+        if self._events and after + 1 < self._events[0][0]:
+            gap = (after + 1, self._events[0][0] - 1)
+        backlog = [event for event in self._events if event[0] > after]
+        if self.finished:
+            return backlog, gap, None
+        send, receive = trio.open_memory_channel[tuple[int, bytes]](_SUBSCRIBER_BUFFER)
+        self._subscribers.add(send)
+        return backlog, gap, receive
+
+    @property
+    def last_event_id(self) -> int:
+        return self._next_id - 1
+
+
+Handler = Callable[[Job, AnyOperation], Awaitable[None]]
+
+
+class JobRegistry:
+    """Creates jobs, runs each in the registry's nursery when first streamed, and expires them."""
+
+    def __init__(self, config: JobsConfig, handler: Handler):
+        self._config = config
+        self._handler = handler
+        self._jobs: dict[str, Job] = {}
+        self._nursery: trio.Nursery | None = None
+        # (deadline, job) in deadline order: creation order for unstreamed, finish order for finished.
+        self._unstreamed: deque[tuple[float, Job]] = deque()
+        self._finished: deque[tuple[float, Job]] = deque()
+        self._reaper: trio.CancelScope | None = None
+        self.changed = trio.Event()  # set (and replaced) whenever a job starts or finishes
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Own the job tasks and the expiry timer until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                with trio.CancelScope(deadline=self._next_deadline()) as self._reaper:
+                    await trio.sleep_forever()
+                self._expire(trio.current_time())
+
+    # -- lookup -----------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def list(self, state: JobState | None = None) -> list[Job]:
+        jobs = reversed(self._jobs.values())
+        return [job for job in jobs if state is None or job.state == state]
+
+    def count(self, *states: JobState) -> int:
+        return sum(1 for job in self._jobs.values() if job.state in states)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def create(self, operation: AnyOperation) -> Job:
+        if len(self._jobs) >= self._config.max_jobs:
+            raise RegistryFull(f"{len(self._jobs)} jobs held; try again later")
+        job = Job(operation, self._config.event_buffer)
+        self._jobs[job.id] = job
+        self._arm(self._unstreamed, job, self._config.unstreamed_ttl)
+        return job
+
+    def start(self, job: Job) -> None:
+        """Start a queued job (the first stream does this); later calls do nothing."""
+        if job.payload is None or job.state is not JobState.QUEUED:
+            return
+        assert self._nursery is not None, "JobRegistry.run() is not running"
+        payload, job.payload = job.payload, None
+        job.state, job.started_at = JobState.RUNNING, time.time()
+        self._nursery.start_soon(self._run, job, payload, name=job.id)
+        self._signal()
+
+    def cancel(self, job: Job, state: JobState = JobState.CANCELLED, reason: str | None = None) -> bool:
+        """End a queued or running job; False when it has already finished."""
+        if job.finished:
+            return False
+        if job._scope is None:  # queued, or started but its task not yet scheduled
+            job._cancel_reason = (state, reason)
+            if job.state is JobState.QUEUED:
+                self._end(job, state, reason)
+                return True
+            job._scope = trio.CancelScope()
+        job._cancel_reason = (state, reason)
+        job._scope.cancel()
+        return True
+
+    def cancel_all(self, state: JobState, reason: str) -> None:
+        for job in list(self._jobs.values()):
+            self.cancel(job, state, reason)
+
+    async def _run(self, job: Job, operation: AnyOperation) -> None:
+        scope = job._scope or trio.CancelScope()
+        job._scope = scope
+        with scope:
+            try:
+                await self._handler(job, operation)
+            except JobFailed as exc:
+                self._end(job, JobState.FAILED, str(exc))
+            except Exception as exc:
+                log.exception("job %s (%s) crashed", job.id, job.operation)
+                self._end(job, JobState.FAILED, f"internal error: {type(exc).__name__}")
+            else:
+                self._end(job, JobState.COMPLETED)
+        if scope.cancelled_caught and not job.finished:
+            self._end(job, *job._cancel_reason)
+
+    def _end(self, job: Job, state: JobState, error: str | None = None) -> None:
+        job._finish(state, error)
+        self._arm(self._finished, job, self._config.finished_ttl)
+        self._signal()
+
+    def _signal(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    # -- expiry -----------------------------------------------------------------------------
+
+    def _arm(self, queue: deque[tuple[float, Job]], job: Job, ttl: float) -> None:
+        deadline = trio.current_time() + ttl
+        queue.append((deadline, job))
+        if self._reaper is not None and deadline < self._reaper.deadline:
+            self._reaper.deadline = deadline
+
+    def _next_deadline(self) -> float:
+        heads = [queue[0][0] for queue in (self._unstreamed, self._finished) if queue]
+        return min(heads, default=float("inf"))
+
+    def _expire(self, now: float) -> None:
+        while self._unstreamed and self._unstreamed[0][0] <= now:
+            _, job = self._unstreamed.popleft()
+            if job.state is JobState.QUEUED:
+                log.info("job %s expired: never streamed", job.id)
+                del self._jobs[job.id]
+        while self._finished and self._finished[0][0] <= now:
+            _, job = self._finished.popleft()
+            self._jobs.pop(job.id, None)

@@ -1,0 +1,144 @@
+"""The job payloads: one strict msgspec struct per operation, tagged by the `operation` field."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+import msgspec
+
+# Ids become file names and URL parts: keep them to a safe, boring alphabet.
+Id = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+HiveId = Id
+Host = Annotated[str, msgspec.Meta(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9._:\[\]-]+$")]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-fA-F]{64}$")]
+Device = Annotated[str, msgspec.Meta(pattern=r"^(cpu|cuda|cuda:[0-9]+|metal)$")]
+
+
+class Operation(
+    msgspec.Struct, tag_field="operation", forbid_unknown_fields=True, kw_only=True, frozen=True
+):
+    """Base of every payload; `name` is the wire tag."""
+
+    @property
+    def name(self) -> str:
+        return self.__struct_config__.tag
+
+
+class HiveStart(Operation, tag="hive_start"):
+    hive_id: HiveId = "localhost"
+
+
+class HiveStop(Operation, tag="hive_stop"):
+    hive_id: HiveId = "localhost"
+
+
+class HiveList(Operation, tag="hive_list"):
+    pass
+
+
+class HiveGet(Operation, tag="hive_get"):
+    id: HiveId
+
+
+class HiveCreate(Operation, tag="hive_create"):
+    host: Host
+    id: HiveId | None = None  # default: derived from host
+    port: Port = 8500
+    ssh_host: Host | None = None
+
+
+class HiveUpdate(Operation, tag="hive_update"):
+    id: HiveId
+    host: Host | None = None
+    port: Port | None = None
+    ssh_host: Host | None = None
+
+
+class HiveDelete(Operation, tag="hive_delete"):
+    id: HiveId
+
+
+class WorkerSpawn(Operation, tag="worker_spawn"):
+    model: Id
+    hive_id: HiveId = "localhost"
+    worker: Literal["cpu", "cuda", "metal"] = "cpu"
+    device: Annotated[int, msgspec.Meta(ge=0, le=255)] = 0
+
+
+class WorkerList(Operation, tag="worker_list"):
+    hive_id: HiveId = "localhost"
+
+
+class WorkerGet(Operation, tag="worker_get"):
+    id: Id
+    hive_id: HiveId = "localhost"
+
+
+class WorkerDelete(Operation, tag="worker_delete"):
+    id: Id
+    hive_id: HiveId = "localhost"
+
+
+class ModelDownload(Operation, tag="model_download"):
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]  # path, URL or hf:owner/repo/file
+    hive_id: HiveId = "localhost"
+    sha256: Sha256 | None = None
+
+
+class ModelList(Operation, tag="model_list"):
+    hive_id: HiveId = "localhost"
+
+
+class ModelGet(Operation, tag="model_get"):
+    id: Id
+    hive_id: HiveId = "localhost"
+
+
+class ModelDelete(Operation, tag="model_delete"):
+    id: Id
+    hive_id: HiveId = "localhost"
+
+
+class Infer(Operation, tag="infer"):
+    model: Id
+    prompt: Annotated[str, msgspec.Meta(max_length=1 << 20)]
+    hive_id: HiveId = "localhost"
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] = 256
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=100)] = 0.8
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.95
+    top_k: Annotated[int, msgspec.Meta(ge=0)] = 40
+    device: Device | None = None
+    worker_id: Id | None = None
+    stream: bool = True
+    seed: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)] | None = None
+    stop: Annotated[list[Annotated[str, msgspec.Meta(min_length=1)]], msgspec.Meta(max_length=16)] = []
+    keep_alive: Annotated[float, msgspec.Meta(ge=-1)] | None = None  # seconds; 0 unload after, -1 keep
+
+
+AnyOperation = Union[
+    HiveStart, HiveStop, HiveList, HiveGet, HiveCreate, HiveUpdate, HiveDelete,
+    WorkerSpawn, WorkerList, WorkerGet, WorkerDelete,
+    ModelDownload, ModelList, ModelGet, ModelDelete,
+    Infer,
+]  # fmt: skip
+
+NAMES = tuple(cls.__struct_config__.tag for cls in AnyOperation.__args__)
+
+_decoder = msgspec.json.Decoder(AnyOperation)
+
+
+class PayloadError(ValueError):
+    """The payload is not a valid operation; the message names the field."""
+
+
+def decode(body: bytes) -> AnyOperation:
+    try:
+        return _decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        if message.endswith("at `$.operation`") or "missing required field `operation`" in message:
+            message += f"; valid operations: {', '.join(NAMES)}"
+        raise PayloadError(message) from None
+    except msgspec.DecodeError as exc:
+        raise PayloadError(f"malformed JSON: {exc}") from None

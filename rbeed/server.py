@@ -1,0 +1,332 @@
+"""HTTP/1.1 on h11: listeners, the per-connection request loop, and the request/response types."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+import h11
+import msgspec
+import trio
+
+from . import __version__
+from .config import ServerConfig
+
+log = logging.getLogger("rbeed.server")
+
+SERVER_HEADER = ("server", f"rbeed/{__version__}")
+_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+_encode = msgspec.json.Encoder().encode
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
+    body: bytes = b""
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+Send = Callable[[bytes], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class StreamingResponse:
+    """A response whose body `produce(send)` writes piece by piece (chunked on HTTP/1.1)."""
+
+    status: int
+    produce: Callable[[Send], Awaitable[None]]
+    content_type: str = "text/event-stream"
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    # Called when the peer closes its side mid-body; the body is cancelled either way.
+    on_disconnect: Callable[[], None] | None = None
+
+
+def json_response(status: int, value) -> Response:
+    return Response(status, _encode(value))
+
+
+def error_response(status: int, message: str, headers: list[tuple[str, str]] | None = None) -> Response:
+    return Response(status, _encode({"error": message}), headers=headers or [])
+
+
+App = Callable[[Request], Awaitable[Response | StreamingResponse]]
+
+
+class _ClientError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class _PeerGone(Exception):
+    pass
+
+
+class HTTPConnection:
+    """One client connection: h11's state machine over a trio stream, one request at a time."""
+
+    def __init__(self, stream: trio.abc.Stream, app: App, config: ServerConfig):
+        self.stream = stream
+        self.app = app
+        self.config = config
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_header_bytes)
+
+    async def run(self) -> None:
+        try:
+            await self._serve()
+        except (_PeerGone, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:
+            # A bug in one connection must not take the daemon down with it.
+            log.exception("connection crashed")
+        finally:
+            with trio.move_on_after(1) as cleanup:
+                cleanup.shield = True
+                await self._close()
+
+    async def _serve(self) -> None:
+        timeout = self.config.request_timeout
+        while True:
+            try:
+                # A new connection gets the request timeout to send its first request; between
+                # requests a keep-alive client may sit idle up to the keep-alive timeout.
+                with trio.move_on_after(timeout):
+                    event = await self._next_event()
+                    timeout = None
+                if timeout is not None:
+                    if self.conn.trailing_data[0]:
+                        raise trio.TooSlowError  # a request had begun
+                    return
+                if isinstance(event, h11.ConnectionClosed):
+                    return
+                with trio.fail_after(self.config.request_timeout):
+                    request = await self._read_request(event)
+            except trio.TooSlowError:
+                await self._send_error(408, "request timed out")
+                return
+            except h11.RemoteProtocolError as exc:
+                await self._send_error(exc.error_status_hint, f"bad request: {exc}")
+                return
+            except _ClientError as exc:
+                await self._send_error(exc.status, str(exc))
+                return
+            response = await self._call_app(request)
+            if isinstance(response, StreamingResponse):
+                await self._send_streaming(response)
+            else:
+                await self._send_complete(response)
+            if self.conn.our_state is h11.MUST_CLOSE or self.conn.their_state is not h11.DONE:
+                return
+            try:
+                self.conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+            timeout = self.config.keepalive_timeout
+
+    async def _call_app(self, request: Request) -> Response | StreamingResponse:
+        try:
+            return await self.app(request)
+        except Exception:
+            log.exception("handler for %s %s crashed", request.method, request.path)
+            return error_response(500, "internal error")
+
+    # -- reading ----------------------------------------------------------------------------
+
+    async def _next_event(self):
+        while (event := self.conn.next_event()) is h11.NEED_DATA:
+            # b"" is the peer's EOF: h11 turns it into ConnectionClosed or a protocol error.
+            self.conn.receive_data(await self.stream.receive_some(65536))
+        return event
+
+    async def _read_request(self, event) -> Request:
+        if not isinstance(event, h11.Request):
+            raise _ClientError(400, "expected a request")
+        headers: dict[str, str] = {}
+        for name, value in event.headers:
+            key = name.decode("latin-1")
+            text = value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        target = event.target.decode("latin-1")
+        path, _, query = target.partition("?")
+        request = Request(event.method.decode("ascii"), path, dict(parse_qsl(query)), headers)
+        limit = self.config.max_body_bytes
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise _ClientError(413, f"request body over {limit} bytes")
+        if self.conn.they_are_waiting_for_100_continue:
+            await self._send(h11.InformationalResponse(status_code=100, headers=[SERVER_HEADER]))
+        chunks = []
+        size = 0
+        while True:
+            event = await self._next_event()
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > limit:
+                    raise _ClientError(413, f"request body over {limit} bytes")
+                chunks.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                request.body = b"".join(chunks)
+                return request
+            elif isinstance(event, h11.ConnectionClosed):
+                raise _PeerGone()
+
+    # -- writing ----------------------------------------------------------------------------
+
+    async def _send(self, *events) -> None:
+        data = b"".join(self.conn.send(event) or b"" for event in events)
+        if data:
+            await self.stream.send_all(data)
+
+    def _head(self, status: int, content_type: str, headers: list[tuple[str, str]], length: int | None):
+        all_headers = [SERVER_HEADER, ("content-type", content_type), *headers]
+        if length is not None:
+            all_headers.append(("content-length", str(length)))
+        return h11.Response(status_code=status, headers=all_headers, reason=_REASONS.get(status, b""))
+
+    async def _send_complete(self, response: Response) -> None:
+        head = self._head(response.status, response.content_type, response.headers, len(response.body))
+        await self._send(head, h11.Data(data=response.body), h11.EndOfMessage())
+
+    async def _send_streaming(self, response: StreamingResponse) -> None:
+        headers = [("cache-control", "no-cache"), *response.headers]
+        await self._send(self._head(response.status, response.content_type, headers, None))
+
+        async def send(data: bytes) -> None:
+            await self._send(h11.Data(data=data))
+
+        disconnected = False
+        try:
+            async with trio.open_nursery() as nursery:
+                if response.on_disconnect is not None:
+
+                    async def watch_peer() -> None:
+                        nonlocal disconnected
+                        # Notice a client that goes away while we wait for the next event, not at
+                        # the next write. Bytes it pipelines meanwhile are kept for the next cycle.
+                        while data := await self.stream.receive_some(65536):
+                            self.conn.receive_data(data)
+                        disconnected = True
+                        nursery.cancel_scope.cancel()
+
+                    nursery.start_soon(watch_peer)
+                await response.produce(send)
+                nursery.cancel_scope.cancel()
+        except BaseException:
+            self.conn.send_failed()
+            if response.on_disconnect is not None:
+                response.on_disconnect()
+            raise
+        if disconnected:
+            self.conn.send_failed()
+            response.on_disconnect()
+            raise _PeerGone()
+        await self._send(h11.EndOfMessage())
+
+    async def _send_error(self, status: int, message: str) -> None:
+        # Only while a response can still be started; afterwards all we can do is close.
+        if self.conn.our_state not in {h11.IDLE, h11.SEND_RESPONSE}:
+            return
+        response = error_response(status, message, [("connection", "close")])
+        try:
+            await self._send_complete(response)
+        except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def _close(self) -> None:
+        try:
+            if isinstance(self.stream, trio.SocketStream):
+                await self.stream.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        await self.stream.aclose()
+
+
+# -- listeners --------------------------------------------------------------------------------
+
+
+def parse_listen(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--listen wants HOST:PORT, got {address!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def bind_tcp(address: str) -> socket.socket:
+    host, port = parse_listen(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(socket.SOMAXCONN)
+    return sock
+
+
+def bind_unix(path: Path, mode: int) -> socket.socket:
+    """Bind a Unix socket; a stale socket file is replaced, a live one is an error."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink()  # stale: nobody listens
+        else:
+            raise OSError(errno.EADDRINUSE, f"another daemon is listening on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    sock.listen(socket.SOMAXCONN)
+    return sock
+
+
+def describe(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{name}"
+    return f"{name[0]}:{name[1]}" if sock.family == socket.AF_INET else f"[{name[0]}]:{name[1]}"
+
+
+async def serve_listeners(
+    sockets: list[socket.socket], app: App, config: ServerConfig, connection_nursery: trio.Nursery,
+    *, on_connection: Callable[[], None] | None = None, task_status=trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept on every socket until cancelled; connections live in `connection_nursery`.
+
+    Keeping connections in a nursery of their own lets shutdown stop accepting first and let
+    open streams end with a marker before they are cancelled.
+    """
+
+    async def handle(stream: trio.SocketStream) -> None:
+        if on_connection is not None:
+            on_connection()
+        await HTTPConnection(stream, app, config).run()
+
+    listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in sockets]
+    task_status.started()
+    await trio.serve_listeners(handle, listeners, handler_nursery=connection_nursery)

@@ -1,0 +1,22 @@
+"""Shared fixtures: a daemon per test, and one per module for read-mostly tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from support import start_daemon
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    d = start_daemon(tmp_path / "d")
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_daemon(tmp_path_factory):
+    """One daemon for a module's read-mostly tests (saves a start per test)."""
+    d = start_daemon(tmp_path_factory.mktemp("shared"))
+    yield d
+    assert d.stop() == 0, d.log()
