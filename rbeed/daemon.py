@@ -13,9 +13,15 @@ from . import __version__
 from .activation import listen_fds
 from .api import JobAPI
 from .config import Config
-from .hives import HiveCatalog, Hives
+from . import operations as ops
+from .backends import ProcessBackend
+from .catalog import Catalog
+from .hives import Hive, Hives
+from .inference import Inference
 from .jobs import JobRegistry, JobState
+from .models import Model, Models
 from .router import Router
+from .workers import Supervisor
 from .sdnotify import Notifier
 from .server import bind_tcp, bind_unix, describe, serve_listeners
 
@@ -39,23 +45,37 @@ class Daemon:
         self.config = config
         self.config_path = config_path
         self.notifier = Notifier.from_env(unset=True)
-        self.catalog = HiveCatalog(config.state_path / "hives.sqlite3")
-        self.hives = Hives(self.catalog, config.hives)
-        self.router = Router(self.hives, {})
+        database = config.state_path / "rbeed.sqlite3"
+        self.catalogs = [Catalog(database, "hives", Hive), Catalog(database, "models", Model)]
+        self.hives = Hives(self.catalogs[0], config.hives)
+        self.models = Models(self.catalogs[1], config.state_path / "models", config.models)
+        workers = config.workers
+        backend = ProcessBackend(config.runtime_path, workers.n_ctx, workers.n_batch, workers.stop_grace)
+        self.supervisor = Supervisor(workers, self.models, backend, config.runtime_path)
+        inference = Inference(self.supervisor)
+        self.router = Router(self.hives, {
+            ops.WorkerSpawn: self.supervisor.op_spawn, ops.WorkerList: self.supervisor.op_list,
+            ops.WorkerGet: self.supervisor.op_get, ops.WorkerDelete: self.supervisor.op_delete,
+            ops.ModelDownload: self.models.download, ops.ModelList: self.models.list,
+            ops.ModelGet: self.models.get, ops.ModelDelete: self.models.delete,
+            ops.Infer: inference.infer,
+        })  # fmt: skip
         self.registry = JobRegistry(config.jobs, self.router)
         self.api = JobAPI(self.registry, config.server.sse_keepalive)
         self._stop = trio.Event()
 
     def status_line(self) -> str:
         running = self.registry.count(JobState.RUNNING)
-        return f"{running} job{'s' if running != 1 else ''} running"
+        return f"{self.supervisor.status()}, {running} job{'s' if running != 1 else ''} running"
 
     async def run(self, sockets: list[socket.socket], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.config.state_path.mkdir(parents=True, exist_ok=True)
-        await self.catalog.open()
+        for catalog in self.catalogs:
+            await catalog.open()
         try:
             async with trio.open_nursery() as services:
                 services.start_soon(self._handle_signals)
+                await services.start(self.supervisor.run)
                 await services.start(self.registry.run)
                 async with trio.open_nursery() as connections:
                     with trio.CancelScope() as accepting:
@@ -75,7 +95,8 @@ class Daemon:
                 services.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
-                await self.catalog.close()
+                for catalog in self.catalogs:
+                    await catalog.close()
             log.info("rbeed stopped")
 
     def stop(self) -> None:

@@ -1,4 +1,4 @@
-"""The hive catalog (SQLite under the state dir) and the hive_* operations."""
+"""The hive_* operations, over hive records kept in the catalog; this daemon is hive `localhost`."""
 
 from __future__ import annotations
 
@@ -6,14 +6,13 @@ import logging
 import os
 import re
 import shlex
-import sqlite3
 import subprocess
-from pathlib import Path
 
 import msgspec
 import trio
 
 from . import __version__
+from .catalog import Catalog
 from .config import HivesConfig
 from .httpclient import Client, HTTPError
 from .jobs import Job, JobFailed
@@ -31,59 +30,6 @@ class Hive(msgspec.Struct, frozen=True):
     ssh_host: str | None = None
 
 
-class HiveCatalog:
-    """Hives by id: read from memory, written through to SQLite in a worker thread."""
-
-    def __init__(self, path: Path):
-        self._path = path
-        self._db: sqlite3.Connection | None = None
-        self._lock = trio.Lock()  # one writer at a time on the shared connection
-        self._hives: dict[str, Hive] = {}
-
-    async def open(self) -> None:
-        self._hives = await trio.to_thread.run_sync(self._open)
-
-    def _open(self) -> dict[str, Hive]:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS hives (id TEXT PRIMARY KEY, host TEXT NOT NULL,"
-            " port INTEGER NOT NULL, ssh_host TEXT)"
-        )
-        rows = self._db.execute("SELECT id, host, port, ssh_host FROM hives ORDER BY id").fetchall()
-        return {row[0]: Hive(*row) for row in rows}
-
-    async def close(self) -> None:
-        async with self._lock:
-            if self._db is not None:
-                db, self._db = self._db, None
-                await trio.to_thread.run_sync(db.close)
-
-    def get(self, hive_id: str) -> Hive | None:
-        return self._hives.get(hive_id)
-
-    def list(self) -> list[Hive]:
-        return sorted(self._hives.values(), key=lambda hive: hive.id)
-
-    async def put(self, hive: Hive) -> None:
-        await self._write(
-            "INSERT OR REPLACE INTO hives (id, host, port, ssh_host) VALUES (?, ?, ?, ?)",
-            (hive.id, hive.host, hive.port, hive.ssh_host),
-        )
-        self._hives[hive.id] = hive
-
-    async def delete(self, hive_id: str) -> None:
-        await self._write("DELETE FROM hives WHERE id = ?", (hive_id,))
-        del self._hives[hive_id]
-
-    async def _write(self, sql: str, args: tuple) -> None:
-        async with self._lock:
-            if self._db is None:
-                raise JobFailed("the hive catalog is closed")
-            await trio.to_thread.run_sync(self._db.execute, sql, args)
-
-
 def _slug(host: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", host).strip("-.")[:128] or "hive"
 
@@ -91,7 +37,7 @@ def _slug(host: str) -> str:
 class Hives:
     """The hive_* operations over a catalog; this daemon is always hive `localhost`."""
 
-    def __init__(self, catalog: HiveCatalog, config: HivesConfig):
+    def __init__(self, catalog: Catalog[Hive], config: HivesConfig):
         self.catalog = catalog
         self.config = config
 
@@ -150,7 +96,7 @@ class Hives:
         if hive_id == LOCAL or self.catalog.get(hive_id):
             raise JobFailed(f"hive {hive_id!r} already exists")
         hive = Hive(hive_id, op.host, op.port, op.ssh_host)
-        await self.catalog.put(hive)
+        await self.catalog.put(hive.id, hive)
         job.narrate(f"hive {hive_id} registered at {op.host}:{op.port}")
         job.result(await self._health(hive))
 
@@ -159,7 +105,7 @@ class Hives:
             raise JobFailed("hive 'localhost' is this daemon and cannot be changed")
         changes = {k: v for k in ("host", "port", "ssh_host") if (v := getattr(op, k)) is not None}
         hive = msgspec.structs.replace(self._remote(op.id), **changes)
-        await self.catalog.put(hive)
+        await self.catalog.put(hive.id, hive)
         job.narrate(f"hive {hive.id} updated: {', '.join(changes) or 'nothing changed'}")
         job.result(await self._health(hive))
 

@@ -64,6 +64,7 @@ class WorkerSpawn(Operation, tag="worker_spawn"):
     hive_id: HiveId = "localhost"
     worker: Literal["cpu", "cuda", "metal"] = "cpu"
     device: Annotated[int, msgspec.Meta(ge=0, le=255)] = 0
+    threads: Annotated[int, msgspec.Meta(ge=1, le=1024)] | None = None  # default: the free cores
 
 
 class WorkerList(Operation, tag="worker_list"):

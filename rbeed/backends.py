@@ -1,0 +1,144 @@
+"""How a worker process is started and stopped: as a child process, or as a systemd unit."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Protocol
+
+import trio
+
+log = logging.getLogger("rbeed.workers")
+
+
+class WorkerStartError(Exception):
+    """The worker did not become ready; the message says why (e.g. "not a GGUF file")."""
+
+
+class LaunchSpec(Protocol):
+    id: str
+    model_path: Path
+    device: str
+    threads: int
+    socket_path: Path
+
+
+class Handle(Protocol):
+    """A launched worker: its pid, readiness, and its end."""
+
+    pid: int | None
+
+    async def ready(self) -> None: ...  # raises WorkerStartError
+
+    async def wait(self) -> str: ...  # returns once the worker has ended: how it ended
+
+
+def worker_args(spec: LaunchSpec, n_ctx: int, n_batch: int) -> list[str]:
+    return ["worker", "--id", spec.id, "--model", str(spec.model_path), "--socket", str(spec.socket_path),
+            "--device", spec.device, "--threads", str(spec.threads), "--n-ctx", str(n_ctx),
+            "--n-batch", str(n_batch)]  # fmt: skip
+
+
+def parse_notify(datagram: bytes) -> dict[str, str]:
+    fields = {}
+    for line in datagram.decode(errors="replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key] = value
+    return fields
+
+
+async def first_of(*waits) -> None:
+    """Return as soon as one of the given async callables returns (the others are cancelled)."""
+    async with trio.open_nursery() as nursery:
+        for wait in waits:
+
+            async def run(wait=wait) -> None:
+                await wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(run)
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        return f"killed by {signal.Signals(-returncode).name}"
+    return f"exited with status {returncode}"
+
+
+class ProcessHandle:
+    def __init__(self, process: trio.Process, notify: trio.socket.SocketType):
+        self.process = process
+        self.pid: int | None = process.pid
+        self._notify = notify
+        self._status = ""
+        self._ready = trio.Event()
+
+    async def _read_notify(self) -> None:
+        while True:
+            fields = parse_notify(await self._notify.recv(4096))
+            self._status = fields.get("STATUS", self._status)
+            if fields.get("READY") == "1":
+                self._ready.set()
+
+    async def ready(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_notify)
+            await first_of(self._ready.wait, self.process.wait)
+            nursery.cancel_scope.cancel()
+        if not self._ready.is_set():
+            reason = self._status.removeprefix("failed: ") if self._status.startswith("failed") else ""
+            raise WorkerStartError(reason or f"worker {describe_exit(self.process.returncode)} while loading")
+
+    async def wait(self) -> str:
+        return describe_exit(await self.process.wait())
+
+
+class ProcessBackend:
+    """Workers as child processes in their own session; they die with the daemon (PDEATHSIG)."""
+
+    name = "process"
+
+    def __init__(self, runtime_dir: Path, n_ctx: int, n_batch: int, stop_grace: float):
+        self.dir = runtime_dir / "workers"
+        self.n_ctx, self.n_batch, self.stop_grace = n_ctx, n_batch, stop_grace
+
+    @contextlib.asynccontextmanager
+    async def launch(self, spec: LaunchSpec) -> AsyncIterator[ProcessHandle]:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        notify_path = self.dir / f"{spec.id}.notify"
+        notify_path.unlink(missing_ok=True)
+        notify = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
+        await notify.bind(str(notify_path))
+        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "RBEED_PDEATHSIG": "1"}
+        env.pop("LISTEN_FDS", None)
+        try:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "rbeed", *worker_args(spec, self.n_ctx, self.n_batch)],
+                env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+            try:
+                yield ProcessHandle(process, notify)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._stop(process)
+        finally:
+            notify.close()
+            notify_path.unlink(missing_ok=True)
+            spec.socket_path.unlink(missing_ok=True)
+
+    async def _stop(self, process: trio.Process) -> None:
+        if process.returncode is None:
+            process.terminate()
+            with trio.move_on_after(self.stop_grace):
+                await process.wait()
+        if process.returncode is None:
+            log.warning("worker pid %d ignored SIGTERM for %.0f s: SIGKILL", process.pid, self.stop_grace)
+            process.kill()
+            await process.wait()

@@ -1,0 +1,69 @@
+"""The infer operation: pick (or load) a worker for the model, queue the prompt, stream tokens."""
+
+from __future__ import annotations
+
+import trio
+
+from . import wire
+from .jobs import Job, JobFailed
+from .operations import Infer
+from .workers import Generation, Supervisor, Worker
+
+
+class Inference:
+    def __init__(self, supervisor: Supervisor):
+        self.supervisor = supervisor
+        self._loading: dict[tuple[str, str], trio.Lock] = {}
+
+    def _device(self, op: Infer) -> str:
+        return "cuda:0" if op.device == "cuda" else op.device or "cpu"
+
+    def _matches(self, worker: Worker, op: Infer) -> bool:
+        if worker.model != op.model or not worker.live:
+            return False
+        if op.device is None:
+            return True
+        return worker.device.startswith("cuda") if op.device == "cuda" else worker.device == op.device
+
+    async def _worker_for(self, job: Job, op: Infer) -> Worker:
+        if op.worker_id is not None:
+            worker = self.supervisor.lookup(op.worker_id)
+            if worker.model != op.model:
+                raise JobFailed(f"worker {worker.id} serves {worker.model}, not {op.model}")
+            return worker
+        # One load per model and device at a time: a second job waits for the first's worker.
+        lock = self._loading.setdefault((op.model, self._device(op)), trio.Lock())
+        async with lock:
+            candidates = [w for w in self.supervisor.workers.values() if self._matches(w, op)]
+            if candidates:
+                return min(candidates, key=lambda w: (w.current is not None) + w.queue_out.statistics().current_buffer_used)
+            return await self.supervisor.spawn(op.model, self._device(op), on_demand=True, keep_alive=op.keep_alive, job=job)
+
+    async def infer(self, job: Job, op: Infer) -> None:
+        job.cancel_on_disconnect = True
+        worker = await self._worker_for(job, op)
+        await worker.wait_loaded()
+        if op.keep_alive is not None and worker.on_demand:
+            worker.keep_alive = op.keep_alive
+        generation = Generation(
+            job, op.prompt, op.stream, max_tokens=op.max_tokens, temperature=op.temperature,
+            top_p=op.top_p, top_k=op.top_k, seed=op.seed, stop=list(op.stop),
+        )  # fmt: skip
+        worker.submit(generation)
+        try:
+            await generation.done.wait()
+        finally:
+            if generation.outcome is None:
+                with trio.CancelScope(shield=True):
+                    await worker.abandon(generation)
+        outcome = generation.outcome
+        if not isinstance(outcome, wire.Done):
+            raise JobFailed(outcome)
+        result = {
+            "model": op.model, "worker_id": worker.id, "prompt_tokens": outcome.prompt_tokens,
+            "completion_tokens": outcome.completion_tokens, "finish_reason": outcome.finish_reason,
+            "ttft_ms": round(outcome.ttft_ms, 2), "tokens_per_s": round(outcome.tokens_per_s, 1),
+        }  # fmt: skip
+        if not op.stream:
+            result["text"] = "".join(generation.pieces)
+        job.result(result)

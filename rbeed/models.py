@@ -1,0 +1,139 @@
+"""The model catalog: GGUF files under the state dir, and the model_* operations."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import msgspec
+import trio
+
+from .catalog import Catalog
+from .config import ModelsConfig
+from .download import DownloadError, download
+from .jobs import Job, JobFailed
+from .operations import ModelDelete, ModelDownload, ModelGet, ModelList
+
+_HF = re.compile(r"^hf:([A-Za-z0-9][\w.-]*)/([A-Za-z0-9][\w.-]*)/((?:[\w.-]+/)*[\w.-]+\.gguf)$")
+
+
+class Model(msgspec.Struct):
+    id: str
+    file: str
+    size: int
+    sha256: str
+    source: str
+    added_at: float
+    metadata: dict = {}
+
+
+def model_id(file_name: str) -> str:
+    """A slug from a file name: `Gemma-3 270M.Q4_K_M.gguf` → `gemma-3-270m.q4_k_m`."""
+    stem = file_name[:-5] if file_name.lower().endswith(".gguf") else file_name
+    slug = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-.")
+    if not slug:
+        raise JobFailed(f"cannot derive a model id from {file_name!r}")
+    return slug[:128]
+
+
+def resolve_source(source: str, hf_base: str) -> tuple[str, str]:
+    """The URL or path to fetch, and the file name the model id derives from."""
+    if source.startswith("hf:"):
+        match = _HF.match(source)
+        if match is None or ".." in source:
+            raise JobFailed(f"bad hf: source {source!r}; expected hf:owner/repo/path/file.gguf")
+        owner, repo, path = match.groups()
+        return hf_base.format(owner=owner, repo=repo, path=path), path.rsplit("/", 1)[-1]
+    scheme = urlsplit(source).scheme
+    if scheme in ("http", "https", "file"):
+        name = unquote(urlsplit(source).path.rsplit("/", 1)[-1])
+        return source, name
+    if scheme:
+        raise JobFailed(f"unsupported source scheme {scheme!r}; use a path, file://, http(s):// or hf:")
+    return source, Path(source).name
+
+
+class Models:
+    """The model_* operations; `in_use(id)` (set by the supervisor) names the workers using a model."""
+
+    def __init__(self, catalog: Catalog[Model], models_dir: Path, config: ModelsConfig):
+        self.catalog = catalog
+        self.dir = models_dir
+        self.config = config
+        self.in_use: Callable[[str], list[str]] = lambda model_id: []
+
+    def path_of(self, model: Model) -> Path:
+        path = (self.dir / model.file).resolve()
+        if path.parent != self.dir.resolve():  # defence in depth: ids are already slugs
+            raise JobFailed(f"model {model.id!r} points outside the models directory")
+        return path
+
+    def lookup(self, model_id: str) -> Model:
+        model = self.catalog.get(model_id)
+        if model is None:
+            known = ", ".join(m.id for m in self.catalog.list()) or "none"
+            raise JobFailed(f"unknown model {model_id!r} (known: {known})")
+        return model
+
+    async def download(self, job: Job, op: ModelDownload) -> None:
+        url, name = resolve_source(op.model, self.config.hf_base)
+        model_id_ = model_id(name)
+        existing = self.catalog.get(model_id_)
+        if existing is not None and self.path_of(existing).exists():
+            if op.sha256 and op.sha256.lower() != existing.sha256:
+                raise JobFailed(f"model {model_id_} is present with sha256 {existing.sha256}, not {op.sha256}")
+            job.narrate(f"model {model_id_} is already present")
+            job.result(existing)
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        dest = self.dir / f"{model_id_}.gguf"
+        job.narrate(f"downloading {url} as model {model_id_}")
+
+        def on_progress(done: int, total: int | None, rate: float) -> None:
+            job.progress(done=done, total=total, rate=round(rate))
+
+        started = trio.current_time()
+        try:
+            result = await download(url, dest, sha256=op.sha256, on_progress=on_progress)
+        except DownloadError as exc:
+            raise JobFailed(str(exc)) from None
+        if result.resumed_from:
+            job.narrate(f"resumed from byte {result.resumed_from}")
+        job.narrate(f"{result.size} bytes in {trio.current_time() - started:.2f} s; reading metadata")
+        metadata = await read_metadata(dest)
+        model = Model(model_id_, dest.name, result.size, result.sha256, op.model, time.time(), metadata)
+        await self.catalog.put(model.id, model)
+        job.result(model)
+
+    async def list(self, job: Job, op: ModelList) -> None:
+        job.result(self.catalog.list())
+
+    async def get(self, job: Job, op: ModelGet) -> None:
+        job.result(self.lookup(op.id))
+
+    async def delete(self, job: Job, op: ModelDelete) -> None:
+        model = self.lookup(op.id)
+        if users := self.in_use(model.id):
+            raise JobFailed(f"model {model.id} is in use by worker(s) {', '.join(users)}; delete them first")
+        await self.catalog.delete(model.id)
+        self.path_of(model).unlink(missing_ok=True)
+        job.narrate(f"model {model.id} deleted ({model.size} bytes freed)")
+        job.result({"id": model.id, "deleted": True})
+
+
+async def read_metadata(path: Path) -> dict:
+    result = await trio.run_process(
+        [sys.executable, "-m", "rbeed.ggufinfo", str(path)],
+        capture_stdout=True, capture_stderr=True, check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        path.unlink(missing_ok=True)
+        reason = result.stderr.decode(errors="replace").strip().splitlines()
+        raise JobFailed(f"not a valid GGUF model: {reason[-1] if reason else 'unreadable'}")
+    return json.loads(result.stdout)

@@ -1,0 +1,359 @@
+"""The worker supervisor: llama.cpp workers per model and device, their queues, deaths and restarts."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import msgspec
+import trio
+
+from . import wire
+from .backends import WorkerStartError, first_of
+from .config import WorkersConfig
+from .jobs import Job, JobFailed
+from .models import Models
+from .operations import WorkerDelete, WorkerGet, WorkerList, WorkerSpawn
+
+log = logging.getLogger("rbeed.workers")
+
+
+class WorkerState(enum.StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    BUSY = "busy"
+    RESTARTING = "restarting"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class WorkerRecord(msgspec.Struct):
+    id: str
+    model: str
+    device: str
+    pid: int | None
+    state: str
+    threads: int
+    started_at: float
+    backend: str
+    on_demand: bool
+    restarts: int
+    queued: int
+    error: str | None
+
+
+class WorkerDied(Exception):
+    pass
+
+
+class Generation:
+    """One infer request on its way through a worker: the frame to send and where the answer goes."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, job: Job, prompt: str, stream: bool, **sampling):
+        self.job = job
+        self.request = wire.Generate(id=next(self._ids), prompt=prompt, **sampling)
+        self.stream = stream
+        self.pieces: list[str] = []
+        self.done = trio.Event()
+        self.outcome: wire.Done | str | None = None  # Done, or why it failed
+        self.sent = False
+        self.abandoned = False  # its job went away: skip it if still queued, drop its tokens
+
+    def token(self, text: str) -> None:
+        if self.abandoned:
+            return
+        if self.stream:
+            self.job.emit("token", {"t": text, "i": len(self.pieces)})
+        self.pieces.append(text)
+
+    def finish(self, outcome: wire.Done | str) -> None:
+        if self.outcome is None:
+            self.outcome = outcome
+            self.done.set()
+
+
+class Worker:
+    """One worker: its launch settings, its request queue, and the task that serves it."""
+
+    def __init__(self, id: str, model: str, model_path: Path, device: str, threads: int,
+                 socket_path: Path, queue_size: int, on_demand: bool, keep_alive: float):  # fmt: skip
+        self.id, self.model, self.model_path, self.device = id, model, model_path, device
+        self.threads, self.socket_path = threads, socket_path
+        self.on_demand, self.keep_alive = on_demand, keep_alive
+        self.state = WorkerState.STARTING
+        self.pid: int | None = None
+        self.started_at = time.time()
+        self.restarts = 0
+        self.error: str | None = None
+        self.backend = ""
+        self.current: Generation | None = None
+        self.queue_in, self.queue_out = trio.open_memory_channel[Generation](queue_size)
+        self.loaded = trio.Event()  # set once the first load succeeded or failed
+        self.stopped = trio.Event()
+        self.scope = trio.CancelScope()
+        self._stream: trio.abc.Stream | None = None
+        self._send_lock = trio.Lock()
+
+    @property
+    def live(self) -> bool:
+        return self.state not in (WorkerState.STOPPED, WorkerState.FAILED)
+
+    def record(self) -> WorkerRecord:
+        return WorkerRecord(
+            self.id, self.model, self.device, self.pid, self.state.value, self.threads, self.started_at,
+            self.backend, self.on_demand, self.restarts, self.queue_out.statistics().current_buffer_used,
+            self.error,
+        )  # fmt: skip
+
+    async def wait_loaded(self) -> None:
+        await self.loaded.wait()
+        if self.state is WorkerState.FAILED:
+            raise JobFailed(f"worker {self.id} failed to load {self.model}: {self.error}")
+
+    def submit(self, generation: Generation) -> None:
+        if not self.live:
+            raise JobFailed(f"worker {self.id} is {self.state.value}")
+        try:
+            self.queue_in.send_nowait(generation)
+        except trio.WouldBlock:
+            raise JobFailed(f"busy: worker {self.id} has {self.queue_out.statistics().current_buffer_used} jobs waiting") from None
+
+    async def abandon(self, generation: Generation) -> None:
+        """The job went away (cancel, disconnect): stop its generation at once if it is running."""
+        generation.abandoned = True
+        if generation is self.current and generation.sent and generation.outcome is None and self._stream:
+            async with self._send_lock:
+                try:
+                    await self._stream.send_all(wire.encode(wire.Cancel(generation.request.id)))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+
+    async def serve(self, stream: trio.abc.Stream) -> None:
+        """Feed queued generations to the worker one at a time; return once idle for keep_alive."""
+        self._stream = stream
+        decoder = wire.FrameDecoder()
+        while True:
+            self.state = WorkerState.READY
+            timeout = math.inf if self.keep_alive < 0 or not self.on_demand else self.keep_alive
+            generation = None
+            with trio.move_on_after(timeout):
+                generation = await self.queue_out.receive()
+            if generation is None:
+                return
+            if generation.abandoned:
+                continue
+            self.current, self.state = generation, WorkerState.BUSY
+            try:
+                async with self._send_lock:
+                    await stream.send_all(wire.encode(generation.request))
+                generation.sent = True
+                while generation.outcome is None:
+                    data = await stream.receive_some(1 << 16)
+                    if not data:
+                        raise WorkerDied("closed its connection")
+                    for message in decoder.feed(data):
+                        if type(message) is wire.Token:
+                            generation.token(message.text)
+                        elif type(message) is wire.Done:
+                            generation.finish(message)
+                        elif type(message) is wire.Failed:
+                            generation.finish(message.error)
+            finally:
+                self.current = None
+            self.restarts = 0
+
+
+class Supervisor:
+    """Starts, serves, restarts and stops workers; shares the CPU threads out among them."""
+
+    def __init__(self, config: WorkersConfig, models: Models, backend, runtime_dir: Path):
+        self.config = config
+        self.models = models
+        self.backend = backend
+        self.socket_dir = runtime_dir / "workers"
+        self.workers: dict[str, Worker] = {}
+        self.cores = config.threads or os.cpu_count() or 1
+        self._nursery: trio.Nursery | None = None
+        self._serial = itertools.count(1)
+        models.in_use = lambda model_id: [w.id for w in self.workers.values() if w.model == model_id and w.live]
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Own every worker's task; when cancelled, each worker is stopped before this returns."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def busy_count(self) -> int:
+        return sum(1 for w in self.workers.values() if w.current is not None)
+
+    def status(self) -> str:
+        live = [w for w in self.workers.values() if w.live]
+        return f"{len(live)} worker{'s' if len(live) != 1 else ''}"
+
+    # -- placement --------------------------------------------------------------------------
+
+    def _free_threads(self) -> int:
+        return self.cores - sum(w.threads for w in self.workers.values() if w.live)
+
+    async def _make_room(self, threads: int, job: Job | None) -> None:
+        """Stop idle on-demand workers, least recently started first, until `threads` are free."""
+        idle = [w for w in self.workers.values() if w.live and w.on_demand and w.current is None
+                and not w.queue_out.statistics().current_buffer_used]  # fmt: skip
+        for worker in sorted(idle, key=lambda w: w.started_at):
+            if self._free_threads() >= threads:
+                return
+            if job is not None:
+                job.narrate(f"stopping idle worker {worker.id} to free {worker.threads} thread(s)")
+            await self.stop(worker)
+
+    async def spawn(self, model_id: str, device: str, *, threads: int | None = None, on_demand: bool = False,
+                    keep_alive: float | None = None, job: Job | None = None) -> Worker:  # fmt: skip
+        """Start a worker and return it once its model is loaded; JobFailed says why not."""
+        model = self.models.lookup(model_id)
+        path = self.models.path_of(model)
+        if device == "metal":
+            raise JobFailed("device metal is only available on macOS; this host runs Linux")
+        wanted = threads or 1
+        if self._free_threads() < wanted:
+            await self._make_room(wanted, job)
+        free = self._free_threads()
+        if free < wanted:
+            holders = ", ".join(f"{w.id} ({w.threads})" for w in self.workers.values() if w.live)
+            raise JobFailed(f"no CPU threads free: {self.cores} in all, held by {holders}; delete a worker first")
+        threads = threads or free
+        serial = next(self._serial)
+        worker_id = f"{model.id[:48]}-{device.replace(':', '')}-{serial}"
+        worker = Worker(
+            worker_id, model.id, path, device, threads, self.socket_dir / f"{serial}.sock",
+            self.config.queue_size, on_demand,
+            self.config.keep_alive if keep_alive is None else keep_alive,
+        )  # fmt: skip
+        worker.backend = self.backend.name
+        self.workers[worker_id] = worker
+        if job is not None:
+            job.narrate(f"loading {model.id} on {device} with {threads} thread(s) as worker {worker_id}")
+        started = trio.current_time()
+        assert self._nursery is not None, "Supervisor.run() is not running"
+        self._nursery.start_soon(self._supervise, worker, name=f"worker {worker_id}")
+        with trio.fail_after(self.config.load_timeout + self.config.stop_grace + 5):
+            await worker.wait_loaded()
+        if job is not None:
+            job.narrate(f"worker {worker_id} ready in {trio.current_time() - started:.2f} s", worker_id=worker_id)
+        return worker
+
+    async def stop(self, worker: Worker) -> None:
+        worker.scope.cancel()
+        await worker.stopped.wait()
+
+    # -- supervision ------------------------------------------------------------------------
+
+    async def _supervise(self, worker: Worker) -> None:
+        try:
+            with worker.scope:
+                while True:
+                    try:
+                        reason = await self._incarnation(worker)
+                    except WorkerStartError as exc:
+                        reason = str(exc)
+                        if not worker.loaded.is_set():
+                            worker.error, worker.state = reason, WorkerState.FAILED
+                            return
+                    except Exception as exc:  # a bug here must not take the daemon down
+                        log.exception("worker %s: supervision failed", worker.id)
+                        reason = f"internal error: {type(exc).__name__}"
+                    if reason is None:  # stopped after keep_alive idle time
+                        log.info("worker %s idle: stopping", worker.id)
+                        return
+                    if self.config.restart == "no" or worker.restarts >= self.config.max_restarts:
+                        worker.error, worker.state = reason, WorkerState.FAILED
+                        log.error("worker %s %s; not restarting", worker.id, reason)
+                        return
+                    worker.restarts += 1
+                    worker.state = WorkerState.RESTARTING
+                    delay = self.config.restart_backoff * 2 ** (worker.restarts - 1)
+                    log.warning("worker %s %s; restart %d in %.1f s", worker.id, reason, worker.restarts, delay)
+                    await trio.sleep(delay)
+        finally:
+            if worker.state is not WorkerState.FAILED:
+                worker.state = WorkerState.STOPPED
+            why = f"worker {worker.id} {worker.state.value}" + (f": {worker.error}" if worker.error else "")
+            if worker.current is not None:
+                worker.current.finish(why)
+            worker.queue_in.close()
+            for generation in worker.queue_out:
+                generation.finish(why)
+            if worker.state is WorkerState.STOPPED or not worker.loaded.is_set():
+                self.workers.pop(worker.id, None)  # a worker that never loaded is not listed
+            worker.loaded.set()
+            worker.stopped.set()
+
+    async def _incarnation(self, worker: Worker) -> str | None:
+        """Run the worker once: launch, load, serve. Returns why it ended (None: idle stop)."""
+        async with self.backend.launch(worker) as handle:
+            worker.pid = handle.pid
+            with trio.fail_after(self.config.load_timeout):
+                try:
+                    await handle.ready()
+                except trio.TooSlowError:
+                    raise WorkerStartError(f"model not loaded within {self.config.load_timeout:.0f} s") from None
+            stream = await trio.open_unix_socket(str(worker.socket_path))
+            worker.error = None
+            worker.loaded.set()
+            log.info("worker %s ready (pid %s, %s, %d threads)", worker.id, handle.pid, worker.device, worker.threads)
+            ended: str | None = None
+            async with stream:
+
+                async def watch_exit() -> None:
+                    nonlocal ended
+                    ended = await handle.wait()
+
+                async def serve() -> None:
+                    nonlocal ended
+                    try:
+                        await worker.serve(stream)
+                    except (WorkerDied, trio.BrokenResourceError) as exc:
+                        ended = str(exc) if isinstance(exc, WorkerDied) else "lost its connection"
+                    else:
+                        worker.state = WorkerState.STOPPING
+                        ended = None
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(first_of, watch_exit, serve)
+            if worker.current is not None:
+                worker.current.finish(f"worker {worker.id} died ({ended})")
+            return ended
+
+    # -- operations -------------------------------------------------------------------------
+
+    def lookup(self, worker_id: str) -> Worker:
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            raise JobFailed(f"unknown worker {worker_id!r}")
+        return worker
+
+    async def op_spawn(self, job: Job, op: WorkerSpawn) -> None:
+        device = "cpu" if op.worker == "cpu" else "metal" if op.worker == "metal" else f"cuda:{op.device}"
+        worker = await self.spawn(op.model, device, threads=op.threads, job=job)
+        job.result(worker.record())
+
+    async def op_list(self, job: Job, op: WorkerList) -> None:
+        job.result([w.record() for w in self.workers.values()])
+
+    async def op_get(self, job: Job, op: WorkerGet) -> None:
+        job.result(self.lookup(op.id).record())
+
+    async def op_delete(self, job: Job, op: WorkerDelete) -> None:
+        worker = self.lookup(op.id)
+        job.narrate(f"stopping worker {worker.id} (pid {worker.pid})")
+        await self.stop(worker)
+        self.workers.pop(worker.id, None)
+        job.result(worker.record())
