@@ -8,6 +8,7 @@ import msgspec
 import trio
 
 from . import __version__
+from .config import ServerConfig
 from .jobs import FINISHED, Job, JobRegistry, JobState, RegistryFull
 from .operations import PayloadError, decode
 from .server import Request, Response, StreamingResponse, error_response, json_response
@@ -20,9 +21,9 @@ _KEEPALIVE = b": keep-alive\n\n"
 class JobAPI:
     """Turns requests into registry calls; `accepting` goes False while the daemon drains."""
 
-    def __init__(self, registry: JobRegistry, sse_keepalive: float):
+    def __init__(self, registry: JobRegistry, config: ServerConfig):
         self.registry = registry
-        self.sse_keepalive = sse_keepalive
+        self.config = config
         self.accepting = True
 
     async def __call__(self, request: Request) -> Response | StreamingResponse:
@@ -126,7 +127,7 @@ class JobAPI:
         """
         while True:
             event = None
-            with trio.move_on_after(self.sse_keepalive):
+            with trio.move_on_after(self.config.sse_keepalive):
                 try:
                     event = await feed.receive()
                 except trio.EndOfChannel:

@@ -14,6 +14,8 @@ from typing import Protocol
 
 import trio
 
+from .config import WorkersConfig
+
 log = logging.getLogger("rbeed.workers")
 
 
@@ -39,10 +41,10 @@ class Handle(Protocol):
     async def wait(self) -> str: ...  # returns once the worker has ended: how it ended
 
 
-def worker_args(spec: LaunchSpec, n_ctx: int, n_batch: int) -> list[str]:
+def worker_args(spec: LaunchSpec, config: WorkersConfig) -> list[str]:
     return ["worker", "--id", spec.id, "--model", str(spec.model_path), "--socket", str(spec.socket_path),
-            "--device", spec.device, "--threads", str(spec.threads), "--n-ctx", str(n_ctx),
-            "--n-batch", str(n_batch)]  # fmt: skip
+            "--device", spec.device, "--threads", str(spec.threads), "--n-ctx", str(config.n_ctx),
+            "--n-batch", str(config.n_batch)]  # fmt: skip
 
 
 def parse_notify(datagram: bytes) -> dict[str, str]:
@@ -105,9 +107,9 @@ class ProcessBackend:
 
     name = "process"
 
-    def __init__(self, runtime_dir: Path, n_ctx: int, n_batch: int, stop_grace: float):
+    def __init__(self, runtime_dir: Path, config: WorkersConfig):
         self.dir = runtime_dir / "workers"
-        self.n_ctx, self.n_batch, self.stop_grace = n_ctx, n_batch, stop_grace
+        self.config = config  # read at each launch, so that a reload applies to new workers
 
     @contextlib.asynccontextmanager
     async def launch(self, spec: LaunchSpec) -> AsyncIterator[ProcessHandle]:
@@ -120,7 +122,7 @@ class ProcessBackend:
         env.pop("LISTEN_FDS", None)
         try:
             process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "rbeed", *worker_args(spec, self.n_ctx, self.n_batch)],
+                [sys.executable, "-m", "rbeed", *worker_args(spec, self.config)],
                 env=env, stdin=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
             try:
@@ -136,9 +138,9 @@ class ProcessBackend:
     async def _stop(self, process: trio.Process) -> None:
         if process.returncode is None:
             process.terminate()
-            with trio.move_on_after(self.stop_grace):
+            with trio.move_on_after(self.config.stop_grace):
                 await process.wait()
         if process.returncode is None:
-            log.warning("worker pid %d ignored SIGTERM for %.0f s: SIGKILL", process.pid, self.stop_grace)
+            log.warning("worker pid %d ignored SIGTERM for %.0f s: SIGKILL", process.pid, self.config.stop_grace)
             process.kill()
             await process.wait()

@@ -14,11 +14,11 @@ Seconds = Annotated[float, msgspec.Meta(ge=0)]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 
 
-class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
 
 
-class ServerConfig(_Section):
+class ServerConfig(Section):
     listen: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1:8500"])
     socket: str | None = None  # None: derived from the environment (see default_socket_path)
     socket_mode: Annotated[int, msgspec.Meta(ge=0, le=0o777)] = 0o660
@@ -31,23 +31,23 @@ class ServerConfig(_Section):
     idle_exit: Seconds = 0.0  # socket activation: exit after this long with nothing to do; 0 = never
 
 
-class JobsConfig(_Section):
+class JobsConfig(Section):
     unstreamed_ttl: Seconds = 600.0  # a job nobody streamed is dropped after this
     finished_ttl: Seconds = 600.0  # a finished job stays for status and replay this long
     event_buffer: Positive = 4096  # events kept per job for replay
     max_jobs: Positive = 10_000  # jobs held at once (all states); more is 503
 
 
-class HivesConfig(_Section):
+class HivesConfig(Section):
     health_timeout: Seconds = 2.0
     start_command: str = "systemctl --host {ssh_host} {action} rbeed.service"
 
 
-class ModelsConfig(_Section):
+class ModelsConfig(Section):
     hf_base: str = "https://huggingface.co/{owner}/{repo}/resolve/main/{path}"
 
 
-class WorkersConfig(_Section):
+class WorkersConfig(Section):
     backend: Literal["auto", "process", "systemd"] = "auto"
     threads: int = 0  # total worker threads across workers; 0 = number of cores
     n_ctx: Positive = 2048
@@ -63,7 +63,7 @@ class WorkersConfig(_Section):
     cpu_quota: str | None = None  # systemd backend: CPUQuota= of each worker unit
 
 
-class Config(_Section):
+class Config(Section):
     state_dir: str | None = None
     runtime_dir: str | None = None
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)

@@ -3,29 +3,35 @@
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import socket
+from functools import partial
 from pathlib import Path
 
 import trio
 
-from . import __version__
+from . import __version__, config as configuration, operations as ops
 from .activation import listen_fds
 from .api import JobAPI
-from .config import Config
-from . import operations as ops
-from .backends import ProcessBackend
+from .backends import ProcessBackend, first_of
 from .catalog import Catalog
+from .config import Config
 from .hives import Hive, Hives
 from .inference import Inference
 from .jobs import JobRegistry, JobState
 from .models import Model, Models
 from .router import Router
-from .workers import Supervisor
-from .sdnotify import Notifier
+from .sdnotify import Notifier, extend_timeout
 from .server import bind_tcp, bind_unix, describe, serve_listeners
+from .systemd import SystemdBackend, systemd_reachable
+from .workers import Supervisor
 
 log = logging.getLogger("rbeed")
+
+# Settings that SIGHUP cannot change: they shape sockets, directories or running machinery.
+RESTART_ONLY = {"state_dir", "runtime_dir", "server.listen", "server.socket", "server.socket_mode",
+                "server.max_header_bytes", "workers.backend"}  # fmt: skip
 
 
 def bind_sockets(config: Config) -> tuple[list[socket.socket], Path | None]:
@@ -40,18 +46,24 @@ def bind_sockets(config: Config) -> tuple[list[socket.socket], Path | None]:
     return sockets, path
 
 
+def choose_backend(config: Config):
+    wanted = config.workers.backend
+    if wanted == "systemd" or (wanted == "auto" and systemd_reachable()):
+        return SystemdBackend(config.runtime_path, config.workers)
+    return ProcessBackend(config.runtime_path, config.workers)
+
+
 class Daemon:
-    def __init__(self, config: Config, config_path: Path | None = None):
+    def __init__(self, config: Config, config_path: Path | None = None, overrides: dict | None = None):
         self.config = config
         self.config_path = config_path
+        self.overrides = overrides or {}
         self.notifier = Notifier.from_env(unset=True)
         database = config.state_path / "rbeed.sqlite3"
         self.catalogs = [Catalog(database, "hives", Hive), Catalog(database, "models", Model)]
         self.hives = Hives(self.catalogs[0], config.hives)
         self.models = Models(self.catalogs[1], config.state_path / "models", config.models)
-        workers = config.workers
-        backend = ProcessBackend(config.runtime_path, workers.n_ctx, workers.n_batch, workers.stop_grace)
-        self.supervisor = Supervisor(workers, self.models, backend, config.runtime_path)
+        self.supervisor = Supervisor(config.workers, self.models, choose_backend(config), config.runtime_path)
         inference = Inference(self.supervisor)
         self.router = Router(self.hives, {
             ops.WorkerSpawn: self.supervisor.op_spawn, ops.WorkerList: self.supervisor.op_list,
@@ -61,7 +73,9 @@ class Daemon:
             ops.Infer: inference.infer,
         })  # fmt: skip
         self.registry = JobRegistry(config.jobs, self.router)
-        self.api = JobAPI(self.registry, config.server.sse_keepalive)
+        self.api = JobAPI(self.registry, config.server)
+        self.connections = 0
+        self._poked = trio.Event()  # set (and replaced) when connections come and go, or on reload
         self._stop = trio.Event()
 
     def status_line(self) -> str:
@@ -72,6 +86,7 @@ class Daemon:
         self.config.state_path.mkdir(parents=True, exist_ok=True)
         for catalog in self.catalogs:
             await catalog.open()
+        log.info("workers run as %s", self.supervisor.backend.name)
         try:
             async with trio.open_nursery() as services:
                 services.start_soon(self._handle_signals)
@@ -79,11 +94,14 @@ class Daemon:
                 await services.start(self.registry.run)
                 async with trio.open_nursery() as connections:
                     with trio.CancelScope() as accepting:
-                        await connections.start(serve_listeners, sockets, self.api, self.config.server, connections)
+                        listen = partial(serve_listeners, on_count=self._count_connection)
+                        await connections.start(listen, sockets, self.api, self.config.server, connections)
                         where = ", ".join(describe(sock) for sock in sockets)
                         log.info("rbeed %s listening on %s", __version__, where)
                         self.notifier.notify("READY=1", f"STATUS=listening on {where}")
                         services.start_soon(self.notifier.watchdog)
+                        services.start_soon(self._report_status)
+                        services.start_soon(self._exit_when_idle)
                         task_status.started()
                         await self._stop.wait()
                     accepting.cancel()
@@ -92,7 +110,7 @@ class Daemon:
                     await self._drain()
                     # Streams have their end events queued; give them a moment to flush, then close.
                     connections.cancel_scope.deadline = trio.current_time() + 1
-                services.cancel_scope.cancel()
+                services.cancel_scope.cancel()  # stops the workers too
         finally:
             with trio.CancelScope(shield=True):
                 for catalog in self.catalogs:
@@ -102,14 +120,57 @@ class Daemon:
     def stop(self) -> None:
         self._stop.set()
 
+    def _count_connection(self, delta: int) -> None:
+        self.connections += delta
+        self._poke()
+
+    def _poke(self) -> None:
+        self._poked.set()
+        self._poked = trio.Event()
+
+    async def _changes(self) -> None:
+        """Return at the next change of jobs, workers, connections or config."""
+        await first_of(
+            lambda: self.registry.changed.wait(),
+            lambda: self.supervisor.changed.wait(),
+            lambda: self._poked.wait(),
+        )
+
+    async def _report_status(self) -> None:
+        """Keep `systemctl status` current, at most once a second."""
+        shown = None
+        while True:
+            line = self.status_line()
+            if line != shown:
+                self.notifier.notify(f"STATUS={line}")
+                shown = line
+                await trio.sleep(1)
+            await self._changes()
+
+    def _busy(self) -> bool:
+        return bool(self.connections or self.registry.count(JobState.QUEUED, JobState.RUNNING)
+                    or any(worker.live for worker in self.supervisor.workers.values()))  # fmt: skip
+
+    async def _exit_when_idle(self) -> None:
+        """With `idle_exit` set: exit once nothing happened for that long (socket activation restarts us)."""
+        while True:
+            after = self.config.server.idle_exit
+            deadline = math.inf if not after or self._busy() else trio.current_time() + after
+            with trio.CancelScope(deadline=deadline) as timer:
+                await self._changes()
+            if timer.cancelled_caught:
+                log.info("idle for %g s: exiting", after)
+                self.stop()
+                return
+
     async def _drain(self) -> None:
         """No new jobs; running ones get the grace period, then end `[CANCELLED]`."""
         for job in self.registry.list(JobState.QUEUED):
             self.registry.cancel(job, JobState.CANCELLED, "daemon shutting down")
         grace = self.config.server.shutdown_grace
         if self.registry.count(JobState.RUNNING):
-            log.info("draining %s (grace %.0f s)", self.status_line(), grace)
-            self.notifier.extend_timeout(grace + 5)
+            log.info("draining: %s (grace %g s)", self.status_line(), grace)
+            self.notifier.notify(extend_timeout(grace + self.config.workers.stop_grace + 5))
             with trio.move_on_after(grace):
                 while self.registry.count(JobState.RUNNING):
                     await self.registry.changed.wait()
@@ -117,11 +178,39 @@ class Daemon:
             job.narrate("daemon shutting down")
         self.registry.cancel_all(JobState.CANCELLED, "daemon shutting down")
 
+    def reload(self) -> None:
+        """Re-read the config file; everything but RESTART_ONLY applies to new jobs and workers."""
+        try:
+            fresh = configuration.load(self.config_path, self.overrides)
+        except configuration.ConfigError as exc:
+            log.error("reload failed, keeping the running config: %s", exc)
+            return
+        changed, ignored = [], []
+        for section in ("", "server", "jobs", "hives", "models", "workers"):
+            live = getattr(self.config, section) if section else self.config
+            new = getattr(fresh, section) if section else fresh
+            for name in live.__struct_fields__:
+                key = f"{section}.{name}" if section else name
+                old_value, new_value = getattr(live, name), getattr(new, name)
+                if isinstance(old_value, configuration.Section) or old_value == new_value:
+                    continue
+                if key in RESTART_ONLY:
+                    ignored.append(key)
+                else:
+                    setattr(live, name, new_value)
+                    changed.append(key)
+        log.info("reloaded %s: %s", self.config_path or "defaults", ", ".join(changed) or "nothing changed")
+        if ignored:
+            log.warning("not reloaded (restart needed): %s", ", ".join(ignored))
+        self._poke()
+
     async def _handle_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    log.info("SIGHUP: nothing to reload")
+                    self.notifier.notify("RELOADING=1")
+                    self.reload()
+                    self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
                 elif not self._stop.is_set():
                     log.info("%s: shutting down", signal.Signals(signum).name)
                     self.stop()
@@ -130,10 +219,10 @@ class Daemon:
                     self.registry.cancel_all(JobState.CANCELLED, "daemon shutting down")
 
 
-async def serve(config: Config, config_path: Path | None = None) -> None:
+async def serve(config: Config, config_path: Path | None = None, overrides: dict | None = None) -> None:
     sockets, unix_path = bind_sockets(config)
     try:
-        await Daemon(config, config_path).run(sockets)
+        await Daemon(config, config_path, overrides).run(sockets)
     finally:
         for sock in sockets:
             sock.close()

@@ -49,15 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("worker", help="run one llama.cpp worker (started by the daemon)")
     args = parser.parse_args(argv)
     log.setup(args.log_level)
+    flags = overrides(args)
     try:
-        config = configuration.load(args.config, overrides(args))
+        config = configuration.load(args.config, flags)
     except configuration.ConfigError as exc:
         logger.error("%s", exc)
         return 2
     from .daemon import serve
 
     try:
-        trio.run(serve, config, args.config)
+        trio.run(serve, config, args.config, flags)
     except OSError as exc:
         logger.error("%s", exc)
         return 1

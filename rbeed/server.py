@@ -314,18 +314,23 @@ def describe(sock: socket.socket) -> str:
 
 async def serve_listeners(
     sockets: list[socket.socket], app: App, config: ServerConfig, connection_nursery: trio.Nursery,
-    *, on_connection: Callable[[], None] | None = None, task_status=trio.TASK_STATUS_IGNORED,
+    *, on_count: Callable[[int], None] | None = None, task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept on every socket until cancelled; connections live in `connection_nursery`.
 
+    `on_count(+1)` / `on_count(-1)` is called as each connection opens and closes.
     Keeping connections in a nursery of their own lets shutdown stop accepting first and let
     open streams end with a marker before they are cancelled.
     """
 
     async def handle(stream: trio.SocketStream) -> None:
-        if on_connection is not None:
-            on_connection()
-        await HTTPConnection(stream, app, config).run()
+        if on_count is not None:
+            on_count(+1)
+        try:
+            await HTTPConnection(stream, app, config).run()
+        finally:
+            if on_count is not None:
+                on_count(-1)
 
     listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in sockets]
     task_status.started()

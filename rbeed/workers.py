@@ -180,7 +180,7 @@ class Supervisor:
         self.backend = backend
         self.socket_dir = runtime_dir / "workers"
         self.workers: dict[str, Worker] = {}
-        self.cores = config.threads or os.cpu_count() or 1
+        self.changed = trio.Event()  # set (and replaced) whenever a worker starts or ends
         self._nursery: trio.Nursery | None = None
         self._serial = itertools.count(1)
         models.in_use = lambda model_id: [w.id for w in self.workers.values() if w.model == model_id and w.live]
@@ -192,8 +192,13 @@ class Supervisor:
             task_status.started()
             await trio.sleep_forever()
 
-    def busy_count(self) -> int:
-        return sum(1 for w in self.workers.values() if w.current is not None)
+    @property
+    def cores(self) -> int:
+        return self.config.threads or os.cpu_count() or 1
+
+    def _signal(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
 
     def status(self) -> str:
         live = [w for w in self.workers.values() if w.live]
@@ -239,6 +244,7 @@ class Supervisor:
         )  # fmt: skip
         worker.backend = self.backend.name
         self.workers[worker_id] = worker
+        self._signal()
         if job is not None:
             job.narrate(f"loading {model.id} on {device} with {threads} thread(s) as worker {worker_id}")
         started = trio.current_time()
@@ -289,12 +295,16 @@ class Supervisor:
             if worker.current is not None:
                 worker.current.finish(why)
             worker.queue_in.close()
-            for generation in worker.queue_out:
-                generation.finish(why)
+            while True:
+                try:
+                    worker.queue_out.receive_nowait().finish(why)
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
             if worker.state is WorkerState.STOPPED or not worker.loaded.is_set():
                 self.workers.pop(worker.id, None)  # a worker that never loaded is not listed
             worker.loaded.set()
             worker.stopped.set()
+            self._signal()
 
     async def _incarnation(self, worker: Worker) -> str | None:
         """Run the worker once: launch, load, serve. Returns why it ended (None: idle stop)."""

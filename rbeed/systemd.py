@@ -1,0 +1,114 @@
+"""Workers as systemd units: instances of the rbeed-worker@.service template, driven by systemctl."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import trio
+
+from .backends import LaunchSpec, WorkerStartError
+from .config import WorkersConfig
+
+log = logging.getLogger("rbeed.workers")
+
+TEMPLATE = "rbeed-worker@{}.service"
+
+
+def systemd_reachable() -> bool:
+    """True when a systemd manager started us and systemctl can reach it."""
+    if not os.environ.get("INVOCATION_ID") or shutil.which("systemctl") is None:
+        return False
+    if os.environ.get("MANAGERPID"):  # set only for services of a user manager
+        runtime = os.environ.get("XDG_RUNTIME_DIR")
+        return bool(runtime) and Path(runtime, "systemd", "private").exists()
+    return Path("/run/systemd/system").is_dir()
+
+
+def _systemctl() -> list[str]:
+    return ["systemctl", "--user"] if os.environ.get("MANAGERPID") else ["systemctl"]
+
+
+async def systemctl(*args: str, check: bool = True) -> str:
+    result = await trio.run_process([*_systemctl(), *args], capture_stdout=True, capture_stderr=True, check=False)
+    if check and result.returncode != 0:
+        message = result.stderr.decode(errors="replace").strip() or f"exit status {result.returncode}"
+        raise WorkerStartError(f"systemctl {' '.join(args)}: {message}")
+    return result.stdout.decode(errors="replace")
+
+
+async def unit_properties(unit: str, *names: str) -> dict[str, str]:
+    output = await systemctl("show", unit, *(f"--property={name}" for name in names), check=False)
+    return dict(line.partition("=")[::2] for line in output.splitlines() if "=" in line)
+
+
+class UnitHandle:
+    def __init__(self, unit: str):
+        self.unit = unit
+        self.pid: int | None = None
+
+    async def ready(self) -> None:
+        # systemctl start returns once the Type=notify worker sent READY=1, or the unit failed.
+        result = await trio.run_process([*_systemctl(), "start", self.unit], capture_stderr=True, check=False)
+        props = await unit_properties(self.unit, "MainPID", "StatusText", "Result", "ActiveState")
+        if result.returncode != 0 or props.get("ActiveState") != "active":
+            status = props.get("StatusText", "")
+            reason = status.removeprefix("failed: ") if status.startswith("failed") else ""
+            raise WorkerStartError(reason or f"unit {self.unit} failed to start ({props.get('Result', 'unknown')})")
+        self.pid = int(props["MainPID"]) or None
+
+    async def wait(self) -> str:
+        """Return once the unit's main process has exited, however it was stopped."""
+        if self.pid is None:
+            return "never started"
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            pass
+        else:
+            try:
+                await trio.lowlevel.wait_readable(pidfd)
+            finally:
+                os.close(pidfd)
+        props = await unit_properties(self.unit, "ActiveState", "Result", "ExecMainStatus", "ExecMainCode")
+        return f"unit {self.unit} is {props.get('ActiveState', 'gone')} (result {props.get('Result', '?')})"
+
+
+class SystemdBackend:
+    """Each worker is `rbeed-worker@<id>.service`; its settings go in `<runtime>/workers/<id>.env`."""
+
+    name = "systemd"
+
+    def __init__(self, runtime_dir: Path, config: WorkersConfig):
+        self.dir = runtime_dir / "workers"
+        self.config = config
+
+    def _environment(self, spec: LaunchSpec) -> str:
+        options = f"--n-ctx {self.config.n_ctx} --n-batch {self.config.n_batch}"
+        values = {"RBEED_MODEL": spec.model_path, "RBEED_SOCKET": spec.socket_path, "RBEED_DEVICE": spec.device,
+                  "RBEED_THREADS": spec.threads, "RBEED_WORKER_OPTS": options}  # fmt: skip
+        return "".join(f"{key}={value}\n" for key, value in values.items())
+
+    @contextlib.asynccontextmanager
+    async def launch(self, spec: LaunchSpec) -> AsyncIterator[UnitHandle]:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        env_file = self.dir / f"{spec.id}.env"
+        env_file.write_text(self._environment(spec))
+        unit = TEMPLATE.format(spec.id)
+        limits = [f"{key}={value}" for key, value in
+                  (("MemoryMax", self.config.memory_max), ("CPUQuota", self.config.cpu_quota)) if value]  # fmt: skip
+        try:
+            await systemctl("reset-failed", unit, check=False)
+            if limits:
+                await systemctl("set-property", "--runtime", unit, *limits)
+            yield UnitHandle(unit)
+        finally:
+            with trio.CancelScope(shield=True):
+                await systemctl("stop", unit, check=False)
+                await systemctl("reset-failed", unit, check=False)
+            env_file.unlink(missing_ok=True)
+            spec.socket_path.unlink(missing_ok=True)
