@@ -1,0 +1,426 @@
+"""Resumable downloads of GGUF models with progress reports and sha256 verification."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import fcntl
+import hashlib
+import os
+import pathlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, BinaryIO
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
+
+import trio
+
+from rbeed.httpclient import Client, HTTPError, Response
+
+if TYPE_CHECKING:
+    import outcome
+
+__all__ = ["DownloadError", "DownloadResult", "ProgressCallback", "VerificationError", "download"]
+
+GGUF_MAGIC = b"GGUF"
+BLOCK_SIZE = 1 << 20  # unit of disk I/O: one worker-thread round trip per MiB
+
+ProgressCallback = Callable[[int, int | None, float], None]
+"""on_progress(bytes_done, bytes_total_or_None, bytes_per_second)"""
+
+
+class DownloadError(Exception):
+    """The download failed; a partial file is kept so that the next attempt resumes."""
+
+
+class VerificationError(DownloadError):
+    """The bytes are not the expected model (magic or sha256); the partial file was removed."""
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadResult:
+    path: pathlib.Path
+    size: int
+    sha256: str
+    resumed_from: int  # bytes reused from an earlier attempt's .part file
+
+
+async def download(
+    source: str | os.PathLike[str],
+    dest: pathlib.Path,
+    *,
+    sha256: str | None = None,
+    on_progress: ProgressCallback | None = None,
+    progress_interval: float = 0.25,
+    client: Client | None = None,
+) -> DownloadResult:
+    """Fetch source (http(s):// URL, file:// URL or local path) into dest, resuming dest.part.
+
+    The file must start with the GGUF magic and match sha256 (or, when sha256 is None, the
+    sha256 the server announces in X-Linked-Etag, Repr-Digest, Digest or ETag, if any).
+    on_progress is called at most every progress_interval seconds and once at the end.
+    client (not closed here) lets the caller set timeouts or an Authorization header.
+    """
+    if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+        raise DownloadError(f"invalid sha256 {sha256!r}: expected 64 hex digits")
+    progress = _Progress(on_progress, progress_interval)
+    try:
+        return await _download(source, pathlib.Path(dest), sha256 and sha256.lower(), progress, client)
+    except HTTPError as exc:
+        raise DownloadError(f"download of {source} failed: {exc}") from exc
+    except OSError as exc:
+        reason = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
+        raise DownloadError(f"download of {source} failed: {reason}") from exc
+
+
+async def _download(
+    source: str | os.PathLike[str],
+    dest: pathlib.Path,
+    sha256: str | None,
+    progress: _Progress,
+    client: Client | None,
+) -> DownloadResult:
+    local_path = _local_path(source)
+    await trio.Path(dest.parent).mkdir(parents=True, exist_ok=True)
+    part = await _PartFile.open(dest.with_name(dest.name + ".part"))
+    try:
+        if local_path is not None:
+            resumed_from = await _copy_local(local_path, part, progress)
+            announced = None
+        else:
+            async with contextlib.nullcontext(client) if client else Client(str(source)) as http:
+                resumed_from, announced = await _fetch_http(http, str(source), part, progress)
+        await part.finish()
+        actual = part.sha256.hexdigest()
+        expected, expected_from = (sha256, "") if sha256 else announced or (None, "")
+        if expected is not None and actual != expected:
+            raise VerificationError(f"sha256 mismatch: expected {expected}, got {actual}{expected_from}")
+        await trio.to_thread.run_sync(_install, part.path, dest)
+        return DownloadResult(dest, part.size, actual, resumed_from)
+    except VerificationError:
+        await part.discard()
+        raise
+    finally:
+        await part.aclose()
+
+
+def _local_path(source: str | os.PathLike[str]) -> pathlib.Path | None:
+    if isinstance(source, os.PathLike):
+        return pathlib.Path(source)
+    url = urlsplit(source)
+    if url.scheme in ("http", "https"):
+        return None
+    if url.scheme == "file":
+        if url.netloc not in ("", "localhost"):
+            raise DownloadError(f"cannot fetch {source}: file:// URL of another host")
+        return pathlib.Path(url2pathname(url.path))
+    return pathlib.Path(source)
+
+
+async def _copy_local(source: pathlib.Path, part: _PartFile, progress: _Progress) -> int:
+    """Copy source into part (resuming it); return how many bytes were resumed."""
+    async with await trio.open_file(source, "rb") as src:
+        total = os.fstat(src.fileno()).st_size
+        if part.size > total:
+            await part.truncate()
+        resumed_from = part.size
+        await part.hash_existing()
+        await src.seek(resumed_from)
+        progress.start(part.size, total)
+        while chunk := await src.read(BLOCK_SIZE):
+            await part.write(chunk)
+            progress.update(part.size)
+    progress.finish()
+    return resumed_from
+
+
+async def _fetch_http(
+    client: Client, url: str, part: _PartFile, progress: _Progress
+) -> tuple[int, tuple[str, str] | None]:
+    """Fill part from url with a Range request when it has a prefix already.
+
+    Returns the bytes resumed and the sha256 the server announced (with where it came from).
+    """
+    for _attempt in range(2):  # the second attempt starts over when the .part does not fit
+        headers = {"range": f"bytes={part.size}-"} if part.size else {}
+        async with client.stream("GET", url, headers=headers) as response:
+            announced = _announced_sha256(response)
+            first, total = _content_range(response)
+            if response.status == 200:
+                await part.truncate()
+                length = response.headers.get("content-length", "")
+                total = int(length) if length.isdigit() else None
+            elif response.status == 206 and first == part.size:
+                await part.hash_existing()
+            elif response.status == 416 and total == part.size and part.size:
+                await part.hash_existing()  # the .part is already complete
+                progress.start(part.size, total)
+                progress.finish()
+                return part.size, announced
+            elif response.status in (206, 416):
+                await part.truncate()
+                continue
+            else:
+                response.raise_for_status()
+                raise DownloadError(f"unexpected answer {response.status} {response.reason} from {response.url}")
+            resumed_from = part.size
+            progress.start(part.size, total)
+            async for chunk in response.aiter_bytes():
+                await part.write(chunk)
+                progress.update(part.size)
+            progress.finish()
+            return resumed_from, announced
+    raise DownloadError(f"{url}: the server answers ranges that do not match the partial file")
+
+
+_CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)")
+
+
+def _content_range(response: Response) -> tuple[int | None, int | None]:
+    """(first byte, complete length) from Content-Range, None where absent or '*'."""
+    match = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", "").strip())
+    if match is None:
+        return None, None
+    first, total = match.groups()
+    return (int(first) if first else None), (int(total) if total.isdigit() else None)
+
+
+_ETAG_SHA256 = re.compile(r'(?:W/)?"?([0-9a-fA-F]{64})"?')
+
+
+def _announced_sha256(response: Response) -> tuple[str, str] | None:
+    """The sha256 of the whole file as announced by the server or a redirect on the way.
+
+    Hugging Face puts it in X-Linked-Etag on the resolve redirect; RFC 9530 Repr-Digest and
+    RFC 3230 Digest carry it base64-encoded; some servers use the bare hex sha256 as ETag.
+    """
+    responses = [response, *reversed(response.history)]
+    for header in ("x-linked-etag", "repr-digest", "digest", "etag"):
+        for resp in responses:
+            value = resp.headers.get(header)
+            if value is None:
+                continue
+            if header.endswith("digest"):
+                digest = _sha256_from_digest_field(value)
+            else:
+                match = _ETAG_SHA256.fullmatch(value.strip())
+                digest = match.group(1).lower() if match else None
+            if digest is not None:
+                return digest, f" (announced by {resp.url} in {header})"
+    return None
+
+
+def _sha256_from_digest_field(value: str) -> str | None:
+    for item in value.split(","):
+        algorithm, _, encoded = item.partition("=")
+        if algorithm.strip().lower() != "sha-256":
+            continue
+        try:
+            raw = base64.b64decode(encoded.strip().strip(":"), validate=True)
+        except binascii.Error:
+            return None
+        return raw.hex() if len(raw) == 32 else None
+    return None
+
+
+def _install(part_path: pathlib.Path, dest: pathlib.Path) -> None:
+    """Atomically move the (already fsynced) part file into place and persist the rename."""
+    os.replace(part_path, dest)
+    dir_fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class _PartFile:
+    """The locked .part file with the running sha256 of its content and its first bytes.
+
+    Writes are gathered into BLOCK_SIZE blocks; each block is written and hashed in a worker
+    thread while the caller receives the next one. At most one block is in flight, so the
+    file is always a prefix of what was received, and aclose() completes it even when cancelled.
+    """
+
+    def __init__(self, path: pathlib.Path, file: BinaryIO, size: int) -> None:
+        self.path = path
+        self._file: BinaryIO | None = file
+        self.size = size  # bytes on disk, in flight and pending
+        self.sha256 = hashlib.sha256()
+        self.head = b""
+        self._pending = bytearray()
+        self._in_flight: _ThreadCall | None = None
+
+    @classmethod
+    async def open(cls, path: pathlib.Path) -> _PartFile:
+        def open_locked() -> tuple[BinaryIO, int]:
+            file = open(path, "a+b")  # noqa: SIM115 - owned by the _PartFile
+            try:
+                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                file.close()
+                raise DownloadError(f"{path} is being downloaded by another task or process") from None
+            return file, os.fstat(file.fileno()).st_size
+
+        return cls(path, *await trio.to_thread.run_sync(open_locked))
+
+    async def hash_existing(self) -> None:
+        """Hash the bytes already on disk (the prefix a resume appends to)."""
+        assert self._file is not None and self._in_flight is None and not self._pending
+        self.sha256, self.head = hashlib.sha256(), b""
+        await trio.to_thread.run_sync(self._file.seek, 0)
+        remaining = self.size
+        while remaining:
+            block = await trio.to_thread.run_sync(self._read_and_hash, min(remaining, BLOCK_SIZE))
+            if not block:
+                raise DownloadError(f"{self.path} shrank while being read")
+            remaining -= len(block)
+
+    async def truncate(self) -> None:
+        assert self._file is not None and self._in_flight is None
+        await trio.to_thread.run_sync(self._file.truncate, 0)
+        self.size, self.sha256, self.head = 0, hashlib.sha256(), b""
+        self._pending.clear()
+
+    async def write(self, data: bytes) -> None:
+        self._check_head(data)
+        self.size += len(data)
+        self._pending += data
+        if len(self._pending) >= BLOCK_SIZE:
+            await self._wait_for_disk()
+            block, self._pending = self._pending, bytearray()
+            self._in_flight = _ThreadCall(self._write_and_hash, block)
+
+    async def finish(self) -> None:
+        """Write what is pending, check the magic and fsync."""
+        await self._wait_for_disk()
+        await trio.to_thread.run_sync(self._flush_and_sync)
+        if self.head != GGUF_MAGIC:
+            raise VerificationError(f"not a GGUF file (magic {self.head!r}, expected {GGUF_MAGIC!r})")
+
+    async def discard(self) -> None:
+        self._pending.clear()
+        await self.aclose()
+        await trio.Path(self.path).unlink(missing_ok=True)
+
+    async def aclose(self) -> None:
+        """Write what is pending and close, keeping the file for a resume (removed if empty).
+
+        Shielded: after a cancellation, the bytes already received still reach the disk.
+        """
+        if self._file is None:
+            return
+        with trio.CancelScope(shield=True):
+            try:
+                await self._wait_for_disk()
+            except Exception:
+                # Only reached while another exception propagates. Appending the pending
+                # bytes after a failed write could leave a hole, so they are dropped.
+                self._pending.clear()
+            file, self._file = self._file, None
+            await trio.to_thread.run_sync(self._close, file)
+
+    async def _wait_for_disk(self) -> None:
+        """Wait for the block in flight; raise its error. A cancelled wait leaves it in flight."""
+        if self._in_flight is not None:
+            await self._in_flight.done.wait()
+            in_flight, self._in_flight = self._in_flight, None
+            in_flight.result()
+
+    def _read_and_hash(self, count: int) -> bytes:
+        assert self._file is not None
+        block = self._file.read(count)
+        self._check_head(block)
+        self.sha256.update(block)
+        return block
+
+    def _write_and_hash(self, data: bytes | bytearray) -> None:
+        assert self._file is not None
+        self._file.write(data)
+        self.sha256.update(data)
+
+    def _check_head(self, data: bytes | bytearray) -> None:
+        """Fail at the first block, not after gigabytes of an HTML error page."""
+        if len(self.head) < len(GGUF_MAGIC):
+            self.head += bytes(data[: len(GGUF_MAGIC) - len(self.head)])
+            if len(self.head) == len(GGUF_MAGIC) and self.head != GGUF_MAGIC:
+                raise VerificationError(f"not a GGUF file (magic {self.head!r}, expected {GGUF_MAGIC!r})")
+
+    def _flush_and_sync(self) -> None:
+        assert self._file is not None
+        if self._pending:
+            self._write_and_hash(self._pending)
+            self._pending = bytearray()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def _close(self, file: BinaryIO) -> None:
+        try:
+            if self._pending:
+                file.write(self._pending)
+                self._pending.clear()
+            if self.size == 0:
+                self.path.unlink(missing_ok=True)
+        finally:
+            file.close()
+
+
+class _ThreadCall:
+    """fn(*args) started in a worker thread without waiting for it: `done` is set when it returns.
+
+    trio.to_thread.run_sync would make the caller wait for the disk before receiving the
+    next block; this overlaps the two, and a cancellation cannot abandon the call.
+    """
+
+    def __init__(self, fn: Callable[..., None], *args: object) -> None:
+        self.done = trio.Event()
+        self._outcome: outcome.Outcome[None] | None = None
+        token = trio.lowlevel.current_trio_token()
+        trio.lowlevel.start_thread_soon(partial(fn, *args), lambda result: token.run_sync_soon(self._deliver, result))
+
+    def _deliver(self, result: outcome.Outcome[None]) -> None:
+        self._outcome = result
+        self.done.set()
+
+    def result(self) -> None:
+        """Return, or raise what fn raised; only once `done` is set."""
+        assert self._outcome is not None
+        self._outcome.unwrap()
+
+
+class _Progress:
+    """Rate-limits on_progress calls; the rate is the average of this attempt, by trio's clock."""
+
+    def __init__(self, callback: ProgressCallback | None, interval: float) -> None:
+        self._callback = callback
+        self._interval = interval
+        self.total: int | None = None
+        self._done = self._first_done = 0
+        self._started = self._next_report = 0.0
+
+    def start(self, done: int, total: int | None) -> None:
+        self._done = self._first_done = done
+        self.total = total
+        self._started = trio.current_time()
+        self._next_report = self._started + self._interval
+
+    def update(self, done: int) -> None:
+        self._done = done
+        if self._callback is not None and (now := trio.current_time()) >= self._next_report:
+            self._next_report = now + self._interval
+            self._report(now)
+
+    def finish(self) -> None:
+        if self.total is None:
+            self.total = self._done
+        if self._callback is not None:
+            self._report(trio.current_time())
+
+    def _report(self, now: float) -> None:
+        assert self._callback is not None
+        elapsed = now - self._started
+        rate = (self._done - self._first_done) / elapsed if elapsed > 0 else 0.0
+        self._callback(self._done, self.total, rate)

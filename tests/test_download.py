@@ -1,0 +1,329 @@
+"""Tests of rbeed.download against a real HTTP server on 127.0.0.1 and local files."""
+
+import hashlib
+import pathlib
+import re
+import threading
+from functools import partial
+
+import pytest
+import trio
+import trio.testing
+
+from rbeed.download import BLOCK_SIZE, DownloadError, VerificationError, _PartFile, download
+from rbeed.httpclient import Client
+
+from httpfixture import RecordedRequest, Reply, corrupted, gguf_bytes, serve_files
+
+MiB = 1 << 20
+MODEL = gguf_bytes(3 * MiB + 12345)
+MODEL_SHA256 = hashlib.sha256(MODEL).hexdigest()
+
+
+class ProgressLog:
+    def __init__(self) -> None:
+        self.events: list[tuple[int, int | None, float]] = []
+        self.times: list[float] = []
+
+    def __call__(self, done: int, total: int | None, rate: float) -> None:
+        self.events.append((done, total, rate))
+        self.times.append(trio.current_time())
+
+    def assert_sane(self, total: int) -> None:
+        done = [event[0] for event in self.events]
+        assert done == sorted(done)
+        assert all(event[1] == total for event in self.events)
+        assert all(event[2] >= 0 for event in self.events)
+        assert self.events[-1][:2] == (total, total)
+
+
+def part_of(dest: pathlib.Path) -> pathlib.Path:
+    return dest.with_name(dest.name + ".part")
+
+
+async def test_full_download_verifies_and_installs_atomically(tmp_path):
+    dest = tmp_path / "models" / "tiny.gguf"
+    progress = ProgressLog()
+    async with serve_files({"tiny.gguf": MODEL}) as server:
+        result = await download(
+            server.url("tiny.gguf"), dest, sha256=MODEL_SHA256.upper(), on_progress=progress, progress_interval=0
+        )
+    assert dest.read_bytes() == MODEL
+    assert not part_of(dest).exists()
+    assert (result.path, result.size, result.sha256, result.resumed_from) == (dest, len(MODEL), MODEL_SHA256, 0)
+    assert "range" not in server.requests[0].headers
+    progress.assert_sane(len(MODEL))
+    assert len(progress.events) > 3  # progress_interval=0: a report per received chunk
+
+
+async def test_progress_is_rate_limited_by_trio_clock(tmp_path, mock_clock):
+    """Each 64 KiB the server sends costs 0.1 s of (mock) time: reports are >= 0.25 s apart."""
+
+    async def slow_model(request: RecordedRequest) -> Reply:
+        async def body():
+            for start in range(0, len(MODEL), 64 * 1024):
+                yield MODEL[start : start + 64 * 1024]
+                mock_clock.jump(0.1)
+
+        return Reply(200, {}, body())
+
+    progress = ProgressLog()
+    async with serve_files() as server:
+        server.routes["/slow.gguf"] = slow_model
+        await download(server.url("slow.gguf"), tmp_path / "slow.gguf", on_progress=progress, progress_interval=0.25)
+    assert len(progress.events) >= 3
+    assert all(
+        later - earlier >= 0.25 for earlier, later in zip(progress.times[:-2], progress.times[1:-1], strict=True)
+    )
+    # chunked: the size is unknown until the end, then the final report gives it
+    assert all(total is None for _, total, _ in progress.events[:-1])
+    assert progress.events[-1][:2] == (len(MODEL), len(MODEL))
+    assert 0 < progress.events[-1][2] <= len(MODEL) / 0.25
+
+
+async def test_dropped_connection_keeps_the_part_and_the_retry_resumes_with_range(tmp_path):
+    dest = tmp_path / "m.gguf"
+    cut = MiB + MiB // 2 + 7
+    async with serve_files({"m.gguf": MODEL}) as server:
+        server.drop_after["m.gguf"] = cut
+        with pytest.raises(
+            DownloadError, match=f"connection closed by .*after {cut} of {len(MODEL)} body bytes"
+        ) as caught:
+            await download(server.url("m.gguf"), dest, sha256=MODEL_SHA256)
+        assert not isinstance(caught.value, VerificationError)
+        assert part_of(dest).read_bytes() == MODEL[:cut]
+        progress = ProgressLog()
+        result = await download(server.url("m.gguf"), dest, sha256=MODEL_SHA256, on_progress=progress)
+    assert server.requests[-1].headers["range"] == f"bytes={cut}-"
+    assert (result.resumed_from, result.sha256) == (cut, MODEL_SHA256)
+    assert dest.read_bytes() == MODEL
+    assert not part_of(dest).exists()
+    progress.assert_sane(len(MODEL))
+    assert progress.events[0][0] >= cut
+
+
+async def test_cancelled_download_keeps_the_part_and_resumes(tmp_path):
+    dest = tmp_path / "m.gguf"
+    stall = 2 * MiB + 100
+    async with serve_files({"m.gguf": MODEL}) as server:
+        server.stall_after["m.gguf"] = stall
+        all_received = trio.Event()
+
+        def on_progress(done: int, total: int | None, rate: float) -> None:
+            if done == stall:
+                all_received.set()
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+
+                async def run_download() -> None:
+                    await download(server.url("m.gguf"), dest, on_progress=on_progress, progress_interval=0)
+                    raise AssertionError("the stalled download finished")
+
+                nursery.start_soon(run_download)
+                await all_received.wait()
+                nursery.cancel_scope.cancel()
+        assert part_of(dest).read_bytes() == MODEL[:stall]  # the buffered tail was written on cancel
+        assert not dest.exists()
+        del server.stall_after["m.gguf"]
+        result = await download(server.url("m.gguf"), dest)
+    assert server.requests[-1].headers["range"] == f"bytes={stall}-"
+    assert (result.resumed_from, result.sha256) == (stall, MODEL_SHA256)
+    assert dest.read_bytes() == MODEL
+
+
+async def test_server_ignoring_range_restarts_from_scratch(tmp_path):
+    dest = tmp_path / "m.gguf"
+    part_of(dest).write_bytes(b"stale bytes from another file")
+    async with serve_files({"m.gguf": MODEL}) as server:
+        server.ignore_range.add("m.gguf")
+        result = await download(server.url("m.gguf"), dest, sha256=MODEL_SHA256)
+    assert server.requests[0].headers["range"] == "bytes=29-"
+    assert (result.resumed_from, result.size) == (0, len(MODEL))
+    assert dest.read_bytes() == MODEL
+
+
+async def test_complete_part_is_verified_without_downloading_again(tmp_path):
+    dest = tmp_path / "m.gguf"
+    part_of(dest).write_bytes(MODEL)
+    progress = ProgressLog()
+    async with serve_files({"m.gguf": MODEL}) as server:
+        result = await download(server.url("m.gguf"), dest, sha256=MODEL_SHA256, on_progress=progress)
+    assert server.requests[0].headers["range"] == f"bytes={len(MODEL)}-"
+    assert (result.resumed_from, result.sha256) == (len(MODEL), MODEL_SHA256)
+    assert progress.events == [(len(MODEL), len(MODEL), 0.0)]
+    assert dest.read_bytes() == MODEL
+
+
+async def test_part_longer_than_the_file_starts_over(tmp_path):
+    dest = tmp_path / "m.gguf"
+    part_of(dest).write_bytes(MODEL + b"extra")
+    async with serve_files({"m.gguf": MODEL}) as server:
+        result = await download(server.url("m.gguf"), dest, sha256=MODEL_SHA256)
+    assert [r.headers.get("range") for r in server.requests] == [f"bytes={len(MODEL) + 5}-", None]
+    assert result.resumed_from == 0
+    assert dest.read_bytes() == MODEL
+
+
+async def test_not_gguf_fails_early_and_removes_the_part(tmp_path):
+    dest = tmp_path / "page.gguf"
+    html = b"<!doctype html>" + b"x" * (4 * MiB)
+    async with serve_files({"page.gguf": html}) as server:
+        server.stall_after["page.gguf"] = 2 * MiB  # only an early check can finish
+        with trio.fail_after(10), pytest.raises(VerificationError, match=r"not a GGUF file \(magic b'<!do'"):
+            await download(server.url("page.gguf"), dest)
+    assert not part_of(dest).exists()
+    assert not dest.exists()
+
+
+async def test_wrong_sha256_removes_the_part(tmp_path):
+    dest = tmp_path / "m.gguf"
+    wrong = "0" * 64
+    async with serve_files({"m.gguf": MODEL}) as server:
+        with pytest.raises(VerificationError) as caught:
+            await download(server.url("m.gguf"), dest, sha256=wrong)
+    assert str(caught.value) == f"sha256 mismatch: expected {wrong}, got {MODEL_SHA256}"
+    assert not part_of(dest).exists()
+    assert not dest.exists()
+
+
+async def test_sha256_of_the_resumed_prefix_is_recomputed_from_disk(tmp_path):
+    dest = tmp_path / "m.gguf"
+    tampered = bytearray(MODEL[:MiB])
+    tampered[1000] ^= 1
+    part_of(dest).write_bytes(tampered)
+    async with serve_files({"m.gguf": MODEL}) as server:
+        with pytest.raises(VerificationError, match=f"sha256 mismatch: expected {MODEL_SHA256}, got "):
+            await download(server.url("m.gguf"), dest, sha256=MODEL_SHA256)
+    assert server.requests[0].headers["range"] == f"bytes={MiB}-"
+    assert not part_of(dest).exists()
+
+
+@pytest.mark.parametrize("header", ["etag", "x-linked-etag", "digest", "repr-digest"])
+@pytest.mark.parametrize("corrupt", [False, True])
+async def test_server_announced_sha256_is_checked(tmp_path, header, corrupt):
+    dest = tmp_path / "m.gguf"
+    async with serve_files({"m.gguf": MODEL}, digest_header=header) as server:
+        if not corrupt:
+            result = await download(server.url("m.gguf"), dest)
+            assert result.sha256 == MODEL_SHA256
+            return
+        server.corrupt.add("m.gguf")
+        with pytest.raises(
+            VerificationError, match=f"sha256 mismatch: expected {MODEL_SHA256}, got .* in {header}\\)$"
+        ):
+            await download(server.url("m.gguf"), dest)
+        assert not part_of(dest).exists()
+        # a sha256 given by the caller takes precedence over the server's
+        served = corrupted(MODEL)
+        result = await download(server.url("m.gguf"), dest, sha256=hashlib.sha256(served).hexdigest())
+        assert dest.read_bytes() == served
+
+
+async def test_hugging_face_style_redirect_announces_the_sha256(tmp_path):
+    """huggingface.co answers /resolve/... with a 302 carrying X-Linked-Etag; the CDN has no digest."""
+    dest = tmp_path / "m.gguf"
+    async with serve_files({"cdn/m.gguf": MODEL}) as cdn, serve_files() as hub:
+
+        async def resolve(request: RecordedRequest) -> Reply:
+            return Reply(302, {"location": cdn.url("cdn/m.gguf"), "x-linked-etag": f'"{MODEL_SHA256}"'})
+
+        hub.routes["/org/repo/resolve/main/m.gguf"] = resolve
+        resolve_url = hub.url("org/repo/resolve/main/m.gguf")
+        result = await download(resolve_url, dest)
+        assert result.sha256 == MODEL_SHA256
+        dest.unlink()
+        cdn.corrupt.add("cdn/m.gguf")
+        announced = rf"expected {MODEL_SHA256}, .* \(announced by {re.escape(resolve_url)} in x-linked-etag\)$"
+        with pytest.raises(VerificationError, match=announced):
+            await download(resolve_url, dest)
+
+
+async def test_http_error_status_is_a_download_error_and_leaves_no_part(tmp_path):
+    dest = tmp_path / "m.gguf"
+    async with serve_files() as server:
+        with pytest.raises(
+            DownloadError, match=r"download of .*/absent.gguf failed: GET .*/absent.gguf -> 404 Not Found"
+        ):
+            await download(server.url("absent.gguf"), dest)
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_connection_refused_is_a_download_error(tmp_path):
+    async with serve_files() as server:
+        url = server.url("m.gguf")
+    async with Client(url, connect_timeout=2) as client:
+        with pytest.raises(DownloadError, match=f"download of {url} failed: cannot connect to .*: connection refused"):
+            await download(url, tmp_path / "m.gguf", client=client)
+
+
+async def test_one_download_per_destination_at_a_time(tmp_path):
+    dest = tmp_path / "m.gguf"
+    async with serve_files({"m.gguf": MODEL}) as server:
+        server.stall_after["m.gguf"] = 100
+        stalled = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                partial(download, server.url("m.gguf"), dest, on_progress=lambda *_: stalled.set(), progress_interval=0)
+            )
+            with trio.fail_after(5):
+                await stalled.wait()
+            with pytest.raises(DownloadError, match="is being downloaded by another task or process"):
+                await download(server.url("m.gguf"), dest)
+            nursery.cancel_scope.cancel()
+    assert part_of(dest).read_bytes() == MODEL[:100]  # the loser did not touch it
+
+
+async def test_local_path_and_file_url_are_copied_with_progress(tmp_path):
+    source = tmp_path / "source dir" / "model.gguf"
+    source.parent.mkdir()
+    source.write_bytes(MODEL)
+    for origin in (source, str(source), source.as_uri()):
+        dest = tmp_path / "out" / "model.gguf"
+        progress = ProgressLog()
+        result = await download(origin, dest, sha256=MODEL_SHA256, on_progress=progress, progress_interval=0)
+        assert (result.size, result.sha256, result.resumed_from) == (len(MODEL), MODEL_SHA256, 0)
+        assert dest.read_bytes() == MODEL
+        progress.assert_sane(len(MODEL))
+        assert len(progress.events) >= 4  # one per MiB block
+        dest.unlink()
+
+
+async def test_local_copy_resumes_a_part(tmp_path):
+    source = tmp_path / "model.gguf"
+    source.write_bytes(MODEL)
+    dest = tmp_path / "out.gguf"
+    part_of(dest).write_bytes(MODEL[: MiB + 5])
+    result = await download(source, dest, sha256=MODEL_SHA256)
+    assert (result.resumed_from, result.sha256) == (MiB + 5, MODEL_SHA256)
+    assert dest.read_bytes() == MODEL
+
+
+async def test_missing_local_source_is_a_download_error(tmp_path):
+    with pytest.raises(DownloadError, match=r"No such file or directory: .*/nowhere\.gguf$"):
+        await download(tmp_path / "nowhere.gguf", tmp_path / "dest.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_cancelled_wait_for_the_disk_still_leaves_a_prefix(tmp_path):
+    """A block still being written when the download is cancelled lands before the pending bytes."""
+    first, second = MODEL[:BLOCK_SIZE], MODEL[BLOCK_SIZE : 2 * BLOCK_SIZE]
+    part = await _PartFile.open(tmp_path / "m.gguf.part")
+    gate = threading.Event()
+    write_and_hash = part._write_and_hash
+    part._write_and_hash = lambda data: (gate.wait(), write_and_hash(data))  # a very slow disk
+    with trio.CancelScope() as scope:
+        await part.write(first)  # now in flight, held at the gate
+        scope.cancel()
+        await part.write(second)  # waits for the disk: cancelled there
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(part.aclose)
+        await trio.testing.wait_all_tasks_blocked()
+        gate.set()
+    assert (tmp_path / "m.gguf.part").read_bytes() == first + second
+
+
+async def test_malformed_sha256_is_refused_before_any_transfer(tmp_path):
+    with pytest.raises(DownloadError, match=r"invalid sha256 'abc': expected 64 hex digits"):
+        await download(tmp_path / "unused.gguf", tmp_path / "dest.gguf", sha256="abc")
+    assert list(tmp_path.iterdir()) == []
