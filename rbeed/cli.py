@@ -1,0 +1,741 @@
+"""`rbee`: the command-line client of the job API (submit a job, follow its events, render them)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import msgspec
+import trio
+
+from . import __version__
+from .config import default_runtime_dir
+from .httpclient import Client, ConnectError, HTTPError, HTTPTimeout, ServerSentEvent
+from .operations import HiveCreate, Infer, WorkerSpawn
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the job ended with [ERROR], or the daemon answered something unusable
+EXIT_USAGE = 2  # bad arguments, or the daemon refused the payload (400)
+EXIT_UNREACHABLE = 3
+EXIT_CANCELLED = 130  # 128 + SIGINT, as shells report Ctrl-C
+
+CONNECT_TIMEOUT = 5.0
+REQUEST_TIMEOUT = 30.0  # a plain request (create, status, cancel) must be answered within this
+CANCEL_TIMEOUT = 3.0  # Ctrl-C: how long the DELETE of the job may take before rbee gives up on it
+RECONNECT_DELAY = 0.25  # a dropped event stream is resumed once, after this pause
+TTY_REDRAW_INTERVAL = 0.1  # progress bar: at most ~10 redraws per second
+PLAIN_PROGRESS_INTERVAL = 5.0  # progress without a terminal: one line per this many seconds
+
+MIB = 1024 * 1024
+
+
+class CliError(Exception):
+    """Ends rbee with `rbee: error: <message>` and the given exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED):
+        super().__init__(message)
+        self.code = code
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+# -- rendering (pure functions, unit-tested) --------------------------------------------------
+
+
+def human_bytes(value: Any) -> str:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return format_value(value)
+    if abs(value) < 1024:
+        return f"{value} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if abs(value) < 1024:
+            return f"{value:.1f} {unit}"
+    return f"{value / 1024:.1f} TiB"
+
+
+def human_count(value: Any) -> str:
+    """268098176 -> '268M', 7241732096 -> '7.2B'."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return format_value(value)
+    for divisor, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= divisor:
+            scaled = value / divisor
+            return f"{scaled:.1f}{suffix}" if scaled < 10 else f"{scaled:.0f}{suffix}"
+    return str(value)
+
+
+def format_value(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, dict | list):
+        return msgspec.json.encode(value).decode()
+    return str(value)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+# Values under these keys are rendered with a unit wherever they appear.
+_FORMATTERS: dict[str, Callable[[Any], str]] = {"size": human_bytes, "params": human_count, "parameters": human_count}
+
+
+def format_field(key: str, value: Any) -> str:
+    """A value as shown under `key`: sizes and counts with units, `*_at` epoch times as local times."""
+    if key in _FORMATTERS:
+        return _FORMATTERS[key](value)
+    if key.endswith("_at") and isinstance(value, int | float) and not isinstance(value, bool):
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+    return format_value(value)
+
+
+@dataclass(frozen=True)
+class Column:
+    header: str
+    keys: tuple[str, ...]  # the first one present in a row is shown; "a.b" looks into row["a"]
+
+    def cell(self, row: dict) -> str:
+        for key in self.keys:
+            value: Any = row
+            for part in key.split("."):
+                if not isinstance(value, dict) or part not in value:
+                    break
+                value = value[part]
+            else:
+                return format_field(part, value)
+        return "-"
+
+
+TABLES: dict[str, list[Column]] = {
+    "hive_list": [
+        Column("ID", ("id",)),
+        Column("HOST", ("host",)),
+        Column("PORT", ("port",)),
+        Column("ONLINE", ("online",)),
+        Column("VERSION", ("version",)),
+    ],
+    "worker_list": [
+        Column("ID", ("id",)),
+        Column("MODEL", ("model",)),
+        Column("DEVICE", ("device",)),
+        Column("STATE", ("state",)),
+        Column("PID", ("pid",)),
+        Column("THREADS", ("threads",)),
+    ],
+    "model_list": [
+        Column("ID", ("id",)),
+        Column("SIZE", ("size",)),
+        Column("QUANT", ("metadata.quantization", "metadata.file_type")),
+        Column("ARCH", ("metadata.architecture",)),
+        Column("PARAMS", ("metadata.parameters",)),
+    ],
+}
+
+
+def columns_for(operation: str | None, rows: list[dict]) -> list[Column]:
+    """The table layout of an operation's list; for others, every key in first-seen order."""
+    if operation in TABLES:
+        return TABLES[operation]
+    return [Column(key.upper(), (key,)) for key in dict.fromkeys(key for row in rows for key in row)]
+
+
+def render_table(rows: list[dict], columns: list[Column]) -> str:
+    """Left-aligned columns separated by two spaces, header first; no trailing blanks."""
+    cells = [[column.header for column in columns]]
+    cells += [[column.cell(row) for column in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in cells)
+
+
+def render_fields(record: dict, indent: str = "") -> str:
+    """`key: value` lines, values aligned; a nested object becomes an indented block."""
+    width = max((len(str(key)) for key in record), default=0) + 1
+    lines = []
+    for key, value in record.items():
+        if isinstance(value, dict) and value:
+            lines.append(f"{indent}{key}:")
+            lines.append(render_fields(value, indent + "  "))
+        else:
+            lines.append(f"{indent}{f'{key}:':<{width}} {format_field(str(key), value)}")
+    return "\n".join(lines)
+
+
+def render_result(operation: str | None, result: Any) -> str:
+    if isinstance(result, list) and all(isinstance(row, dict) for row in result):
+        return render_table(result, columns_for(operation, result))
+    if isinstance(result, dict):
+        return render_fields(result) if result else "{}"
+    return format_value(result)
+
+
+def progress_text(fields: dict, width: int | None = None) -> str:
+    """One progress report as text: percentage, MiB done/total, rate and ETA, as far as known.
+
+    With `width`, a bar fills what the line leaves of that many columns. Fields other than
+    done/total/rate (the daemon may add some) are shown first, as a label.
+    """
+    done, total, rate = fields.get("done"), fields.get("total"), fields.get("rate")
+    label = " ".join(format_value(v) for k, v in fields.items() if k not in ("done", "total", "rate"))
+    known_total = isinstance(total, int | float) and total > 0 and isinstance(done, int | float)
+    parts = []
+    if isinstance(done, int | float):
+        parts.append(f"{done / MIB:.1f}/{total / MIB:.1f} MiB" if known_total else f"{done / MIB:.1f} MiB")
+    if isinstance(rate, int | float):
+        parts.append(f"{rate / MIB:.1f} MiB/s")
+    if known_total:
+        remaining = max(total - done, 0)
+        if remaining == 0:
+            parts.append("done")
+        elif isinstance(rate, int | float) and rate > 0:
+            parts.append(f"ETA {format_duration(math.ceil(remaining / rate))}")
+        else:
+            parts.append("ETA --:--")
+    head = f"{label} " if label else ""
+    tail = "  ".join(parts)
+    if not known_total:
+        return (head + tail).rstrip()
+    fraction = min(max(done / total, 0.0), 1.0)
+    percent = f"{int(fraction * 100):3d}%"
+    if width is None:
+        return f"{head}{percent}  {tail}"
+    room = width - len(head) - len(percent) - len(tail) - 5  # " [" and "]  " around the bar
+    if room < 10:
+        return f"{head}{percent}  {tail}"[:width]
+    filled = int(fraction * room)
+    return f"{head}{percent} [{'#' * filled}{'.' * (room - filled)}]  {tail}"
+
+
+class ProgressDisplay:
+    """Progress reports on stderr: a bar redrawn in place on a terminal, sparse lines otherwise."""
+
+    def __init__(self, stream: TextIO, *, tty: bool, width: int = 80, clock: Callable[[], float] = time.monotonic):
+        self._stream = stream
+        self._tty = tty
+        self._width = width
+        self._clock = clock
+        self._interval = TTY_REDRAW_INTERVAL if tty else PLAIN_PROGRESS_INTERVAL
+        self._shown_at: float | None = None
+        self._pending: dict | None = None  # the latest report, when not yet shown
+        self._drawn = False  # a bar line is on screen, without its newline
+
+    def update(self, fields: dict) -> None:
+        now = self._clock()
+        complete = fields.get("total") is not None and fields.get("done") == fields.get("total")
+        if self._shown_at is not None and now - self._shown_at < self._interval and not complete:
+            self._pending = fields
+            return
+        self._show(fields, now)
+
+    def _show(self, fields: dict, now: float) -> None:
+        self._pending = None
+        self._shown_at = now
+        if self._tty:
+            self._stream.write("\r\x1b[K" + progress_text(fields, self._width - 1))
+            self._drawn = True
+        else:
+            self._stream.write(f"· {progress_text(fields)}\n")
+        self._stream.flush()
+
+    def clear(self) -> None:
+        """Take the bar off the line so that other text can be written there."""
+        if self._drawn:
+            self._stream.write("\r\x1b[K")
+            self._drawn = False
+            self._shown_at = None  # redraw on the next report
+
+    def finish(self) -> None:
+        """Show the last report if it was held back, and end the bar's line."""
+        if self._pending is not None:
+            self._show(self._pending, self._clock())
+        if self._drawn:
+            self._stream.write("\n")
+            self._stream.flush()
+            self._drawn = False
+        self._shown_at = None
+
+
+# -- the terminal and the views of a job's events ---------------------------------------------
+
+
+class Console:
+    """stdout for results and tokens; stderr for narration, progress and errors."""
+
+    def __init__(self, stdout: TextIO, stderr: TextIO, *, color: bool, tty: bool, width: int):
+        self.stdout = stdout
+        self.stderr = stderr
+        self._prefix = "\x1b[2m·\x1b[0m " if color else "· "
+        self.progress = ProgressDisplay(stderr, tty=tty, width=width)
+
+    @classmethod
+    def for_process(cls) -> Console:
+        tty = sys.stderr.isatty()
+        color = tty and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+        width = 0
+        if tty:
+            try:
+                width = os.get_terminal_size(sys.stderr.fileno()).columns
+            except OSError:
+                pass
+        width = width or 80  # a terminal that does not know its size says 0
+        return cls(sys.stdout, sys.stderr, color=color, tty=tty, width=width)
+
+    def note(self, message: str) -> None:
+        self.progress.clear()
+        self.stderr.write(f"{self._prefix}{message}\n")
+        self.stderr.flush()
+
+    def error(self, message: str) -> None:
+        self.progress.clear()
+        self.stderr.write(f"rbee: {message}\n")
+        self.stderr.flush()
+
+    def out(self, text: str) -> None:
+        self.stdout.write(text)
+        self.stdout.flush()
+
+
+def decode_data(data: str) -> Any:
+    try:
+        return msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return data
+
+
+class View:
+    """Receives a job's events one by one; `result` holds the operation's answer once seen."""
+
+    result: Any = None
+
+    def event(self, event: ServerSentEvent) -> None:
+        if event.event == "result":
+            self.result = decode_data(event.data)
+
+
+class JsonView(View):
+    """Each event as one JSON line on stdout: {"id", "event", "data"} (data decoded when JSON)."""
+
+    def __init__(self, console: Console):
+        self.console = console
+
+    def event(self, event: ServerSentEvent) -> None:
+        super().event(event)
+        event_id: int | str = int(event.id) if event.id.isdigit() else event.id
+        line = {"id": event_id or None, "event": event.event, "data": decode_data(event.data)}
+        self.console.out(msgspec.json.encode(line).decode() + "\n")
+
+
+class HumanView(View):
+    """Narration and progress on stderr; tokens and the rendered result on stdout."""
+
+    def __init__(self, console: Console, operation: str | None, clock: Callable[[], float] = time.monotonic):
+        self.console = console
+        self.operation = operation
+        self._clock = clock
+        self._started = clock()
+        self._tokens = 0
+        self._first_token_at: float | None = None
+        self._last_token_at: float | None = None
+
+    def event(self, event: ServerSentEvent) -> None:
+        super().event(event)
+        data = decode_data(event.data)
+        match event.event:
+            case "narration":
+                self.console.note(str(data.get("message", "")) if isinstance(data, dict) else str(data))
+            case "progress":
+                self.console.progress.update(data if isinstance(data, dict) else {"status": data})
+            case "token":
+                self._token(data)
+            case "result":
+                self.console.progress.finish()
+                if self.operation != "infer":
+                    self.console.out(render_result(self.operation, data) + "\n")
+            case "gap":
+                missed = f" (ids {data['missed_from']}-{data['missed_to']})" if isinstance(data, dict) else ""
+                self.console.note(f"some events were lost to the daemon's replay buffer{missed}")
+            case "end":
+                self.console.progress.finish()
+                if self.operation == "infer":
+                    self._finish_infer(ok=event.data == "[DONE]")
+            case _:
+                self.console.note(f"{event.event}: {format_value(data)}")
+
+    def _token(self, data: Any) -> None:
+        now = self._clock()
+        if self._first_token_at is None:
+            self._first_token_at = now
+        self._last_token_at = now
+        self._tokens += 1
+        self.console.out(data.get("t", "") if isinstance(data, dict) else str(data))
+
+    def _finish_infer(self, ok: bool) -> None:
+        answer = self.result if isinstance(self.result, dict) else {}
+        text = answer.get("text") if not self._tokens else None
+        if isinstance(text, str):
+            self.console.out(text)
+        if self._tokens or isinstance(text, str):
+            self.console.out("\n")
+        if ok:
+            self.console.note(self.infer_stats(answer))
+
+    def infer_stats(self, answer: dict) -> str:
+        """One line: tokens, time to first token, tokens/s; the daemon's figures where it gave them."""
+        tokens = answer.get("completion_tokens", self._tokens)
+        ttft_ms = answer.get("ttft_ms")
+        if ttft_ms is None and self._first_token_at is not None:
+            ttft_ms = (self._first_token_at - self._started) * 1000
+        rate = answer.get("tokens_per_s")
+        if rate is None and self._tokens > 1 and self._last_token_at > self._first_token_at:
+            rate = (self._tokens - 1) / (self._last_token_at - self._first_token_at)
+        parts = [f"{tokens} tokens"]
+        if ttft_ms is not None:
+            parts.append(f"ttft {ttft_ms:.0f} ms")
+        if rate is not None:
+            parts.append(f"{rate:.1f} tok/s")
+        if reason := answer.get("finish_reason"):
+            parts.append(f"finish: {reason}")
+        return ", ".join(parts)
+
+
+# -- talking to the daemon --------------------------------------------------------------------
+
+
+def _server_message(response) -> str:
+    body = response.content or b""
+    try:
+        decoded = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        decoded = None
+    if isinstance(decoded, dict) and isinstance(decoded.get("error"), str):
+        return decoded["error"]
+    return body.decode(errors="replace").strip() or f"HTTP {response.status}"
+
+
+class Session:
+    """One daemon address: creates jobs, follows their streams, cancels them."""
+
+    def __init__(self, address: str):
+        self.address = address
+        try:
+            # Streams stay open as long as their job runs: plain requests are bounded by REQUEST_TIMEOUT.
+            self.client = Client(address, connect_timeout=CONNECT_TIMEOUT, read_timeout=None)
+        except HTTPError as exc:
+            raise CliError(f"--url/RBEE_URL: {exc}", EXIT_USAGE) from None
+
+    def unreachable(self, problem: Exception | str) -> CliError:
+        reason = str(problem).removeprefix(f"cannot connect to {self.address}: ")
+        hint = "start it with `systemctl start rbeed` (or `systemctl --user start rbeed`), or run `rbeed serve`"
+        return CliError(f"cannot reach the rbeed daemon at {self.address}: {reason}\n  hint: {hint}", EXIT_UNREACHABLE)
+
+    async def request(self, method: str, path: str, body: bytes | None = None, timeout: float = REQUEST_TIMEOUT):
+        try:
+            with trio.fail_after(timeout):
+                headers = {"content-type": "application/json"} if body is not None else None
+                return await self.client.request(method, path, body=body, headers=headers)
+        except (ConnectError, HTTPTimeout) as exc:
+            raise self.unreachable(exc) from None
+        except trio.TooSlowError:
+            raise self.unreachable(f"no answer to {method} {path} within {timeout:g} s") from None
+        except HTTPError as exc:
+            raise CliError(str(exc)) from None
+
+    async def create(self, payload: bytes) -> str:
+        response = await self.request("POST", "/v1/jobs", payload)
+        if response.status == 400:
+            raise CliError(_server_message(response), EXIT_USAGE)
+        if response.status != 201:
+            raise CliError(f"the daemon refused the job: {_server_message(response)}")
+        try:
+            return response.json()["job_id"]
+        except (HTTPError, KeyError, TypeError):
+            raise CliError(f"unexpected answer to POST /v1/jobs: {response.content[:200]!r}") from None
+
+    async def follow(self, job_id: str, view: View) -> str:
+        """Hand the job's events to `view` until its end event; return the end event's data.
+
+        A stream that drops before the end is resumed from the last event id seen, once per drop.
+        """
+        last_id = ""
+        reconnect = False
+        while True:
+            headers = {"last-event-id": last_id} if last_id else None
+            try:
+                async with self.client.stream("GET", f"/v1/jobs/{job_id}/stream", headers=headers) as response:
+                    if response.status != 200:
+                        await response.aread()
+                        raise CliError(f"cannot follow job {job_id}: {_server_message(response)}")
+                    async for event in response.aiter_sse():
+                        reconnect = False  # the stream moved on: a later drop gets its own retry
+                        last_id = event.id or last_id
+                        view.event(event)
+                        if event.event == "end":
+                            return event.data
+                problem: Exception | str = "the stream ended before the job did"
+            except HTTPError as exc:
+                if isinstance(exc, ConnectError | HTTPTimeout) and reconnect:
+                    raise self.unreachable(exc) from None
+                problem = exc
+            if reconnect:
+                raise CliError(f"lost the event stream of job {job_id}: {problem}")
+            reconnect = True
+            await trio.sleep(RECONNECT_DELAY)
+
+    async def cancel(self, job_id: str, console: Console) -> None:
+        """DELETE the job, shielded from the cancellation that got us here and bounded in time."""
+        with trio.CancelScope(shield=True):
+            try:
+                response = await self.request("DELETE", f"/v1/jobs/{job_id}", timeout=CANCEL_TIMEOUT)
+            except CliError as exc:
+                console.error(f"could not cancel job {job_id}: {exc}")
+                return
+        if response.status == 200:
+            console.error(f"cancelled job {job_id}")
+        else:
+            console.error(f"could not cancel job {job_id}: {_server_message(response)}")
+
+    async def run(self, payload: bytes, view: View, console: Console) -> int:
+        """Create a job, follow it to its end (Ctrl-C cancels it) and return rbee's exit status."""
+        job_id = await self.create(payload)
+        with trio.open_signal_receiver(signal.SIGINT) as interrupts:
+            with trio.CancelScope() as following:
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(_cancel_on_signal, interrupts, following)
+                        end = await self.follow(job_id, view)
+                        nursery.cancel_scope.cancel()
+                except* CliError as group:  # the nursery is a detail: raise the error itself
+                    raise _first_leaf(group) from None
+            if following.cancelled_caught:
+                await self.cancel(job_id, console)
+                return EXIT_CANCELLED
+        if end == "[DONE]":
+            return EXIT_OK
+        if end == "[CANCELLED]":
+            console.error(f"job {job_id} was cancelled")
+            return EXIT_CANCELLED
+        raise CliError(end.removeprefix("[ERROR]").strip() or f"job {job_id} failed")
+
+
+async def _cancel_on_signal(interrupts, scope: trio.CancelScope) -> None:
+    async for _ in interrupts:
+        scope.cancel()
+        return
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def daemon_address(args: argparse.Namespace) -> str:
+    """--url, --socket, $RBEE_URL, then the daemon's default socket."""
+    if args.url:
+        return args.url
+    if args.socket:
+        return f"unix:{os.path.abspath(args.socket)}"
+    return os.environ.get("RBEE_URL") or f"unix:{default_runtime_dir() / 'rbeed.sock'}"
+
+
+def build_payload(args: argparse.Namespace) -> dict:
+    """The operation of a subcommand, with the options the user gave (the daemon fills defaults)."""
+    fields = {name: value for name in args.fields if (value := getattr(args, name)) is not None}
+    return {"operation": args.operation, **fields}
+
+
+async def choose_model(session: Session, console: Console) -> str | None:
+    """For infer without --model: $RBEE_MODEL, else the only model the daemon has.
+
+    None when the listing was interrupted (run() has cancelled it and said so).
+    """
+    if model := os.environ.get("RBEE_MODEL"):
+        return model
+    listing = View()
+    try:
+        status = await session.run(b'{"operation":"model_list"}', listing, console)
+    except CliError as exc:
+        if exc.code != EXIT_FAILED:
+            raise
+        raise CliError(f"no --model given and RBEE_MODEL is not set; listing the models failed: {exc}") from None
+    if status != EXIT_OK:
+        return None
+    models = listing.result if isinstance(listing.result, list) else []
+    ids = [str(model.get("id")) for model in models if isinstance(model, dict)]
+    if len(ids) == 1:
+        return ids[0]
+    found = f"the daemon has {len(ids)} models" + (f" ({', '.join(ids)})" if ids else "")
+    raise CliError(f"no --model given and RBEE_MODEL is not set; {found}: pick one with --model", EXIT_USAGE)
+
+
+async def run_command(args: argparse.Namespace, console: Console) -> int:
+    session = Session(daemon_address(args))
+    async with session.client:
+        if args.operation == "submit":
+            raw = sys.stdin.read() if args.payload == "-" else args.payload
+            decoded = decode_data(raw)
+            operation = decoded.get("operation") if isinstance(decoded, dict) else None
+            body = raw.encode()
+        else:
+            payload = build_payload(args)
+            if args.operation == "infer" and "model" not in payload:
+                model = await choose_model(session, console)
+                if model is None:
+                    return EXIT_CANCELLED
+                payload["model"] = model
+            operation = args.operation
+            body = msgspec.json.encode(payload)
+        view = JsonView(console) if args.json else HumanView(console, operation)
+        return await session.run(body, view, console)
+
+
+Argument = tuple[tuple[str, ...], dict]
+
+
+def _arg(*flags: str, **options: Any) -> Argument:
+    return flags, options
+
+
+def _default(operation: type[msgspec.Struct], field: str) -> str:
+    """`(default X)` from the payload struct, so that help shows what the daemon will use."""
+    [default] = [f.default for f in msgspec.structs.fields(operation) if f.name == field]
+    return f"(default {format_value(default)})"
+
+
+_HIVE = _arg("--hive", dest="hive_id", metavar="ID", help="the hive to act on (default: localhost)")
+
+
+def _global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """--url/--socket/--json, accepted before and after the command (`defaults` only at the top)."""
+    default = {} if defaults else {"default": argparse.SUPPRESS}
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--url", help="daemon address: http://HOST:PORT or unix:/PATH (env RBEE_URL)", **default)
+    where.add_argument("--socket", metavar="PATH", help="daemon Unix socket (default: the daemon's own default)", **default)
+    parser.add_argument("--json", action="store_true", help="print every event as one JSON line", **default)
+
+
+def _command(sub, name: str, operation: str, help: str, *arguments: Argument) -> argparse.ArgumentParser:
+    """A subcommand that sends `operation`; each argument's dest is a payload field."""
+    parser = sub.add_parser(name, help=help, description=help)
+    fields = [parser.add_argument(*flags, **options).dest for flags, options in arguments]
+    _global_options(parser, defaults=False)
+    parser.set_defaults(operation=operation, fields=tuple(fields))
+    return parser
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rbee",
+        description="Client of the rbeed daemon: runs each command as a job and follows its events.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit status: 0 done, 1 job failed, 2 usage error or payload refused,\n"
+        "  3 daemon unreachable, 130 cancelled (Ctrl-C cancels the job)\n"
+        "environment: RBEE_URL (daemon address), RBEE_MODEL (infer's default model), NO_COLOR",
+    )
+    parser.add_argument("--version", action="version", version=f"rbee {__version__}")
+    _global_options(parser, defaults=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    submit = commands.add_parser("submit", help="create any job from its JSON payload and follow it")
+    submit.add_argument("payload", metavar="JSON", help='e.g. \'{"operation": "hive_list"}\'; "-" reads stdin')
+    _global_options(submit, defaults=False)
+    submit.set_defaults(operation="submit")
+
+    hive = commands.add_parser("hive", help="manage hives (machines running rbeed)").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    by_id = _arg("id", metavar="ID")
+    _command(hive, "list", "hive_list", "list hives with their health")
+    _command(hive, "get", "hive_get", "show one hive", by_id)
+    _command(hive, "create", "hive_create", "register a remote hive",
+             _arg("host", metavar="HOST"),
+             _arg("--id", help="hive id (default: derived from HOST)"),
+             _arg("--port", type=int, help=f"rbeed port on HOST {_default(HiveCreate, 'port')}"),
+             _arg("--ssh-host", dest="ssh_host", metavar="H", help="ssh destination for start/stop"))  # fmt: skip
+    _command(hive, "update", "hive_update", "change a remote hive", by_id,
+             _arg("--host"), _arg("--port", type=int), _arg("--ssh-host", dest="ssh_host", metavar="H"))  # fmt: skip
+    _command(hive, "delete", "hive_delete", "forget a remote hive", by_id)
+    for action in ("start", "stop"):
+        _command(hive, action, f"hive_{action}", f"{action} rbeed on a hive",
+                 _arg("hive_id", metavar="ID", nargs="?", help="hive id (default: localhost)"))  # fmt: skip
+
+    model = commands.add_parser("model", help="manage models on a hive").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    _command(model, "download", "model_download", "download a GGUF model (path, URL or hf:owner/repo/file)",
+             _arg("model", metavar="SOURCE"), _arg("--sha256", metavar="HEX", help="expected sha256"), _HIVE)  # fmt: skip
+    _command(model, "list", "model_list", "list models", _HIVE)
+    _command(model, "get", "model_get", "show one model", by_id, _HIVE)
+    _command(model, "delete", "model_delete", "delete a model", by_id, _HIVE)
+
+    worker = commands.add_parser("worker", help="manage workers on a hive").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    _command(worker, "spawn", "worker_spawn", "start a worker serving a model",
+             _arg("model", metavar="MODEL"),
+             _arg("--worker", choices=["cpu", "cuda", "metal"], help=f"backend {_default(WorkerSpawn, 'worker')}"),
+             _arg("--device", type=int, metavar="N", help=f"device index {_default(WorkerSpawn, 'device')}"), _HIVE)  # fmt: skip
+    _command(worker, "list", "worker_list", "list workers", _HIVE)
+    _command(worker, "get", "worker_get", "show one worker", by_id, _HIVE)
+    _command(worker, "delete", "worker_delete", "stop and remove a worker", by_id, _HIVE)
+
+    _command(commands, "infer", "infer", "generate text; tokens are printed as they arrive",
+             _arg("prompt", metavar="PROMPT"),
+             _arg("--model", metavar="ID", help="model id (default: $RBEE_MODEL, else the only model)"),
+             _arg("--max-tokens", dest="max_tokens", type=int, metavar="N",
+                  help=f"tokens to generate at most {_default(Infer, 'max_tokens')}"),
+             _arg("--temperature", type=float, metavar="F", help=f"sampling temperature {_default(Infer, 'temperature')}"),
+             _arg("--top-p", dest="top_p", type=float, metavar="F", help=f"nucleus sampling mass {_default(Infer, 'top_p')}"),
+             _arg("--top-k", dest="top_k", type=int, metavar="N", help=f"sample among the K likeliest tokens, 0 = all {_default(Infer, 'top_k')}"),
+             _arg("--seed", type=int, metavar="N", help="sampling seed (default: random)"),
+             _arg("--stop", action="append", metavar="S", help="stop string (repeatable)"),
+             _arg("--device", metavar="D", help="cpu, cuda, cuda:N or metal"),
+             _arg("--worker-id", dest="worker_id", metavar="ID", help="use this worker"),
+             _arg("--no-stream", dest="stream", action="store_const", const=False,
+                  help="print the text only when it is complete"),
+             _arg("--keep-alive", dest="keep_alive", type=float, metavar="SECONDS",
+                  help="keep the worker this long after the job (0 unload, -1 forever)"),
+             _HIVE)  # fmt: skip
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.url and args.socket:  # one given before the command, the other after it
+        parser.error("argument --socket: not allowed with argument --url")
+    console = Console.for_process()
+    status = EXIT_FAILED
+    try:
+        status = trio.run(run_command, args, console)
+    except* CliError as group:
+        error = _first_leaf(group)
+        console.progress.finish()
+        console.error(f"error: {error}")
+        status = error.code
+    except* KeyboardInterrupt:  # Ctrl-C outside of following a job: no job to cancel
+        console.error("interrupted")
+        status = EXIT_CANCELLED
+    except* BrokenPipeError:  # e.g. `rbee model list | head -1`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

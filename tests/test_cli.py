@@ -1,0 +1,681 @@
+"""The `rbee` CLI as a real subprocess: against the real daemon, and against a scripted job API server."""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import os
+import pty
+import re
+import signal
+import socket
+import subprocess
+import struct
+import sys
+import termios
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import trio
+
+import tinymodel
+from httpfixture import RecordedRequest, Reply, serve_files
+from rbeed import cli
+from rbeed.httpclient import ServerSentEvent
+from support import ROOT, SLOW_HIVE, SLOW_JOB, Daemon, slow_hive_config, start_daemon
+
+TIMEOUT = 30  # bound on any one CLI run; they take well under a second each
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The test's environment without the CLI's own variables, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RBEE_URL", "RBEE_MODEL", "RUNTIME_DIRECTORY")}
+    return env | {"PYTHONPATH": str(ROOT)} | extra
+
+
+def argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "rbeed.cli", *args]
+
+
+def rbee(daemon: Daemon | None, *args: str, env: dict[str, str] | None = None, stdin: str | None = None):
+    """Run rbee to its end against the daemon's Unix socket (the daemon is another process)."""
+    where = ("--socket", str(daemon.socket_path)) if daemon else ()
+    return subprocess.run(argv(*where, *args), capture_output=True, text=True, input=stdin,
+                          timeout=TIMEOUT, env=env or cli_env(), cwd=ROOT)  # fmt: skip
+
+
+async def arbee(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run rbee to its end while this test's trio loop keeps serving (scripted servers)."""
+    with trio.fail_after(TIMEOUT):
+        done = await trio.run_process(argv(*args), capture_stdout=True, capture_stderr=True, check=False,
+                                      env=env or cli_env(), cwd=ROOT)  # fmt: skip
+    return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode())
+
+
+def fields_of(text: str) -> dict[str, str]:
+    """`key: value` lines back into a dict (top level only)."""
+    return dict(line.split(":", 1) for line in text.splitlines() if not line.startswith(" "))
+
+
+def table_of(text: str) -> list[dict[str, str]]:
+    """An aligned table back into rows keyed by header (cells hold no spaces in these tests)."""
+    header, *rows = [line.split() for line in text.splitlines()]
+    return [dict(zip(header, row)) for row in rows]
+
+
+def stripped(fields: dict[str, str]) -> dict[str, str]:
+    return {k.strip(): v.strip() for k, v in fields.items()}
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+@pytest.fixture
+def slow_daemon(tmp_path):
+    """A daemon whose remote hive_start narrates a line, then runs until cancelled."""
+    d = start_daemon(tmp_path / "slow", config=slow_hive_config())
+    yield d
+    d.stop()
+
+
+# -- against the real daemon ------------------------------------------------------------------
+
+
+def test_hive_list_over_the_socket_tcp_and_rbee_url(shared_daemon):
+    by_socket = rbee(shared_daemon, "hive", "list")
+    by_url = rbee(None, "--url", shared_daemon.url, "hive", "list")
+    by_env = rbee(None, "hive", "list", env=cli_env(RBEE_URL=shared_daemon.url))
+    for done in (by_socket, by_url, by_env):
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines()[0].split() == ["ID", "HOST", "PORT", "ONLINE", "VERSION"]
+        rows = {row["ID"]: row for row in table_of(done.stdout)}
+        assert rows["localhost"] == {"ID": "localhost", "HOST": "localhost", "PORT": "-", "ONLINE": "yes", "VERSION": "0.1.0"}
+        assert re.search(r"^· \d+ hive\(s\)$", done.stderr, re.M), done.stderr
+
+
+def test_hive_create_get_update_delete_round_trip(shared_daemon):
+    # The new hive points at the daemon itself, so its health check answers.
+    port = str(shared_daemon.port)
+    created = rbee(shared_daemon, "hive", "create", "127.0.0.1", "--id", "peer", "--port", port, "--ssh-host", "box")
+    assert created.returncode == 0, created.stderr
+    assert stripped(fields_of(created.stdout)) == {
+        "id": "peer", "host": "127.0.0.1", "port": port, "ssh_host": "box", "local": "no", "online": "yes",
+        "version": "0.1.0",
+    }  # fmt: skip
+    assert f"· hive peer registered at 127.0.0.1:{port}\n" in created.stderr
+    # Values line up after the longest key.
+    assert "ssh_host: box\n" in created.stdout and "id:       peer\n" in created.stdout
+
+    rows = {row["ID"]: row for row in table_of(rbee(shared_daemon, "hive", "list").stdout)}
+    assert rows["peer"] == {"ID": "peer", "HOST": "127.0.0.1", "PORT": port, "ONLINE": "yes", "VERSION": "0.1.0"}
+
+    updated = rbee(shared_daemon, "hive", "update", "peer", "--port", "9")  # nothing listens on port 9
+    assert updated.returncode == 0, updated.stderr
+    fields = stripped(fields_of(updated.stdout))
+    assert (fields["port"], fields["online"], fields["ssh_host"]) == ("9", "no", "box")
+    assert "connection refused" in fields["error"]
+    assert "· hive peer updated: port\n" in updated.stderr
+
+    got = rbee(shared_daemon, "hive", "get", "peer")
+    assert stripped(fields_of(got.stdout))["port"] == "9"
+
+    deleted = rbee(shared_daemon, "hive", "delete", "peer")
+    assert (deleted.returncode, stripped(fields_of(deleted.stdout))) == (0, {"id": "peer", "deleted": "yes"})
+    gone = rbee(shared_daemon, "hive", "get", "peer")
+    assert (gone.returncode, gone.stdout) == (1, "")
+    assert gone.stderr == "rbee: error: unknown hive 'peer'\n"
+
+
+def test_json_prints_each_event_as_a_json_line(shared_daemon):
+    for args in (["--json", "hive", "get", "localhost"], ["hive", "start", "--json"]):
+        done = rbee(shared_daemon, *args)
+        assert done.returncode == 0, done.stderr
+        events = json_lines(done.stdout)
+        assert events[-1] == {"id": len(events), "event": "end", "data": "[DONE]"}
+        assert [e["id"] for e in events] == list(range(1, len(events) + 1))
+        [result] = [e["data"] for e in events if e["event"] == "result"]
+        assert result["id"] == "localhost" and result["local"] is True
+        assert done.stderr == ""  # narration is an event like any other: on stdout, as JSON
+
+
+def test_submit_sends_any_payload_and_a_refused_one_exits_2(shared_daemon):
+    done = rbee(shared_daemon, "submit", '{"operation": "hive_get", "id": "localhost"}')
+    assert done.returncode == 0, done.stderr
+    assert stripped(fields_of(done.stdout))["id"] == "localhost"
+    from_stdin = rbee(shared_daemon, "submit", "-", stdin='{"operation": "hive_list"}')
+    assert from_stdin.returncode == 0 and from_stdin.stdout.startswith("ID "), from_stdin.stderr
+
+    for payload, message in [
+        ('{"operation": "nope"}', "Invalid value 'nope' - at `$.operation`; valid operations: hive_start"),
+        ('{"operation": "hive_list", "extra": 1}', "Object contains unknown field `extra`"),
+        ("{not json", "malformed JSON"),
+    ]:
+        refused = rbee(shared_daemon, "submit", payload)
+        assert refused.returncode == 2, refused
+        assert refused.stderr.startswith(f"rbee: error: {message}"), refused.stderr
+        assert refused.stdout == ""
+    # Options the daemon rejects are refused the same way, with the daemon's message.
+    bad_port = rbee(shared_daemon, "hive", "create", "example.org", "--port", "70000")
+    assert bad_port.returncode == 2 and "Expected `int` <= 65535 - at `$.port`" in bad_port.stderr
+
+
+def test_a_failed_job_exits_1_with_its_message(shared_daemon):
+    done = rbee(shared_daemon, "hive", "get", "nosuch")
+    assert (done.returncode, done.stdout, done.stderr) == (1, "", "rbee: error: unknown hive 'nosuch'\n")
+    as_json = rbee(shared_daemon, "--json", "hive", "delete", "localhost")
+    assert as_json.returncode == 1
+    assert json_lines(as_json.stdout)[-1]["data"] == "[ERROR] hive 'localhost' is this daemon and cannot be deleted"
+    assert as_json.stderr == "rbee: error: hive 'localhost' is this daemon and cannot be deleted\n"
+
+
+def test_unreachable_daemon_exits_3_naming_where_it_looked(tmp_path):
+    missing = tmp_path / "nothing.sock"
+    done = rbee(None, "--socket", str(missing), "hive", "list")
+    assert done.returncode == 3 and done.stdout == ""
+    assert done.stderr.startswith(f"rbee: error: cannot reach the rbeed daemon at unix:{missing}: ")
+    assert "no such file or directory" in done.stderr
+    assert "systemctl start rbeed" in done.stderr and "rbeed serve" in done.stderr
+
+    # Without --socket/--url/RBEE_URL: the daemon's default socket under $XDG_RUNTIME_DIR.
+    default = rbee(None, "model", "list", env=cli_env(XDG_RUNTIME_DIR=str(tmp_path)))
+    assert default.returncode == 3
+    assert f"unix:{tmp_path / 'rbeed' / 'rbeed.sock'}" in default.stderr
+
+    with socket.socket() as bound:  # bound, not listening: connections are refused
+        bound.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{bound.getsockname()[1]}"
+        refused = rbee(None, "--url", url, "hive", "list")
+    assert refused.returncode == 3
+    assert f"cannot reach the rbeed daemon at {url}" in refused.stderr and "connection refused" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "the following arguments are required: COMMAND"),
+        (["hive"], "the following arguments are required: ACTION"),
+        (["hive", "get"], "the following arguments are required: ID"),
+        (["--url", "http://a:1", "--socket", "/s", "hive", "list"], "argument --socket: not allowed with argument --url"),
+        (["--url", "http://a:1", "hive", "list", "--socket", "/s"], "argument --socket: not allowed with argument --url"),
+        (["--url", "ftp://host", "hive", "list"], "expected http://, https:// or unix:"),
+        (["worker", "spawn", "m", "--worker", "tpu"], "invalid choice: 'tpu'"),
+        (["infer", "hi", "--max-tokens", "many"], "invalid int value: 'many'"),
+    ],
+)
+def test_usage_errors_exit_2(args, message, capsys):
+    try:
+        status = cli.main(args)
+    except SystemExit as exit:  # argparse's own errors
+        status = exit.code
+    assert status == 2
+    assert message in capsys.readouterr().err
+
+
+async def test_ctrl_c_cancels_the_job_and_exits_130(slow_daemon):
+    created = await arbee("--socket", str(slow_daemon.socket_path), "submit", json.dumps(SLOW_HIVE))
+    assert created.returncode == 0, created.stderr
+    process = await trio.lowlevel.open_process(
+        argv("--socket", str(slow_daemon.socket_path), "hive", "start", SLOW_JOB["hive_id"]),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=cli_env(), cwd=ROOT,
+    )  # fmt: skip
+    try:
+        with trio.fail_after(TIMEOUT):
+            # "· $ <command>", then the first line the command printed: the job is running.
+            seen = await read_until(process.stderr, lambda text: re.search(r"^· [^$].*\n", text, re.M))
+            process.send_signal(signal.SIGINT)
+            while chunk := await process.stderr.receive_some():
+                seen += chunk.decode()
+            assert await process.wait() == 130
+    finally:
+        process.kill()
+    [job_id] = re.findall(r"^rbee: cancelled job (job-\S+)$", seen, re.M)
+
+    async with slow_daemon.client() as client:
+        jobs = (await client.request("GET", "/v1/jobs")).json()
+        assert [job["job_id"] for job in jobs if job["operation"] == "hive_start"] == [job_id]
+        async with client.stream("GET", f"/v1/jobs/{job_id}/stream") as replay:
+            events = [event async for event in replay.aiter_sse()]
+        assert events[-1].data == "[CANCELLED]"
+        status = (await client.request("GET", f"/v1/jobs/{job_id}")).json()
+    assert status["state"] == "cancelled"
+
+
+async def read_until(stream: trio.abc.ReceiveStream, found: Callable[[str], object]) -> str:
+    seen = ""
+    while not found(seen):
+        chunk = await stream.receive_some()
+        if not chunk:
+            raise AssertionError(f"stream ended; read so far: {seen!r}")
+        seen += chunk.decode()
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("args", "operation", "error"),
+    [
+        (["model", "download", "/nonexistent/x.gguf", "--sha256", "ab" * 32], "model_download", "No such file"),
+        (["model", "get", "nosuch"], "model_get", "unknown model 'nosuch'"),
+        (["model", "delete", "nosuch"], "model_delete", "unknown model 'nosuch'"),
+        (["model", "list", "--hive", "elsewhere"], "model_list", "unknown hive 'elsewhere'"),
+        (["worker", "spawn", "nosuch", "--worker", "cpu", "--device", "0"], "worker_spawn", "unknown model 'nosuch'"),
+        (["worker", "get", "nosuch"], "worker_get", "unknown worker 'nosuch'"),
+        (["worker", "delete", "nosuch"], "worker_delete", "unknown worker 'nosuch'"),
+        (["worker", "list", "--hive", "elsewhere"], "worker_list", "unknown hive 'elsewhere'"),
+        (["infer", "hi", "--model", "nosuch", "--max-tokens", "3", "--temperature", "0.5", "--top-p", "0.9",
+          "--top-k", "5", "--seed", "7", "--stop", ".", "--stop", "!", "--device", "cpu", "--no-stream",
+          "--keep-alive", "0"], "infer", "unknown model 'nosuch'"),  # fmt: skip
+    ],
+)
+def test_model_worker_and_infer_payloads_are_accepted_and_their_errors_reported(shared_daemon, args, operation, error):
+    done = rbee(shared_daemon, "--json", *args)
+    assert done.returncode == 1, done
+    end = json_lines(done.stdout)[-1]
+    assert end["event"] == "end" and end["data"].startswith("[ERROR] ") and error in end["data"], end
+    assert done.stderr == f"rbee: error: {end['data'].removeprefix('[ERROR] ')}\n"
+
+
+def test_model_download_list_infer_and_worker_commands_on_a_real_model(daemon, tmp_path):
+    model_path = tinymodel.write_tiny_model(tmp_path / "tiny.gguf")
+    downloaded = rbee(daemon, "model", "download", str(model_path))
+    assert downloaded.returncode == 0, downloaded.stderr
+    fields = stripped(fields_of(downloaded.stdout))
+    assert (fields["id"], fields["size"]) == ("tiny", "475.0 KiB")
+    assert "  architecture:   llama\n" in downloaded.stdout  # metadata, indented under its key
+    # stderr is no terminal: progress comes as plain lines
+    assert re.search(r"^· 100%  0\.5/0\.5 MiB  [\d.]+ MiB/s  done$", downloaded.stderr, re.M), downloaded.stderr
+
+    listed = rbee(daemon, "model", "list").stdout.splitlines()
+    assert listed[0].split() == ["ID", "SIZE", "QUANT", "ARCH", "PARAMS"]
+    assert listed[1].split() == ["tiny", "475.0", "KiB", "ALL_F32", "llama", "118K"]
+
+    # No --model and no RBEE_MODEL: the only model there is.
+    inferred = rbee(daemon, "infer", "Once upon a time", "--seed", "3", "--max-tokens", "6")
+    assert inferred.returncode == 0, inferred.stderr
+    assert len(inferred.stdout) > 1 and inferred.stdout.endswith("\n") and inferred.stdout.count("\n") == 1
+    assert re.search(r"^· 6 tokens, ttft \d+ ms, [\d.]+ tok/s, finish: length$", inferred.stderr, re.M), inferred.stderr
+    again = rbee(daemon, "infer", "Once upon a time", "--seed", "3", "--max-tokens", "6", "--no-stream",
+                 env=cli_env(RBEE_MODEL="tiny"))  # fmt: skip
+    assert again.stdout == inferred.stdout  # same seed, same text, whether streamed or not
+
+    [worker] = table_of(rbee(daemon, "worker", "list").stdout)
+    assert (worker["MODEL"], worker["DEVICE"], worker["STATE"]) == ("tiny", "cpu", "ready")
+    deleted = rbee(daemon, "worker", "delete", worker["ID"])
+    assert deleted.returncode == 0 and stripped(fields_of(deleted.stdout))["id"] == worker["ID"]
+    removed = rbee(daemon, "model", "delete", "tiny")
+    assert removed.returncode == 0 and stripped(fields_of(removed.stdout)) == {"id": "tiny", "deleted": "yes"}
+
+
+# -- against a scripted job API: exact payloads, token streaming, reconnects, the progress bar --
+
+
+def sse(event_id: int | None, event: str, data) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data)
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {text}\n\n".encode()
+
+
+Script = Callable[[RecordedRequest], Reply]  # what one job's stream answers
+
+
+class ScriptedAPI:
+    """POST /v1/jobs records each payload and answers job-1, job-2, ...; each job's stream plays `scripts`."""
+
+    def __init__(self, server, scripts: list[Script]):
+        self.server = server
+        self.scripts = scripts
+        self.payloads: list[dict] = []
+        server.routes["/v1/jobs"] = self._create
+
+    async def _create(self, request: RecordedRequest) -> Reply:
+        self.payloads.append(json.loads(request.body))
+        job_id = f"job-{len(self.payloads)}"
+        script = self.scripts[len(self.payloads) - 1]
+
+        async def stream(request: RecordedRequest) -> Reply:
+            return script(request)
+
+        self.server.routes[f"/v1/jobs/{job_id}/stream"] = stream
+        body = json.dumps({"job_id": job_id, "sse_url": f"/v1/jobs/{job_id}/stream"}).encode()
+        return Reply(201, {"content-type": "application/json"}, body)
+
+    @property
+    def url(self) -> str:
+        return self.server.base_url
+
+
+def events_reply(body: bytes | AsyncIterator[bytes], **faults) -> Reply:
+    return Reply(200, {"content-type": "text/event-stream"}, body, **faults)
+
+
+def play(*events: bytes) -> Script:
+    return lambda request: events_reply(b"".join(events))
+
+
+RESULT = {"model": "m", "prompt_tokens": 3, "completion_tokens": 2, "finish_reason": "stop",
+          "ttft_ms": 12.5, "tokens_per_s": 40.0}  # fmt: skip
+
+
+async def test_infer_prints_tokens_as_they_arrive_and_sends_every_option():
+    release = trio.Event()
+
+    async def tokens() -> AsyncIterator[bytes]:
+        yield sse(1, "narration", {"message": "loading m"}) + sse(2, "token", {"t": "Hel", "i": 0})
+        await release.wait()  # the rest comes only once the test saw "Hel" on rbee's stdout
+        yield sse(3, "token", {"t": "lo", "i": 1}) + sse(4, "result", RESULT) + sse(5, "end", "[DONE]")
+
+    async with serve_files() as server:
+        api = ScriptedAPI(server, [lambda request: events_reply(tokens())])
+        process = await trio.lowlevel.open_process(
+            argv("--url", api.url, "infer", "Say hi", "--model", "m", "--max-tokens", "3", "--temperature", "0",
+                 "--top-p", "0.5", "--top-k", "2", "--seed", "9", "--stop", "\n", "--stop", "END", "--device",
+                 "cuda:1", "--worker-id", "w-1", "--keep-alive", "-1", "--hive", "localhost"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), cwd=ROOT,
+        )  # fmt: skip
+        try:
+            with trio.fail_after(TIMEOUT):
+                first = await read_until(process.stdout, lambda text: "Hel" in text)
+                assert first == "Hel" and process.poll() is None
+                release.set()
+                rest = await read_until(process.stdout, lambda text: text.endswith("\n"))
+                stderr = await read_until(process.stderr, lambda text: "tok/s" in text)
+                assert await process.wait() == 0
+        finally:
+            process.kill()
+    assert first + rest == "Hello\n"
+    assert stderr == "· loading m\n· 2 tokens, ttft 12 ms, 40.0 tok/s, finish: stop\n"
+    assert api.payloads == [{
+        "operation": "infer", "prompt": "Say hi", "model": "m", "max_tokens": 3, "temperature": 0.0, "top_p": 0.5,
+        "top_k": 2, "seed": 9, "stop": ["\n", "END"], "device": "cuda:1", "worker_id": "w-1", "keep_alive": -1.0,
+        "hive_id": "localhost",
+    }]  # fmt: skip
+
+
+async def test_infer_without_model_uses_rbee_model_or_the_only_listed_model():
+    listing = lambda *ids: play(sse(1, "result", [{"id": i} for i in ids]), sse(2, "end", "[DONE]"))  # noqa: E731
+    answer = play(sse(1, "result", RESULT | {"text": "whole text"}), sse(2, "end", "[DONE]"))
+    async with serve_files() as server:
+        from_env = ScriptedAPI(server, [answer])
+        done = await arbee("--url", server.base_url, "infer", "p", "--no-stream", env=cli_env(RBEE_MODEL="env-model"))
+        assert (done.returncode, done.stdout) == (0, "whole text\n"), done.stderr
+        assert from_env.payloads == [{"operation": "infer", "prompt": "p", "stream": False, "model": "env-model"}]
+
+        only = ScriptedAPI(server, [listing("solo"), answer])
+        done = await arbee("--url", server.base_url, "infer", "p")
+        assert done.returncode == 0, done.stderr
+        assert only.payloads == [{"operation": "model_list"}, {"operation": "infer", "prompt": "p", "model": "solo"}]
+
+        several = ScriptedAPI(server, [listing("a", "b")])
+        done = await arbee("--url", server.base_url, "infer", "p")
+        assert done.returncode == 2
+        assert "the daemon has 2 models (a, b): pick one with --model" in done.stderr
+        assert several.payloads == [{"operation": "model_list"}]
+
+
+async def test_commands_send_the_payloads_of_their_operations():
+    cases = [
+        (["hive", "create", "h.example", "--id", "h", "--port", "9000", "--ssh-host", "admin@h"],
+         {"operation": "hive_create", "host": "h.example", "id": "h", "port": 9000, "ssh_host": "admin@h"}),
+        (["hive", "update", "h", "--host", "h2"], {"operation": "hive_update", "id": "h", "host": "h2"}),
+        (["hive", "start"], {"operation": "hive_start"}),
+        (["hive", "stop", "h"], {"operation": "hive_stop", "hive_id": "h"}),
+        (["model", "download", "hf:o/r/m.gguf", "--sha256", "AB" * 32, "--hive", "h"],
+         {"operation": "model_download", "model": "hf:o/r/m.gguf", "sha256": "AB" * 32, "hive_id": "h"}),
+        (["model", "get", "m"], {"operation": "model_get", "id": "m"}),
+        (["worker", "spawn", "m", "--worker", "cuda", "--device", "1"],
+         {"operation": "worker_spawn", "model": "m", "worker": "cuda", "device": 1}),
+        (["worker", "delete", "w", "--hive", "h"], {"operation": "worker_delete", "id": "w", "hive_id": "h"}),
+    ]  # fmt: skip
+    done_script = play(sse(1, "result", {}), sse(2, "end", "[DONE]"))
+    async with serve_files() as server:
+        api = ScriptedAPI(server, [done_script] * len(cases))
+        async with trio.open_nursery() as nursery:
+            for args, _ in cases:
+                nursery.start_soon(arbee, "--url", server.base_url, *args)
+    assert sorted(api.payloads, key=json.dumps) == sorted((payload for _, payload in cases), key=json.dumps)
+
+
+async def test_a_dropped_stream_is_resumed_from_the_last_event_id():
+    first_part = sse(1, "narration", {"message": "one"}) + sse(2, "narration", {"message": "two"})
+    rest = sse(3, "result", {"id": "localhost"}) + sse(4, "end", "[DONE]")
+    streams: list[RecordedRequest] = []
+
+    def script(request: RecordedRequest) -> Reply:
+        streams.append(request)
+        if len(streams) == 1:  # the connection breaks after two events (Content-Length promised more)
+            return events_reply(first_part + rest, drop_after=len(first_part))
+        return events_reply(rest if request.headers.get("last-event-id") == "2" else first_part + rest)
+
+    async with serve_files() as server:
+        ScriptedAPI(server, [script])
+        done = await arbee("--url", server.base_url, "hive", "get", "localhost")
+    assert done.returncode == 0, done.stderr
+    assert [r.headers.get("last-event-id") for r in streams] == [None, "2"]
+    assert done.stderr == "· one\n· two\n"  # nothing shown twice
+    assert done.stdout == "id: localhost\n"
+
+
+async def test_a_stream_that_keeps_dropping_is_given_up():
+    def script(request: RecordedRequest) -> Reply:
+        return events_reply(sse(1, "narration", {"message": "one"}) + b"id: 2\nevent: narr", drop_after=30)
+
+    async with serve_files() as server:
+        ScriptedAPI(server, [script])
+        done = await arbee("--url", server.base_url, "hive", "list")
+    assert done.returncode == 1
+    assert "rbee: error: lost the event stream of job job-1: " in done.stderr
+
+
+async def test_download_progress_is_a_bar_on_a_terminal():
+    mib = 1024 * 1024
+    progress = [sse(i, "progress", {"done": done * mib, "total": 8 * mib, "rate": 2 * mib}) for i, done in
+                enumerate((1, 2, 8), start=1)]  # fmt: skip
+    script = play(sse(None, "narration", {"message": "fetching x"}), *progress,
+                  sse(4, "result", {"id": "m", "size": 8 * mib}), sse(5, "end", "[DONE]"))  # fmt: skip
+    main_fd, terminal_fd = pty.openpty()
+    fcntl.ioctl(terminal_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 60, 0, 0))  # 60 columns
+    async with serve_files() as server:
+        ScriptedAPI(server, [script])
+        try:
+            with trio.fail_after(TIMEOUT):
+                process = await trio.lowlevel.open_process(
+                    argv("--url", server.base_url, "model", "download", "x"), stdout=subprocess.PIPE,
+                    stderr=terminal_fd, env=cli_env(TERM="xterm"), cwd=ROOT,
+                )  # fmt: skip
+                os.close(terminal_fd)
+                stdout = await read_until(process.stdout, lambda text: "size" in text)
+                assert await process.wait() == 0
+                terminal = await trio.to_thread.run_sync(read_terminal, main_fd)
+        finally:
+            os.close(main_fd)
+    assert stdout == "id:   m\nsize: 8.0 MiB\n"
+    # Drawn in place with \r: the first report, then the complete one (the second came within 0.1 s).
+    assert terminal.startswith("\x1b[2m·\x1b[0m fetching x\r\n\r\x1b[K 12% [")  # narration: a dim prefix
+    assert "]  1.0/8.0 MiB  2.0 MiB/s  ETA 0:04" in terminal
+    assert terminal.endswith("\r\x1b[K100% [" + "#" * (terminal.rindex("]") - terminal.rindex("[") - 1)
+                             + "]  8.0/8.0 MiB  2.0 MiB/s  done\r\n")  # fmt: skip
+
+
+def read_terminal(fd: int) -> str:
+    """All a pty's other end has written, up to its close (EIO on Linux)."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
+# -- the renderers, on sample data ------------------------------------------------------------
+
+MIB = 1024 * 1024
+
+
+def test_progress_text_shows_percentage_mib_rate_and_eta():
+    half = {"done": 50 * MIB, "total": 100 * MIB, "rate": 10 * MIB}
+    assert cli.progress_text(half) == " 50%  50.0/100.0 MiB  10.0 MiB/s  ETA 0:05"
+    bar = cli.progress_text(half, width=70)
+    assert len(bar) == 70
+    assert bar == " 50% [" + "#" * 12 + "." * 13 + "]  50.0/100.0 MiB  10.0 MiB/s  ETA 0:05"
+    assert cli.progress_text({"done": 3 * MIB, "total": None, "rate": MIB}) == "3.0 MiB  1.0 MiB/s"
+    assert cli.progress_text({"done": 0, "total": 7200 * MIB, "rate": MIB}).endswith("ETA 2:00:00")
+    assert cli.progress_text({"done": 0, "total": MIB, "rate": 0}).endswith("ETA --:--")
+    # Fields beyond done/total/rate (the daemon may add some) lead the line as a label.
+    assert cli.progress_text({"file": "m.gguf", "done": MIB, "total": 2 * MIB}) == "m.gguf  50%  1.0/2.0 MiB  ETA --:--"
+    assert cli.progress_text({"done": MIB, "total": 2 * MIB}, width=20) == " 50%  1.0/2.0 MiB  E"  # no room for a bar
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_bar_redraws_in_place_at_most_ten_times_a_second():
+    stream, clock = io.StringIO(), FakeClock()
+    display = cli.ProgressDisplay(stream, tty=True, width=61, clock=clock)
+    for now, done in [(0.0, 1), (0.05, 2), (0.11, 3), (0.15, 4)]:
+        clock.now = now
+        display.update({"done": done * MIB, "total": 10 * MIB, "rate": MIB})
+    assert stream.getvalue().count("\r\x1b[K") == 2 and "3.0/10.0 MiB" in stream.getvalue()
+    display.clear()  # narration is about to be printed: the bar goes, and comes back on the next report
+    display.update({"done": 5 * MIB, "total": 10 * MIB, "rate": MIB})
+    assert stream.getvalue().endswith("\r\x1b[K\r\x1b[K 50% [#########.........]  5.0/10.0 MiB  1.0 MiB/s  ETA 0:05")
+    clock.now = 0.16
+    display.update({"done": 6 * MIB, "total": 10 * MIB, "rate": MIB})
+    display.finish()  # the held-back report is shown, and the line ended
+    assert stream.getvalue().endswith("\r\x1b[K 60% [##########........]  6.0/10.0 MiB  1.0 MiB/s  ETA 0:04\n")
+
+
+def test_progress_without_a_terminal_is_an_occasional_plain_line():
+    stream, clock = io.StringIO(), FakeClock()
+    display = cli.ProgressDisplay(stream, tty=False, clock=clock)
+    for now in range(0, 12):
+        clock.now = float(now)
+        display.update({"done": now * MIB, "total": 12 * MIB, "rate": MIB})
+    display.update({"done": 12 * MIB, "total": 12 * MIB, "rate": MIB})
+    display.finish()
+    assert stream.getvalue().splitlines() == [
+        "·   0%  0.0/12.0 MiB  1.0 MiB/s  ETA 0:12",
+        "·  41%  5.0/12.0 MiB  1.0 MiB/s  ETA 0:07",
+        "·  83%  10.0/12.0 MiB  1.0 MiB/s  ETA 0:02",
+        "· 100%  12.0/12.0 MiB  1.0 MiB/s  done",
+    ]
+
+
+def test_tables_of_hives_workers_and_models():
+    hives = [
+        {"id": "localhost", "host": "localhost", "port": None, "online": True, "version": "0.1.0", "pid": 1},
+        {"id": "gpu-box", "host": "10.0.0.7", "port": 8500, "online": False, "error": "refused"},
+    ]
+    assert cli.render_result("hive_list", hives) == (
+        "ID         HOST       PORT  ONLINE  VERSION\n"
+        "localhost  localhost  -     yes     0.1.0\n"
+        "gpu-box    10.0.0.7   8500  no      -"
+    )
+    workers = [{"id": "gemma-cpu-1", "model": "gemma", "device": "cpu", "state": "ready", "pid": 4242,
+                "threads": 2, "started_at": 1.0, "queued": 0}]  # fmt: skip
+    assert cli.render_result("worker_list", workers) == (
+        "ID           MODEL  DEVICE  STATE  PID   THREADS\n"
+        "gemma-cpu-1  gemma  cpu     ready  4242  2"
+    )
+    models = [
+        {"id": "gemma", "size": 253_114_368, "metadata": {"quantization": "Q4_K_M", "architecture": "gemma3",
+                                                          "parameters": 268_098_176}},
+        {"id": "llama", "size": 7 * 1024**3, "metadata": {"file_type": 1, "architecture": "llama",
+                                                          "parameters": 6_738_415_616}},
+        {"id": "bare", "size": 512},
+    ]  # fmt: skip
+    assert cli.render_result("model_list", models) == (
+        "ID     SIZE       QUANT   ARCH    PARAMS\n"
+        "gemma  241.4 MiB  Q4_K_M  gemma3  268M\n"
+        "llama  7.0 GiB    1       llama   6.7B\n"
+        "bare   512 B      -       -       -"
+    )
+    # Lists of other operations: every key, in first-seen order.
+    assert cli.render_result(None, [{"a": 1}, {"b": [1, 2]}]) == "A  B\n1  -\n-  [1,2]"
+    assert cli.render_result("worker_list", []) == "ID  MODEL  DEVICE  STATE  PID  THREADS"
+
+
+def test_objects_render_as_aligned_key_value_lines():
+    record = {"id": "tiny", "size": 486400, "added_at": 0, "ok": True, "error": None,
+              "metadata": {"architecture": "llama", "parameters": 117824}, "tags": ["a"]}  # fmt: skip
+    epoch = cli.format_field("added_at", 0)
+    assert re.fullmatch(r"19(69|70)-\d\d-\d\d \d\d:\d\d:\d\d", epoch)
+    assert cli.render_result("model_get", record) == (
+        "id:       tiny\n"
+        "size:     475.0 KiB\n"
+        f"added_at: {epoch}\n"
+        "ok:       yes\n"
+        "error:    -\n"
+        "metadata:\n"
+        "  architecture: llama\n"
+        "  parameters:   118K\n"
+        'tags:     ["a"]'
+    )
+    assert cli.render_result("x", {}) == "{}"
+    assert cli.render_result("x", 3.5) == "3.5"
+
+
+def console() -> tuple[cli.Console, io.StringIO, io.StringIO]:
+    out, err = io.StringIO(), io.StringIO()
+    return cli.Console(out, err, color=False, tty=False, width=80), out, err
+
+
+def event(event_id: int | None, name: str, data) -> ServerSentEvent:
+    return ServerSentEvent(name, data if isinstance(data, str) else json.dumps(data), str(event_id or ""))
+
+
+def test_human_view_of_gaps_unknown_events_and_an_interrupted_generation():
+    terminal, out, err = console()
+    clock = FakeClock()
+    view = cli.HumanView(terminal, "infer", clock=clock)
+    clock.now = 0.25
+    view.event(event(1, "token", {"t": "a", "i": 0}))
+    view.event(event(None, "gap", {"missed_from": 2, "missed_to": 9}))
+    clock.now = 0.75
+    view.event(event(10, "token", {"t": "b", "i": 9}))
+    view.event(event(11, "thinking", {"what": 1}))
+    assert view.infer_stats({}) == "2 tokens, ttft 250 ms, 2.0 tok/s"  # measured when the daemon gives no figures
+    view.event(event(12, "end", "[ERROR] worker died"))
+    assert out.getvalue() == "ab\n"  # the tokens' line is ended; no stats for a failed generation
+    assert err.getvalue() == "· some events were lost to the daemon's replay buffer (ids 2-9)\n· thinking: {\"what\":1}\n"
+
+
+def test_json_view_decodes_json_data_and_keeps_the_rest_as_text():
+    terminal, out, _ = console()
+    view = cli.JsonView(terminal)
+    for item in [event(1, "token", {"t": "x", "i": 0}), event(None, "gap", {"missed_from": 1, "missed_to": 1}),
+                 event(2, "result", [1]), event(3, "end", "[CANCELLED]")]:  # fmt: skip
+        view.event(item)
+    assert json_lines(out.getvalue()) == [
+        {"id": 1, "event": "token", "data": {"t": "x", "i": 0}},
+        {"id": None, "event": "gap", "data": {"missed_from": 1, "missed_to": 1}},
+        {"id": 2, "event": "result", "data": [1]},
+        {"id": 3, "event": "end", "data": "[CANCELLED]"},
+    ]
+    assert view.result == [1]
+
+
+def test_human_bytes_and_counts():
+    assert [cli.human_bytes(n) for n in (0, 1023, 1024, 1536 * MIB, None)] == ["0 B", "1023 B", "1.0 KiB", "1.5 GiB", "-"]
+    assert [cli.human_count(n) for n in (999, 1500, 268_098_176, 7_241_732_096, "n/a")] == ["999", "1.5K", "268M", "7.2B", "n/a"]
+
+
+def test_the_daemon_address_comes_from_flags_then_env_then_the_default(monkeypatch, tmp_path):
+    parse = cli.make_parser().parse_args
+    monkeypatch.setenv("RBEE_URL", "http://env:1")
+    assert cli.daemon_address(parse(["--url", "http://flag:2", "hive", "list"])) == "http://flag:2"
+    assert cli.daemon_address(parse(["hive", "list", "--socket", "rel.sock"])) == f"unix:{os.path.abspath('rel.sock')}"
+    assert cli.daemon_address(parse(["hive", "list"])) == "http://env:1"
+    monkeypatch.delenv("RBEE_URL")
+    monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert cli.daemon_address(parse(["hive", "list"])) == f"unix:{tmp_path}/rbeed/rbeed.sock"
