@@ -1,0 +1,80 @@
+"""The config file: defaults, the example in contrib/, flag overrides, clear errors."""
+
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from rbeed import config
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "contrib" / "rbeed.toml"
+
+
+def all_keys(struct_type=config.Config, prefix="") -> list[str]:
+    keys = []
+    for field in msgspec.structs.fields(struct_type):
+        if isinstance(field.type, type) and issubclass(field.type, msgspec.Struct):
+            keys += all_keys(field.type, f"{field.name}.")
+        else:
+            keys.append(prefix + field.name)
+    return keys
+
+
+def test_example_config_is_the_defaults():
+    loaded = config.load(EXAMPLE)
+    assert msgspec.to_builtins(loaded) == msgspec.to_builtins(config.Config())
+
+
+@pytest.mark.parametrize("document", [EXAMPLE, ROOT / "man" / "rbeed.toml.5"])
+def test_every_key_is_documented(document):
+    text = document.read_text()
+    missing = [key for key in all_keys() if key.rsplit(".", 1)[-1] not in text]
+    assert not missing, f"{document.name} does not mention {missing}"
+
+
+def test_flags_override_the_file(tmp_path):
+    path = tmp_path / "rbeed.toml"
+    path.write_text('[server]\nlisten = ["127.0.0.1:1"]\nsse_keepalive = 2.5\n')
+    loaded = config.load(path, {"server.listen": ["127.0.0.1:2"], "state_dir": "/x"})
+    assert loaded.server.listen == ["127.0.0.1:2"]
+    assert loaded.server.sse_keepalive == 2.5
+    assert loaded.state_path == Path("/x")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("[server]\nlisten = 5\n", "Expected `array`, got `int` - at `$.server.listen`"),
+        ("[server]\nbogus = 1\n", "unknown field `bogus` - at `$.server`"),
+        ("[workers]\nbackend = 'docker'\n", "at `$.workers.backend`"),
+        ("[jobs]\nttl = ", "Invalid"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, text, expected):
+    path = tmp_path / "rbeed.toml"
+    path.write_text(text)
+    with pytest.raises(config.ConfigError) as info:
+        config.load(path)
+    assert expected in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_missing_explicit_file_is_an_error(tmp_path):
+    with pytest.raises(config.ConfigError, match="cannot read"):
+        config.load(tmp_path / "nope.toml")
+
+
+def test_default_paths_follow_systemd_then_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/rbeed:/other")
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/rbeed")
+    assert config.default_state_dir() == Path("/var/lib/rbeed")
+    assert config.Config().socket_path == Path("/run/rbeed/rbeed.sock")
+    monkeypatch.delenv("STATE_DIRECTORY")
+    monkeypatch.delenv("RUNTIME_DIRECTORY")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    assert config.default_state_dir() == tmp_path / "state" / "rbeed"
+    assert config.Config().socket_path == tmp_path / "run" / "rbeed" / "rbeed.sock"
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert config.default_runtime_dir().name.startswith("rbeed-")
