@@ -31,8 +31,20 @@ bench: $(VENV)/.installed-test+demo+bench
 	$(BIN)/python bench/control_plane.py
 	$(BIN)/python bench/inference.py
 
+# rbeed and rbee in a venv of their own under PREFIX/lib/rbeed, linked from PREFIX/bin; the man
+# pages; then contrib/install.sh: user, directories, units (ExecStart under PREFIX), sockets.
+# DESTDIR stages the man pages and units into an image; the venv is built at PREFIX itself.
 install:
-	contrib/install.sh --prefix "$(PREFIX)" --destdir "$(DESTDIR)"
+	$(PYTHON) -m venv "$(PREFIX)/lib/rbeed"
+	"$(PREFIX)/lib/rbeed/bin/python" -m pip install --quiet --upgrade pip
+	"$(PREFIX)/lib/rbeed/bin/python" -m pip install --quiet .
+	install -d "$(DESTDIR)$(PREFIX)/bin"
+	ln -sf "$(PREFIX)/lib/rbeed/bin/rbeed" "$(DESTDIR)$(PREFIX)/bin/rbeed"
+	ln -sf "$(PREFIX)/lib/rbeed/bin/rbee" "$(DESTDIR)$(PREFIX)/bin/rbee"
+	install -D -m 644 man/rbeed.8 "$(DESTDIR)$(PREFIX)/share/man/man8/rbeed.8"
+	install -D -m 644 man/rbee.1 "$(DESTDIR)$(PREFIX)/share/man/man1/rbee.1"
+	install -D -m 644 man/rbeed.toml.5 "$(DESTDIR)$(PREFIX)/share/man/man5/rbeed.toml.5"
+	contrib/install.sh --prefix "$(PREFIX)" --root "$(DESTDIR)"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
 import msgspec
@@ -545,13 +546,20 @@ async def _cancel_on_signal(interrupts, scope: trio.CancelScope) -> None:
 # -- commands ---------------------------------------------------------------------------------
 
 
+SYSTEM_SOCKET = Path("/run/rbeed/rbeed.sock")
+
+
 def daemon_address(args: argparse.Namespace) -> str:
     """--url, --socket, $RBEE_URL, then the daemon's default socket."""
     if args.url:
         return args.url
     if args.socket:
         return f"unix:{os.path.abspath(args.socket)}"
-    return os.environ.get("RBEE_URL") or f"unix:{default_runtime_dir() / 'rbeed.sock'}"
+    if url := os.environ.get("RBEE_URL"):
+        return url
+    own = default_runtime_dir() / "rbeed.sock"
+    # A daemon of one's own first, else the system service's socket (rbeed.socket).
+    return f"unix:{own if own.exists() or not SYSTEM_SOCKET.exists() else SYSTEM_SOCKET}"
 
 
 def build_payload(args: argparse.Namespace) -> dict:
@@ -690,7 +698,9 @@ def make_parser() -> argparse.ArgumentParser:
     _command(worker, "spawn", "worker_spawn", "start a worker serving a model",
              _arg("model", metavar="MODEL"),
              _arg("--worker", choices=["cpu", "cuda", "metal"], help=f"backend {_default(WorkerSpawn, 'worker')}"),
-             _arg("--device", type=int, metavar="N", help=f"device index {_default(WorkerSpawn, 'device')}"), _HIVE)  # fmt: skip
+             _arg("--device", type=int, metavar="N", help=f"device index {_default(WorkerSpawn, 'device')}"),
+             _arg("--threads", type=int, metavar="N", help="CPU threads (default: the cores no other worker holds)"),
+             _HIVE)  # fmt: skip
     _command(worker, "list", "worker_list", "list workers", _HIVE)
     _command(worker, "get", "worker_get", "show one worker", by_id, _HIVE)
     _command(worker, "delete", "worker_delete", "stop and remove a worker", by_id, _HIVE)

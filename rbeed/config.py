@@ -11,7 +11,12 @@ import msgspec
 DEFAULT_CONFIG_FILE = Path("/etc/rbeed/rbeed.toml")
 
 Seconds = Annotated[float, msgspec.Meta(ge=0)]
+Interval = Annotated[float, msgspec.Meta(gt=0)]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
+# HOST:PORT with a port that fits 16 bits (HOST may be empty, or an IPv6 address in brackets).
+ListenAddress = Annotated[str, msgspec.Meta(
+    pattern=r"^.*:([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"
+)]  # fmt: skip
 
 
 class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -19,14 +24,14 @@ class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class ServerConfig(Section):
-    listen: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1:8500"])
+    listen: list[ListenAddress] = msgspec.field(default_factory=lambda: ["127.0.0.1:8500"])
     socket: str | None = None  # None: derived from the environment (see default_socket_path)
     socket_mode: Annotated[int, msgspec.Meta(ge=0, le=0o777)] = 0o660
     max_body_bytes: Positive = 1024 * 1024
     max_header_bytes: Positive = 16 * 1024
-    request_timeout: Seconds = 30.0  # receiving one request's head and body
-    keepalive_timeout: Seconds = 75.0  # idle connection between requests
-    sse_keepalive: Seconds = 15.0  # comment line on an idle event stream
+    request_timeout: Interval = 30.0  # receiving one request's head and body
+    keepalive_timeout: Interval = 75.0  # idle connection between requests
+    sse_keepalive: Interval = 15.0  # comment line on an idle event stream
     shutdown_grace: Seconds = 10.0  # how long SIGTERM waits for running jobs
     idle_exit: Seconds = 0.0  # socket activation: exit after this long with nothing to do; 0 = never
 
@@ -49,11 +54,11 @@ class ModelsConfig(Section):
 
 class WorkersConfig(Section):
     backend: Literal["auto", "process", "systemd"] = "auto"
-    threads: int = 0  # total worker threads across workers; 0 = number of cores
+    threads: Annotated[int, msgspec.Meta(ge=0)] = 0  # total worker threads across workers; 0 = number of cores
     n_ctx: Positive = 2048
     n_batch: Positive = 32  # small batches let a cancel land during prompt processing
     queue_size: Annotated[int, msgspec.Meta(ge=0)] = 8  # jobs waiting per worker
-    keep_alive: float = 300.0  # idle seconds before an on-demand worker stops; -1 = never
+    keep_alive: Annotated[float, msgspec.Meta(ge=-1)] = 300.0  # idle seconds before an on-demand worker stops; -1 = never
     load_timeout: Seconds = 120.0
     stop_grace: Seconds = 5.0  # SIGTERM → SIGKILL
     restart: Literal["on-failure", "no"] = "on-failure"

@@ -10,6 +10,7 @@ from pathlib import Path
 import trio
 
 from . import __version__, config as configuration, log
+from .activation import ActivationError
 
 logger = logging.getLogger("rbeed")
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         trio.run(serve, config, args.config, flags)
-    except OSError as exc:
+    except (OSError, ActivationError) as exc:
         logger.error("%s", exc)
         return 1
     return 0
