@@ -93,9 +93,9 @@ class Daemon:
                 await services.start(self.supervisor.run)
                 await services.start(self.registry.run)
                 async with trio.open_nursery() as connections:
-                    with trio.CancelScope() as accepting:
+                    async with trio.open_nursery() as accepting:  # its own nursery: cancelling it closes the listeners
                         listen = partial(serve_listeners, on_count=self._count_connection)
-                        await connections.start(listen, sockets, self.api, self.config.server, connections)
+                        await accepting.start(listen, sockets, self.api, self.config.server, connections)
                         where = ", ".join(describe(sock) for sock in sockets)
                         log.info("rbeed %s listening on %s", __version__, where)
                         self.notifier.notify("READY=1", f"STATUS=listening on {where}")
@@ -104,7 +104,7 @@ class Daemon:
                         services.start_soon(self._exit_when_idle)
                         task_status.started()
                         await self._stop.wait()
-                    accepting.cancel()
+                        accepting.cancel_scope.cancel()
                     self.api.accepting = False
                     self.notifier.notify("STOPPING=1", "STATUS=draining")
                     await self._drain()

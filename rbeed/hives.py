@@ -40,6 +40,7 @@ class Hives:
     def __init__(self, catalog: Catalog[Hive], config: HivesConfig):
         self.catalog = catalog
         self.config = config
+        self._changing = trio.Lock()  # a check and the write it allows must not interleave with another
 
     def _local(self) -> dict:
         return {"id": LOCAL, "host": LOCAL, "port": None, "ssh_host": None, "local": True,
@@ -60,11 +61,13 @@ class Hives:
             try:
                 async with Client(f"http://{host}:{hive.port}", connect_timeout=timeout, read_timeout=timeout) as client:
                     response = await client.request("GET", "/health")
-                if response.status == 200:
-                    record.update(online=True, version=response.json().get("version"))
-                    del record["error"]
-                else:
+                if response.status != 200:
                     record["error"] = f"/health answered {response.status}"
+                elif not isinstance(health := response.json(), dict):
+                    record["error"] = "/health answered 200 but not with a JSON object"
+                else:
+                    record.update(online=True, version=health.get("version"))
+                    del record["error"]
             except (HTTPError, ValueError) as exc:
                 record["error"] = str(exc)
         return record
@@ -93,10 +96,11 @@ class Hives:
 
     async def create(self, job: Job, op: HiveCreate) -> None:
         hive_id = op.id or _slug(op.host)
-        if hive_id == LOCAL or self.catalog.get(hive_id):
-            raise JobFailed(f"hive {hive_id!r} already exists")
-        hive = Hive(hive_id, op.host, op.port, op.ssh_host)
-        await self.catalog.put(hive.id, hive)
+        async with self._changing:
+            if hive_id == LOCAL or self.catalog.get(hive_id):
+                raise JobFailed(f"hive {hive_id!r} already exists")
+            hive = Hive(hive_id, op.host, op.port, op.ssh_host)
+            await self.catalog.put(hive.id, hive)
         job.narrate(f"hive {hive_id} registered at {op.host}:{op.port}")
         job.result(await self._health(hive))
 
@@ -104,16 +108,18 @@ class Hives:
         if op.id == LOCAL:
             raise JobFailed("hive 'localhost' is this daemon and cannot be changed")
         changes = {k: v for k in ("host", "port", "ssh_host") if (v := getattr(op, k)) is not None}
-        hive = msgspec.structs.replace(self._remote(op.id), **changes)
-        await self.catalog.put(hive.id, hive)
+        async with self._changing:
+            hive = msgspec.structs.replace(self._remote(op.id), **changes)
+            await self.catalog.put(hive.id, hive)
         job.narrate(f"hive {hive.id} updated: {', '.join(changes) or 'nothing changed'}")
         job.result(await self._health(hive))
 
     async def delete(self, job: Job, op: HiveDelete) -> None:
         if op.id == LOCAL:
             raise JobFailed("hive 'localhost' is this daemon and cannot be deleted")
-        self._remote(op.id)
-        await self.catalog.delete(op.id)
+        async with self._changing:
+            self._remote(op.id)
+            await self.catalog.delete(op.id)
         job.narrate(f"hive {op.id} deleted")
         job.result({"id": op.id, "deleted": True})
 
@@ -129,11 +135,16 @@ class Hives:
             job.result({"id": LOCAL, "action": action, "running": True, "local": True})
             return
         hive = self._remote(hive_id)
-        command = self.config.start_command.format(
-            ssh_host=hive.ssh_host or hive.host, host=hive.host, port=hive.port, action=action
-        )
+        template = self.config.start_command
+        try:
+            command = template.format(ssh_host=hive.ssh_host or hive.host, host=hive.host, port=hive.port, action=action)
+            argv = shlex.split(command)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise JobFailed(f"[hives] start_command {template!r} is unusable: {exc!r}") from None
+        if not argv:
+            raise JobFailed(f"[hives] start_command {template!r} is unusable: it is empty")
         job.narrate(f"$ {command}")
-        returncode = await run_narrated(job, shlex.split(command))
+        returncode = await run_narrated(job, argv)
         if returncode != 0:
             raise JobFailed(f"{action} of hive {hive_id} failed: command exited with status {returncode}")
         job.result({"id": hive_id, "action": action, "local": False})

@@ -120,7 +120,7 @@ class Job:
         self.state, self.error, self.finished_at = state, error, time.time()
         self.payload = None
         marker = {JobState.COMPLETED: b"[DONE]", JobState.CANCELLED: b"[CANCELLED]"}.get(state)
-        self.emit("end", marker or b"[ERROR] " + (error or "failed").replace("\n", " ").encode())
+        self.emit("end", marker or b"[ERROR] " + " ".join((error or "failed").splitlines()).encode())
         for channel in self._subscribers:
             channel.close()
         self._subscribers.clear()

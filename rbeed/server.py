@@ -92,9 +92,9 @@ class HTTPConnection:
     async def run(self) -> None:
         try:
             await self._serve()
-        except (_PeerGone, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        except Exception:
+        except* (_PeerGone, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # raised bare, or grouped by the nursery of a streaming response
+        except* Exception:
             # A bug in one connection must not take the daemon down with it.
             log.exception("connection crashed")
         finally:
@@ -129,7 +129,9 @@ class HTTPConnection:
                 await self._send_error(exc.status, str(exc))
                 return
             response = await self._call_app(request)
-            if isinstance(response, StreamingResponse):
+            if request.method == "HEAD":
+                await self._send_head_only(response)
+            elif isinstance(response, StreamingResponse):
                 await self._send_streaming(response)
             else:
                 await self._send_complete(response)
@@ -164,6 +166,13 @@ class HTTPConnection:
             key = name.decode("latin-1")
             text = value.decode("latin-1")
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        # h11 bounds only a head still incomplete after a read; one read can bring a whole big one.
+        head_size = len(event.target) + sum(len(name) + len(value) + 4 for name, value in event.headers)
+        if head_size > self.config.max_header_bytes:
+            raise _ClientError(431, f"request head over {self.config.max_header_bytes} bytes")
+        if "transfer-encoding" in headers and "content-length" in headers:
+            # h11 would let Transfer-Encoding win; the mix is a request-smuggling pattern (RFC 9112 6.1).
+            raise _ClientError(400, "bad request: both Content-Length and Transfer-Encoding")
         target = event.target.decode("latin-1")
         path, _, query = target.partition("?")
         request = Request(event.method.decode("ascii"), path, dict(parse_qsl(query)), headers)
@@ -204,6 +213,11 @@ class HTTPConnection:
     async def _send_complete(self, response: Response) -> None:
         head = self._head(response.status, response.content_type, response.headers, len(response.body))
         await self._send(head, h11.Data(data=response.body), h11.EndOfMessage())
+
+    async def _send_head_only(self, response: Response | StreamingResponse) -> None:
+        # h11 frames every answer to HEAD as bodiless: a stream is not even started.
+        length = len(response.body) if isinstance(response, Response) else None
+        await self._send(self._head(response.status, response.content_type, response.headers, length), h11.EndOfMessage())
 
     async def _send_streaming(self, response: StreamingResponse) -> None:
         headers = [("cache-control", "no-cache"), *response.headers]

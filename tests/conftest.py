@@ -20,3 +20,11 @@ def shared_daemon(tmp_path_factory):
     d = start_daemon(tmp_path_factory.mktemp("shared"))
     yield d
     assert d.stop() == 0, d.log()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """The tiny random llama GGUF (tests/tinymodel.py), written once per session."""
+    import tinymodel
+
+    return tinymodel.write_tiny_model(tmp_path_factory.mktemp("model") / "tiny.gguf")

@@ -1,0 +1,136 @@
+"""SIGTERM/SIGINT: stop accepting, drain running jobs for shutdown_grace, end streams, exit 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import trio
+
+from support import (
+    SLOW_HIVE,
+    SLOW_JOB,
+    end_marker,
+    is_narration,
+    open_stream,
+    read_events_until,
+    run_job,
+    slow_hive_config,
+    start_daemon,
+    submit,
+)
+
+GRACE = 0.5
+
+
+async def until_draining(client) -> None:
+    """Ask for new jobs on an open connection until the daemon refuses: the signal was handled."""
+    with trio.fail_after(5):
+        while (response := await client.request("POST", "/v1/jobs", body=b"{}")).status == 400:
+            pass
+    assert response.status == 503 and response.json() == {"error": "daemon shutting down"}
+
+
+async def assert_not_accepting(daemon) -> None:
+    for unix in (False, True):
+        with pytest.raises(OSError), trio.fail_after(5):
+            await open_stream(daemon, unix)
+
+
+def wait_exit(daemon, within: float) -> float:
+    start = time.monotonic()
+    assert daemon.proc.wait(within) == 0, daemon.log()
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_signal_drains_then_cancels_running_jobs_and_exits_0(tmp_path, signum):
+    daemon = start_daemon(tmp_path / "d", config=slow_hive_config(f"[server]\nshutdown_grace = {GRACE}\n"))
+    try:
+        async with daemon.client() as client, daemon.client() as other:
+            await run_job(client, SLOW_HIVE)
+            running, queued = await submit(client, SLOW_JOB), await submit(client, SLOW_JOB)
+            assert (daemon.state_dir / "rbeed.sqlite3-wal").exists()  # the catalog is open
+            async with client.stream("GET", f"/v1/jobs/{running}/stream") as response:
+                events = response.aiter_sse()
+                with trio.fail_after(10):
+                    await read_events_until(events, is_narration("starting 127.0.0.1 start"))
+                assert (await other.request("GET", "/health")).status == 200  # a connection kept open
+                daemon.proc.send_signal(signum)
+                signalled = time.monotonic()
+                await until_draining(other)
+                await assert_not_accepting(daemon)
+                assert (await other.request("GET", f"/v1/jobs/{queued}")).json()["state"] == "cancelled"
+                assert (await other.request("GET", f"/v1/jobs/{running}")).json()["state"] == "running"
+                with trio.fail_after(GRACE + 5):
+                    rest = [event async for event in events]
+        assert [json.loads(e.data)["message"] for e in rest if e.event == "narration"] == ["daemon shutting down"]
+        assert end_marker(rest) == "[CANCELLED]"
+        assert time.monotonic() - signalled >= GRACE  # the job had its grace period
+        wait_exit(daemon, within=5)
+    finally:
+        daemon.stop()
+    assert not daemon.socket_path.exists()
+    assert not (daemon.state_dir / "rbeed.sqlite3-wal").exists()  # the catalog was closed cleanly
+
+
+async def test_a_job_finishing_within_the_grace_period_ends_done(tmp_path):
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    # Held open read-write: the job's `read` never blocks on open, and our write never blocks.
+    holder = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+    command = f"sh -c 'echo waiting; read line < {fifo}; echo got $line'"
+    daemon = start_daemon(tmp_path / "d", config=f'[server]\nshutdown_grace = 30\n[hives]\nstart_command = "{command}"\n')
+    try:
+        async with daemon.client() as client, daemon.client() as other:
+            await run_job(client, SLOW_HIVE)
+            job_id = await submit(client, SLOW_JOB)
+            async with client.stream("GET", f"/v1/jobs/{job_id}/stream") as response:
+                events = response.aiter_sse()
+                with trio.fail_after(10):
+                    await read_events_until(events, is_narration("waiting"))
+                    await other.request("GET", "/health")
+                    daemon.proc.send_signal(signal.SIGTERM)
+                    await until_draining(other)
+                    os.write(holder, b"go\n")
+                    rest = [event async for event in events]
+        messages = [json.loads(e.data)["message"] for e in rest if e.event == "narration"]
+        assert messages == ["got go"] and end_marker(rest) == "[DONE]"
+        assert wait_exit(daemon, within=5) < 5  # no waiting out the 30 s grace once nothing runs
+    finally:
+        os.close(holder)
+        daemon.stop()
+
+
+async def test_a_second_signal_cancels_at_once(tmp_path):
+    daemon = start_daemon(tmp_path / "d", config=slow_hive_config("[server]\nshutdown_grace = 30\n"))
+    try:
+        async with daemon.client() as client, daemon.client() as other:
+            await run_job(client, SLOW_HIVE)
+            job_id = await submit(client, SLOW_JOB)
+            async with client.stream("GET", f"/v1/jobs/{job_id}/stream") as response:
+                events = response.aiter_sse()
+                with trio.fail_after(10):
+                    await read_events_until(events, is_narration("starting 127.0.0.1 start"))
+                    await other.request("GET", "/health")
+                    daemon.proc.send_signal(signal.SIGTERM)
+                    await until_draining(other)
+                    daemon.proc.send_signal(signal.SIGTERM)
+                    rest = [event async for event in events]
+        assert end_marker(rest) == "[CANCELLED]"
+        wait_exit(daemon, within=5)
+    finally:
+        daemon.stop()
+
+
+async def test_an_idle_daemon_exits_0_promptly_and_removes_its_socket(tmp_path):
+    daemon = start_daemon(tmp_path / "d")
+    async with daemon.client() as client:
+        assert (await client.request("GET", "/health")).status == 200  # a keep-alive connection stays open
+        daemon.proc.send_signal(signal.SIGINT)
+        assert wait_exit(daemon, within=5) < 2
+    assert not daemon.socket_path.exists()
+    assert "rbeed stopped" in daemon.log() and "Traceback" not in daemon.log()
