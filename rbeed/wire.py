@@ -1,0 +1,115 @@
+"""Daemon<->worker framing: 4-byte big-endian length prefix + msgpack tagged-union messages."""
+
+from __future__ import annotations
+
+import struct
+
+import msgspec
+
+__all__ = [
+    "MAX_FRAME_SIZE",
+    "Cancel",
+    "Done",
+    "Failed",
+    "FrameDecoder",
+    "Generate",
+    "Message",
+    "Token",
+    "encode",
+]
+
+MAX_FRAME_SIZE = 16 * 1024 * 1024
+
+_HEADER = struct.Struct(">I")
+
+
+class _Frame(msgspec.Struct, tag_field="type", array_like=True, gc=False):
+    pass
+
+
+# daemon -> worker
+
+
+class Generate(_Frame, tag="Generate"):
+    id: int
+    prompt: str
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None = None
+    stop: list[str] = []
+
+
+class Cancel(_Frame, tag="Cancel"):
+    id: int
+
+
+# worker -> daemon
+
+
+class Token(_Frame, tag="Token"):
+    id: int
+    text: str
+
+
+class Done(_Frame, tag="Done"):
+    """End of a generation; finish_reason is "length", "stop" or "cancelled"."""
+
+    id: int
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    ttft_ms: float
+    tokens_per_s: float
+
+
+class Failed(_Frame, tag="Failed"):
+    id: int
+    error: str
+
+
+Message = Generate | Cancel | Token | Done | Failed
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(msg: Message) -> bytes:
+    """One complete frame holding `msg`."""
+    body = _encoder.encode(msg)
+    return _HEADER.pack(len(body)) + body
+
+
+class FrameDecoder:
+    """Incremental decoder: feed it bytes as they arrive, get back whole messages.
+
+    Raises ValueError for a frame announcing more than `max_frame_size` bytes or a
+    body that is not a valid message; the stream cannot be resynchronised after that.
+    """
+
+    def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
+        self._max_frame_size = max_frame_size
+        self._decoder = msgspec.msgpack.Decoder(Message)
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Message]:
+        buffer = self._buffer
+        buffer += data
+        messages: list[Message] = []
+        start = 0
+        available = len(buffer)
+        with memoryview(buffer) as view:
+            while available - start >= 4:
+                (size,) = _HEADER.unpack_from(view, start)
+                if size > self._max_frame_size:
+                    raise ValueError(
+                        f"frame of {size} bytes exceeds the limit of {self._max_frame_size}"
+                    )
+                end = start + 4 + size
+                if end > available:
+                    break
+                messages.append(self._decoder.decode(view[start + 4 : end]))
+                start = end
+        if start:
+            del buffer[:start]
+        return messages

@@ -1,0 +1,561 @@
+"""The llama.cpp worker subprocess: loads one model and serves generations over a Unix socket.
+
+Invoked as `rbeed worker --id ID --model PATH --socket PATH --device cpu|cuda:N|metal
+--threads N [--n-ctx 2048] [--n-batch 32]`. Protocol: rbeed.wire frames on one daemon
+connection at a time; generations run one at a time in the main thread.
+
+Readiness follows the sd_notify protocol when NOTIFY_SOCKET is set: "STATUS=loading <model>",
+then "READY=1" once the model is loaded and the socket listens, or "STATUS=failed: <reason>"
+and exit code 3 (the last stderr line is then "rbeed-worker: failed: <reason>").
+
+Cancellation: a reader thread receives frames. Cancel of the running generation sets a flag
+checked once per token; during prompt processing it also delivers _CANCEL_SIGNAL to the main
+thread with _thread.interrupt_main(), whose handler raises between llama-cpp-python's prompt
+batches (n_batch tokens each). The handler runs in the main thread and raises only while that
+same generation is still processing its prompt, so a late signal is harmless.
+
+Environment:
+  NOTIFY_SOCKET              sd_notify datagram socket (path, or "@name" for an abstract one).
+  RBEED_PDEATHSIG=1          exit (as on SIGTERM) when the parent process exits.
+  RBEED_WORKER_TOKEN_DELAY   TEST-ONLY: seconds to sleep after each generated token, so tests
+                             can cancel mid-stream on a model that generates thousands of tok/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import collections
+import ctypes
+import os
+import queue
+import re
+import select
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+from typing import Any
+
+import _thread
+
+from rbeed import wire
+
+EXIT_FAILED = 3
+
+_CANCEL_SIGNAL = signal.SIGUSR2
+_BACKEND_NAMES = {"cuda": "CUDA", "metal": "MTL"}  # as llama_print_system_info() names them
+# llama-cpp-python's create_completion defaults, kept so results match it.
+_MIN_P = 0.05
+_TYPICAL_P = 1.0
+_REPEAT_PENALTY = 1.0
+
+
+def _log(message: str) -> None:
+    sys.stderr.write(f"rbeed-worker: {message}\n")
+    sys.stderr.flush()
+
+
+def _notify(state: str) -> None:
+    """Send one sd_notify datagram; a no-op without NOTIFY_SOCKET."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as exc:
+        _log(f"sd_notify to {address!r} failed: {exc.strerror or exc}")
+
+
+class _StartupError(Exception):
+    """A reason the worker cannot serve, reported as STATUS=failed."""
+
+
+class _Terminated(BaseException):
+    """Raised in the main thread by SIGTERM/SIGINT."""
+
+
+class _PromptCancelled(BaseException):
+    """Raised in the main thread to abandon prompt processing of a cancelled generation."""
+
+
+class _Job:
+    __slots__ = ("id", "cancelled", "in_prompt")
+
+    def __init__(self, job_id: int) -> None:
+        self.id = job_id
+        self.cancelled = False
+        self.in_prompt = False
+
+
+class _StopMatcher:
+    """Holds back text that may be the start of a stop string; finds the first stop string."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self._stops = [s for s in stops if s]
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Return (text safe to emit, whether a stop string was reached)."""
+        pending = self._held + text
+        cuts = [pending.find(s) for s in self._stops if s in pending]
+        if cuts:
+            self._held = ""
+            return pending[: min(cuts)], True
+        keep = 0
+        for stop in self._stops:
+            for n in range(min(len(stop) - 1, len(pending)), keep, -1):
+                if pending.endswith(stop[:n]):
+                    keep = n
+                    break
+        self._held = pending[len(pending) - keep :]
+        return pending[: len(pending) - keep], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="rbeed worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--id", required=True, help="worker id, for logs")
+    parser.add_argument("--model", required=True, help="GGUF model file")
+    parser.add_argument("--socket", required=True, help="Unix socket path to listen on")
+    parser.add_argument("--device", required=True, help="cpu, cuda:N or metal")
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--n-ctx", type=int, default=2048)
+    parser.add_argument("--n-batch", type=int, default=32)
+    return parser.parse_args(argv)
+
+
+def _gpu_layers(device: str) -> int:
+    """n_gpu_layers for `device`; selects the CUDA device, so call before importing llama_cpp."""
+    if device == "cpu":
+        return 0
+    if device.startswith("cuda:") and device[5:].isdigit():
+        os.environ["CUDA_VISIBLE_DEVICES"] = device[5:]
+        return -1
+    if device == "metal":
+        if sys.platform != "darwin":
+            raise _StartupError(f"device metal is only available on macOS, not {sys.platform}")
+        return -1
+    raise _StartupError(f"unknown device {device!r} (expected cpu, cuda:N or metal)")
+
+
+def _check_model_file(path: str) -> None:
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except FileNotFoundError:
+        raise _StartupError(f"model file not found: {path}") from None
+    except IsADirectoryError:
+        raise _StartupError(f"model path is a directory: {path}") from None
+    except OSError as exc:
+        raise _StartupError(f"cannot read model file {path}: {exc.strerror}") from None
+    if magic != b"GGUF":
+        raise _StartupError(f"not a GGUF file: {path}")
+
+
+class _LlamaErrors:
+    """llama.cpp's log sink: keeps recent error lines (to explain load failures), drops the rest.
+
+    The sink is process-wide and called until exit (also while freeing the model), so the
+    one instance lives in _llama_errors for the life of the process.
+    """
+
+    _ERROR, _CONTINUATION = 4, 5  # enum ggml_log_level
+    _PREFIXES = re.compile(r"^(?:[\w.]+: |error loading model: )+")
+    _GENERIC = ("failed to load model", "failed to read header")
+
+    def __init__(self, llama_cpp: Any) -> None:
+        self.lines: collections.deque[str] = collections.deque(maxlen=16)
+        self._in_error = False
+
+        @llama_cpp.llama_log_callback
+        def sink(level: int, text: bytes, user_data: Any) -> None:
+            if level == self._ERROR:
+                self.lines.append(text.decode("utf-8", "replace").strip())
+                self._in_error = True
+            elif level == self._CONTINUATION and self._in_error:
+                self.lines[-1] += text.decode("utf-8", "replace").rstrip()
+            else:
+                self._in_error = False
+
+        self._sink = sink
+        llama_cpp.llama_log_set(sink, ctypes.c_void_p(0))
+
+    def reason(self) -> str:
+        """The most specific error llama.cpp reported, without its function-name prefixes."""
+        messages = [self._PREFIXES.sub("", line) for line in self.lines]
+        specific = [m for m in messages if not m.startswith(self._GENERIC)]
+        return (specific or messages or [""])[0]
+
+
+_llama_errors: _LlamaErrors | None = None
+
+
+def _load_model(args: argparse.Namespace, n_gpu_layers: int) -> Any:
+    _check_model_file(args.model)
+    import llama_cpp
+
+    if n_gpu_layers and not llama_cpp.llama_supports_gpu_offload():
+        backend = "metal" if args.device == "metal" else "cuda"
+        # a GPU backend lists itself here even when it found no device
+        system_info = llama_cpp.llama_print_system_info().decode(errors="replace")
+        if f"{_BACKEND_NAMES[backend]} :" in system_info:
+            raise _StartupError(f"device {args.device} is not available: {backend} found no GPU")
+        raise _StartupError(f"llama-cpp-python was built without GPU support ({backend})")
+    global _llama_errors
+    errors = _llama_errors = _LlamaErrors(llama_cpp)
+    try:
+        return llama_cpp.Llama(
+            model_path=args.model,
+            n_ctx=args.n_ctx,
+            n_threads=args.threads,
+            n_threads_batch=args.threads,
+            n_batch=args.n_batch,
+            n_gpu_layers=n_gpu_layers,
+            logits_all=False,
+            verbose=False,
+        )
+    except (ValueError, RuntimeError, OSError, MemoryError) as exc:
+        detail = errors.reason() or str(exc)
+        raise _StartupError(f"failed to load model: {detail}") from None
+
+
+def _listen(path: str) -> socket.socket:
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise _StartupError(f"{path} exists and is not a socket")
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    previous_umask = os.umask(0o177)
+    try:
+        listener.bind(path)
+        listener.listen(1)
+    except OSError as exc:
+        listener.close()
+        raise _StartupError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+    finally:
+        os.umask(previous_umask)
+    return listener
+
+
+def _exit_with_parent() -> None:
+    """SIGTERM ourselves when the parent process exits.
+
+    Not PR_SET_PDEATHSIG: that fires when the parent *thread* that forked us exits, and
+    trio.open_process forks from a cached worker thread that retires after being idle.
+    """
+    parent = os.getppid()
+    try:
+        pidfd = os.pidfd_open(parent)
+    except OSError as exc:
+        _log(f"cannot watch parent process {parent}: {exc.strerror}")
+        if os.getppid() != parent:
+            raise _Terminated from None
+        return
+    if os.getppid() != parent:  # it exited before pidfd_open; the pid may be reused
+        os.close(pidfd)
+        raise _Terminated
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        poller.poll()
+        _log(f"parent process {parent} exited")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+class _Connection:
+    """One daemon connection: a reader thread queues requests, the main thread generates."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        # (request, perf_counter() when it arrived); None once the connection is closed
+        self.requests: queue.SimpleQueue[tuple[wire.Generate, float] | None] = queue.SimpleQueue()
+        self.broken = False  # a send failed; stop generating and sending
+        self._lock = threading.Lock()
+        self._running: _Job | None = None
+        self._queued: set[int] = set()
+        self._cancelled_queued: set[int] = set()
+        self._reader = threading.Thread(target=self._read, name="reader", daemon=True)
+
+    def start(self) -> None:
+        self._reader.start()
+
+    def send(self, msg: wire.Message) -> None:
+        if self.broken:
+            return
+        try:
+            self.sock.sendall(wire.encode(msg))
+        except OSError:
+            self.broken = True
+            job = self._running
+            if job is not None:
+                job.cancelled = True
+
+    def begin(self, request: wire.Generate) -> _Job | None:
+        """Make `request` the running generation; None if it was cancelled while queued."""
+        with self._lock:
+            self._queued.discard(request.id)
+            if request.id in self._cancelled_queued:
+                self._cancelled_queued.discard(request.id)
+                return None
+            job = self._running = _Job(request.id)
+            return job
+
+    def end(self) -> None:
+        with self._lock:
+            self._running = None
+
+    def _cancel(self, job_id: int | None) -> None:
+        """Cancel generation `job_id`, or every generation when None (connection closed)."""
+        with self._lock:
+            job = self._running
+            if job is not None and job_id in (None, job.id) and not job.cancelled:
+                job.cancelled = True
+                if job.in_prompt:
+                    _thread.interrupt_main(_CANCEL_SIGNAL)
+            if job_id is None:
+                self._cancelled_queued |= self._queued
+            elif job_id in self._queued:
+                self._cancelled_queued.add(job_id)
+
+    def _read(self) -> None:
+        decoder = wire.FrameDecoder()
+        try:
+            while data := self.sock.recv(65536):
+                for msg in decoder.feed(data):
+                    if isinstance(msg, wire.Generate):
+                        with self._lock:
+                            self._queued.add(msg.id)
+                        self.requests.put((msg, time.perf_counter()))
+                    elif isinstance(msg, wire.Cancel):
+                        self._cancel(msg.id)
+                    else:
+                        _log(f"ignoring unexpected {type(msg).__name__} from the daemon")
+        except (OSError, ValueError) as exc:
+            _log(f"daemon connection failed: {exc}")
+        finally:
+            self._cancel(None)
+            self.requests.put(None)
+
+    @property
+    def running(self) -> _Job | None:
+        return self._running
+
+
+class _Worker:
+    def __init__(self, llm: Any, token_delay: float) -> None:
+        import llama_cpp
+
+        self.llm = llm
+        self.n_ctx = llm.n_ctx()
+        self.token_delay = token_delay
+        self._vocab = llm._model.vocab
+        self._is_eog = llama_cpp.llama_vocab_is_eog
+        self._token_to_piece = llama_cpp.llama_token_to_piece
+        self._pieces: list[bytes | None] = [None] * llm.n_vocab()
+        self._default_seed = llama_cpp.LLAMA_DEFAULT_SEED
+        self.connection: _Connection | None = None
+
+    def on_cancel_signal(self, signum: int, frame: object) -> None:
+        connection = self.connection
+        job = connection.running if connection is not None else None
+        if job is not None and job.cancelled and job.in_prompt:
+            job.in_prompt = False
+            raise _PromptCancelled
+
+    def serve(self, listener: socket.socket) -> None:
+        while True:
+            sock, _ = listener.accept()
+            _log("daemon connected")
+            with sock:
+                self.connection = connection = _Connection(sock)
+                connection.start()
+                while (item := connection.requests.get()) is not None:
+                    request, received = item
+                    job = connection.begin(request)
+                    try:
+                        if job is None:
+                            connection.send(wire.Done(request.id, 0, 0, "cancelled", 0.0, 0.0))
+                        elif not connection.broken:
+                            self._generate(request, received, job, connection)
+                    finally:
+                        connection.end()
+                self.connection = None
+            _log("daemon disconnected")
+
+    def _piece(self, token: int) -> bytes:
+        size = 64
+        while True:
+            buffer = ctypes.create_string_buffer(size)
+            n = self._token_to_piece(self._vocab, token, buffer, size, 0, False)
+            if n >= 0:
+                piece = self._pieces[token] = buffer.raw[:n]
+                return piece
+            size = -n
+
+    def _generate(
+        self, request: wire.Generate, received: float, job: _Job, connection: _Connection
+    ) -> None:
+        """Run one generation: Token frames as text is produced, then Done (or Failed)."""
+        llm = self.llm
+        try:
+            prompt_tokens = llm.tokenize(request.prompt.encode(), add_bos=True, special=True)
+        except RuntimeError as exc:
+            connection.send(wire.Failed(request.id, f"cannot tokenize the prompt: {exc}"))
+            return
+        n_prompt = len(prompt_tokens)
+        if n_prompt == 0:
+            connection.send(wire.Failed(request.id, "empty prompt"))
+            return
+        if n_prompt >= self.n_ctx:
+            error = f"prompt is {n_prompt} tokens, the context holds {self.n_ctx}"
+            _log(f"generation {request.id} failed: {error}")
+            connection.send(wire.Failed(request.id, error))
+            return
+        room = self.n_ctx - n_prompt
+        max_tokens = room if request.max_tokens <= 0 else min(request.max_tokens, room)
+        _log(f"generation {request.id}: {n_prompt} prompt tokens, up to {max_tokens} new")
+
+        # Always evaluate the whole prompt: reusing a cached prefix changes batch shapes,
+        # and with them the floating point results, so a seed would not reproduce text.
+        llm.reset()
+        llm.set_seed(self._default_seed if request.seed is None else request.seed % 2**32)
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        stopper = _StopMatcher(request.stop) if request.stop else None
+        pieces, piece_of, is_eog, vocab = self._pieces, self._piece, self._is_eog, self._vocab
+        send, token_delay = connection.send, self.token_delay
+        completion = 0
+        first: float | None = None
+        last = received
+        finish = "length"
+        tokens = llm.generate(
+            prompt_tokens,
+            top_k=request.top_k,
+            top_p=request.top_p,
+            min_p=_MIN_P,
+            typical_p=_TYPICAL_P,
+            temp=max(request.temperature, 0.0),
+            repeat_penalty=_REPEAT_PENALTY,
+        )
+        # The outer try also catches a _PromptCancelled raised in the inner finally clause
+        # before it clears in_prompt.
+        try:
+            try:
+                job.in_prompt = True
+                if job.cancelled:  # cancelled before in_prompt was set: no signal was sent
+                    raise _PromptCancelled
+                for token in tokens:
+                    last = time.perf_counter()
+                    if job.in_prompt:
+                        job.in_prompt = False
+                        first = last
+                    if job.cancelled:
+                        finish = "cancelled"
+                        break
+                    if is_eog(vocab, token):
+                        finish = "stop"
+                        break
+                    completion += 1
+                    text = decoder.decode(pieces[token] or piece_of(token))
+                    if stopper is not None:
+                        text, stopped = stopper.feed(text)
+                        if stopped:
+                            finish = "stop"
+                            if text:
+                                send(wire.Token(request.id, text))
+                            break
+                    if text:
+                        send(wire.Token(request.id, text))
+                    if completion >= max_tokens:
+                        break
+                    if token_delay:
+                        time.sleep(token_delay)
+            finally:
+                job.in_prompt = False
+                tokens.close()
+        except _PromptCancelled:
+            finish = "cancelled"
+        except (RuntimeError, ValueError) as exc:
+            _log(f"generation {request.id} failed: {exc}")
+            send(wire.Failed(request.id, f"generation failed: {exc}"))
+            return
+        if finish != "cancelled":
+            tail = decoder.decode(b"", final=True)
+            if stopper is not None and finish == "length":
+                tail = stopper.flush() + tail
+            if tail:
+                send(wire.Token(request.id, tail))
+        ttft_ms = 0.0 if first is None else (first - received) * 1000.0
+        rate = 0.0
+        if first is not None and completion > 1 and last > first:
+            rate = (completion - 1) / (last - first)
+        send(wire.Done(request.id, n_prompt, completion, finish, ttft_ms, rate))
+        _log(
+            f"generation {request.id}: {finish}, {completion} tokens,"
+            f" ttft {ttft_ms:.1f} ms, {rate:.1f} tok/s"
+        )
+
+
+def _token_delay() -> float:
+    value = os.environ.get("RBEED_WORKER_TOKEN_DELAY", "")
+    try:
+        return float(value) if value else 0.0
+    except ValueError:
+        raise _StartupError(f"RBEED_WORKER_TOKEN_DELAY is not a number: {value!r}") from None
+
+
+def _on_terminate(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the worker until SIGTERM (exit 0) or a startup failure (exit 3)."""
+    args = _parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_terminate)
+    signal.signal(signal.SIGINT, _on_terminate)
+    listener: socket.socket | None = None
+    try:
+        if os.environ.get("RBEED_PDEATHSIG") == "1":
+            _exit_with_parent()
+        _log(f"worker {args.id}: loading {args.model} on {args.device}")
+        _notify(f"STATUS=loading {args.model}")
+        try:
+            token_delay = _token_delay()
+            llm = _load_model(args, _gpu_layers(args.device))
+            listener = _listen(args.socket)
+        except _StartupError as exc:
+            _notify(f"STATUS=failed: {exc}")
+            _log(f"failed: {exc}")
+            return EXIT_FAILED
+        worker = _Worker(llm, token_delay)
+        signal.signal(_CANCEL_SIGNAL, worker.on_cancel_signal)
+        _notify(f"READY=1\nSTATUS=serving {args.model} on {args.device}")
+        _log(f"worker {args.id}: serving on {args.socket}")
+        worker.serve(listener)
+    except _Terminated:
+        _log("terminated")
+    finally:
+        if listener is not None:
+            listener.close()
+            try:
+                os.unlink(args.socket)
+            except OSError:
+                pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

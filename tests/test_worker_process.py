@@ -1,0 +1,467 @@
+"""Real `python -m rbeed.worker` subprocesses on the tiny model, driven over real sockets."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import pathlib
+import signal
+import socket
+import stat
+import subprocess
+import sys
+
+import llama_cpp
+import pytest
+import trio
+
+import tinymodel
+from rbeed import wire
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+PROMPT = "Once upon a time"
+PLAIN_WORDS = {piece.removeprefix(tinymodel.SPACE) for piece in tinymodel.WORDS}
+
+
+@pytest.fixture(scope="session")
+def in_process(tiny_model: pathlib.Path) -> llama_cpp.Llama:
+    """The tiny model in this process, configured like the workers the tests start."""
+    return llama_cpp.Llama(
+        model_path=str(tiny_model), n_ctx=2048, n_batch=32, n_threads=1, verbose=False
+    )
+
+
+def reference_text(llm: llama_cpp.Llama, seed: int, max_tokens: int) -> tuple[str, str]:
+    """llama-cpp-python's own (text, finish_reason) for PROMPT with the tests' parameters."""
+    choice = llm.create_completion(
+        PROMPT, max_tokens=max_tokens, temperature=0.8, top_p=0.95, top_k=40, seed=seed
+    )["choices"][0]
+    return choice["text"], choice["finish_reason"]
+
+
+@pytest.fixture(scope="session")
+def long_seed(in_process: llama_cpp.Llama) -> int:
+    """A seed whose generation runs 60 tokens without ending its sentence."""
+    return next(s for s in range(100) if reference_text(in_process, s, 60)[1] == "length")
+
+
+@dataclasses.dataclass
+class Generation:
+    pieces: list[str]
+    end: wire.Done | wire.Failed
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+class Client:
+    """The daemon's side of a worker connection."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self._decoder = wire.FrameDecoder()
+        self._pending: collections.deque[wire.Message] = collections.deque()
+
+    async def send(self, msg: wire.Message) -> None:
+        await self.stream.send_all(wire.encode(msg))
+
+    async def receive(self) -> wire.Message:
+        """The next message; EOFError when the worker closed the connection."""
+        while not self._pending:
+            data = await self.stream.receive_some()
+            if not data:
+                raise EOFError
+            self._pending.extend(self._decoder.feed(data))
+        return self._pending.popleft()
+
+    async def finish(self, job_id: int) -> Generation:
+        """Collect the Token frames of `job_id` up to its Done or Failed."""
+        pieces: list[str] = []
+        while True:
+            msg = await self.receive()
+            assert msg.id == job_id, msg
+            if isinstance(msg, wire.Token):
+                pieces.append(msg.text)
+            else:
+                assert isinstance(msg, (wire.Done, wire.Failed)), msg
+                return Generation(pieces, msg)
+
+    async def generate(self, job_id: int, prompt: str = PROMPT, **params) -> Generation:
+        await self.send(request(job_id, prompt, **params))
+        return await self.finish(job_id)
+
+
+def request(job_id: int, prompt: str = PROMPT, **params) -> wire.Generate:
+    params = {"max_tokens": 40, "temperature": 0.8, "top_p": 0.95, "top_k": 40} | params
+    return wire.Generate(id=job_id, prompt=prompt, **params)
+
+
+def worker_command(model: pathlib.Path, socket_path: pathlib.Path, *args: str) -> list[str]:
+    return [
+        sys.executable, "-m", "rbeed.worker", "--id", "t1", "--model", str(model),
+        "--socket", str(socket_path), "--device", "cpu", "--threads", "1", *args,
+    ]  # fmt: skip
+
+
+class Worker:
+    """A worker subprocess with the test's NOTIFY_SOCKET and a pipe on its stderr."""
+
+    def __init__(self, tmp_path: pathlib.Path) -> None:
+        self.socket_path = tmp_path / "w.sock"
+        self.notify_path = tmp_path / "notify"
+        self.notify = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.process: trio.Process | None = None
+        self.stderr = ""
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RBEED_")}
+        python_path = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        return env | {"NOTIFY_SOCKET": str(self.notify_path), "PYTHONPATH": python_path} | extra
+
+    async def start(self, command: list[str], **env: str) -> None:
+        await self.notify.bind(str(self.notify_path))
+        self.process = await trio.lowlevel.open_process(
+            command, env=self.env(**env), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+
+    async def notification(self) -> str:
+        return (await self.notify.recv(4096)).decode()
+
+    async def ready(self) -> str:
+        """Wait for READY=1, returning the datagram; fails on STATUS=failed."""
+        while "READY=1" not in (state := await self.notification()):
+            assert "STATUS=failed" not in state, state
+        return state
+
+    async def stderr_until(self, text: str) -> str:
+        """Read the worker's stderr until `text` appears in it; returns all of it so far."""
+        assert self.process is not None and self.process.stderr is not None
+        while text not in self.stderr:
+            data = await self.process.stderr.receive_some()
+            if not data:
+                raise AssertionError(f"stderr ended without {text!r}:\n{self.stderr}")
+            self.stderr += data.decode()
+        return self.stderr
+
+    async def exit_code(self) -> int:
+        """Wait for the process to exit, reading the rest of its stderr."""
+        assert self.process is not None and self.process.stderr is not None
+        while data := await self.process.stderr.receive_some():
+            self.stderr += data.decode()
+        return await self.process.wait()
+
+    async def connect(self) -> Client:
+        return Client(await trio.open_unix_socket(str(self.socket_path)))
+
+    async def aclose(self) -> None:
+        if self.process is not None:
+            with trio.CancelScope(shield=True):
+                self.process.kill()
+                await self.process.wait()
+                if self.process.stderr is not None:
+                    await self.process.stderr.aclose()
+        self.notify.close()
+
+
+@pytest.fixture
+async def start_worker(tmp_path: pathlib.Path, tiny_model: pathlib.Path):
+    """start_worker(*args, model=..., **env) -> a started Worker; all are killed at the end."""
+    workers: list[Worker] = []
+
+    async def start(*args: str, model: pathlib.Path = tiny_model, **env: str) -> Worker:
+        worker = Worker(tmp_path / str(len(workers)))
+        worker.socket_path.parent.mkdir()
+        workers.append(worker)
+        await worker.start(worker_command(model, worker.socket_path, *args), **env)
+        return worker
+
+    try:
+        yield start
+    finally:
+        for worker in workers:
+            await worker.aclose()
+
+
+async def ready_client(start_worker, *args: str, **env: str) -> tuple[Worker, Client]:
+    worker = await start_worker(*args, **env)
+    await worker.ready()
+    return worker, await worker.connect()
+
+
+async def test_ready_then_generate_streams_words(start_worker, tiny_model, in_process):
+    with trio.fail_after(10):
+        worker = await start_worker()
+        assert await worker.notification() == f"STATUS=loading {tiny_model}"
+        assert await worker.ready() == f"READY=1\nSTATUS=serving {tiny_model} on cpu"
+        assert stat.S_IMODE(worker.socket_path.stat().st_mode) == 0o600
+        client = await worker.connect()
+
+        result = await client.generate(1, seed=7, max_tokens=1000)
+
+    assert isinstance(result.end, wire.Done)
+    n_prompt = len(in_process.tokenize(PROMPT.encode(), add_bos=True, special=True))
+    assert result.end.prompt_tokens == n_prompt
+    # every word piece is one valid UTF-8 token, so one frame per counted token
+    assert result.end.completion_tokens == len(result.pieces) > 0
+    assert result.end.finish_reason == "stop"  # the sentence ended with "."
+    assert result.text.endswith(".") and result.text.count(".") == 1
+    assert result.text.startswith(" ")
+    assert set(result.text.removesuffix(".").replace(",", "").split()) <= PLAIN_WORDS
+    assert result.end.ttft_ms > 0 and result.end.tokens_per_s > 0
+
+
+async def test_seeded_sampling_and_greedy_are_deterministic(start_worker):
+    with trio.fail_after(10):
+        _, client = await ready_client(start_worker)
+        first = await client.generate(1, seed=5, max_tokens=30)
+        again = await client.generate(2, seed=5, max_tokens=30)
+        other = [(await client.generate(3 + s, seed=100 + s, max_tokens=30)).text for s in range(3)]
+        greedy = await client.generate(10, temperature=0.0, max_tokens=30)
+        greedy_again = await client.generate(11, temperature=0.0, seed=99, max_tokens=30)
+
+    assert first.text == again.text and first.text
+    assert first.text not in other
+    assert greedy.text == greedy_again.text and greedy.text
+
+
+async def test_finish_reasons_length_stop_and_stop_strings(start_worker):
+    with trio.fail_after(10):
+        _, client = await ready_client(start_worker)
+        runs = [await client.generate(seed, seed=seed, max_tokens=12) for seed in range(20)]
+        by_reason = collections.defaultdict(list)
+        for run in runs:
+            by_reason[run.end.finish_reason].append(run)
+        # a prompt ending in "." makes EOS the very first token
+        immediate = await client.generate(30, prompt="the cat sat.", seed=1)
+
+        long_run = by_reason["length"][0]
+        stop = long_run.pieces[3].strip()
+        stopped = await client.generate(31, seed=long_run.end.id, max_tokens=12, stop=[stop])
+
+    assert set(by_reason) == {"length", "stop"}
+    for run in by_reason["length"]:
+        assert run.end.completion_tokens == 12 and "." not in run.text
+    for run in by_reason["stop"]:
+        assert run.end.completion_tokens < 12 and run.text.endswith(".")
+
+    assert immediate.end.finish_reason == "stop"
+    assert immediate.end.completion_tokens == 0 and immediate.pieces == []
+
+    # the stop string may first occur inside an earlier word
+    full_text = long_run.text
+    assert stopped.text == full_text[: full_text.index(stop)]
+    assert stopped.end.finish_reason == "stop"
+    assert stopped.end.completion_tokens == next(
+        n for n in range(1, 13) if stop in "".join(long_run.pieces[:n])
+    )
+
+
+async def test_matches_llama_cpp_python_create_completion(start_worker, in_process):
+    with trio.fail_after(10):
+        _, client = await ready_client(start_worker)
+        results = [await client.generate(seed, seed=seed, max_tokens=30) for seed in range(5)]
+
+    for seed, result in enumerate(results):
+        assert (result.text, result.end.finish_reason) == reference_text(in_process, seed, 30)
+
+
+async def test_prompt_longer_than_context_fails_and_worker_goes_on(start_worker):
+    with trio.fail_after(10):
+        _, client = await ready_client(start_worker, "--n-ctx", "256")
+        too_long = await client.generate(1, prompt="xyz " * 100)
+        after = await client.generate(2, seed=1)
+
+    assert isinstance(too_long.end, wire.Failed) and too_long.pieces == []
+    assert "the context holds 256" in too_long.end.error
+    assert isinstance(after.end, wire.Done) and after.text
+
+
+async def test_cancel_mid_stream_then_next_generation(start_worker, long_seed):
+    seed = long_seed
+    with trio.fail_after(10):
+        _, client = await ready_client(start_worker, RBEED_WORKER_TOKEN_DELAY="0.05")
+
+        await client.send(request(1, seed=seed, max_tokens=60))
+        await client.send(request(2, seed=seed, max_tokens=60))  # queued behind 1
+        first = await client.receive()
+        assert isinstance(first, wire.Token) and first.id == 1
+        await client.send(wire.Cancel(2))
+        await client.send(wire.Cancel(1))
+        cancelled = await client.finish(1)
+        cancelled_queued = await client.finish(2)
+        after = await client.generate(3, seed=seed, max_tokens=3)
+
+    assert cancelled.end.finish_reason == "cancelled"
+    # the cancel lands within a token: the first was being delayed when it was sent
+    assert 1 <= cancelled.end.completion_tokens <= 2
+    assert cancelled.end.completion_tokens == len(cancelled.pieces) + 1
+    assert cancelled_queued == Generation([], wire.Done(2, 0, 0, "cancelled", 0.0, 0.0))
+    assert after.end.finish_reason == "length" and after.end.completion_tokens == 3
+    assert after.pieces[0] == first.text
+
+
+async def test_cancel_during_prompt_processing_lands_fast(start_worker):
+    # ~30000 byte tokens with n_batch 32 take seconds to evaluate, even on this model
+    prompt = "q" * 30000
+    with trio.fail_after(10):
+        worker, client = await ready_client(start_worker, "--n-ctx", "32768")
+        await client.send(request(1, prompt=prompt, seed=1))
+        await worker.stderr_until("generation 1: 30002 prompt tokens")
+        with trio.fail_after(1):
+            await client.send(wire.Cancel(1))
+            cancelled = await client.finish(1)
+        after = await client.generate(2, seed=1, max_tokens=5)
+
+    assert cancelled.end == wire.Done(1, 30002, 0, "cancelled", 0.0, 0.0)
+    assert cancelled.pieces == []
+    assert after.end.finish_reason in ("length", "stop") and after.end.prompt_tokens < 30
+
+
+async def test_disconnect_mid_generation_stops_it_and_next_connection_works(
+    start_worker, long_seed
+):
+    with trio.fail_after(10):
+        worker, client = await ready_client(start_worker, RBEED_WORKER_TOKEN_DELAY="0.05")
+        await client.send(request(1, seed=long_seed, max_tokens=60))
+        assert isinstance(await client.receive(), wire.Token)
+        await client.stream.aclose()
+        stderr = await worker.stderr_until("daemon disconnected")
+        assert "generation 1: cancelled" in stderr
+        again = await worker.connect()
+        result = await again.generate(2, seed=1, max_tokens=2)
+
+    assert result.end.completion_tokens == len(result.pieces) > 0
+
+
+async def test_sigterm_mid_generation_exits_promptly(start_worker, long_seed):
+    with trio.fail_after(10):
+        worker, client = await ready_client(start_worker, RBEED_WORKER_TOKEN_DELAY="0.05")
+        await client.send(request(1, seed=long_seed, max_tokens=60))
+        assert isinstance(await client.receive(), wire.Token)
+        worker.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(2):
+            assert await worker.exit_code() == 0
+
+    assert worker.stderr.splitlines()[-1] == "rbeed-worker: terminated"
+    assert not worker.socket_path.exists()
+
+
+def truncated(model: pathlib.Path, path: pathlib.Path) -> pathlib.Path:
+    path.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    return path
+
+
+def random_bytes(model: pathlib.Path, path: pathlib.Path) -> pathlib.Path:
+    path.write_bytes(os.urandom(4096))
+    return path
+
+
+def random_after_magic(model: pathlib.Path, path: pathlib.Path) -> pathlib.Path:
+    path.write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    return path
+
+
+def missing(model: pathlib.Path, path: pathlib.Path) -> pathlib.Path:
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make_model", "reason"),
+    [
+        (random_bytes, "not a GGUF file: {path}"),
+        (missing, "model file not found: {path}"),
+        (
+            truncated,
+            "failed to load model: tensor 'output.weight' data is not within the file bounds,"
+            " model is corrupted or incomplete",
+        ),
+        (random_after_magic, "failed to load model: "),
+    ],
+)
+async def test_bad_model_reports_failed_and_exits_3(
+    start_worker, tiny_model, tmp_path, make_model, reason
+):
+    path = make_model(tiny_model, tmp_path / "bad.gguf")
+    reason = reason.format(path=path)
+    with trio.fail_after(10):
+        worker = await start_worker(model=path)
+        assert await worker.notification() == f"STATUS=loading {path}"
+        failed = await worker.notification()
+        assert await worker.exit_code() == 3
+
+    assert failed.startswith(f"STATUS=failed: {reason}")
+    last_line = worker.stderr.splitlines()[-1]
+    assert last_line == f"rbeed-worker: {failed.removeprefix('STATUS=')}"
+    assert "Traceback" not in worker.stderr
+    assert len(failed) < 200
+
+
+@pytest.mark.parametrize(
+    ("device", "reason"),
+    [
+        ("metal", "device metal is only available on macOS, not linux"),
+        ("cuda:0", "llama-cpp-python was built without GPU support (cuda)"),
+        ("tpu", "unknown device 'tpu' (expected cpu, cuda:N or metal)"),
+    ],
+)
+async def test_unusable_device_fails_clearly(start_worker, device, reason):
+    if device == "cuda:0" and llama_cpp.llama_supports_gpu_offload():
+        pytest.skip("this llama-cpp-python build can offload to a GPU")
+    if device == "cuda:0" and "CUDA :" in llama_cpp.llama_print_system_info().decode():
+        reason = "device cuda:0 is not available: cuda found no GPU"  # CUDA build, no GPU
+    if sys.platform != "linux":
+        pytest.skip("reasons are worded for Linux")
+    with trio.fail_after(10):
+        worker = await start_worker("--device", device)
+        await worker.notification()
+        assert await worker.notification() == f"STATUS=failed: {reason}"
+        assert await worker.exit_code() == 3
+    assert worker.stderr.splitlines()[-1] == f"rbeed-worker: failed: {reason}"
+
+
+# Forks the worker from a thread that exits at once (as trio.open_process does from its thread
+# cache), prints the worker's pid, and exits when its stdin closes.
+SPAWNER = """
+import subprocess, sys, threading
+spawned = []
+thread = threading.Thread(target=lambda: spawned.append(subprocess.Popen(sys.argv[1:])))
+thread.start()
+thread.join()
+print(spawned[0].pid, flush=True)
+sys.stdin.read()
+"""
+
+
+async def test_worker_exits_with_its_parent_process_not_thread(tmp_path, tiny_model):
+    worker = Worker(tmp_path)
+    await worker.notify.bind(str(worker.notify_path))
+    command = worker_command(tiny_model, worker.socket_path)
+    spawner = await trio.lowlevel.open_process(
+        [sys.executable, "-c", SPAWNER, *command],
+        env=worker.env(RBEED_PDEATHSIG="1"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    pid = 0
+    try:
+        with trio.fail_after(10):
+            pid = int(await spawner.stdout.receive_some())
+            await worker.ready()
+            client = await worker.connect()
+            # the forking thread is gone: the worker still serves
+            result = await client.generate(1, seed=1, max_tokens=3)
+            assert isinstance(result.end, wire.Done)
+            await spawner.stdin.aclose()
+            assert await spawner.wait() == 0
+            with trio.fail_after(3), pytest.raises(EOFError):
+                await client.receive()
+    finally:
+        spawner.kill()
+        if pid:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        worker.notify.close()
