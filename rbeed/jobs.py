@@ -162,8 +162,10 @@ class JobRegistry:
         self._handler = handler
         self._jobs: dict[str, Job] = {}
         self._nursery: trio.Nursery | None = None
-        # (deadline, job) in deadline order: creation order for unstreamed, finish order for finished.
-        self._unstreamed: deque[tuple[float, Job]] = deque()
+        # Deadlines in deadline order: creation order for unstreamed, finish order for finished.
+        # A job leaves _unstreamed when it starts or ends, so that the queue does not keep every
+        # job of the last unstreamed_ttl seconds alive.
+        self._unstreamed: dict[Job, float] = {}
         self._finished: deque[tuple[float, Job]] = deque()
         self._reaper: trio.CancelScope | None = None
         self.changed = trio.Event()  # set (and replaced) whenever a job starts or finishes
@@ -197,7 +199,7 @@ class JobRegistry:
             raise RegistryFull(f"{len(self._jobs)} jobs held; try again later")
         job = Job(operation, self._config.event_buffer)
         self._jobs[job.id] = job
-        self._arm(self._unstreamed, job, self._config.unstreamed_ttl)
+        self._unstreamed[job] = self._arm(self._config.unstreamed_ttl)
         return job
 
     def start(self, job: Job) -> None:
@@ -206,6 +208,7 @@ class JobRegistry:
             return
         assert self._nursery is not None, "JobRegistry.run() is not running"
         payload, job.payload = job.payload, None
+        del self._unstreamed[job]
         job.state, job.started_at = JobState.RUNNING, time.time()
         self._nursery.start_soon(self._run, job, payload, name=job.id)
         self._signal()
@@ -246,7 +249,8 @@ class JobRegistry:
 
     def _end(self, job: Job, state: JobState, error: str | None = None) -> None:
         job._finish(state, error)
-        self._arm(self._finished, job, self._config.finished_ttl)
+        self._unstreamed.pop(job, None)  # cancelled while queued
+        self._finished.append((self._arm(self._config.finished_ttl), job))
         self._signal()
 
     def _signal(self) -> None:
@@ -255,22 +259,27 @@ class JobRegistry:
 
     # -- expiry -----------------------------------------------------------------------------
 
-    def _arm(self, queue: deque[tuple[float, Job]], job: Job, ttl: float) -> None:
+    def _arm(self, ttl: float) -> float:
+        """The deadline `ttl` from now, with the reaper woken by then."""
         deadline = trio.current_time() + ttl
-        queue.append((deadline, job))
         if self._reaper is not None and deadline < self._reaper.deadline:
             self._reaper.deadline = deadline
+        return deadline
 
     def _next_deadline(self) -> float:
-        heads = [queue[0][0] for queue in (self._unstreamed, self._finished) if queue]
+        heads = [self._finished[0][0]] if self._finished else []
+        if self._unstreamed:
+            heads.append(next(iter(self._unstreamed.values())))
         return min(heads, default=float("inf"))
 
     def _expire(self, now: float) -> None:
-        while self._unstreamed and self._unstreamed[0][0] <= now:
-            _, job = self._unstreamed.popleft()
-            if job.state is JobState.QUEUED:
-                log.info("job %s expired: never streamed", job.id)
-                del self._jobs[job.id]
+        while self._unstreamed:
+            job, deadline = next(iter(self._unstreamed.items()))
+            if deadline > now:
+                break
+            del self._unstreamed[job]
+            log.info("job %s expired: never streamed", job.id)
+            del self._jobs[job.id]
         while self._finished and self._finished[0][0] <= now:
             _, job = self._finished.popleft()
             self._jobs.pop(job.id, None)
