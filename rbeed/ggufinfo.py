@@ -15,7 +15,7 @@ import sys
 
 
 def read(path: str) -> dict:
-    from gguf import GGUFValueType as T, LlamaFileType
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType as T, LlamaFileType
 
     scalar = {T.UINT8: "<B", T.INT8: "<b", T.UINT16: "<H", T.INT16: "<h", T.UINT32: "<I", T.INT32: "<i",
               T.FLOAT32: "<f", T.BOOL: "<?", T.UINT64: "<Q", T.INT64: "<q", T.FLOAT64: "<d"}  # fmt: skip
@@ -24,6 +24,8 @@ def read(path: str) -> dict:
 
         def take(fmt: str):
             nonlocal offset
+            if offset + struct.calcsize(fmt) > len(data):
+                raise ValueError(f"truncated: the header runs past the end of the file ({len(data)} bytes)")
             (value,) = struct.unpack_from(fmt, data, offset)
             offset += struct.calcsize(fmt)
             return value
@@ -59,15 +61,22 @@ def read(path: str) -> dict:
         for _ in range(kv_count):
             key = string()
             fields[key] = value(take("<I"))
-        parameters = 0
+        parameters = data_size = 0
         for _ in range(tensor_count):
             string()
             dims = take("<I")
             count = 1
             for _ in range(dims):
                 count *= take("<Q")
-            offset += 12  # type (uint32) and data offset (uint64)
+            kind, data_offset = take("<I"), take("<Q")
+            block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+            data_size = max(data_size, data_offset + count // block * block_bytes)
             parameters += count
+        # A cut-off download or copy still has a whole header: check that the tensor data fits.
+        alignment = fields.get("general.alignment") or 32
+        data_end = -(-offset // alignment) * alignment + data_size
+        if data_end > len(data):
+            raise ValueError(f"truncated: the tensor data ends at byte {data_end}, the file has {len(data)} bytes")
 
     architecture = fields.get("general.architecture")
     file_type = fields.get("general.file_type")

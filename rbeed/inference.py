@@ -25,37 +25,46 @@ class Inference:
             return True
         return worker.device.startswith("cuda") if op.device == "cuda" else worker.device == op.device
 
-    async def _worker_for(self, job: Job, op: Infer) -> Worker:
+    async def _worker_for(self, job: Job, op: Infer, generation: Generation) -> tuple[Worker, bool]:
+        """The worker for the job, and whether it was loaded for it (it then serves `generation` first)."""
         if op.worker_id is not None:
             worker = self.supervisor.lookup(op.worker_id)
             if worker.model != op.model:
                 raise JobFailed(f"worker {worker.id} serves {worker.model}, not {op.model}")
-            return worker
+            return worker, False
         # One load per model and device at a time: a second job waits for the first's worker.
         lock = self._loading.setdefault((op.model, self._device(op)), trio.Lock())
         async with lock:
             candidates = [w for w in self.supervisor.workers.values() if self._matches(w, op)]
             if candidates:
-                return min(candidates, key=lambda w: (w.current is not None) + w.queue_out.statistics().current_buffer_used)
-            return await self.supervisor.spawn(op.model, self._device(op), on_demand=True, keep_alive=op.keep_alive, job=job)
+                return min(candidates, key=lambda w: w.backlog), False
+            return await self.supervisor.spawn(op.model, self._device(op), on_demand=True, keep_alive=op.keep_alive,
+                                               job=job, first=generation), True  # fmt: skip
 
     async def infer(self, job: Job, op: Infer) -> None:
         job.cancel_on_disconnect = True
-        worker = await self._worker_for(job, op)
-        await worker.wait_loaded()
-        if op.keep_alive is not None and worker.on_demand:
-            worker.keep_alive = op.keep_alive
         generation = Generation(
             job, op.prompt, op.stream, max_tokens=op.max_tokens, temperature=op.temperature,
             top_p=op.top_p, top_k=op.top_k, seed=op.seed, stop=list(op.stop),
         )  # fmt: skip
-        worker.submit(generation)
+        worker: Worker | None = None
         try:
+            worker, loaded_for_us = await self._worker_for(job, op, generation)
+            await worker.wait_loaded()
+            if op.keep_alive is not None and worker.on_demand:
+                worker.keep_alive = op.keep_alive
+            if not loaded_for_us:
+                ahead = worker.backlog
+                worker.submit(generation)
+                if ahead:
+                    job.narrate(f"queued on worker {worker.id} behind {ahead} job(s)")
             await generation.done.wait()
         finally:
             if generation.outcome is None:
-                with trio.CancelScope(shield=True):
-                    await worker.abandon(generation)
+                generation.abandoned = True  # also when cancelled while its worker loads
+                if worker is not None:
+                    with trio.CancelScope(shield=True):
+                        await worker.abandon(generation)
         outcome = generation.outcome
         if not isinstance(outcome, wire.Done):
             raise JobFailed(outcome)

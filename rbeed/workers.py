@@ -95,8 +95,10 @@ class Worker:
         self.error: str | None = None
         self.backend = ""
         self.current: Generation | None = None
+        self.first: Generation | None = None  # on demand: the job it is loaded for, served before the queue
         self.queue_in, self.queue_out = trio.open_memory_channel[Generation](queue_size)
         self.loaded = trio.Event()  # set once the first load succeeded or failed
+        self.ready_once = False  # a load succeeded: a later end is not a failure to load
         self.stopped = trio.Event()
         self.scope = trio.CancelScope()
         self._stream: trio.abc.Stream | None = None
@@ -113,10 +115,21 @@ class Worker:
             self.error,
         )  # fmt: skip
 
+    @property
+    def backlog(self) -> int:
+        """Generations a new one would wait for: the running one and the queued ones."""
+        return (self.current is not None) + self.queue_out.statistics().current_buffer_used
+
     async def wait_loaded(self) -> None:
+        """Return once the model is loaded; JobFailed if it never was, or the worker ended since."""
         await self.loaded.wait()
+        if self.live:
+            return
+        if self.ready_once:
+            raise JobFailed(f"worker {self.id} is {self.state.value}" + (f": {self.error}" if self.error else ""))
         if self.state is WorkerState.FAILED:
             raise JobFailed(f"worker {self.id} failed to load {self.model}: {self.error}")
+        raise JobFailed(f"worker {self.id} stopped while loading {self.model}")
 
     def submit(self, generation: Generation) -> None:
         if not self.live:
@@ -142,32 +155,35 @@ class Worker:
         decoder = wire.FrameDecoder()
         while True:
             self.state = WorkerState.READY
-            timeout = math.inf if self.keep_alive < 0 or not self.on_demand else self.keep_alive
-            generation = None
-            with trio.move_on_after(timeout):
-                generation = await self.queue_out.receive()
+            generation, self.first = self.first, None
             if generation is None:
-                return
+                timeout = math.inf if self.keep_alive < 0 or not self.on_demand else self.keep_alive
+                try:  # a queued job is taken at once, even with keep_alive 0
+                    generation = self.queue_out.receive_nowait()
+                except trio.WouldBlock:
+                    with trio.move_on_after(timeout):
+                        generation = await self.queue_out.receive()
+                if generation is None:
+                    return
             if generation.abandoned:
                 continue
+            # Left set if this raises: the supervisor fails the generation with the reason.
             self.current, self.state = generation, WorkerState.BUSY
-            try:
-                async with self._send_lock:
-                    await stream.send_all(wire.encode(generation.request))
-                generation.sent = True
-                while generation.outcome is None:
-                    data = await stream.receive_some(1 << 16)
-                    if not data:
-                        raise WorkerDied("closed its connection")
-                    for message in decoder.feed(data):
-                        if type(message) is wire.Token:
-                            generation.token(message.text)
-                        elif type(message) is wire.Done:
-                            generation.finish(message)
-                        elif type(message) is wire.Failed:
-                            generation.finish(message.error)
-            finally:
-                self.current = None
+            async with self._send_lock:
+                await stream.send_all(wire.encode(generation.request))
+            generation.sent = True
+            while generation.outcome is None:
+                data = await stream.receive_some(1 << 16)
+                if not data:
+                    raise WorkerDied("closed its connection")
+                for message in decoder.feed(data):
+                    if type(message) is wire.Token:
+                        generation.token(message.text)
+                    elif type(message) is wire.Done:
+                        generation.finish(message)
+                    elif type(message) is wire.Failed:
+                        generation.finish(message.error)
+            self.current = None
             self.restarts = 0
 
 
@@ -211,8 +227,7 @@ class Supervisor:
 
     async def _make_room(self, threads: int, job: Job | None) -> None:
         """Stop idle on-demand workers, least recently started first, until `threads` are free."""
-        idle = [w for w in self.workers.values() if w.live and w.on_demand and w.current is None
-                and not w.queue_out.statistics().current_buffer_used]  # fmt: skip
+        idle = [w for w in self.workers.values() if w.live and w.on_demand and not w.backlog and w.first is None]
         for worker in sorted(idle, key=lambda w: w.started_at):
             if self._free_threads() >= threads:
                 return
@@ -221,8 +236,13 @@ class Supervisor:
             await self.stop(worker)
 
     async def spawn(self, model_id: str, device: str, *, threads: int | None = None, on_demand: bool = False,
-                    keep_alive: float | None = None, job: Job | None = None) -> Worker:  # fmt: skip
-        """Start a worker and return it once its model is loaded; JobFailed says why not."""
+                    keep_alive: float | None = None, job: Job | None = None,
+                    first: Generation | None = None) -> Worker:  # fmt: skip
+        """Start a worker and return it once its model is loaded; JobFailed says why not.
+
+        `first` is served as soon as the model is loaded: an on-demand worker with keep_alive 0
+        would otherwise stop before the job it was loaded for has queued its generation.
+        """
         model = self.models.lookup(model_id)
         path = self.models.path_of(model)
         if device == "metal":
@@ -242,7 +262,7 @@ class Supervisor:
             self.config.queue_size, on_demand,
             self.config.keep_alive if keep_alive is None else keep_alive,
         )  # fmt: skip
-        worker.backend = self.backend.name
+        worker.backend, worker.first = self.backend.name, first
         self.workers[worker_id] = worker
         self._signal()
         if job is not None:
@@ -276,6 +296,9 @@ class Supervisor:
                     except Exception as exc:  # a bug here must not take the daemon down
                         log.exception("worker %s: supervision failed", worker.id)
                         reason = f"internal error: {type(exc).__name__}"
+                    if worker.current is not None:
+                        worker.current.finish(f"worker {worker.id} died ({reason})")
+                        worker.current = None
                     if reason is None:  # stopped after keep_alive idle time
                         log.info("worker %s idle: stopping", worker.id)
                         return
@@ -292,8 +315,9 @@ class Supervisor:
             if worker.state is not WorkerState.FAILED:
                 worker.state = WorkerState.STOPPED
             why = f"worker {worker.id} {worker.state.value}" + (f": {worker.error}" if worker.error else "")
-            if worker.current is not None:
-                worker.current.finish(why)
+            for generation in (worker.current, worker.first):
+                if generation is not None:
+                    generation.finish(why)
             worker.queue_in.close()
             while True:
                 try:
@@ -316,7 +340,9 @@ class Supervisor:
                 except trio.TooSlowError:
                     raise WorkerStartError(f"model not loaded within {self.config.load_timeout:.0f} s") from None
             stream = await trio.open_unix_socket(str(worker.socket_path))
-            worker.error = None
+            # A unit's main pid is known only once it is ready.
+            worker.pid, worker.error, worker.state = handle.pid, None, WorkerState.READY
+            worker.ready_once = True
             worker.loaded.set()
             log.info("worker %s ready (pid %s, %s, %d threads)", worker.id, handle.pid, worker.device, worker.threads)
             ended: str | None = None
@@ -331,15 +357,17 @@ class Supervisor:
                     try:
                         await worker.serve(stream)
                     except (WorkerDied, trio.BrokenResourceError) as exc:
-                        ended = str(exc) if isinstance(exc, WorkerDied) else "lost its connection"
+                        # A crash also closes the connection: the exit status, if it comes (before,
+                        # or within the stop grace), says more.
+                        if ended is None:
+                            ended = str(exc) if isinstance(exc, WorkerDied) else "lost its connection"
+                        await trio.sleep(self.config.stop_grace)
                     else:
                         worker.state = WorkerState.STOPPING
                         ended = None
 
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(first_of, watch_exit, serve)
-            if worker.current is not None:
-                worker.current.finish(f"worker {worker.id} died ({ended})")
             return ended
 
     # -- operations -------------------------------------------------------------------------

@@ -1,0 +1,268 @@
+"""Models end to end: model_* jobs on the real daemon, from local files and a real HTTP server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from functools import partial
+
+import gguf
+import pytest
+import trio
+
+from httpfixture import serve_files
+from support import (
+    end_marker, job_error, job_events, job_result, narrations, rest_of, run_job, running_daemon, short_base,
+    start_daemon,
+)  # fmt: skip
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    """The tiny model's bytes, sha256 and the metadata gguf's own reader finds in it."""
+    reader = gguf.GGUFReader(tiny_model)
+    content = tiny_model.read_bytes()
+    metadata = {
+        "architecture": "llama",
+        "parameters": sum(int(tensor.n_elements) for tensor in reader.tensors),
+        "file_type": int(gguf.LlamaFileType.ALL_F32),
+        "quantization": "ALL_F32",
+        "context_length": reader.fields["llama.context_length"].contents(),
+        "chat_template": False,
+    }
+    return content, hashlib.sha256(content).hexdigest(), metadata
+
+
+@pytest.fixture(scope="module")
+def rbeed():
+    with running_daemon() as daemon:
+        yield daemon
+
+
+@pytest.fixture
+async def client(rbeed):
+    async with rbeed.client() as client:
+        yield client
+
+
+def download(source: str, **fields) -> dict:
+    return {"operation": "model_download", "model": source, **fields}
+
+
+def assert_progress(events, size: int) -> None:
+    """Progress events count bytes up to the whole size."""
+    reports = [json.loads(e.data) for e in events if e.event == "progress"]
+    assert reports, events
+    assert [r["done"] for r in reports] == sorted(r["done"] for r in reports)
+    assert all(r["done"] <= r["total"] == size and r["rate"] >= 0 for r in reports)
+    assert reports[-1]["done"] == size
+
+
+def leftovers(daemon, name: str) -> list[str]:
+    """Files of the models directory that start with `name`."""
+    models = daemon.state_dir / "models"
+    return sorted(p.name for p in models.iterdir() if p.name.startswith(name)) if models.exists() else []
+
+
+async def assert_unknown(client, model_id: str) -> None:
+    assert (await job_error(client, {"operation": "model_get", "id": model_id})).startswith(f"unknown model {model_id!r}")
+    assert model_id not in [m["id"] for m in await job_result(client, {"operation": "model_list"})]
+
+
+async def test_local_path_is_copied_with_progress_and_recorded_with_metadata(rbeed, client, tiny_model, tiny):
+    content, sha256, metadata = tiny
+    events = await run_job(client, download(str(tiny_model)))
+    assert end_marker(events) == "[DONE]"
+    assert narrations(events)[0] == f"downloading {tiny_model} as model tiny"
+    assert_progress(events, len(content))
+    record = json.loads(next(e.data for e in events if e.event == "result"))
+    assert (record["id"], record["file"], record["size"], record["sha256"]) == ("tiny", "tiny.gguf", len(content), sha256)
+    assert record["source"] == str(tiny_model)
+    assert {key: record["metadata"][key] for key in metadata} == metadata
+    assert (rbeed.state_dir / "models" / "tiny.gguf").read_bytes() == content
+    assert leftovers(rbeed, "tiny") == ["tiny.gguf"]  # no .part left behind
+
+    assert await job_result(client, {"operation": "model_get", "id": "tiny"}) == record
+    assert record in await job_result(client, {"operation": "model_list"})
+
+    again = await run_job(client, download(str(tiny_model)))
+    assert [e.event for e in again] == ["narration", "result", "end"]  # no copy: at once
+    assert narrations(again) == ["model tiny is already present"]
+    assert json.loads(again[1].data) == record
+
+
+async def test_file_url_with_an_odd_name_gets_a_slug_id(rbeed, client, tiny_model, tiny):
+    source = rbeed.state_dir.parent / "My Model (Q8_0).gguf"
+    shutil.copyfile(tiny_model, source)
+    record = await job_result(client, download(source.as_uri()))
+    assert (record["id"], record["file"], record["sha256"]) == ("my-model-q8_0", "my-model-q8_0.gguf", tiny[1])
+    assert record["source"] == source.as_uri()
+    assert (rbeed.state_dir / "models" / "my-model-q8_0.gguf").read_bytes() == tiny[0]
+
+
+async def test_http_download_is_verified_against_the_announced_sha256_and_recorded(rbeed, client, tiny):
+    content, sha256, metadata = tiny
+    async with serve_files({"web.gguf": content}, digest_header="x-linked-etag") as server:
+        events = await run_job(client, download(server.url("web.gguf")))
+    assert end_marker(events) == "[DONE]"
+    assert_progress(events, len(content))
+    assert "range" not in server.requests[0].headers
+    record = await job_result(client, {"operation": "model_get", "id": "web"})
+    assert (record["sha256"], record["size"], record["source"]) == (sha256, len(content), server.url("web.gguf"))
+    assert {key: record["metadata"][key] for key in metadata} == metadata
+    assert leftovers(rbeed, "web") == ["web.gguf"]
+
+
+async def test_a_dropped_connection_fails_then_the_next_download_resumes_with_range(rbeed, client, tiny):
+    content, sha256, _ = tiny
+    async with serve_files({"drop.gguf": content}) as server:
+        server.drop_after["drop.gguf"] = 100_000
+        error = await job_error(client, download(server.url("drop.gguf")))
+        assert error.startswith(f"download of {server.url('drop.gguf')} failed: "), error
+        await assert_unknown(client, "drop")
+        assert (rbeed.state_dir / "models" / "drop.gguf.part").stat().st_size == 100_000
+
+        events = await run_job(client, download(server.url("drop.gguf")))
+    assert end_marker(events) == "[DONE]"
+    assert server.requests[-1].headers["range"] == "bytes=100000-"
+    assert_progress(events, len(content))
+    assert "resumed from byte 100000" in narrations(events)
+    assert (await job_result(client, {"operation": "model_get", "id": "drop"}))["sha256"] == sha256
+    assert (rbeed.state_dir / "models" / "drop.gguf").read_bytes() == content
+    assert leftovers(rbeed, "drop") == ["drop.gguf"]
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    (b"<!DOCTYPE html><html>Not found</html>\n" * 50, "not a GGUF file (magic b'<!DO', expected b'GGUF')"),
+    (b"GGUF" + bytes(range(256)) * 8, "not a valid GGUF model: "),
+], ids=["bad magic", "bad header"])  # fmt: skip
+async def test_a_file_that_is_not_a_model_is_an_error_and_leaves_nothing(rbeed, client, content, reason):
+    async with serve_files({"bad.gguf": content}) as server:
+        error = await job_error(client, download(server.url("bad.gguf")))
+    assert reason in error
+    await assert_unknown(client, "bad")
+    assert leftovers(rbeed, "bad") == []
+
+
+async def test_a_wrong_sha256_is_an_error_and_leaves_nothing(rbeed, client, tiny):
+    content, sha256, _ = tiny
+    async with serve_files({"wrong.gguf": content}) as server:
+        error = await job_error(client, download(server.url("wrong.gguf"), sha256="ab" * 32))
+    assert error == f"sha256 mismatch: expected {'ab' * 32}, got {sha256}"
+    await assert_unknown(client, "wrong")
+    assert leftovers(rbeed, "wrong") == []
+
+
+async def test_cancelling_a_download_keeps_the_part_and_the_next_one_resumes(rbeed, client, tiny):
+    content = tiny[0] + bytes(MiB)  # over one MiB: the daemon writes its first block to disk
+    stall = MiB + 1000
+    part = rbeed.state_dir / "models" / "stall.gguf.part"
+    async with serve_files({"stall.gguf": content}) as server:
+        server.stall_after["stall.gguf"] = stall
+        async with job_events(client, download(server.url("stall.gguf"))) as (job_id, events):
+            with trio.fail_after(10):  # bounded poll of the disk: no event says a block was written
+                while not part.exists() or part.stat().st_size < MiB:
+                    await trio.sleep(0.02)
+            assert not (rbeed.state_dir / "models" / "stall.gguf").exists()
+            assert (await client.request("DELETE", f"/v1/jobs/{job_id}")).status == 200
+            assert end_marker(await rest_of(events, timeout=5)) == "[CANCELLED]"
+        kept = part.stat().st_size
+        assert MiB <= kept <= stall and part.read_bytes() == content[:kept]
+        await assert_unknown(client, "stall")
+
+        del server.stall_after["stall.gguf"]
+        events = await run_job(client, download(server.url("stall.gguf")))
+    assert end_marker(events) == "[DONE]"
+    assert server.requests[-1].headers["range"] == f"bytes={kept}-"
+    assert_progress(events, len(content))
+    assert f"resumed from byte {kept}" in narrations(events)
+    record = await job_result(client, {"operation": "model_get", "id": "stall"})
+    assert (record["size"], record["sha256"]) == (len(content), hashlib.sha256(content).hexdigest())
+    assert leftovers(rbeed, "stall") == ["stall.gguf"]
+
+
+@pytest.mark.parametrize("payload", [
+    {"operation": "model_get", "id": "../x"},
+    {"operation": "model_delete", "id": "../../etc/passwd"},
+    {"operation": "worker_spawn", "model": "a/b"},
+    {"operation": "infer", "model": "..", "prompt": "hi"},
+], ids=["model_get", "model_delete", "worker_spawn", "infer"])  # fmt: skip
+async def test_ids_that_could_escape_are_refused_with_400(client, payload):
+    response = await client.request("POST", "/v1/jobs", json=payload)
+    assert response.status == 400
+    assert "Expected `str` matching regex" in response.json()["error"]
+
+
+@pytest.mark.parametrize("source", ["hf:../../etc/passwd.gguf", "hf:owner/repo/../../x.gguf", "hf:owner/repo/x.bin",
+                                    "hf:owner/repo/a/%2e%2e/x.gguf", "hf:owner"])  # fmt: skip
+async def test_bad_hf_sources_are_refused(rbeed, client, source):
+    error = await job_error(client, download(source))
+    assert error == f"bad hf: source {source!r}; expected hf:owner/repo/path/file.gguf"
+
+
+async def test_unsupported_schemes_and_nameless_sources_are_refused(rbeed, client):
+    assert "unsupported source scheme 'ftp'" in await job_error(client, download("ftp://127.0.0.1/x.gguf"))
+    nameless = rbeed.state_dir.parent / "....gguf"
+    nameless.write_bytes(b"GGUF")
+    assert await job_error(client, download(str(nameless))) == "cannot derive a model id from '....gguf'"
+
+
+async def test_a_url_naming_a_path_outside_still_lands_in_the_models_dir(rbeed, client, tiny):
+    name = "%2E%2E%2F%2E%2E%2Fescape.gguf"  # "../../escape.gguf" once unquoted
+    async with serve_files({name: tiny[0]}) as server:
+        record = await job_result(client, download(server.url(name)))
+    assert (record["id"], record["file"]) == ("escape", "escape.gguf")
+    assert (rbeed.state_dir / "models" / "escape.gguf").read_bytes() == tiny[0]
+    assert list(rbeed.state_dir.parent.rglob("escape*")) == [rbeed.state_dir / "models" / "escape.gguf"]
+
+
+async def test_model_delete_refuses_while_a_worker_uses_it_then_removes_file_and_record(rbeed, client, tiny_model):
+    source = rbeed.state_dir.parent / "doomed.gguf"
+    shutil.copyfile(tiny_model, source)
+    record = await job_result(client, download(str(source)))
+    installed = rbeed.state_dir / "models" / "doomed.gguf"
+    worker = await job_result(client, {"operation": "worker_spawn", "model": "doomed", "threads": 1})
+    try:
+        error = await job_error(client, {"operation": "model_delete", "id": "doomed"})
+        assert error == f"model doomed is in use by worker(s) {worker['id']}; delete them first"
+        assert installed.exists()
+        assert await job_result(client, {"operation": "model_get", "id": "doomed"}) == record
+    finally:
+        await job_result(client, {"operation": "worker_delete", "id": worker["id"]})
+    events = await run_job(client, {"operation": "model_delete", "id": "doomed"})
+    assert end_marker(events) == "[DONE]"
+    assert narrations(events) == [f"model doomed deleted ({record['size']} bytes freed)"]
+    assert not installed.exists()
+    await assert_unknown(client, "doomed")
+    assert (await job_error(client, {"operation": "model_delete", "id": "doomed"})).startswith("unknown model 'doomed'")
+
+
+async def test_hf_sources_resolve_against_hf_base_and_the_catalog_survives_a_restart(tiny):
+    content, sha256, metadata = tiny
+    base = short_base()
+    daemons = []
+    try:
+        async with serve_files({"owner/repo/resolve/main/sub/hf-model.gguf": content}) as server:
+            config = f'[models]\nhf_base = "{server.base_url}/{{owner}}/{{repo}}/resolve/main/{{path}}"\n'
+            daemons.append(await trio.to_thread.run_sync(partial(start_daemon, base, config=config)))
+            async with daemons[0].client() as client:
+                record = await job_result(client, download("hf:owner/repo/sub/hf-model.gguf"))
+        assert server.requests[0].target == "/owner/repo/resolve/main/sub/hf-model.gguf"
+        assert (record["id"], record["sha256"], record["source"]) == ("hf-model", sha256, "hf:owner/repo/sub/hf-model.gguf")
+
+        assert daemons[0].stop() == 0
+        daemons.append(await trio.to_thread.run_sync(partial(start_daemon, base, config=config)))
+        async with daemons[1].client() as client:
+            assert await job_result(client, {"operation": "model_list"}) == [record]
+            assert await job_result(client, {"operation": "model_get", "id": "hf-model"}) == record
+            again = await run_job(client, download("hf:owner/repo/sub/hf-model.gguf"))
+        assert narrations(again) == ["model hf-model is already present"]  # the server is gone: no fetch
+        assert {key: record["metadata"][key] for key in metadata} == metadata
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+        shutil.rmtree(base)
+

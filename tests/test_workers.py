@@ -1,0 +1,255 @@
+"""Workers end to end: the real daemon spawning, supervising and stopping real llama.cpp worker processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from support import (
+    end_marker, is_token, job_error, job_events, job_result, narrations, pid_alive, read_events_until, rest_of,
+    result_of, run_job, running_daemon, short_base, start_daemon, wait_pids_gone,
+)  # fmt: skip
+
+# Each worker sleeps this long after every token, so a long generation can be hit mid-stream.
+SLOW_TOKENS = {"RBEED_WORKER_TOKEN_DELAY": "0.05"}
+CONFIG = """
+[workers]
+threads = 2
+restart_backoff = 0.1
+"""
+RECORD_FIELDS = {"id", "model", "device", "pid", "state", "threads", "started_at"}
+# Greedy decoding of this prompt runs past 100 tokens without a sentence end: 5 s at SLOW_TOKENS.
+LONG = {"operation": "infer", "model": "tiny", "prompt": "Once upon a time", "temperature": 0, "max_tokens": 100}
+SHORT = LONG | {"max_tokens": 3}
+
+
+def spawn(threads: int | None = None, **fields) -> dict:
+    return {"operation": "worker_spawn", "model": "tiny", **({"threads": threads} if threads else {}), **fields}
+
+
+def start_slow_daemon(config: str = CONFIG):
+    """A daemon whose workers generate slowly, in a short fresh directory: (directory, daemon)."""
+    base = short_base()
+    return base, start_daemon(base, config=config, env=SLOW_TOKENS)
+
+
+async def register(daemon, tiny_model) -> None:
+    async with daemon.client() as client:
+        await job_result(client, {"operation": "model_download", "model": str(tiny_model)})
+
+
+@pytest.fixture(scope="module")
+def rbeed(tiny_model):
+    with running_daemon(CONFIG, SLOW_TOKENS) as daemon:
+        trio.run(register, daemon, tiny_model)
+        yield daemon
+
+
+@pytest.fixture
+async def client(rbeed):
+    """A client of the module's daemon; the workers a test leaves behind are deleted after it."""
+    async with rbeed.client() as client:
+        yield client
+        for worker in await job_result(client, {"operation": "worker_list"}):
+            await job_result(client, {"operation": "worker_delete", "id": worker["id"]})
+
+
+def cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+
+
+async def test_spawn_narrates_loading_and_returns_the_record_that_list_and_get_show(client):
+    events = await run_job(client, spawn(threads=1))
+    assert end_marker(events) == "[DONE]"
+    assert [e.event for e in events] == ["narration", "narration", "result", "end"]
+    record = result_of(events)
+    worker_id = record["id"]
+    assert narrations(events)[0] == f"loading tiny on cpu with 1 thread(s) as worker {worker_id}"
+    assert narrations(events)[1].startswith(f"worker {worker_id} ready in ")
+    assert RECORD_FIELDS <= record.keys()
+    assert (record["model"], record["device"], record["state"], record["threads"]) == ("tiny", "cpu", "ready", 1)
+    assert time.time() - 30 < record["started_at"] <= time.time()
+    assert pid_alive(record["pid"])
+    argv = cmdline(record["pid"])
+    assert argv[argv.index("--threads") + 1] == "1" and argv[argv.index("--id") + 1] == worker_id
+
+    assert await job_result(client, {"operation": "worker_list"}) == [record]
+    assert await job_result(client, {"operation": "worker_get", "id": worker_id}) == record
+
+    stopped = await job_result(client, {"operation": "worker_delete", "id": worker_id})
+    assert (stopped["id"], stopped["state"]) == (worker_id, "stopped")
+    assert not pid_alive(record["pid"])  # stopped and reaped before the job ended
+    assert await job_result(client, {"operation": "worker_list"}) == []
+    assert await job_error(client, {"operation": "worker_get", "id": worker_id}) == f"unknown worker {worker_id!r}"
+
+
+async def test_worker_delete_ends_the_infer_running_on_it_with_an_error(client):
+    worker = await job_result(client, spawn(threads=1))
+    async with job_events(client, LONG | {"worker_id": worker["id"]}) as (_, events):
+        await read_events_until(events, is_token)
+        await job_result(client, {"operation": "worker_delete", "id": worker["id"]})
+        rest = await rest_of(events, timeout=5)
+    assert end_marker(rest) == f"[ERROR] worker {worker['id']} stopped"
+    assert not pid_alive(worker["pid"])
+
+
+async def test_threads_are_shared_out_and_never_oversubscribed(client):
+    first = await job_result(client, spawn(threads=1))
+    second = await job_result(client, spawn(threads=1))
+    error = await job_error(client, spawn(threads=1))
+    assert error == (f"no CPU threads free: 2 in all, held by {first['id']} (1), {second['id']} (1); "
+                     "delete a worker first")  # fmt: skip
+    assert [w["id"] for w in await job_result(client, {"operation": "worker_list"})] == [first["id"], second["id"]]
+    await job_result(client, {"operation": "worker_delete", "id": second["id"]})
+    assert "no CPU threads free" in await job_error(client, spawn(threads=2))
+    third = await job_result(client, spawn())  # no thread count: what is free
+    assert third["threads"] == 1
+    assert sum(w["threads"] for w in await job_result(client, {"operation": "worker_list"})) == 2
+
+
+async def test_an_idle_on_demand_worker_is_stopped_to_make_room(client):
+    inferred = await job_result(client, SHORT)
+    [on_demand] = await job_result(client, {"operation": "worker_list"})
+    assert (on_demand["id"], on_demand["on_demand"], on_demand["threads"]) == (inferred["worker_id"], True, 2)
+    events = await run_job(client, spawn(threads=1))
+    assert end_marker(events) == "[DONE]"
+    assert f"stopping idle worker {on_demand['id']} to free 2 thread(s)" in narrations(events)
+    assert not pid_alive(on_demand["pid"])
+    assert [w["id"] for w in await job_result(client, {"operation": "worker_list"})] == [result_of(events)["id"]]
+
+
+async def test_a_busy_on_demand_worker_is_not_stopped_for_a_spawn(client):
+    async with job_events(client, LONG) as (_, events):
+        await read_events_until(events, is_token)
+        assert "no CPU threads free" in await job_error(client, spawn(threads=1))
+        [busy] = await job_result(client, {"operation": "worker_list"})
+        assert pid_alive(busy["pid"])
+
+
+async def test_metal_is_refused_clearly(client):
+    assert await job_error(client, spawn(worker="metal")) == "device metal is only available on macOS; this host runs Linux"
+    assert await job_result(client, {"operation": "worker_list"}) == []
+
+
+async def test_an_unknown_model_is_refused_clearly(client):
+    for payload in (spawn(model="nope"), SHORT | {"model": "nope"}):
+        error = await job_error(client, payload)
+        assert error.startswith("unknown model 'nope' (known: ") and "tiny" in error, error
+    assert await job_result(client, {"operation": "worker_list"}) == []
+
+
+async def test_cuda_on_a_cpu_only_build_fails_with_the_workers_reason(client):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    if llama_cpp.llama_supports_gpu_offload():
+        pytest.skip("this llama-cpp-python build has GPU support")
+    error = await job_error(client, spawn(worker="cuda", device=0))
+    assert error.startswith("worker tiny-cuda0-"), error
+    assert error.endswith("failed to load tiny: llama-cpp-python was built without GPU support (cuda)")
+    assert await job_result(client, {"operation": "worker_list"}) == []
+
+
+async def test_a_bad_model_file_fails_the_spawn_with_the_reason(rbeed, client, tiny_model):
+    source = rbeed.state_dir.parent / "broken.gguf"
+    shutil.copyfile(tiny_model, source)
+    await job_result(client, {"operation": "model_download", "model": str(source)})
+    installed = rbeed.state_dir / "models" / "broken.gguf"
+    content = installed.read_bytes()
+
+    installed.write_bytes(b"<html>gone</html>" * 100)
+    error = await job_error(client, spawn(model="broken"))
+    assert error.startswith("worker broken-cpu-") and error.endswith(f"not a GGUF file: {installed}"), error
+
+    installed.write_bytes(content[: len(content) // 2])
+    error = await job_error(client, spawn(model="broken"))
+    assert "failed to load broken: failed to load model: " in error, error
+    assert "Traceback" not in error
+    assert await job_result(client, {"operation": "worker_list"}) == []
+    await job_result(client, {"operation": "model_delete", "id": "broken"})
+
+
+async def test_a_killed_worker_fails_its_job_promptly_and_is_restarted(rbeed, client):
+    worker = await job_result(client, spawn(threads=1))
+    async with job_events(client, LONG | {"worker_id": worker["id"]}) as (_, events):
+        await read_events_until(events, is_token)
+        os.kill(worker["pid"], signal.SIGKILL)
+        rest = await rest_of(events, timeout=5)
+    assert end_marker(rest) == f"[ERROR] worker {worker['id']} died (killed by SIGKILL)"
+    restarting = await job_result(client, {"operation": "worker_get", "id": worker["id"]})
+    assert restarting["restarts"] == 1
+
+    # Queued while it restarts, served by the new process.
+    result = await job_result(client, SHORT | {"worker_id": worker["id"]}, timeout=10)
+    assert (result["worker_id"], result["completion_tokens"]) == (worker["id"], 3)
+    restarted = await job_result(client, {"operation": "worker_get", "id": worker["id"]})
+    assert restarted["state"] == "ready" and restarted["pid"] != worker["pid"] and pid_alive(restarted["pid"])
+    assert not pid_alive(worker["pid"])
+    assert await job_result(client, {"operation": "worker_list"}) == [restarted]
+    assert f"worker {worker['id']} killed by SIGKILL; restart 1 in 0.1 s" in rbeed.log()  # restart_backoff
+
+
+async def test_without_restart_a_killed_worker_is_failed_and_sigterm_stops_the_others(tiny_model):
+    base, daemon = start_slow_daemon(CONFIG + 'restart = "no"\n')
+    try:
+        await register(daemon, tiny_model)
+        async with daemon.client() as client:
+            killed = await job_result(client, spawn(threads=1))
+            other = await job_result(client, spawn(threads=1))
+            async with job_events(client, LONG | {"worker_id": killed["id"]}) as (_, events):
+                await read_events_until(events, is_token)
+                os.kill(killed["pid"], signal.SIGKILL)
+                rest = await rest_of(events, timeout=5)
+            assert end_marker(rest) == f"[ERROR] worker {killed['id']} died (killed by SIGKILL)", daemon.log()
+            failed = await job_result(client, {"operation": "worker_get", "id": killed["id"]})
+            assert (failed["state"], failed["error"], failed["restarts"]) == ("failed", "killed by SIGKILL", 0)
+            error = await job_error(client, SHORT | {"worker_id": killed["id"]})
+            assert error == f"worker {killed['id']} is failed: killed by SIGKILL"
+            assert (await job_result(client, SHORT))["worker_id"] == other["id"]  # the daemon goes on
+        assert daemon.stop(signal.SIGTERM) == 0, daemon.log()
+        assert not pid_alive(other["pid"])  # stopped and reaped before the daemon exited
+    finally:
+        daemon.stop(signal.SIGKILL)
+        shutil.rmtree(base)
+
+
+async def test_workers_exit_when_the_daemon_is_killed(tiny_model):
+    base, daemon = start_slow_daemon()
+    pids = []
+    try:
+        await register(daemon, tiny_model)
+        async with daemon.client() as client:
+            pids = [(await job_result(client, spawn(threads=1)))["pid"] for _ in range(2)]
+        assert all(map(pid_alive, pids))
+        assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
+        await wait_pids_gone(pids, timeout=10)
+    finally:
+        for pid in filter(pid_alive, pids):  # orphans of a failed run
+            os.kill(pid, signal.SIGKILL)
+        daemon.stop(signal.SIGKILL)
+        shutil.rmtree(base)
+
+
+async def test_a_worker_deleted_while_it_loads_fails_its_spawn(rbeed, client, tiny_model):
+    source = rbeed.state_dir.parent / "stuck.gguf"
+    shutil.copyfile(tiny_model, source)
+    await job_result(client, {"operation": "model_download", "model": str(source)})
+    installed = rbeed.state_dir / "models" / "stuck.gguf"
+    installed.unlink()
+    os.mkfifo(installed)  # the worker's open() blocks until someone writes: it loads forever
+    try:
+        async with job_events(client, spawn(model="stuck")) as (_, events):
+            [loading] = narrations(await read_events_until(events, lambda e: e.event == "narration"))
+            worker_id = loading.rsplit(" ", 1)[1]
+            stopped = await job_result(client, {"operation": "worker_delete", "id": worker_id})
+            rest = await rest_of(events, timeout=5)
+        assert stopped["state"] == "stopped" and not pid_alive(stopped["pid"])
+        assert end_marker(rest) == f"[ERROR] worker {worker_id} stopped while loading stuck"
+        assert await job_result(client, {"operation": "worker_list"}) == []
+    finally:
+        installed.unlink()
+        await job_result(client, {"operation": "model_delete", "id": "stuck"})
