@@ -11,12 +11,13 @@ from pathlib import Path
 
 import trio
 
-from .backends import LaunchSpec, WorkerStartError
+from .backends import LaunchSpec, WorkerStartError, describe_exit
 from .config import WorkersConfig
 
 log = logging.getLogger("rbeed.workers")
 
 TEMPLATE = "rbeed-worker@{}.service"
+EXIT_NOTICE_TIMEOUT = 5.0  # seconds the manager may take to reap a worker that exited
 
 
 def systemd_reachable() -> bool:
@@ -50,16 +51,18 @@ class UnitHandle:
     def __init__(self, unit: str):
         self.unit = unit
         self.pid: int | None = None
+        self.invocation = ""  # InvocationID of the run that ready() saw start
 
     async def ready(self) -> None:
         # systemctl start returns once the Type=notify worker sent READY=1, or the unit failed.
         result = await trio.run_process([*_systemctl(), "start", self.unit], capture_stderr=True, check=False)
-        props = await unit_properties(self.unit, "MainPID", "StatusText", "Result", "ActiveState")
+        props = await unit_properties(self.unit, "MainPID", "InvocationID", "StatusText", "Result", "ActiveState")
         if result.returncode != 0 or props.get("ActiveState") != "active":
             status = props.get("StatusText", "")
             reason = status.removeprefix("failed: ") if status.startswith("failed") else ""
             raise WorkerStartError(reason or f"unit {self.unit} failed to start ({props.get('Result', 'unknown')})")
         self.pid = int(props["MainPID"]) or None
+        self.invocation = props["InvocationID"]
 
     async def wait(self) -> str:
         """Return once the unit's main process has exited, however it was stopped."""
@@ -74,8 +77,27 @@ class UnitHandle:
                 await trio.lowlevel.wait_readable(pidfd)
             finally:
                 os.close(pidfd)
-        props = await unit_properties(self.unit, "ActiveState", "Result", "ExecMainStatus", "ExecMainCode")
-        return f"unit {self.unit} is {props.get('ActiveState', 'gone')} (result {props.get('Result', '?')})"
+        return await self._exit_reason()
+
+    async def _exit_reason(self) -> str:
+        """How the main process ended, in the process backend's words ("killed by SIGKILL"), once
+        the manager has noticed (a bounded poll: the pidfd fires before the manager reaps)."""
+        names = ("MainPID", "InvocationID", "Result", "ExecMainCode", "ExecMainStatus")
+        props = await unit_properties(self.unit, *names)
+        with trio.move_on_after(EXIT_NOTICE_TIMEOUT):
+            while props.get("MainPID") == str(self.pid):
+                await trio.sleep(0.02)
+                props = await unit_properties(self.unit, *names)
+        if props.get("MainPID") == str(self.pid):
+            return f"unit {self.unit} lost its main process"
+        result = props.get("Result", "")
+        # A unit that ended well is soon garbage-collected, its exit status with it (a new
+        # InvocationID then); a failed one stays until reset-failed.
+        if props.get("InvocationID") != self.invocation or result == "success":
+            return f"unit {self.unit} stopped"
+        code, status = int(props.get("ExecMainCode") or 0), int(props.get("ExecMainStatus") or 0)
+        how = describe_exit(status if code == os.CLD_EXITED else -status)
+        return how if result in ("exit-code", "signal") else f"{how} ({result})"
 
 
 class SystemdBackend:
@@ -99,16 +121,18 @@ class SystemdBackend:
         env_file = self.dir / f"{spec.id}.env"
         env_file.write_text(self._environment(spec))
         unit = TEMPLATE.format(spec.id)
-        limits = [f"{key}={value}" for key, value in
-                  (("MemoryMax", self.config.memory_max), ("CPUQuota", self.config.cpu_quota)) if value]  # fmt: skip
+        # Unset limits are reset too: --runtime settings outlive the unit, and the next worker with
+        # this id (ids restart at each daemon start) would inherit them.
+        limits = f"MemoryMax={self.config.memory_max or 'infinity'}", f"CPUQuota={self.config.cpu_quota or ''}"
         try:
             await systemctl("reset-failed", unit, check=False)
-            if limits:
-                await systemctl("set-property", "--runtime", unit, *limits)
+            await systemctl("set-property", "--runtime", unit, *limits)
             yield UnitHandle(unit)
         finally:
             with trio.CancelScope(shield=True):
-                await systemctl("stop", unit, check=False)
+                # A stop of rbeed.service queues the worker's stop behind its own (Before=, in the
+                # unit): joining that job as is would wait for us to exit.
+                await systemctl("stop", "--job-mode=ignore-dependencies", unit, check=False)
                 await systemctl("reset-failed", unit, check=False)
             env_file.unlink(missing_ok=True)
             spec.socket_path.unlink(missing_ok=True)

@@ -531,7 +531,7 @@ def test_workers_follow_stops_and_crashes_of_rbeed_but_not_its_restarts(units):
         # A stop of rbeed stops the worker.
         units.check("start", "rbeed.service", unit)
         units.check("stop", "rbeed.service")
-        assert manager.show(unit, "ActiveState") == "inactive"
+        wait_inactive(units, unit)  # stopped after rbeed (Before=), not awaited by its stop
     finally:
         manager.systemctl("stop", unit, "rbeed.service")
 
