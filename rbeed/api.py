@@ -9,13 +9,16 @@ import trio
 
 from . import __version__
 from .config import ServerConfig
-from .jobs import FINISHED, Job, JobRegistry, JobState, RegistryFull
+from .jobs import Job, JobRegistry, JobState, RegistryFull
 from .operations import PayloadError, decode
 from .server import Request, Response, StreamingResponse, error_response, json_response
 
 _JOB_PATH = re.compile(r"^/v1/jobs/([^/]+)(/stream)?$")
 _STATES = ", ".join(state.value for state in JobState)
 _KEEPALIVE = b": keep-alive\n\n"
+# The response head waits this long for the job's first events, to go out in the same write;
+# a job that has nothing to say by then gets its head alone, so clients see the 200 at once.
+_HEAD_DELAY = 0.05
 
 
 class JobAPI:
@@ -92,22 +95,25 @@ class JobAPI:
         first_after = int(header)
 
         async def produce(send) -> None:
-            after = first_after
+            after, sent = first_after, False
             job.readers += 1
             try:
                 while True:
                     backlog, gap, feed = job.subscribe(after)
+                    pieces = [event for _, event in backlog]
                     if gap is not None:
                         # Events fell out of the replay buffer: say which, then go on.
                         data = msgspec.json.encode({"missed_from": gap[0], "missed_to": gap[1]})
-                        await send(b"event: gap\ndata: %s\n\n" % data)
-                    if backlog:
-                        after = backlog[-1][0]
-                        await send(b"".join(event for _, event in backlog))
+                        pieces.insert(0, b"event: gap\ndata: %s\n\n" % data)
+                    if pieces:
+                        after = backlog[-1][0] if backlog else after
+                        await send(b"".join(pieces), last=feed is None)
+                        sent = True
                     if feed is None:
                         return
                     with feed:
-                        after = await self._follow(feed, send, after)
+                        after = await self._follow(job, feed, send, after, head_sent=sent)
+                    sent = True
             finally:
                 job.readers -= 1
 
@@ -115,12 +121,12 @@ class JobAPI:
         if job.cancel_on_disconnect:
 
             def on_disconnect() -> None:
-                if job.readers == 0 and job.state not in FINISHED:
+                if job.readers == 0 and not job.finished:
                     self.registry.cancel(job)
 
         return StreamingResponse(200, produce, on_disconnect=on_disconnect)
 
-    async def _follow(self, feed: trio.MemoryReceiveChannel, send, after: int) -> int:
+    async def _follow(self, job: Job, feed: trio.MemoryReceiveChannel, send, after: int, head_sent: bool) -> int:
         """Relay live events until the feed closes (job ended, or this reader lagged).
 
         Events that queued up while the client was slow go out in one write. Returns the id of
@@ -128,13 +134,15 @@ class JobAPI:
         """
         while True:
             event = None
-            with trio.move_on_after(self.config.sse_keepalive):
+            # The timer covers the wait only, never a write (see HTTPConnection._serve).
+            with trio.move_on_after(self.config.sse_keepalive if head_sent else _HEAD_DELAY):
                 try:
                     event = await feed.receive()
                 except trio.EndOfChannel:
                     return after
             if event is None:
-                await send(_KEEPALIVE)
+                await send(_KEEPALIVE if head_sent else b"")  # b"": the head alone
+                head_sent = True
                 continue
             after, batch = event[0], [event[1]]
             while True:
@@ -144,4 +152,5 @@ class JobAPI:
                     break
                 after = event[0]
                 batch.append(event[1])
-            await send(b"".join(batch))
+            await send(b"".join(batch), last=job.finished and after == job.last_event_id)
+            head_sent = True

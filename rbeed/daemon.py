@@ -14,7 +14,7 @@ import trio
 from . import __version__, config as configuration, operations as ops
 from .activation import listen_fds
 from .api import JobAPI
-from .backends import ProcessBackend, first_of
+from .backends import ProcessBackend
 from .catalog import Catalog
 from .config import Config
 from .hives import Hive, Hives
@@ -75,7 +75,9 @@ class Daemon:
         self.registry = JobRegistry(config.jobs, self.router)
         self.api = JobAPI(self.registry, config.server)
         self.connections = 0
-        self._poked = trio.Event()  # set (and replaced) when connections come and go, or on reload
+        self._poked = trio.Event()  # set (and replaced) when jobs, workers or connections change
+        self._reloaded = trio.Event()  # set (and replaced) after each reload
+        self.registry.on_change = self.supervisor.on_change = self._poke
         self._stop = trio.Event()
 
     def status_line(self) -> str:
@@ -128,16 +130,10 @@ class Daemon:
         self._poked.set()
         self._poked = trio.Event()
 
-    async def _changes(self) -> None:
-        """Return at the next change of jobs, workers, connections or config."""
-        await first_of(
-            lambda: self.registry.changed.wait(),
-            lambda: self.supervisor.changed.wait(),
-            lambda: self._poked.wait(),
-        )
-
     async def _report_status(self) -> None:
         """Keep `systemctl status` current, at most once a second."""
+        if not self.notifier.enabled:
+            return
         shown = None
         while True:
             line = self.status_line()
@@ -145,7 +141,8 @@ class Daemon:
                 self.notifier.notify(f"STATUS={line}")
                 shown = line
                 await trio.sleep(1)
-            await self._changes()
+                continue  # what changed during the pause was not waited for: look again
+            await self._poked.wait()
 
     def _busy(self) -> bool:
         return bool(self.connections or self.registry.count(JobState.QUEUED, JobState.RUNNING)
@@ -155,9 +152,12 @@ class Daemon:
         """With `idle_exit` set: exit once nothing happened for that long (socket activation restarts us)."""
         while True:
             after = self.config.server.idle_exit
-            deadline = math.inf if not after or self._busy() else trio.current_time() + after
+            if not after:
+                await self._reloaded.wait()
+                continue
+            deadline = math.inf if self._busy() else trio.current_time() + after
             with trio.CancelScope(deadline=deadline) as timer:
-                await self._changes()
+                await self._poked.wait()
             if timer.cancelled_caught:
                 log.info("idle for %g s: exiting", after)
                 self.stop()
@@ -202,6 +202,8 @@ class Daemon:
         log.info("reloaded %s: %s", self.config_path or "defaults", ", ".join(changed) or "nothing changed")
         if ignored:
             log.warning("not reloaded (restart needed): %s", ", ".join(ignored))
+        self._reloaded.set()
+        self._reloaded = trio.Event()
         self._poke()
 
     async def _handle_signals(self) -> None:

@@ -73,6 +73,8 @@ class Hives:
         return record
 
     async def _health_all(self, hives: list[Hive]) -> list[dict]:
+        if not hives:
+            return []
         records: list[dict] = [{}] * len(hives)
 
         async def check(index: int, hive: Hive) -> None:

@@ -42,7 +42,6 @@ class Inference:
                                                job=job, first=generation), True  # fmt: skip
 
     async def infer(self, job: Job, op: Infer) -> None:
-        job.cancel_on_disconnect = True
         generation = Generation(
             job, op.prompt, op.stream, max_tokens=op.max_tokens, temperature=op.temperature,
             top_p=op.top_p, top_k=op.top_k, seed=op.seed, stop=list(op.stop),

@@ -69,8 +69,7 @@ class Job:
         self.created_at = time.time()
         self.started_at: float | None = None
         self.finished_at: float | None = None
-        # A dropped client cancels the job (infer) instead of letting it finish for a later reader.
-        self.cancel_on_disconnect = False
+        self.cancel_on_disconnect = operation.cancel_on_disconnect
         self.readers = 0
         self._events: deque[tuple[int, bytes]] = deque(maxlen=buffer)
         self._next_id = 1
@@ -168,7 +167,9 @@ class JobRegistry:
         self._unstreamed: dict[Job, float] = {}
         self._finished: deque[tuple[float, Job]] = deque()
         self._reaper: trio.CancelScope | None = None
+        self._counts = dict.fromkeys(JobState, 0)  # jobs held, by state
         self.changed = trio.Event()  # set (and replaced) whenever a job starts or finishes
+        self.on_change: Callable[[], None] = lambda: None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Own the job tasks and the expiry timer until cancelled."""
@@ -190,7 +191,14 @@ class JobRegistry:
         return [job for job in jobs if state is None or job.state == state]
 
     def count(self, *states: JobState) -> int:
-        return sum(1 for job in self._jobs.values() if job.state in states)
+        return sum(self._counts[state] for state in states)
+
+    def _move(self, job: Job, state: JobState | None) -> None:
+        """Keep the per-state counts in step as `job` moves to `state` (None: forgotten)."""
+        self._counts[job.state] -= 1
+        if state is not None:
+            self._counts[state] += 1
+            job.state = state
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -199,6 +207,7 @@ class JobRegistry:
             raise RegistryFull(f"{len(self._jobs)} jobs held; try again later")
         job = Job(operation, self._config.event_buffer)
         self._jobs[job.id] = job
+        self._counts[JobState.QUEUED] += 1
         self._unstreamed[job] = self._arm(self._config.unstreamed_ttl)
         return job
 
@@ -209,7 +218,8 @@ class JobRegistry:
         assert self._nursery is not None, "JobRegistry.run() is not running"
         payload, job.payload = job.payload, None
         del self._unstreamed[job]
-        job.state, job.started_at = JobState.RUNNING, time.time()
+        self._move(job, JobState.RUNNING)
+        job.started_at = time.time()
         self._nursery.start_soon(self._run, job, payload, name=job.id)
         self._signal()
 
@@ -248,6 +258,7 @@ class JobRegistry:
             self._end(job, *job._cancel_reason)
 
     def _end(self, job: Job, state: JobState, error: str | None = None) -> None:
+        self._move(job, state)
         job._finish(state, error)
         self._unstreamed.pop(job, None)  # cancelled while queued
         self._finished.append((self._arm(self._config.finished_ttl), job))
@@ -256,6 +267,7 @@ class JobRegistry:
     def _signal(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
+        self.on_change()
 
     # -- expiry -----------------------------------------------------------------------------
 
@@ -270,7 +282,12 @@ class JobRegistry:
         heads = [self._finished[0][0]] if self._finished else []
         if self._unstreamed:
             heads.append(next(iter(self._unstreamed.values())))
-        return min(heads, default=float("inf"))
+        if not heads:
+            return float("inf")
+        # Expire in batches, not one wake-up per job: a TTL is kept to within a tenth of itself
+        # (at most a second), which a busy daemon does not notice and saves a wake-up per job.
+        granularity = min(1.0, self._config.unstreamed_ttl / 10, self._config.finished_ttl / 10)
+        return max(min(heads), trio.current_time() + granularity)
 
     def _expire(self, now: float) -> None:
         while self._unstreamed:
@@ -279,7 +296,9 @@ class JobRegistry:
                 break
             del self._unstreamed[job]
             log.info("job %s expired: never streamed", job.id)
+            self._move(job, None)
             del self._jobs[job.id]
         while self._finished and self._finished[0][0] <= now:
             _, job = self._finished.popleft()
-            self._jobs.pop(job.id, None)
+            if self._jobs.pop(job.id, None) is not None:
+                self._move(job, None)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 import msgspec
 
@@ -19,6 +19,10 @@ class Operation(
     msgspec.Struct, tag_field="operation", forbid_unknown_fields=True, kw_only=True, frozen=True
 ):
     """Base of every payload; `name` is the wire tag."""
+
+    # A job whose only use is its live output (infer) is cancelled when its last reader leaves;
+    # the others (downloads, spawns) go on for a later reader.
+    cancel_on_disconnect: ClassVar[bool] = False
 
     @property
     def name(self) -> str:
@@ -102,6 +106,7 @@ class ModelDelete(Operation, tag="model_delete"):
 
 
 class Infer(Operation, tag="infer"):
+    cancel_on_disconnect: ClassVar[bool] = True
     model: Id
     prompt: Annotated[str, msgspec.Meta(max_length=1 << 20)]
     hive_id: HiveId = "localhost"

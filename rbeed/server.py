@@ -44,7 +44,7 @@ class Response:
     headers: list[tuple[str, str]] = field(default_factory=list)
 
 
-Send = Callable[[bytes], Awaitable[None]]
+Send = Callable[..., Awaitable[None]]  # send(data: bytes, last: bool = False)
 
 
 @dataclass(slots=True)
@@ -105,20 +105,23 @@ class HTTPConnection:
     async def _serve(self) -> None:
         timeout = self.config.request_timeout
         while True:
+            event = request = None
             try:
                 # A new connection gets the request timeout to send its first request; between
-                # requests a keep-alive client may sit idle up to the keep-alive timeout.
-                with trio.move_on_after(timeout):
+                # requests a keep-alive client may sit idle up to the keep-alive timeout. Once a
+                # head has come, its body must follow within the request timeout. The timer
+                # covers reading only: a deadline that fires while a response is being written
+                # would cut it short after h11 has counted it as sent.
+                with trio.CancelScope(deadline=trio.current_time() + timeout) as timer:
                     event = await self._next_event()
-                    timeout = None
-                if timeout is not None:
-                    if self.conn.trailing_data[0]:
-                        raise trio.TooSlowError  # a request had begun
-                    return
-                if isinstance(event, h11.ConnectionClosed):
-                    return
-                with trio.fail_after(self.config.request_timeout):
+                    if isinstance(event, h11.ConnectionClosed):
+                        return
+                    timer.deadline = trio.current_time() + self.config.request_timeout
                     request = await self._read_request(event)
+                if request is None:
+                    if event is None and not self.conn.trailing_data[0]:
+                        return  # an idle connection: close it quietly
+                    raise trio.TooSlowError
             except trio.TooSlowError:
                 await self._send_error(408, "request timed out")
                 return
@@ -220,16 +223,22 @@ class HTTPConnection:
         await self._send(self._head(response.status, response.content_type, response.headers, length), h11.EndOfMessage())
 
     async def _send_streaming(self, response: StreamingResponse) -> None:
+        # The head waits for the first piece of body, and the last piece (send(..., last=True))
+        # carries the end of the message: a short stream costs one write, like a whole response.
         headers = [("cache-control", "no-cache"), *response.headers]
-        await self._send(self._head(response.status, response.content_type, headers, None))
+        pending = [self._head(response.status, response.content_type, headers, None)]
 
-        async def send(data: bytes) -> None:
-            await self._send(h11.Data(data=data))
+        async def send(data: bytes, last: bool = False) -> None:
+            events = [*pending, h11.Data(data=data), *([h11.EndOfMessage()] if last else [])]
+            pending.clear()
+            await self._send(*events)
 
         disconnected = False
         try:
-            async with trio.open_nursery() as nursery:
-                if response.on_disconnect is not None:
+            if response.on_disconnect is None:
+                await response.produce(send)
+            else:
+                async with trio.open_nursery() as nursery:
 
                     async def watch_peer() -> None:
                         nonlocal disconnected
@@ -241,8 +250,8 @@ class HTTPConnection:
                         nursery.cancel_scope.cancel()
 
                     nursery.start_soon(watch_peer)
-                await response.produce(send)
-                nursery.cancel_scope.cancel()
+                    await response.produce(send)
+                    nursery.cancel_scope.cancel()
         except BaseException:
             self.conn.send_failed()
             if response.on_disconnect is not None:
@@ -252,7 +261,8 @@ class HTTPConnection:
             self.conn.send_failed()
             response.on_disconnect()
             raise _PeerGone()
-        await self._send(h11.EndOfMessage())
+        if pending or self.conn.our_state is h11.SEND_BODY:
+            await self._send(*pending, h11.EndOfMessage())
 
     async def _send_error(self, status: int, message: str) -> None:
         # Only while a response can still be started; afterwards all we can do is close.

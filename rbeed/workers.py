@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -196,7 +197,7 @@ class Supervisor:
         self.backend = backend
         self.socket_dir = runtime_dir / "workers"
         self.workers: dict[str, Worker] = {}
-        self.changed = trio.Event()  # set (and replaced) whenever a worker starts or ends
+        self.on_change: Callable[[], None] = lambda: None  # called whenever a worker starts or ends
         self._nursery: trio.Nursery | None = None
         self._serial = itertools.count(1)
         models.in_use = lambda model_id: [w.id for w in self.workers.values() if w.model == model_id and w.live]
@@ -213,8 +214,7 @@ class Supervisor:
         return self.config.threads or os.cpu_count() or 1
 
     def _signal(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
+        self.on_change()
 
     def status(self) -> str:
         live = [w for w in self.workers.values() if w.live]

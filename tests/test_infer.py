@@ -224,9 +224,6 @@ def cancelled_generations(daemon) -> int:
     return len(re.findall(r"^rbeed-worker: generation \d+: cancelled,", daemon.log(), re.MULTILINE))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "rbeed/api.py JobAPI._stream installs on_disconnect only if job.cancel_on_disconnect is already set, "
-    "but the infer handler sets it when the job starts, after the first stream's response was made"))  # fmt: skip
 async def test_a_client_that_drops_the_stream_cancels_its_infer(slow, slow_client):
     before = cancelled_generations(slow[0])
     async with job_events(slow_client, LONG) as (job_id, events):
