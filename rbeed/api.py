@@ -15,10 +15,6 @@ from .server import Request, Response, StreamingResponse, error_response, json_r
 
 _JOB_PATH = re.compile(r"^/v1/jobs/([^/]+)(/stream)?$")
 _STATES = ", ".join(state.value for state in JobState)
-_KEEPALIVE = b": keep-alive\n\n"
-# The response head waits this long for the job's first events, to go out in the same write;
-# a job that has nothing to say by then gets its head alone, so clients see the 200 at once.
-_HEAD_DELAY = 0.05
 
 
 class JobAPI:
@@ -105,15 +101,14 @@ class JobAPI:
                         # Events fell out of the replay buffer: say which, then go on.
                         data = msgspec.json.encode({"missed_from": gap[0], "missed_to": gap[1]})
                         pieces.insert(0, b"event: gap\ndata: %s\n\n" % data)
-                    if pieces:
+                    if pieces or not sent:  # nothing to replay: the head goes out alone, at once
                         after = backlog[-1][0] if backlog else after
                         await send(b"".join(pieces), last=feed is None)
                         sent = True
                     if feed is None:
                         return
                     with feed:
-                        after = await self._follow(job, feed, send, after, head_sent=sent)
-                    sent = True
+                        after = await self._follow(job, feed, send, after)
             finally:
                 job.readers -= 1
 
@@ -126,31 +121,24 @@ class JobAPI:
 
         return StreamingResponse(200, produce, on_disconnect=on_disconnect)
 
-    async def _follow(self, job: Job, feed: trio.MemoryReceiveChannel, send, after: int, head_sent: bool) -> int:
+    async def _follow(self, job: Job, feed: trio.MemoryReceiveChannel, send, after: int) -> int:
         """Relay live events until the feed closes (job ended, or this reader lagged).
 
         Events that queued up while the client was slow go out in one write. Returns the id of
-        the last event sent, from which the caller re-reads the replay buffer.
+        the last event sent, from which the caller re-reads the replay buffer. No timer here:
+        the registry sends keep-alives into the feed of a quiet job.
         """
         while True:
-            event = None
-            # The timer covers the wait only, never a write (see HTTPConnection._serve).
-            with trio.move_on_after(self.config.sse_keepalive if head_sent else _HEAD_DELAY):
-                try:
-                    event = await feed.receive()
-                except trio.EndOfChannel:
-                    return after
-            if event is None:
-                await send(_KEEPALIVE if head_sent else b"")  # b"": the head alone
-                head_sent = True
-                continue
-            after, batch = event[0], [event[1]]
+            try:
+                event_id, data = await feed.receive()
+            except trio.EndOfChannel:
+                return after
+            after, batch = event_id or after, [data]
             while True:
                 try:
-                    event = feed.receive_nowait()
+                    event_id, data = feed.receive_nowait()
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-                after = event[0]
-                batch.append(event[1])
+                after = event_id or after
+                batch.append(data)
             await send(b"".join(batch), last=job.finished and after == job.last_event_id)
-            head_sent = True

@@ -72,7 +72,7 @@ class Daemon:
             ops.ModelGet: self.models.get, ops.ModelDelete: self.models.delete,
             ops.Infer: inference.infer,
         })  # fmt: skip
-        self.registry = JobRegistry(config.jobs, self.router)
+        self.registry = JobRegistry(config.jobs, self.router, lambda: config.server.sse_keepalive)
         self.api = JobAPI(self.registry, config.server)
         self.connections = 0
         self._poked = trio.Event()  # set (and replaced) when jobs, workers or connections change

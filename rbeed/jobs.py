@@ -20,6 +20,7 @@ log = logging.getLogger("rbeed.jobs")
 
 _encode = msgspec.json.Encoder().encode
 _SUBSCRIBER_BUFFER = 256  # events a live reader may fall behind before it re-reads the replay buffer
+KEEPALIVE = (0, b": keep-alive\n\n")  # sent to the live readers of a quiet job; not kept for replay
 
 
 class JobState(enum.StrEnum):
@@ -75,6 +76,7 @@ class Job:
         self._next_id = 1
         self._subscribers: set[trio.MemorySendChannel[tuple[int, bytes]]] = set()
         self._scope: trio.CancelScope | None = None
+        self.quiet_rounds = 0  # keep-alive rounds since anything went to the live readers
         self._cancel_reason: tuple[JobState, str | None] = (JobState.CANCELLED, None)
 
     @property
@@ -96,6 +98,10 @@ class Job:
         self._next_id += 1
         event = (event_id, b"id: %d\nevent: %s\ndata: %s\n\n" % (event_id, name.encode(), payload))
         self._events.append(event)
+        self._deliver(event)
+
+    def _deliver(self, event: tuple[int, bytes]) -> None:
+        self.quiet_rounds = 0
         for channel in list(self._subscribers):
             try:
                 channel.send_nowait(event)
@@ -156,10 +162,12 @@ Handler = Callable[[Job, AnyOperation], Awaitable[None]]
 class JobRegistry:
     """Creates jobs, runs each in the registry's nursery when first streamed, and expires them."""
 
-    def __init__(self, config: JobsConfig, handler: Handler):
+    def __init__(self, config: JobsConfig, handler: Handler, keepalive: Callable[[], float] = lambda: 15.0):
         self._config = config
         self._handler = handler
+        self._keepalive = keepalive  # seconds between keep-alive comments on a quiet stream
         self._jobs: dict[str, Job] = {}
+        self._running: set[Job] = set()
         self._nursery: trio.Nursery | None = None
         # Deadlines in deadline order: creation order for unstreamed, finish order for finished.
         # A job leaves _unstreamed when it starts or ends, so that the queue does not keep every
@@ -175,11 +183,25 @@ class JobRegistry:
         """Own the job tasks and the expiry timer until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._keep_streams_alive)
             task_status.started()
             while True:
                 with trio.CancelScope(deadline=self._next_deadline()) as self._reaper:
                     await trio.sleep_forever()
                 self._expire(trio.current_time())
+
+    async def _keep_streams_alive(self) -> None:
+        """Send `: keep-alive` to the streams of running jobs quiet for a keep-alive period.
+
+        One timer for all streams, ticking every half period, instead of a timeout around each
+        stream's wait: a quiet stream hears from its job at least once a period.
+        """
+        while True:
+            await trio.sleep(self._keepalive() / 2)
+            for job in self._running:
+                job.quiet_rounds += 1
+                if job.quiet_rounds >= 2:
+                    job._deliver(KEEPALIVE)
 
     # -- lookup -----------------------------------------------------------------------------
 
@@ -219,6 +241,7 @@ class JobRegistry:
         payload, job.payload = job.payload, None
         del self._unstreamed[job]
         self._move(job, JobState.RUNNING)
+        self._running.add(job)
         job.started_at = time.time()
         self._nursery.start_soon(self._run, job, payload, name=job.id)
         self._signal()
@@ -259,6 +282,7 @@ class JobRegistry:
 
     def _end(self, job: Job, state: JobState, error: str | None = None) -> None:
         self._move(job, state)
+        self._running.discard(job)
         job._finish(state, error)
         self._unstreamed.pop(job, None)  # cancelled while queued
         self._finished.append((self._arm(self._config.finished_ttl), job))
