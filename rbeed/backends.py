@@ -41,10 +41,15 @@ class Handle(Protocol):
     async def wait(self) -> str: ...  # returns once the worker has ended: how it ended
 
 
+def worker_options(config: WorkersConfig) -> list[str]:
+    """The worker flags that come from the config, the same for every worker and backend."""
+    options = ["--n-ctx", str(config.n_ctx), "--n-batch", str(config.n_batch)]
+    return options + (["--cpu-affinity", config.cpu_affinity] if config.cpu_affinity else [])
+
+
 def worker_args(spec: LaunchSpec, config: WorkersConfig) -> list[str]:
     return ["worker", "--id", spec.id, "--model", str(spec.model_path), "--socket", str(spec.socket_path),
-            "--device", spec.device, "--threads", str(spec.threads), "--n-ctx", str(config.n_ctx),
-            "--n-batch", str(config.n_batch)]  # fmt: skip
+            "--device", spec.device, "--threads", str(spec.threads), *worker_options(config)]  # fmt: skip
 
 
 def parse_notify(datagram: bytes) -> dict[str, str]:

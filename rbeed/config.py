@@ -12,6 +12,7 @@ DEFAULT_CONFIG_FILE = Path("/etc/rbeed/rbeed.toml")
 
 Seconds = Annotated[float, msgspec.Meta(ge=0)]
 Interval = Annotated[float, msgspec.Meta(gt=0)]
+CPUList = Annotated[str, msgspec.Meta(pattern=r"^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*$")]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 # HOST:PORT with a port that fits 16 bits (HOST may be empty, or an IPv6 address in brackets).
 ListenAddress = Annotated[str, msgspec.Meta(
@@ -64,6 +65,7 @@ class WorkersConfig(Section):
     restart: Literal["on-failure", "no"] = "on-failure"
     max_restarts: Annotated[int, msgspec.Meta(ge=0)] = 3
     restart_backoff: Seconds = 1.0  # doubled on each restart in a row
+    cpu_affinity: CPUList | None = None  # CPUs every worker may run on, e.g. "0-3,6"; None = all
     memory_max: str | None = None  # systemd backend: MemoryMax= of each worker unit
     cpu_quota: str | None = None  # systemd backend: CPUQuota= of each worker unit
 
@@ -88,6 +90,15 @@ class Config(Section):
     @property
     def socket_path(self) -> Path:
         return Path(self.server.socket) if self.server.socket else self.runtime_path / "rbeed.sock"
+
+
+def parse_cpu_list(text: str) -> set[int]:
+    """`0-3,6` → {0, 1, 2, 3, 6} (the cpuset list format of taskset and systemd's CPUAffinity=)."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
 
 
 class ConfigError(Exception):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import trio
 
-from .backends import LaunchSpec, WorkerStartError, describe_exit
+from .backends import LaunchSpec, WorkerStartError, worker_options, describe_exit
 from .config import WorkersConfig
 
 log = logging.getLogger("rbeed.workers")
@@ -110,7 +110,7 @@ class SystemdBackend:
         self.config = config
 
     def _environment(self, spec: LaunchSpec) -> str:
-        options = f"--n-ctx {self.config.n_ctx} --n-batch {self.config.n_batch}"
+        options = " ".join(worker_options(self.config))
         values = {"RBEED_MODEL": spec.model_path, "RBEED_SOCKET": spec.socket_path, "RBEED_DEVICE": spec.device,
                   "RBEED_THREADS": spec.threads, "RBEED_WORKER_OPTS": options}  # fmt: skip
         return "".join(f"{key}={value}\n" for key, value in values.items())

@@ -42,6 +42,7 @@ from typing import Any
 import _thread
 
 from rbeed import wire
+from rbeed.config import parse_cpu_list
 
 EXIT_FAILED = 3
 
@@ -130,7 +131,16 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--n-batch", type=int, default=32)
+    parser.add_argument("--cpu-affinity", metavar="LIST", help="CPUs to run on, e.g. 0-3,6")
     return parser.parse_args(argv)
+
+
+def _pin(cpu_list: str | None) -> None:
+    if cpu_list:
+        try:
+            os.sched_setaffinity(0, parse_cpu_list(cpu_list))
+        except (ValueError, OSError) as exc:
+            raise _StartupError(f"cannot run on CPUs {cpu_list}: {exc}") from None
 
 
 def _gpu_layers(device: str) -> int:
@@ -534,6 +544,7 @@ def run(argv: list[str] | None = None) -> int:
         _notify(f"STATUS=loading {args.model}")
         try:
             token_delay = _token_delay()
+            _pin(args.cpu_affinity)
             llm = _load_model(args, _gpu_layers(args.device))
             listener = _listen(args.socket)
         except _StartupError as exc:

@@ -16,7 +16,7 @@ import trio
 
 from . import wire
 from .backends import WorkerStartError, first_of
-from .config import WorkersConfig
+from .config import WorkersConfig, parse_cpu_list
 from .jobs import Job, JobFailed
 from .models import Models
 from .operations import WorkerDelete, WorkerGet, WorkerList, WorkerSpawn
@@ -211,7 +211,11 @@ class Supervisor:
 
     @property
     def cores(self) -> int:
-        return self.config.threads or os.cpu_count() or 1
+        if self.config.threads:
+            return self.config.threads
+        if self.config.cpu_affinity:
+            return len(parse_cpu_list(self.config.cpu_affinity))
+        return os.cpu_count() or 1
 
     def _signal(self) -> None:
         self.on_change()

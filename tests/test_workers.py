@@ -253,3 +253,21 @@ async def test_a_worker_deleted_while_it_loads_fails_its_spawn(rbeed, client, ti
     finally:
         installed.unlink()
         await job_result(client, {"operation": "model_delete", "id": "stuck"})
+
+
+def allowed_cpus(pid: int) -> str:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(line.split()[1] for line in status.splitlines() if line.startswith("Cpus_allowed_list:"))
+
+
+async def test_cpu_affinity_pins_workers_and_bounds_the_thread_budget(tiny_model):
+    # One CPU in the list: the budget is one thread, whatever the machine has.
+    with running_daemon("[workers]\ncpu_affinity = \"0\"\n", {}) as daemon:
+        await register(daemon, tiny_model)
+        async with daemon.client() as client:
+            record = await job_result(client, spawn())
+            assert record["threads"] == 1
+            assert allowed_cpus(record["pid"]) == "0"
+            argv = cmdline(record["pid"])
+            assert argv[argv.index("--cpu-affinity") + 1] == "0"
+            assert "no CPU threads free" in await job_error(client, spawn())
