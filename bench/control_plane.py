@@ -323,8 +323,6 @@ def loadgen(address: str, concurrency: int, duration: float, warmup: float) -> d
                 ok = status == 200 and body.endswith(END_DONE)
                 body_bytes = len(body)
             if not ok:
-                if os.environ.get("BENCH_DEBUG"):
-                    print(f"failure: posting={client.posting} status={status} body={bytes(body)[-300:]!r}", file=sys.stderr)
                 failures += counted
                 failures_outside += not counted
             else:

@@ -8,7 +8,6 @@ import msgspec
 import trio
 
 from . import __version__
-from .config import ServerConfig
 from .jobs import Job, JobRegistry, JobState, RegistryFull
 from .operations import PayloadError, decode
 from .server import Request, Response, StreamingResponse, error_response, json_response
@@ -20,9 +19,8 @@ _STATES = ", ".join(state.value for state in JobState)
 class JobAPI:
     """Turns requests into registry calls; `accepting` goes False while the daemon drains."""
 
-    def __init__(self, registry: JobRegistry, config: ServerConfig):
+    def __init__(self, registry: JobRegistry):
         self.registry = registry
-        self.config = config
         self.accepting = True
 
     async def __call__(self, request: Request) -> Response | StreamingResponse:

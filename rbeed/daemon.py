@@ -73,7 +73,7 @@ class Daemon:
             ops.Infer: inference.infer,
         })  # fmt: skip
         self.registry = JobRegistry(config.jobs, self.router, lambda: config.server.sse_keepalive)
-        self.api = JobAPI(self.registry, config.server)
+        self.api = JobAPI(self.registry)
         self.connections = 0
         self._poked = trio.Event()  # set (and replaced) when jobs, workers or connections change
         self._reloaded = trio.Event()  # set (and replaced) after each reload

@@ -12,7 +12,7 @@ import trio
 from rbeed import __version__
 from rbeed import operations as ops
 from rbeed.api import JobAPI
-from rbeed.config import JobsConfig, ServerConfig
+from rbeed.config import JobsConfig
 from rbeed.jobs import JobRegistry
 from rbeed.server import Request
 from support import (
@@ -174,7 +174,7 @@ async def test_a_bad_payload_gets_400_naming_the_problem_and_the_field(shared_da
 
 async def test_a_full_registry_answers_503():
     registry = JobRegistry(JobsConfig(max_jobs=1), handler=None)
-    api = JobAPI(registry, ServerConfig())
+    api = JobAPI(registry)
     request = Request("POST", "/v1/jobs", {}, {}, b'{"operation": "hive_list"}')
     assert (await api(request)).status == 201
     refused = await api(request)
