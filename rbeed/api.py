@@ -107,6 +107,8 @@ class JobAPI:
                         return
                     with feed:
                         after = await self._follow(job, feed, send, after)
+                    if after is None:
+                        return
             finally:
                 job.readers -= 1
 
@@ -119,12 +121,13 @@ class JobAPI:
 
         return StreamingResponse(200, produce, on_disconnect=on_disconnect)
 
-    async def _follow(self, job: Job, feed: trio.MemoryReceiveChannel, send, after: int) -> int:
-        """Relay live events until the feed closes (job ended, or this reader lagged).
+    async def _follow(self, job: Job, feed: trio.MemoryReceiveChannel, send, after: int) -> int | None:
+        """Relay live events until the job's end event is sent (then None) or the feed closes.
 
-        Events that queued up while the client was slow go out in one write. Returns the id of
-        the last event sent, from which the caller re-reads the replay buffer. No timer here:
-        the registry sends keep-alives into the feed of a quiet job.
+        Events that queued up while the client was slow go out in one write. A feed closes early
+        when its reader lagged: the id of the last event sent is returned, from which the caller
+        re-reads the replay buffer. No timer here: the registry sends keep-alives into the feed
+        of a quiet job.
         """
         while True:
             try:
@@ -132,11 +135,13 @@ class JobAPI:
             except trio.EndOfChannel:
                 return after
             after, batch = event_id or after, [data]
-            while True:
+            while not (ended := after == job.end_id):
                 try:
                     event_id, data = feed.receive_nowait()
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
                 after = event_id or after
                 batch.append(data)
-            await send(b"".join(batch), last=job.finished and after == job.last_event_id)
+            await send(b"".join(batch), last=ended)
+            if ended:
+                return None

@@ -19,7 +19,7 @@ from .catalog import Catalog
 from .config import Config
 from .hives import Hive, Hives
 from .inference import Inference
-from .jobs import JobRegistry, JobState
+from .jobs import Changed, JobRegistry, JobState
 from .models import Model, Models
 from .router import Router
 from .sdnotify import Notifier, extend_timeout
@@ -75,9 +75,9 @@ class Daemon:
         self.registry = JobRegistry(config.jobs, self.router, lambda: config.server.sse_keepalive)
         self.api = JobAPI(self.registry)
         self.connections = 0
-        self._poked = trio.Event()  # set (and replaced) when jobs, workers or connections change
-        self._reloaded = trio.Event()  # set (and replaced) after each reload
-        self.registry.on_change = self.supervisor.on_change = self._poke
+        self._poked = Changed()  # jobs, workers or connections changed
+        self._reloaded = Changed()
+        self.registry.on_change = self.supervisor.on_change = self._poked.fire
         self._stop = trio.Event()
 
     def status_line(self) -> str:
@@ -124,11 +124,7 @@ class Daemon:
 
     def _count_connection(self, delta: int) -> None:
         self.connections += delta
-        self._poke()
-
-    def _poke(self) -> None:
-        self._poked.set()
-        self._poked = trio.Event()
+        self._poked.fire()
 
     async def _report_status(self) -> None:
         """Keep `systemctl status` current, at most once a second."""
@@ -202,9 +198,8 @@ class Daemon:
         log.info("reloaded %s: %s", self.config_path or "defaults", ", ".join(changed) or "nothing changed")
         if ignored:
             log.warning("not reloaded (restart needed): %s", ", ".join(ignored))
-        self._reloaded.set()
-        self._reloaded = trio.Event()
-        self._poke()
+        self._reloaded.fire()
+        self._poked.fire()
 
     async def _handle_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import time
-import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -32,6 +32,38 @@ class JobState(enum.StrEnum):
 
 
 FINISHED = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
+_END_MARKERS = {JobState.COMPLETED: b"[DONE]", JobState.CANCELLED: b"[CANCELLED]"}
+
+
+class Changed:
+    """Something to wait for that happens again and again: `wait()` returns at the next `fire()`.
+
+    Unlike a trio.Event replaced after each set, firing with nobody waiting costs nothing.
+    """
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event: trio.Event | None = None
+
+    def fire(self) -> None:
+        if self._event is not None:
+            self._event.set()
+            self._event = None
+
+    async def wait(self) -> None:
+        if self._event is None:
+            self._event = trio.Event()
+        await self._event.wait()
+
+
+def new_job_id() -> str:
+    """`job-` and a random (version 4) UUID, built without the uuid module's validation."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40
+    raw[8] = raw[8] & 0x3F | 0x80
+    h = raw.hex()
+    return f"job-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class JobFailed(Exception):
@@ -61,8 +93,12 @@ def _iso(timestamp: float | None) -> str | None:
 class Job:
     """One operation: its payload (until started), state, and a bounded log of rendered SSE events."""
 
+    __slots__ = ("id", "operation", "payload", "state", "error", "created_at", "started_at", "finished_at",
+                 "cancel_on_disconnect", "readers", "end_id", "_events", "_next_id", "_subscribers", "_scope",
+                 "quiet_rounds", "_cancel_reason", "__weakref__")  # fmt: skip
+
     def __init__(self, operation: AnyOperation, buffer: int):
-        self.id = f"job-{uuid.uuid4()}"
+        self.id = new_job_id()
         self.operation = operation.name
         self.payload: AnyOperation | None = operation
         self.state = JobState.QUEUED
@@ -72,6 +108,7 @@ class Job:
         self.finished_at: float | None = None
         self.cancel_on_disconnect = operation.cancel_on_disconnect
         self.readers = 0
+        self.end_id: int | None = None  # the id of the end event, once the job has finished
         self._events: deque[tuple[int, bytes]] = deque(maxlen=buffer)
         self._next_id = 1
         self._subscribers: set[trio.MemorySendChannel[tuple[int, bytes]]] = set()
@@ -102,15 +139,17 @@ class Job:
 
     def _deliver(self, event: tuple[int, bytes]) -> None:
         self.quiet_rounds = 0
-        for channel in list(self._subscribers):
+        gone = None
+        for channel in self._subscribers:
             try:
                 channel.send_nowait(event)
-            except trio.WouldBlock:
-                # The reader lags: drop its live feed; it re-reads the replay buffer from its last id.
-                self._subscribers.discard(channel)
+            except (trio.WouldBlock, trio.BrokenResourceError):
+                # A full feed means its reader lags: closing it makes the reader re-read the
+                # replay buffer from its last id. A broken one has no reader left.
                 channel.close()
-            except trio.BrokenResourceError:
-                self._subscribers.discard(channel)
+                gone = [*(gone or ()), channel]
+        if gone:
+            self._subscribers.difference_update(gone)
 
     def narrate(self, message: str, **fields: Any) -> None:
         self.emit("narration", {"message": message, **fields})
@@ -123,8 +162,9 @@ class Job:
 
     def _finish(self, state: JobState, error: str | None = None) -> None:
         self.state, self.error, self.finished_at = state, error, time.time()
+        self.end_id = self._next_id
         self.payload = None
-        marker = {JobState.COMPLETED: b"[DONE]", JobState.CANCELLED: b"[CANCELLED]"}.get(state)
+        marker = _END_MARKERS.get(state)
         self.emit("end", marker or b"[ERROR] " + " ".join((error or "failed").splitlines()).encode())
         for channel in self._subscribers:
             channel.close()
@@ -147,7 +187,7 @@ class Job:
         backlog = [event for event in self._events if event[0] > after]
         if self.finished:
             return backlog, gap, None
-        send, receive = trio.open_memory_channel[tuple[int, bytes]](_SUBSCRIBER_BUFFER)
+        send, receive = trio.open_memory_channel(_SUBSCRIBER_BUFFER)  # of (id, rendered event)
         self._subscribers.add(send)
         return backlog, gap, receive
 
@@ -176,7 +216,7 @@ class JobRegistry:
         self._finished: deque[tuple[float, Job]] = deque()
         self._reaper: trio.CancelScope | None = None
         self._counts = dict.fromkeys(JobState, 0)  # jobs held, by state
-        self.changed = trio.Event()  # set (and replaced) whenever a job starts or finishes
+        self.changed = Changed()  # fired whenever a job starts or finishes
         self.on_change: Callable[[], None] = lambda: None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -289,8 +329,7 @@ class JobRegistry:
         self._signal()
 
     def _signal(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
+        self.changed.fire()
         self.on_change()
 
     # -- expiry -----------------------------------------------------------------------------

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import socket
 import stat
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import parse_qsl
@@ -19,6 +19,7 @@ import trio
 
 from . import __version__
 from .config import ServerConfig
+from .transport import SocketTransport, accept_forever
 
 log = logging.getLogger("rbeed.server")
 
@@ -27,8 +28,8 @@ _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 _encode = msgspec.json.Encoder().encode
 
 
-@dataclass(slots=True)
-class Request:
+# msgspec Structs rather than dataclasses: their __init__ is C, and a few of each are made per request.
+class Request(msgspec.Struct):
     method: str
     path: str
     query: dict[str, str]
@@ -36,25 +37,23 @@ class Request:
     body: bytes = b""
 
 
-@dataclass(slots=True)
-class Response:
+class Response(msgspec.Struct):
     status: int
     body: bytes = b""
     content_type: str = "application/json"
-    headers: list[tuple[str, str]] = field(default_factory=list)
+    headers: list[tuple[str, str]] = []
 
 
 Send = Callable[..., Awaitable[None]]  # send(data: bytes, last: bool = False)
 
 
-@dataclass(slots=True)
-class StreamingResponse:
+class StreamingResponse(msgspec.Struct):
     """A response whose body `produce(send)` writes piece by piece (chunked on HTTP/1.1)."""
 
     status: int
     produce: Callable[[Send], Awaitable[None]]
     content_type: str = "text/event-stream"
-    headers: list[tuple[str, str]] = field(default_factory=list)
+    headers: list[tuple[str, str]] = []
     # Called when the peer closes its side mid-body; the body is cancelled either way.
     on_disconnect: Callable[[], None] | None = None
 
@@ -80,57 +79,110 @@ class _PeerGone(Exception):
     pass
 
 
-class HTTPConnection:
-    """One client connection: h11's state machine over a trio stream, one request at a time."""
+class ReadTimers:
+    """The read deadlines of every open connection, enforced by one task.
 
-    def __init__(self, stream: trio.abc.Stream, app: App, config: ServerConfig):
+    A request costs a float store here instead of a cancel scope with a deadline, which trio
+    keeps in a heap; the price is precision: a deadline fires up to two ticks late, never early.
+    """
+
+    def __init__(self, config: ServerConfig):
+        self._config = config
+        self._connections: set[HTTPConnection] = set()
+        self._added = trio.Event()
+        self._tick()
+
+    def _tick(self) -> float:
+        config = self._config  # read each tick: a reload may change the timeouts
+        self.granularity = min(1.0, config.request_timeout / 10, config.keepalive_timeout / 10)
+        now = trio.current_time()
+        # A coarse clock for setting deadlines, a tick ahead so that its lag never fires one early.
+        self.base = now + self.granularity
+        return now
+
+    def add(self, connection: HTTPConnection) -> None:
+        if not self._connections:
+            self._tick()  # the clock stood still while no connection was open
+        self._connections.add(connection)
+        self._added.set()
+
+    def discard(self, connection: HTTPConnection) -> None:
+        self._connections.discard(connection)
+
+    async def run(self) -> None:
+        while True:
+            if not self._connections:  # an idle daemon does not tick
+                self._added = trio.Event()
+                await self._added.wait()
+            await trio.sleep(self.granularity)
+            now = self._tick()
+            for connection in self._connections:
+                if connection.read_deadline <= now:
+                    connection.timed_out()
+
+
+class HTTPConnection:
+    """One client connection: h11's state machine over a trio stream, one request at a time.
+
+    Reads are timed by `timers` (no timeouts without one): the connection's whole life runs in
+    one cancel scope that the timer task cancels when a read overruns its deadline.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, app: App, config: ServerConfig, timers: ReadTimers | None = None):
         self.stream = stream
         self.app = app
         self.config = config
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_header_bytes)
+        self.timers = timers or ReadTimers(config)  # one of our own never ticks: no timeouts
+        self.read_deadline = math.inf
+        self._scope = trio.CancelScope()
+        self._expired = False
+
+    def timed_out(self) -> None:
+        self._expired = True
+        self._scope.cancel()
 
     async def run(self) -> None:
+        self.timers.add(self)
         try:
-            await self._serve()
+            with self._scope:
+                await self._serve()
+            if self._expired and (self.conn.their_state is not h11.IDLE or self.conn.trailing_data[0]):
+                await self._send_error(408, "request timed out")  # an idle client is closed quietly
         except* (_PeerGone, trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # raised bare, or grouped by the nursery of a streaming response
         except* Exception:
             # A bug in one connection must not take the daemon down with it.
             log.exception("connection crashed")
         finally:
+            self.timers.discard(self)
             with trio.move_on_after(1) as cleanup:
                 cleanup.shield = True
                 await self._close()
 
     async def _serve(self) -> None:
-        timeout = self.config.request_timeout
+        # A new connection gets the request timeout to send its first request; between requests
+        # a keep-alive client may sit idle up to the keep-alive timeout. Once a head has come, its
+        # body must follow within the request timeout. Only reads are timed: a deadline that fired
+        # while a response is being written would cut it short after h11 has counted it as sent.
+        timers = self.timers
+        self.read_deadline = timers.base + self.config.request_timeout
         while True:
-            event = request = None
             try:
-                # A new connection gets the request timeout to send its first request; between
-                # requests a keep-alive client may sit idle up to the keep-alive timeout. Once a
-                # head has come, its body must follow within the request timeout. The timer
-                # covers reading only: a deadline that fires while a response is being written
-                # would cut it short after h11 has counted it as sent.
-                with trio.CancelScope(deadline=trio.current_time() + timeout) as timer:
+                event = self.conn.next_event()
+                if event is h11.NEED_DATA:
                     event = await self._next_event()
-                    if isinstance(event, h11.ConnectionClosed):
-                        return
-                    timer.deadline = trio.current_time() + self.config.request_timeout
-                    request = await self._read_request(event)
-                if request is None:
-                    if event is None and not self.conn.trailing_data[0]:
-                        return  # an idle connection: close it quietly
-                    raise trio.TooSlowError
-            except trio.TooSlowError:
-                await self._send_error(408, "request timed out")
-                return
+                if isinstance(event, h11.ConnectionClosed):
+                    return
+                self.read_deadline = timers.base + self.config.request_timeout
+                request = await self._read_request(event)
             except h11.RemoteProtocolError as exc:
                 await self._send_error(exc.error_status_hint, f"bad request: {exc}")
                 return
             except _ClientError as exc:
                 await self._send_error(exc.status, str(exc))
                 return
+            self.read_deadline = math.inf
             response = await self._call_app(request)
             if request.method == "HEAD":
                 await self._send_head_only(response)
@@ -144,7 +196,7 @@ class HTTPConnection:
                 self.conn.start_next_cycle()
             except h11.LocalProtocolError:
                 return
-            timeout = self.config.keepalive_timeout
+            self.read_deadline = timers.base + self.config.keepalive_timeout
 
     async def _call_app(self, request: Request) -> Response | StreamingResponse:
         try:
@@ -162,48 +214,56 @@ class HTTPConnection:
         return event
 
     async def _read_request(self, event) -> Request:
-        if not isinstance(event, h11.Request):
+        if type(event) is not h11.Request:
             raise _ClientError(400, "expected a request")
         headers: dict[str, str] = {}
-        for name, value in event.headers:
-            key = name.decode("latin-1")
-            text = value.decode("latin-1")
-            headers[key] = f"{headers[key]}, {text}" if key in headers else text
         # h11 bounds only a head still incomplete after a read; one read can bring a whole big one.
-        head_size = len(event.target) + sum(len(name) + len(value) + 4 for name, value in event.headers)
+        head_size = len(event.target)
+        for name, value in event.headers.raw_items():
+            head_size += len(name) + len(value) + 4
+            key = name.lower().decode("latin-1")
+            if key in headers:
+                headers[key] += ", " + value.decode("latin-1")
+            else:
+                headers[key] = value.decode("latin-1")
         if head_size > self.config.max_header_bytes:
             raise _ClientError(431, f"request head over {self.config.max_header_bytes} bytes")
         if "transfer-encoding" in headers and "content-length" in headers:
             # h11 would let Transfer-Encoding win; the mix is a request-smuggling pattern (RFC 9112 6.1).
             raise _ClientError(400, "bad request: both Content-Length and Transfer-Encoding")
-        target = event.target.decode("latin-1")
-        path, _, query = target.partition("?")
-        request = Request(event.method.decode("ascii"), path, dict(parse_qsl(query)), headers)
+        path, _, query = event.target.decode("latin-1").partition("?")
+        request = Request(event.method.decode("ascii"), path, dict(parse_qsl(query)) if query else {}, headers)
         limit = self.config.max_body_bytes
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise _ClientError(413, f"request body over {limit} bytes")
-        if self.conn.they_are_waiting_for_100_continue:
+        if "expect" in headers and self.conn.they_are_waiting_for_100_continue:
+            deadline, self.read_deadline = self.read_deadline, math.inf  # a write is never timed
             await self._send(h11.InformationalResponse(status_code=100, headers=[SERVER_HEADER]))
+            self.read_deadline = deadline
         chunks = []
         size = 0
         while True:
-            event = await self._next_event()
-            if isinstance(event, h11.Data):
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                event = await self._next_event()
+            kind = type(event)
+            if kind is h11.Data:
                 size += len(event.data)
                 if size > limit:
                     raise _ClientError(413, f"request body over {limit} bytes")
                 chunks.append(event.data)
-            elif isinstance(event, h11.EndOfMessage):
+            elif kind is h11.EndOfMessage:
                 request.body = b"".join(chunks)
                 return request
-            elif isinstance(event, h11.ConnectionClosed):
+            elif kind is h11.ConnectionClosed:
                 raise _PeerGone()
 
     # -- writing ----------------------------------------------------------------------------
 
     async def _send(self, *events) -> None:
-        data = b"".join(self.conn.send(event) or b"" for event in events)
+        send = self.conn.send
+        data = b"".join([send(event) or b"" for event in events])
         if data:
             await self.stream.send_all(data)
 
@@ -276,7 +336,7 @@ class HTTPConnection:
 
     async def _close(self) -> None:
         try:
-            if isinstance(self.stream, trio.SocketStream):
+            if isinstance(self.stream, trio.abc.HalfCloseableStream):
                 await self.stream.send_eof()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
@@ -347,15 +407,19 @@ async def serve_listeners(
     open streams end with a marker before they are cancelled.
     """
 
-    async def handle(stream: trio.SocketStream) -> None:
+    timers = ReadTimers(config)
+
+    async def handle(stream: SocketTransport) -> None:
         if on_count is not None:
             on_count(+1)
         try:
-            await HTTPConnection(stream, app, config).run()
+            await HTTPConnection(stream, app, config, timers).run()
         finally:
             if on_count is not None:
                 on_count(-1)
 
-    listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in sockets]
-    task_status.started()
-    await trio.serve_listeners(handle, listeners, handler_nursery=connection_nursery)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(timers.run)
+        for sock in sockets:
+            nursery.start_soon(accept_forever, sock, handle, connection_nursery)
+        task_status.started()
