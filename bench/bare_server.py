@@ -5,10 +5,15 @@ msgspec decoding, no routing beyond the method. `POST /v1/jobs` gets a 201 with 
 `{"job_id": ..., "sse_url": ...}` body, and any GET gets the bytes of rbeed's hive_list stream
 (narration, result, end [DONE]) as two chunks of a chunked body. Each response is written with one
 send_all, or with --write-per-event one send_all per h11 event as h11's example server does (the
-POST then takes three writes and the GET four; rbeed writes one and four). The connection loop
+POST then takes three writes and the GET four; rbeed writes one and two). The connection loop
 has the shape of h11's example server.
 
-    python bench/bare_server.py --listen 127.0.0.1:0 --socket /tmp/bare.sock [--write-per-event]
+With --jobs it is the floor of rbeed's structure instead: each GET runs its canned events as a
+job, a task of a server-wide nursery in a cancel scope of its own, and reads them from a memory
+channel, writing the head at once and the events when they come, as rbeed does (two writes).
+What rbeed costs beyond this is its own code: routing, decoding, the registry, the operation.
+
+    python bench/bare_server.py --listen 127.0.0.1:0 --socket /tmp/bare.sock [--write-per-event] [--jobs]
 
 Readiness as `rbeed serve` reports it: with NOTIFY_SOCKET set, the datagram
 "READY=1\\nSTATUS=listening on 127.0.0.1:PORT, unix:PATH".
@@ -37,11 +42,19 @@ def _stream_chunks() -> tuple[bytes, bytes]:
     )
 
 
+async def _canned_job(chunks: tuple[bytes, bytes], events: trio.MemorySendChannel) -> None:
+    """The --jobs floor: a job's share of rbeed's structure, with canned content."""
+    with trio.CancelScope(), events:  # what DELETE would cancel
+        events.send_nowait(chunks[0])
+        events.send_nowait(chunks[1])
+
+
 class Connection:
     def __init__(self, stream: trio.SocketStream, chunks: tuple[bytes, bytes], ids: itertools.count,
-                 write_per_event: bool):  # fmt: skip
+                 write_per_event: bool, jobs: trio.Nursery | None = None):  # fmt: skip
         self.stream = stream
         self.write_per_event = write_per_event
+        self.jobs = jobs
         self.conn = h11.Connection(h11.SERVER)
         self.chunks = chunks
         self.ids = ids
@@ -67,13 +80,25 @@ class Connection:
             headers = [_SERVER, ("content-type", "application/json"), ("location", b"/v1/jobs/" + job_id),
                        ("content-length", str(len(body)))]  # fmt: skip
             await self.send(h11.Response(status_code=201, headers=headers), h11.Data(data=body), h11.EndOfMessage())
-        else:
+        elif self.jobs is None:
             headers = [_SERVER, ("content-type", "text/event-stream"), ("cache-control", "no-cache")]
             await self.send(
                 h11.Response(status_code=200, headers=headers),
                 *(h11.Data(data=chunk) for chunk in self.chunks),
                 h11.EndOfMessage(),
             )
+        else:
+            # The job runs as a task of a server-wide nursery, in a cancel scope of its own, and its
+            # events reach the stream through a memory channel, as in rbeed's JobRegistry.
+            headers = [_SERVER, ("content-type", "text/event-stream"), ("cache-control", "no-cache")]
+            await self.send(h11.Response(status_code=200, headers=headers), h11.Data(data=b""))
+            send_channel, receive_channel = trio.open_memory_channel(256)
+            self.jobs.start_soon(_canned_job, self.chunks, send_channel)
+            with receive_channel:
+                batch = [await receive_channel.receive()]
+                async for chunk in receive_channel:
+                    batch.append(chunk)
+            await self.send(h11.Data(data=b"".join(batch)), h11.EndOfMessage())
 
     async def serve(self) -> None:
         try:
@@ -98,7 +123,7 @@ def _notify(message: str) -> None:
             sock.sendto(message.encode(), address)
 
 
-async def main(listen: str, socket_path: str, write_per_event: bool) -> None:
+async def main(listen: str, socket_path: str, write_per_event: bool, jobs: bool = False) -> None:
     host, _, port = listen.rpartition(":")
     tcp = socket.create_server((host, int(port)), backlog=socket.SOMAXCONN)
     if os.path.exists(socket_path):
@@ -109,13 +134,16 @@ async def main(listen: str, socket_path: str, write_per_event: bool) -> None:
     chunks, ids = _stream_chunks(), itertools.count(1)
 
     async def handle(stream: trio.SocketStream) -> None:
-        await Connection(stream, chunks, ids, write_per_event).serve()
+        await Connection(stream, chunks, ids, write_per_event, job_nursery).serve()
 
     listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in (tcp, unix)]
     bound_host, bound_port = tcp.getsockname()[:2]
     _notify(f"READY=1\nSTATUS=listening on {bound_host}:{bound_port}, unix:{socket_path}")
     try:
-        await trio.serve_listeners(handle, listeners)
+        async with trio.open_nursery() as job_nursery:
+            if not jobs:
+                job_nursery = None
+            await trio.serve_listeners(handle, listeners)
     finally:
         os.unlink(socket_path)
 
@@ -125,8 +153,10 @@ if __name__ == "__main__":
     parser.add_argument("--listen", default="127.0.0.1:0", help="TCP HOST:PORT")
     parser.add_argument("--socket", required=True, help="Unix socket path")
     parser.add_argument("--write-per-event", action="store_true", help="one send_all per h11 event")
+    parser.add_argument("--jobs", action="store_true",
+                        help="run each stream as a job (task, cancel scope, memory channel): the structure's floor")
     args = parser.parse_args()
     try:
-        trio.run(main, args.listen, args.socket, args.write_per_event)
+        trio.run(main, args.listen, args.socket, args.write_per_event, args.jobs)
     except KeyboardInterrupt:
         pass

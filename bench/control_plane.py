@@ -351,7 +351,7 @@ def loadgen(address: str, concurrency: int, duration: float, warmup: float) -> d
 
 # -- the orchestration --------------------------------------------------------------------------
 
-TARGETS = ("rbeed", "bare")
+TARGETS = ("rbeed", "bare", "floor")
 
 
 def start_targets(base: Path, cpus: str | None, finished_ttl: float, rbeed_root: Path,
@@ -365,11 +365,14 @@ def start_targets(base: Path, cpus: str | None, finished_ttl: float, rbeed_root:
                   "--runtime-dir", str(base / "run"), "--config", str(config)]  # fmt: skip
     bare_argv = [sys.executable, str(HERE / "bare_server.py"), "--listen", "127.0.0.1:0",
                  "--socket", str(base / "bare.sock"), *(["--write-per-event"] if bare_per_event else [])]  # fmt: skip
+    floor_argv = [sys.executable, str(HERE / "bare_server.py"), "--listen", "127.0.0.1:0",
+                  "--socket", str(base / "floor.sock"), "--jobs"]  # fmt: skip
     servers = {}
     try:
         servers["rbeed"] = start_server("rbeed", rbeed_argv, base, base / "rbeed.sock", cpus=cpus,
                                         env={"PYTHONPATH": str(rbeed_root)}, cwd=rbeed_root)  # fmt: skip
         servers["bare"] = start_server("bare", bare_argv, base, base / "bare.sock", cpus=cpus)
+        servers["floor"] = start_server("floor", floor_argv, base, base / "floor.sock", cpus=cpus)
     except BaseException:
         for server in servers.values():
             server.stop()
@@ -407,8 +410,8 @@ def spread(values: list[float]) -> str:
 def report(runs: list[dict], memory: dict[str, dict], ratio_target: float, rss_target_mib: float) -> str:
     lines = []
     header = (f"{'transport':<9} {'conc':>4}  {'rbeed jobs/s':>12} {'(p10-p90)':>11}  {'bare jobs/s':>11} "
-              f"{'(p10-p90)':>11}  {'ratio':>5} {'paired':>6}  {'cpu us/job r/b':>14}  {'p50 ms r/b':>11}  "
-              f"{'fail r/b':>8}")  # fmt: skip
+              f"{'(p10-p90)':>11}  {'ratio':>5} {'paired':>6}  {'floor':>6} {'r/floor':>7}  "
+              f"{'cpu us/job r/b/f':>16}  {'p50 ms r/b':>11}  {'fail':>5}")  # fmt: skip
     lines += [header, "-" * len(header)]
     cells = sorted({(run["transport"], run["concurrency"]) for run in runs}, key=lambda c: (c[0] != "unix", c[1]))
     for transport, concurrency in cells:
@@ -417,7 +420,8 @@ def report(runs: list[dict], memory: dict[str, dict], ratio_target: float, rss_t
         rates = {t: [r["jobs_per_s"] for r in by_target[t]] for t in TARGETS}
         cpu = {t: median([r["server_cpu_us_per_job"] for r in by_target[t]]) for t in TARGETS}
         p50 = {t: median([r["latency_ms"]["p50"] for r in by_target[t]]) for t in TARGETS}
-        fails = {t: sum(r["failures"] + r["connection_errors"] for r in by_target[t]) for t in TARGETS}
+        fails = sum(r["failures"] + r["connection_errors"] for r in runs
+                    if (r["transport"], r["concurrency"]) == (transport, concurrency))  # fmt: skip
         ratio = median(rates["rbeed"]) / median(rates["bare"])
         # Per-round ratios: each pairs runs taken seconds apart, so slow drift in load cancels out.
         paired = median([r / b for r, b in zip(rates["rbeed"], rates["bare"])])
@@ -425,11 +429,13 @@ def report(runs: list[dict], memory: dict[str, dict], ratio_target: float, rss_t
         lines.append(
             f"{transport:<9} {concurrency:>4}  {median(rates['rbeed']):>12.0f} {spread(rates['rbeed']):>11}  "
             f"{median(rates['bare']):>11.0f} {spread(rates['bare']):>11}  {ratio:>5.2f} {paired:>6.2f}  "
-            f"{cpu['rbeed']:>7.0f}/{cpu['bare']:<6.0f}  {p50['rbeed']:>5.2f}/{p50['bare']:<5.2f}  "
-            f"{fails['rbeed']:>3}/{fails['bare']:<3}{flag}"
+            f"{median(rates['floor']):>6.0f} {median(rates['rbeed']) / median(rates['floor']):>7.2f}  "
+            f"{cpu['rbeed']:>6.0f}/{cpu['bare']:.0f}/{cpu['floor']:<4.0f}  {p50['rbeed']:>5.2f}/{p50['bare']:<5.2f}  "
+            f"{fails:>5}{flag}"
         )
     client_cpu = median([r["client_cpu_us_per_job"] for r in runs])
     lines.append(f"(ratio = median rbeed / median bare; paired = median of per-round ratios; target >= {ratio_target};")
+    lines.append(" floor = bare --jobs, the structure's floor (job task, cancel scope, channel) with canned content;")
     lines.append(f" cpu us/job = server CPU time per job; the load generator used {client_cpu:.0f} us/job)")
     lines.append("")
     lines.append(f"{'server':<6} {'RSS idle':>9} {'RSS after load':>15} {'peak (VmHWM)':>13}")
@@ -480,7 +486,7 @@ def main() -> int:
             if failures:
                 raise RuntimeError(f"{name}: {failures} of the first 25 jobs failed:\n{server.log()[-3000:]}")
             memory[name] = {"idle": memory_kib(server.pid)}
-        print(f"servers: rbeed pid {servers['rbeed'].pid}, bare pid {servers['bare'].pid}; "
+        print(f"servers: {', '.join(f'{name} pid {server.pid}' for name, server in servers.items())}; "
               f"{args.rounds} rounds x {args.duration:g} s (+{args.warmup:g} s warm-up) per run", flush=True)  # fmt: skip
         for transport in transports:  # warm-up runs, not recorded
             for concurrency in concurrencies:
@@ -508,7 +514,7 @@ def main() -> int:
     bodies = {name: {r["stream_body_bytes"] for r in runs if r["target"] == name} for name in TARGETS}
     print()
     print(report(runs, memory, ratio_target=0.8, rss_target_mib=35))
-    print(f"stream body bytes: rbeed {sorted(bodies['rbeed'])}, bare {sorted(bodies['bare'])}")
+    print("stream body bytes: " + ", ".join(f"{name} {sorted(sizes)}" for name, sizes in bodies.items()))
     if args.json:
         args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json)}, "runs": runs,
                                          "memory_kib": memory}, indent=1, default=str))  # fmt: skip
