@@ -89,7 +89,7 @@ class JobAPI:
         first_after = int(header)
 
         async def produce(send) -> None:
-            after, sent = first_after, False
+            after = first_after
             job.readers += 1
             try:
                 while True:
@@ -99,12 +99,13 @@ class JobAPI:
                         # Events fell out of the replay buffer: say which, then go on.
                         data = msgspec.json.encode({"missed_from": gap[0], "missed_to": gap[1]})
                         pieces.insert(0, b"event: gap\ndata: %s\n\n" % data)
-                    if pieces or not sent:  # nothing to replay: the head goes out alone, at once
+                    if pieces:
                         after = backlog[-1][0] if backlog else after
                         await send(b"".join(pieces), last=feed is None)
-                        sent = True
                     if feed is None:
                         return
+                    if not pieces:  # the head waits for the first event, for a short while only
+                        self.registry.nudge_later(job)
                     with feed:
                         after = await self._follow(job, feed, send, after)
                     if after is None:

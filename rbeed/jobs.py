@@ -21,6 +21,8 @@ log = logging.getLogger("rbeed.jobs")
 _encode = msgspec.json.Encoder().encode
 _SUBSCRIBER_BUFFER = 256  # events a live reader may fall behind before it re-reads the replay buffer
 KEEPALIVE = (0, b": keep-alive\n\n")  # sent to the live readers of a quiet job; not kept for replay
+NUDGE = (0, b"")  # sent to a new reader that has heard nothing for NUDGE_DELAY: "write what you have"
+NUDGE_DELAY = 0.1  # seconds
 
 
 class JobState(enum.StrEnum):
@@ -216,6 +218,8 @@ class JobRegistry:
         self._finished: deque[tuple[float, Job]] = deque()
         self._reaper: trio.CancelScope | None = None
         self._counts = dict.fromkeys(JobState, 0)  # jobs held, by state
+        self._awaiting_first: deque[tuple[float, Job, int]] = deque()  # (deadline, job, its last event id)
+        self._awaited = Changed()
         self.changed = Changed()  # fired whenever a job starts or finishes
         self.on_change: Callable[[], None] = lambda: None
 
@@ -224,6 +228,7 @@ class JobRegistry:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._keep_streams_alive)
+            nursery.start_soon(self._nudge_new_readers)
             task_status.started()
             while True:
                 with trio.CancelScope(deadline=self._next_deadline()) as self._reaper:
@@ -242,6 +247,27 @@ class JobRegistry:
                 job.quiet_rounds += 1
                 if job.quiet_rounds >= 2:
                     job._deliver(KEEPALIVE)
+
+    def nudge_later(self, job: Job) -> None:
+        """Nudge the job's live readers in NUDGE_DELAY unless it emits an event first.
+
+        A new stream writes its HTTP head with its first event, so that a short job answers with
+        one write and the client is not woken twice; this bounds how long the head can wait.
+        """
+        if not self._awaiting_first:
+            self._awaited.fire()
+        self._awaiting_first.append((trio.current_time() + NUDGE_DELAY, job, job.last_event_id))
+
+    async def _nudge_new_readers(self) -> None:
+        while True:
+            if not self._awaiting_first:
+                await self._awaited.wait()
+            await trio.sleep_until(self._awaiting_first[0][0])
+            now = trio.current_time()
+            while self._awaiting_first and self._awaiting_first[0][0] <= now:
+                _, job, last_event_id = self._awaiting_first.popleft()
+                if job.last_event_id == last_event_id and not job.finished:
+                    job._deliver(NUDGE)
 
     # -- lookup -----------------------------------------------------------------------------
 

@@ -294,6 +294,22 @@ async def test_an_idle_stream_gets_keep_alive_comments(api_daemon):
     assert parse_sse(received.decode())[-1]["data"] == "[CANCELLED]"
 
 
+async def test_a_stream_with_nothing_to_say_yet_still_gets_its_head_at_once(small_daemon):
+    # The head waits for the first event, or a tenth of a second; not for the 15 s keep-alive.
+    async with small_daemon.client() as client, small_daemon.client() as resumed, small_daemon.client() as other:
+        job_id = await slow_job(client)
+        url = f"/v1/jobs/{job_id}/stream"
+        async with client.stream("GET", url) as response:
+            with trio.fail_after(10):
+                seen = await read_events_until(response.aiter_sse(), lambda e: "line 6" in e.data)
+            with trio.fail_after(2):
+                async with resumed.stream("GET", url, headers={"Last-Event-ID": seen[-1].id}) as quiet:
+                    assert quiet.status == 200 and quiet.headers["content-type"] == "text/event-stream"
+                    await other.request("DELETE", f"/v1/jobs/{job_id}")
+                    rest = [event async for event in quiet.aiter_sse()]
+    assert [event.data for event in rest] == ["[CANCELLED]"]
+
+
 async def test_a_late_reader_gets_a_gap_for_events_out_of_the_buffer(small_daemon):
     async with small_daemon.client() as client, small_daemon.client() as late, small_daemon.client() as other:
         job_id = await slow_job(client)

@@ -12,7 +12,7 @@ import trio
 
 from rbeed import operations as ops
 from rbeed.config import JobsConfig
-from rbeed.jobs import Job, JobFailed, JobRegistry, JobState, RegistryFull
+from rbeed.jobs import NUDGE, NUDGE_DELAY, Job, JobFailed, JobRegistry, JobState, RegistryFull
 
 LIST = ops.HiveList()
 
@@ -312,3 +312,25 @@ async def test_a_reader_that_does_not_read_loses_its_feed_and_rereads_the_buffer
         live = [event async for event in feed]
     assert [json.loads(e["data"]) for e in frames(live)[:1]] == [{"released": True}]
     assert frames(live)[-1]["data"] == "[DONE]"
+
+
+async def test_a_new_reader_is_nudged_only_if_the_job_stays_quiet(autojump_clock):
+    gate = Gate(narrations=0)
+    async with running_registry(gate) as registry:
+        quiet, busy = registry.create(LIST), registry.create(LIST)
+        for job in (quiet, busy):
+            registry.start(job)
+        feeds = {}
+        for job in (quiet, busy):
+            _, _, feeds[job] = job.subscribe(0)
+            registry.nudge_later(job)
+        start = trio.current_time()
+        busy.narrate("early")
+        with trio.fail_after(NUDGE_DELAY * 5):
+            assert await feeds[quiet].receive() == NUDGE
+        assert trio.current_time() - start >= NUDGE_DELAY
+        assert ids_of([feeds[busy].receive_nowait()]) == [1]
+        await trio.sleep(NUDGE_DELAY * 5)
+        with pytest.raises(trio.WouldBlock):
+            feeds[busy].receive_nowait()  # it spoke before the deadline: no nudge
+        gate.release.set()
