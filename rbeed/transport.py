@@ -106,6 +106,12 @@ class SocketTransport(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint()
 
 
+async def open_unix_transport(path: str) -> SocketTransport:
+    """Connect to a Unix socket (trio.open_unix_socket) and return it as a SocketTransport."""
+    stream = await trio.open_unix_socket(path)
+    return SocketTransport(socket.socket(fileno=stream.socket.detach()))
+
+
 async def accept_forever(sock: socket.socket, handle: Callable[[SocketTransport], Awaitable[None]],
                          nursery: trio.Nursery) -> None:  # fmt: skip
     """Accept connections on a listening socket until cancelled; each runs `handle` in `nursery`."""

@@ -20,6 +20,7 @@ from .config import WorkersConfig, parse_cpu_list
 from .jobs import Job, JobFailed
 from .models import Models
 from .operations import WorkerDelete, WorkerGet, WorkerList, WorkerSpawn
+from .transport import open_unix_transport
 
 log = logging.getLogger("rbeed.workers")
 
@@ -343,7 +344,7 @@ class Supervisor:
                     await handle.ready()
                 except trio.TooSlowError:
                     raise WorkerStartError(f"model not loaded within {self.config.load_timeout:.0f} s") from None
-            stream = await trio.open_unix_socket(str(worker.socket_path))
+            stream = await open_unix_transport(str(worker.socket_path))
             # A unit's main pid is known only once it is ready.
             worker.pid, worker.error, worker.state = handle.pid, None, WorkerState.READY
             worker.ready_once = True
