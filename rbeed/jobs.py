@@ -262,7 +262,9 @@ class JobRegistry:
         while True:
             if not self._awaiting_first:
                 await self._awaited.wait()
-            await trio.sleep_until(self._awaiting_first[0][0])
+            # In rounds at least half a delay apart, not one wake-up per stream: a nudge may come
+            # up to half a delay late.
+            await trio.sleep_until(max(self._awaiting_first[0][0], trio.current_time() + NUDGE_DELAY / 2))
             now = trio.current_time()
             while self._awaiting_first and self._awaiting_first[0][0] <= now:
                 _, job, last_event_id = self._awaiting_first.popleft()
