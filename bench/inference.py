@@ -213,6 +213,9 @@ class InProcess:
                                    n_batch=n_batch, logits_all=False, verbose=False)  # fmt: skip
 
     def generate(self, prompt: str, max_tokens: int) -> Timing:
+        # Like rbeed's worker, evaluate the whole prompt: consecutive prompts share their first
+        # tokens ("Run N" shares "<bos>Run "), which create_completion would take from its cache.
+        self.llm.reset()
         timing = Timing(time.perf_counter())
         chunks = self.llm.create_completion(prompt, max_tokens=max_tokens, stream=True, min_p=0.05,
                                             repeat_penalty=1.0, **SAMPLING)  # fmt: skip

@@ -124,7 +124,8 @@ class Worker:
 
     async def wait_loaded(self) -> None:
         """Return once the model is loaded; JobFailed if it never was, or the worker ended since."""
-        await self.loaded.wait()
+        if not self.loaded.is_set():  # no trip through the run loop on the way to a token
+            await self.loaded.wait()
         if self.live:
             return
         if self.ready_once:
@@ -145,11 +146,22 @@ class Worker:
         """The job went away (cancel, disconnect): stop its generation at once if it is running."""
         generation.abandoned = True
         if generation is self.current and generation.sent and generation.outcome is None and self._stream:
-            async with self._send_lock:
-                try:
-                    await self._stream.send_all(wire.encode(wire.Cancel(generation.request.id)))
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
+            try:
+                await self._send(self._stream, wire.Cancel(generation.request.id))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    async def _send(self, stream: trio.abc.Stream, message: wire.Message) -> None:
+        """Send one frame; a Cancel and a Generate never interleave on the stream."""
+        data = wire.encode(message)
+        try:
+            self._send_lock.acquire_nowait()  # the usual case: no trip through the run loop
+        except trio.WouldBlock:
+            await self._send_lock.acquire()
+        try:
+            await stream.send_all(data)
+        finally:
+            self._send_lock.release()
 
     async def serve(self, stream: trio.abc.Stream) -> None:
         """Feed queued generations to the worker one at a time; return once idle for keep_alive."""
@@ -171,8 +183,7 @@ class Worker:
                 continue
             # Left set if this raises: the supervisor fails the generation with the reason.
             self.current, self.state = generation, WorkerState.BUSY
-            async with self._send_lock:
-                await stream.send_all(wire.encode(generation.request))
+            await self._send(stream, generation.request)
             generation.sent = True
             while generation.outcome is None:
                 data = await stream.receive_some(1 << 16)
