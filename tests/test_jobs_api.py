@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from contextlib import asynccontextmanager
 
 import msgspec
 import pytest
@@ -294,14 +295,20 @@ async def test_an_idle_stream_gets_keep_alive_comments(api_daemon):
     assert parse_sse(received.decode())[-1]["data"] == "[CANCELLED]"
 
 
+@asynccontextmanager
+async def streamed_to_line_6(client):
+    """A small_daemon slow job streamed until its last line (then quiet): (job id, stream url, events)."""
+    job_id = await slow_job(client)
+    url = f"/v1/jobs/{job_id}/stream"
+    async with client.stream("GET", url) as response:
+        with trio.fail_after(10):
+            yield job_id, url, await read_events_until(response.aiter_sse(), is_narration("line 6"))
+
+
 async def test_a_stream_with_nothing_to_say_yet_still_gets_its_head_at_once(small_daemon):
     # The head waits for the first event, or a tenth of a second; not for the 15 s keep-alive.
     async with small_daemon.client() as client, small_daemon.client() as resumed, small_daemon.client() as other:
-        job_id = await slow_job(client)
-        url = f"/v1/jobs/{job_id}/stream"
-        async with client.stream("GET", url) as response:
-            with trio.fail_after(10):
-                seen = await read_events_until(response.aiter_sse(), lambda e: "line 6" in e.data)
+        async with streamed_to_line_6(client) as (job_id, url, seen):
             with trio.fail_after(2):
                 async with resumed.stream("GET", url, headers={"Last-Event-ID": seen[-1].id}) as quiet:
                     assert quiet.status == 200 and quiet.headers["content-type"] == "text/event-stream"
@@ -312,11 +319,7 @@ async def test_a_stream_with_nothing_to_say_yet_still_gets_its_head_at_once(smal
 
 async def test_a_late_reader_gets_a_gap_for_events_out_of_the_buffer(small_daemon):
     async with small_daemon.client() as client, small_daemon.client() as late, small_daemon.client() as other:
-        job_id = await slow_job(client)
-        url = f"/v1/jobs/{job_id}/stream"
-        async with client.stream("GET", url) as response:
-            with trio.fail_after(10):
-                live = await read_events_until(response.aiter_sse(), is_narration("line 6"))
+        async with streamed_to_line_6(client) as (job_id, url, live):
             assert [e.id for e in live] == [str(n) for n in range(1, 8)]  # "$ command", line 1..6
             bodies = {}
             for after in ("0", "1", "2", "3", "5"):
