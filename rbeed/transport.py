@@ -31,7 +31,9 @@ class SocketTransport(trio.abc.HalfCloseableStream):
     costs a trip through the run loop. On a local request/response connection nearly every send
     and most receives complete at once, so this stream tries the syscall first and parks in
     wait_readable/wait_writable only when the kernel says it would block; it checkpoints every
-    `_YIELD_EVERY` calls that did not park.
+    `_YIELD_EVERY` calls that did not park. So, unlike trio's own streams, a call is not always a
+    checkpoint: a loop over it must park or yield somewhere else too (the server's waits for the
+    next request do).
     """
 
     def __init__(self, sock: socket.socket):
