@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
 import time
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -59,15 +59,6 @@ class Changed:
         await self._event.wait()
 
 
-def new_job_id() -> str:
-    """`job-` and a random (version 4) UUID, built without the uuid module's validation."""
-    raw = bytearray(os.urandom(16))
-    raw[6] = raw[6] & 0x0F | 0x40
-    raw[8] = raw[8] & 0x3F | 0x80
-    h = raw.hex()
-    return f"job-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
 class JobFailed(Exception):
     """Raised by an operation to end its job with `[ERROR] <message>`."""
 
@@ -100,7 +91,7 @@ class Job:
                  "quiet_rounds", "_cancel_reason", "__weakref__")  # fmt: skip
 
     def __init__(self, operation: AnyOperation, buffer: int):
-        self.id = new_job_id()
+        self.id = f"job-{uuid.uuid4()}"
         self.operation = operation.name
         self.payload: AnyOperation | None = operation
         self.state = JobState.QUEUED
@@ -141,7 +132,7 @@ class Job:
 
     def _deliver(self, event: tuple[int, bytes]) -> None:
         self.quiet_rounds = 0
-        gone = None
+        gone = []
         for channel in self._subscribers:
             try:
                 channel.send_nowait(event)
@@ -149,9 +140,8 @@ class Job:
                 # A full feed means its reader lags: closing it makes the reader re-read the
                 # replay buffer from its last id. A broken one has no reader left.
                 channel.close()
-                gone = [*(gone or ()), channel]
-        if gone:
-            self._subscribers.difference_update(gone)
+                gone.append(channel)
+        self._subscribers.difference_update(gone)
 
     def narrate(self, message: str, **fields: Any) -> None:
         self.emit("narration", {"message": message, **fields})

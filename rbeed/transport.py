@@ -20,10 +20,6 @@ _ACCEPT_RETRY_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENE
                         errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH}
 
 
-async def _checkpoint(sock: socket.socket) -> None:
-    await trio.lowlevel.checkpoint()
-
-
 class SocketTransport(trio.abc.HalfCloseableStream):
     """A trio stream over a non-blocking socket.
 
@@ -32,8 +28,7 @@ class SocketTransport(trio.abc.HalfCloseableStream):
     and most receives complete at once, so this stream tries the syscall first and parks in
     wait_readable/wait_writable only when the kernel says it would block; it checkpoints every
     `_YIELD_EVERY` calls that did not park. So, unlike trio's own streams, a call is not always a
-    checkpoint: a loop over it must park or yield somewhere else too (the server's waits for the
-    next request do).
+    checkpoint: a cancellation lands at the next park, or within `_YIELD_EVERY` calls.
     """
 
     def __init__(self, sock: socket.socket):
@@ -55,7 +50,8 @@ class SocketTransport(trio.abc.HalfCloseableStream):
                 raise self._error(exc) from exc
             self._unparked += 1
             if self._unparked >= _YIELD_EVERY:
-                await self._wait(_checkpoint)
+                self._unparked = 0
+                await trio.lowlevel.checkpoint()
             return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -72,7 +68,8 @@ class SocketTransport(trio.abc.HalfCloseableStream):
             if sent == len(view):
                 self._unparked += 1
                 if self._unparked >= _YIELD_EVERY:
-                    await self._wait(_checkpoint)
+                    self._unparked = 0
+                    await trio.lowlevel.checkpoint()
                 return
             view = view[sent:]
             await self._wait(trio.lowlevel.wait_writable)

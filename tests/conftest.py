@@ -6,6 +6,8 @@ import pytest
 
 from support import start_daemon
 
+pytest_plugins = ["user_systemd"]  # the `user_systemd` fixture: a real systemd user manager
+
 
 @pytest.fixture
 def daemon(tmp_path):

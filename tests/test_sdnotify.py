@@ -20,7 +20,6 @@ from rbeed.sdnotify import Notifier, extend_timeout
 if TYPE_CHECKING:
     from user_systemd import UserSystemd
 
-pytest_plugins = ["user_systemd"]  # the `user_systemd` fixture
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -38,6 +39,23 @@ async def assert_not_accepting(daemon) -> None:
     for unix in (False, True):
         with pytest.raises(OSError), trio.fail_after(5):
             await open_stream(daemon, unix)
+
+
+@asynccontextmanager
+async def draining_mid_job(daemon, narration: str):
+    """A slow job streamed up to `narration`, then SIGTERM: yields the rest of its events once
+    the daemon drains (a second connection, kept open, sees new jobs refused)."""
+    async with daemon.client() as client, daemon.client() as other:
+        await run_job(client, SLOW_HIVE)
+        job_id = await submit(client, SLOW_JOB)
+        async with client.stream("GET", f"/v1/jobs/{job_id}/stream") as response:
+            events = response.aiter_sse()
+            with trio.fail_after(10):
+                await read_events_until(events, is_narration(narration))
+                await other.request("GET", "/health")
+                daemon.proc.send_signal(signal.SIGTERM)
+                await until_draining(other)
+            yield events
 
 
 def wait_exit(daemon, within: float) -> float:
@@ -85,18 +103,10 @@ async def test_a_job_finishing_within_the_grace_period_ends_done(tmp_path):
     command = f"sh -c 'echo waiting; read line < {fifo}; echo got $line'"
     daemon = start_daemon(tmp_path / "d", config=f'[server]\nshutdown_grace = 30\n[hives]\nstart_command = "{command}"\n')
     try:
-        async with daemon.client() as client, daemon.client() as other:
-            await run_job(client, SLOW_HIVE)
-            job_id = await submit(client, SLOW_JOB)
-            async with client.stream("GET", f"/v1/jobs/{job_id}/stream") as response:
-                events = response.aiter_sse()
-                with trio.fail_after(10):
-                    await read_events_until(events, is_narration("waiting"))
-                    await other.request("GET", "/health")
-                    daemon.proc.send_signal(signal.SIGTERM)
-                    await until_draining(other)
-                    os.write(holder, b"go\n")
-                    rest = [event async for event in events]
+        async with draining_mid_job(daemon, "waiting") as events:
+            os.write(holder, b"go\n")
+            with trio.fail_after(10):
+                rest = [event async for event in events]
         messages = [json.loads(e.data)["message"] for e in rest if e.event == "narration"]
         assert messages == ["got go"] and end_marker(rest) == "[DONE]"
         assert wait_exit(daemon, within=5) < 5  # no waiting out the 30 s grace once nothing runs
@@ -108,18 +118,10 @@ async def test_a_job_finishing_within_the_grace_period_ends_done(tmp_path):
 async def test_a_second_signal_cancels_at_once(tmp_path):
     daemon = start_daemon(tmp_path / "d", config=slow_hive_config("[server]\nshutdown_grace = 30\n"))
     try:
-        async with daemon.client() as client, daemon.client() as other:
-            await run_job(client, SLOW_HIVE)
-            job_id = await submit(client, SLOW_JOB)
-            async with client.stream("GET", f"/v1/jobs/{job_id}/stream") as response:
-                events = response.aiter_sse()
-                with trio.fail_after(10):
-                    await read_events_until(events, is_narration("starting 127.0.0.1 start"))
-                    await other.request("GET", "/health")
-                    daemon.proc.send_signal(signal.SIGTERM)
-                    await until_draining(other)
-                    daemon.proc.send_signal(signal.SIGTERM)
-                    rest = [event async for event in events]
+        async with draining_mid_job(daemon, "starting 127.0.0.1 start") as events:
+            daemon.proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(10):
+                rest = [event async for event in events]
         assert end_marker(rest) == "[CANCELLED]"
         wait_exit(daemon, within=5)
     finally:

@@ -11,12 +11,10 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 import trio
@@ -27,15 +25,12 @@ from support import (
     rest_of, result_of, run_job, short_base, start_daemon,
 )  # fmt: skip
 
-if TYPE_CHECKING:
-    from user_systemd import UserSystemd
+from user_systemd import RBEED_UNITS as UNITS
+from user_systemd import UserSystemd, install_rbeed_units
 
-pytest_plugins = ["user_systemd"]  # the `user_systemd` fixture
 pytestmark = pytest.mark.systemd
 
 REPO = Path(__file__).resolve().parent.parent
-UNITS = ["rbeed.service", "rbeed.socket", "rbeed-tcp.socket", "rbeed-worker@.service"]
-DROP_IN = "e2e.conf"
 SERVICE = "rbeed.service"
 
 # Each worker sleeps this long after every token, so a long generation can be hit mid-stream.
@@ -67,10 +62,7 @@ def unit_of(worker_id: str) -> str:
 
 
 class Installed:
-    """Our units in the user manager, as install.sh would install them for this Python, plus
-    drop-ins for what a user manager cannot do (User=, SocketUser=) and for the test's plumbing
-    (the venv and repo bound back into the sandbox, logs to a file, a test TCP port). Everything
-    else, the sandbox included, is the shipped file."""
+    """Our units in the user manager (install_rbeed_units), running this Python's rbeed."""
 
     def __init__(self, manager: UserSystemd, tcp_port: int) -> None:
         self.manager = manager
@@ -80,39 +72,8 @@ class Installed:
         self.rbeed_dir = manager.runtime_dir / "rbeed"
         self.socket_path = self.rbeed_dir / "rbeed.sock"
         self.config.write_text(CONFIG)
-        needed = sorted({sys.prefix, sys.base_prefix, str(REPO)})
-        in_home = any(Path(p).is_relative_to(h) for p in needed for h in ("/home", "/root", "/run/user"))
-        plumbing = textwrap.dedent(f"""\
-            [Unit]
-            StartLimitIntervalSec=0
-            [Service]
-            User=
-            Group=
-            Environment=PYTHONPATH={REPO} PYTHONUNBUFFERED=1
-            BindReadOnlyPaths={" ".join("-" + p for p in needed)}
-            # As on the system manager, where %t is /run and ProtectSystem=strict makes it read-only.
-            ReadOnlyPaths=%t
-            {"ProtectHome=tmpfs" if in_home else ""}
-            StandardOutput=append:{self.log}
-            StandardError=append:{self.log}
-            """)
-        drop_ins = {
-            "rbeed.service": plumbing,
-            "rbeed-worker@.service": plumbing + f"Environment=RBEED_WORKER_TOKEN_DELAY={TOKEN_DELAY}\n",
-            "rbeed.socket": "[Socket]\nSocketUser=\nSocketGroup=\n",
-            "rbeed-tcp.socket": f"[Socket]\nListenStream=\nListenStream=127.0.0.1:{tcp_port}\n",
-        }
-        python = f"ExecStart={sys.executable} -m rbeed "
-        for unit in UNITS:
-            text = (REPO / "systemd" / unit).read_text()
-            text = re.sub(r"(?m)^ExecStart=/usr/bin/rbeed ", python, text)
-            text = text.replace(f"{python}serve", f"{python}serve --config {self.config}")
-            (manager.unit_dir / unit).write_text(text)
-            drop_in_dir = manager.unit_dir / f"{unit}.d"
-            shutil.rmtree(drop_in_dir, ignore_errors=True)  # e.g. those of tests/test_units.py
-            drop_in_dir.mkdir()
-            (drop_in_dir / DROP_IN).write_text(drop_ins[unit])
-        self.check("daemon-reload")
+        install_rbeed_units(manager, f"{sys.executable} -m rbeed", self.log, tcp_port,
+                            serve_args=f"--config {self.config}", worker_env=f"RBEED_WORKER_TOKEN_DELAY={TOKEN_DELAY}")  # fmt: skip
 
     def uninstall(self) -> None:
         self.manager.systemctl("stop", "rbeed-worker@*.service", SERVICE, "rbeed.socket", "rbeed-tcp.socket")

@@ -11,20 +11,16 @@ import socket
 import stat
 import subprocess
 import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
-if TYPE_CHECKING:
-    from user_systemd import UserSystemd
+from user_systemd import RBEED_UNITS as UNITS
+from user_systemd import UserSystemd, install_rbeed_units
 
-pytest_plugins = ["user_systemd"]  # the `user_systemd` fixture
 
 REPO = Path(__file__).resolve().parent.parent
-UNITS = ["rbeed.service", "rbeed.socket", "rbeed-tcp.socket", "rbeed-worker@.service"]
 HOST_UNIT_DIR = Path("/usr/lib/systemd/system")
 # systemd-analyze security exposure, 0-100 (shown as 0.0-10.0). Measured with systemd 252:
 # rbeed.service 1.5, rbeed-worker@.service 0.6.
@@ -344,9 +340,7 @@ else:
 
 
 class InstalledUnits:
-    """Our unit files in a user manager, ExecStart pointing at STUB_RBEED (as install.sh
-    rewrites it for a PREFIX), plus drop-ins for what a user manager cannot do (User=, Socket
-    User=) and for the test's plumbing. Everything else is the shipped file, sandbox included."""
+    """Our unit files in a user manager (install_rbeed_units), ExecStart pointing at STUB_RBEED."""
 
     def __init__(self, manager: UserSystemd, tcp_port: int) -> None:
         self.manager = manager
@@ -355,41 +349,7 @@ class InstalledUnits:
         self.rbeed_dir = manager.runtime_dir / "rbeed"
         stub = manager.base / "stub-rbeed.py"
         stub.write_text(STUB_RBEED)
-        # The interpreter, its venv and the repo may live under /tmp (PrivateTmp=) or a home
-        # (ProtectHome=): bind them back in; below a home that takes ProtectHome=tmpfs.
-        needed = sorted({sys.prefix, sys.base_prefix, str(REPO)})
-        in_home = any(Path(p).is_relative_to(h) for p in needed for h in ("/home", "/root", "/run/user"))
-        plumbing = textwrap.dedent(f"""\
-            [Unit]
-            # tests start and stop rbeed far more often than the default 5 starts in 10 s
-            StartLimitIntervalSec=0
-            [Service]
-            User=
-            Group=
-            Environment=PYTHONPATH={REPO}
-            BindReadOnlyPaths={" ".join("-" + p for p in needed)}
-            # On the system manager %t is /run, which ProtectSystem=strict makes read-only; this
-            # user manager's %t is below /dev/shm, which it leaves writable. Restore the former.
-            ReadOnlyPaths=%t
-            {"ProtectHome=tmpfs" if in_home else ""}
-            StandardOutput=append:{self.log}
-            StandardError=append:{self.log}
-            """)
-        drop_ins = {
-            "rbeed.service": plumbing,
-            "rbeed-worker@.service": plumbing,
-            "rbeed.socket": "[Socket]\nSocketUser=\nSocketGroup=\n",
-            "rbeed-tcp.socket": f"[Socket]\nListenStream=\nListenStream=127.0.0.1:{tcp_port}\n",
-        }
-        for unit in UNITS:
-            text = (REPO / "systemd" / unit).read_text()
-            text = re.sub(r"(?m)^ExecStart=/usr/bin/rbeed ", f"ExecStart={sys.executable} {stub} ", text)
-            (manager.unit_dir / unit).write_text(text)
-            drop_in_dir = manager.unit_dir / f"{unit}.d"
-            drop_in_dir.mkdir(exist_ok=True)
-            (drop_in_dir / "test.conf").write_text(drop_ins[unit])
-        reload = manager.systemctl("daemon-reload")
-        assert reload.returncode == 0, reload.stderr
+        install_rbeed_units(manager, f"{sys.executable} {stub}", self.log, tcp_port)
 
     def check(self, *args: str) -> subprocess.CompletedProcess[str]:
         result = self.manager.systemctl(*args)

@@ -15,10 +15,13 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
+import textwrap
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,9 +29,11 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["UserSystemd", "start_user_systemd", "user_systemd"]
+__all__ = ["RBEED_UNITS", "UserSystemd", "install_rbeed_units", "start_user_systemd", "user_systemd"]
 
 SYSTEMD = Path("/lib/systemd/systemd")
+REPO = Path(__file__).resolve().parent.parent
+RBEED_UNITS = ["rbeed.service", "rbeed.socket", "rbeed-tcp.socket", "rbeed-worker@.service"]
 READY_POLLS = 1000  # x 10 ms
 STOP_WAIT_S = 10.0
 
@@ -219,3 +224,49 @@ def user_systemd() -> Iterator[UserSystemd]:
     finally:
         instance.stop()
         shutil.rmtree(instance.base, ignore_errors=True)
+
+
+def install_rbeed_units(manager: UserSystemd, exec_start: str, log: Path, tcp_port: int, *,
+                        serve_args: str = "", worker_env: str = "") -> None:  # fmt: skip
+    """Install systemd/'s units into `manager` as install.sh would, `ExecStart=/usr/bin/rbeed `
+    becoming `exec_start`, with drop-ins for what a user manager cannot do (User=, SocketUser=)
+    and for the test's plumbing: the interpreter, its venv and the repo bound back into the
+    sandbox, logs appended to `log`, the TCP socket on `tcp_port`. Everything else, the sandbox
+    included, is the shipped file."""
+    # They may live under /tmp (PrivateTmp=) or a home (ProtectHome=); below a home that takes
+    # ProtectHome=tmpfs.
+    needed = sorted({sys.prefix, sys.base_prefix, str(REPO)})
+    in_home = any(Path(p).is_relative_to(h) for p in needed for h in ("/home", "/root", "/run/user"))
+    plumbing = textwrap.dedent(f"""\
+        [Unit]
+        # tests start and stop rbeed far more often than the default 5 starts in 10 s
+        StartLimitIntervalSec=0
+        [Service]
+        User=
+        Group=
+        Environment=PYTHONPATH={REPO} PYTHONUNBUFFERED=1
+        BindReadOnlyPaths={" ".join("-" + p for p in needed)}
+        # On the system manager %t is /run, which ProtectSystem=strict makes read-only; this
+        # user manager's %t is below /dev/shm, which it leaves writable. Restore the former.
+        ReadOnlyPaths=%t
+        {"ProtectHome=tmpfs" if in_home else ""}
+        StandardOutput=append:{log}
+        StandardError=append:{log}
+        """)
+    drop_ins = {
+        "rbeed.service": plumbing,
+        "rbeed-worker@.service": plumbing + (f"Environment={worker_env}\n" if worker_env else ""),
+        "rbeed.socket": "[Socket]\nSocketUser=\nSocketGroup=\n",
+        "rbeed-tcp.socket": f"[Socket]\nListenStream=\nListenStream=127.0.0.1:{tcp_port}\n",
+    }
+    for unit in RBEED_UNITS:
+        text = re.sub(r"(?m)^ExecStart=/usr/bin/rbeed ", f"ExecStart={exec_start} ", (REPO / "systemd" / unit).read_text())
+        if serve_args:
+            text = text.replace(f"ExecStart={exec_start} serve", f"ExecStart={exec_start} serve {serve_args}")
+        (manager.unit_dir / unit).write_text(text)
+        drop_in_dir = manager.unit_dir / f"{unit}.d"
+        shutil.rmtree(drop_in_dir, ignore_errors=True)  # another test module's
+        drop_in_dir.mkdir()
+        (drop_in_dir / "test.conf").write_text(drop_ins[unit])
+    reload = manager.systemctl("daemon-reload")
+    assert reload.returncode == 0, reload.stderr
