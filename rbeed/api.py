@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import msgspec
+import trio
 
 from . import __version__
 from .jobs import Job, JobRegistry, JobState, RegistryFull
@@ -88,41 +89,27 @@ class JobAPI:
         first_after = int(header)
 
         async def produce(send) -> None:
-            after, keepalives = first_after, job.keepalives
-            head_sent = nudged = False
+            after = first_after
             job.readers += 1
             try:
-                # After each write, look again before waiting: events may have come during it.
                 while True:
-                    backlog, gap = job.events_after(after)
-                    if backlog:
-                        # Everything that came since the last write goes out in one.
-                        pieces = [event for _, event in backlog]
-                        if gap is not None:
-                            # Events fell out of the replay buffer: say which, then go on.
-                            data = msgspec.json.encode({"missed_from": gap[0], "missed_to": gap[1]})
-                            pieces.insert(0, b"event: gap\ndata: %s\n\n" % data)
-                        after = backlog[-1][0]
-                        await send(b"".join(pieces), last=after == job.end_id)
-                        if after == job.end_id:
-                            return
-                        head_sent = True
-                    elif job.finished:
-                        return  # asked for events after the end: none will come
-                    elif keepalives != job.keepalives:  # the registry's tick for a quiet job
-                        keepalives = job.keepalives
-                        await send(b": keep-alive\n\n")
-                        head_sent = True
-                    elif nudged and not head_sent:  # the job stayed quiet: write the head alone
-                        await send(b"")
-                        head_sent = True
-                    else:
-                        if not head_sent:
-                            # The head waits for the first event, so that a short job answers
-                            # with one write; for NUDGE_DELAY at most.
-                            self.registry.nudge_later(job)
-                            nudged = True
-                        await job.changed.wait()
+                    backlog, gap, feed = job.subscribe(after)
+                    pieces = [event for _, event in backlog]
+                    if gap is not None:
+                        # Events fell out of the replay buffer: say which, then go on.
+                        data = msgspec.json.encode({"missed_from": gap[0], "missed_to": gap[1]})
+                        pieces.insert(0, b"event: gap\ndata: %s\n\n" % data)
+                    if pieces:
+                        after = backlog[-1][0] if backlog else after
+                        await send(b"".join(pieces), last=feed is None)
+                    if feed is None:
+                        return
+                    if not pieces:  # the head waits for the first event, for a short while only
+                        self.registry.nudge_later(job)
+                    with feed:
+                        after = await self._follow(job, feed, send, after)
+                    if after is None:
+                        return
             finally:
                 job.readers -= 1
 
@@ -134,3 +121,28 @@ class JobAPI:
                     self.registry.cancel(job)
 
         return StreamingResponse(200, produce, on_disconnect=on_disconnect)
+
+    async def _follow(self, job: Job, feed: trio.MemoryReceiveChannel, send, after: int) -> int | None:
+        """Relay live events until the job's end event is sent (then None) or the feed closes.
+
+        Events that queued up while the client was slow go out in one write. A feed closes early
+        when its reader lagged: the id of the last event sent is returned, from which the caller
+        re-reads the replay buffer. No timer here: the registry sends keep-alives into the feed
+        of a quiet job.
+        """
+        while True:
+            try:
+                event_id, data = await feed.receive()
+            except trio.EndOfChannel:
+                return after
+            after, batch = event_id or after, [data]
+            while not (ended := after == job.end_id):
+                try:
+                    event_id, data = feed.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                after = event_id or after
+                batch.append(data)
+            await send(b"".join(batch), last=ended)
+            if ended:
+                return None

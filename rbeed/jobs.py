@@ -8,7 +8,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
-from itertools import islice
 from typing import Any
 
 import msgspec
@@ -20,7 +19,10 @@ from .operations import AnyOperation
 log = logging.getLogger("rbeed.jobs")
 
 _encode = msgspec.json.Encoder().encode
-NUDGE_DELAY = 0.1  # seconds a new stream's head may wait for the job's first event
+_SUBSCRIBER_BUFFER = 256  # events a live reader may fall behind before it re-reads the replay buffer
+KEEPALIVE = (0, b": keep-alive\n\n")  # sent to the live readers of a quiet job; not kept for replay
+NUDGE = (0, b"")  # sent to a new reader that has heard nothing for NUDGE_DELAY: "write what you have"
+NUDGE_DELAY = 0.1  # seconds
 
 
 class JobState(enum.StrEnum):
@@ -38,30 +40,23 @@ _END_MARKERS = {JobState.COMPLETED: b"[DONE]", JobState.CANCELLED: b"[CANCELLED]
 class Changed:
     """Something to wait for that happens again and again: `wait()` returns at the next `fire()`.
 
-    Unlike a trio.Event replaced after each set, firing with nobody waiting costs nothing; and
-    each job has one, so it parks its waiters itself instead of allocating an Event per wait.
+    Unlike a trio.Event replaced after each set, firing with nobody waiting costs nothing.
     """
 
-    __slots__ = ("_waiters",)
+    __slots__ = ("_event",)
 
     def __init__(self) -> None:
-        self._waiters: list[trio.lowlevel.Task] = []
+        self._event: trio.Event | None = None
 
     def fire(self) -> None:
-        if self._waiters:
-            waiters, self._waiters = self._waiters, []
-            for task in waiters:
-                trio.lowlevel.reschedule(task)
+        if self._event is not None:
+            self._event.set()
+            self._event = None
 
     async def wait(self) -> None:
-        task = trio.lowlevel.current_task()
-        self._waiters.append(task)
-
-        def abort(_) -> trio.lowlevel.Abort:
-            self._waiters.remove(task)  # only a task not yet rescheduled is cancelled
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
+        if self._event is None:
+            self._event = trio.Event()
+        await self._event.wait()
 
 
 class JobFailed(Exception):
@@ -89,14 +84,11 @@ def _iso(timestamp: float | None) -> str | None:
 
 
 class Job:
-    """One operation: its payload (until started), state, and a bounded log of rendered SSE events.
-
-    Readers read the log, from the id after the last one they sent, and wait on `changed`.
-    """
+    """One operation: its payload (until started), state, and a bounded log of rendered SSE events."""
 
     __slots__ = ("id", "operation", "payload", "state", "error", "created_at", "started_at", "finished_at",
-                 "cancel_on_disconnect", "readers", "end_id", "changed", "keepalives", "quiet_rounds",
-                 "_events", "_next_id", "_scope", "_cancel_reason", "__weakref__")  # fmt: skip
+                 "cancel_on_disconnect", "readers", "end_id", "_events", "_next_id", "_subscribers", "_scope",
+                 "quiet_rounds", "_cancel_reason", "__weakref__")  # fmt: skip
 
     def __init__(self, operation: AnyOperation, buffer: int):
         self.id = f"job-{uuid.uuid4()}"
@@ -110,12 +102,11 @@ class Job:
         self.cancel_on_disconnect = operation.cancel_on_disconnect
         self.readers = 0
         self.end_id: int | None = None  # the id of the end event, once the job has finished
-        self.changed = Changed()  # fired at each event, keep-alive tick and nudge
-        self.keepalives = 0  # keep-alive ticks: a reader with nothing new writes a comment for each
-        self.quiet_rounds = 0  # keep-alive rounds since the last event
         self._events: deque[tuple[int, bytes]] = deque(maxlen=buffer)
         self._next_id = 1
+        self._subscribers: set[trio.MemorySendChannel[tuple[int, bytes]]] = set()
         self._scope: trio.CancelScope | None = None
+        self.quiet_rounds = 0  # keep-alive rounds since anything went to the live readers
         self._cancel_reason: tuple[JobState, str | None] = (JobState.CANCELLED, None)
 
     @property
@@ -135,9 +126,22 @@ class Job:
         payload = data if isinstance(data, bytes) else _encode(data)
         event_id = self._next_id
         self._next_id += 1
-        self._events.append((event_id, b"id: %d\nevent: %s\ndata: %s\n\n" % (event_id, name.encode(), payload)))
+        event = (event_id, b"id: %d\nevent: %s\ndata: %s\n\n" % (event_id, name.encode(), payload))
+        self._events.append(event)
+        self._deliver(event)
+
+    def _deliver(self, event: tuple[int, bytes]) -> None:
         self.quiet_rounds = 0
-        self.changed.fire()
+        gone = []
+        for channel in self._subscribers:
+            try:
+                channel.send_nowait(event)
+            except (trio.WouldBlock, trio.BrokenResourceError):
+                # A full feed means its reader lags: closing it makes the reader re-read the
+                # replay buffer from its last id. A broken one has no reader left.
+                channel.close()
+                gone.append(channel)
+        self._subscribers.difference_update(gone)
 
     def narrate(self, message: str, **fields: Any) -> None:
         self.emit("narration", {"message": message, **fields})
@@ -154,22 +158,30 @@ class Job:
         self.payload = None
         marker = _END_MARKERS.get(state)
         self.emit("end", marker or b"[ERROR] " + " ".join((error or "failed").splitlines()).encode())
+        for channel in self._subscribers:
+            channel.close()
+        self._subscribers.clear()
 
     # -- reading events ---------------------------------------------------------------------
 
-    def events_after(self, after: int) -> tuple[list[tuple[int, bytes]], tuple[int, int] | None]:
-        """The kept events after id `after`, and the range of ids after it lost to the buffer bound."""
-        new = self._next_id - 1 - after
-        if new <= 0:
-            return [], None
-        held = len(self._events)
+    def subscribe(
+        self, after: int
+    ) -> tuple[
+        list[tuple[int, bytes]], tuple[int, int] | None, trio.MemoryReceiveChannel[tuple[int, bytes]] | None
+    ]:
+        """Events after id `after`, the range of ids lost to the buffer bound, and a live feed.
+
+        The feed is None once the job has finished: the replayed events then end with `end`.
+        """
         gap = None
-        if new > held:
-            gap, new = (after + 1, self._next_id - 1 - held), held
-        # From the right end: a live reader asks for the few newest of up to event_buffer events.
-        backlog = list(islice(reversed(self._events), new))
-        backlog.reverse()
-        return backlog, gap
+        if self._events and after + 1 < self._events[0][0]:
+            gap = (after + 1, self._events[0][0] - 1)
+        backlog = [event for event in self._events if event[0] > after]
+        if self.finished:
+            return backlog, gap, None
+        send, receive = trio.open_memory_channel(_SUBSCRIBER_BUFFER)  # of (id, rendered event)
+        self._subscribers.add(send)
+        return backlog, gap, receive
 
     @property
     def last_event_id(self) -> int:
@@ -224,9 +236,7 @@ class JobRegistry:
             for job in self._running:
                 job.quiet_rounds += 1
                 if job.quiet_rounds >= 2:
-                    job.quiet_rounds = 0
-                    job.keepalives += 1
-                    job.changed.fire()
+                    job._deliver(KEEPALIVE)
 
     def nudge_later(self, job: Job) -> None:
         """Nudge the job's live readers in NUDGE_DELAY unless it emits an event first.
@@ -249,7 +259,7 @@ class JobRegistry:
             while self._awaiting_first and self._awaiting_first[0][0] <= now:
                 _, job, last_event_id = self._awaiting_first.popleft()
                 if job.last_event_id == last_event_id and not job.finished:
-                    job.changed.fire()
+                    job._deliver(NUDGE)
 
     # -- lookup -----------------------------------------------------------------------------
 

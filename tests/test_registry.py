@@ -9,11 +9,10 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
-import trio.testing
 
 from rbeed import operations as ops
 from rbeed.config import JobsConfig
-from rbeed.jobs import NUDGE_DELAY, Job, JobFailed, JobRegistry, JobState, RegistryFull
+from rbeed.jobs import NUDGE, NUDGE_DELAY, Job, JobFailed, JobRegistry, JobState, RegistryFull
 
 LIST = ops.HiveList()
 
@@ -31,20 +30,6 @@ async def until_finished(registry: JobRegistry, job: Job) -> None:
     with trio.fail_after(1):
         while not job.finished:
             await registry.changed.wait()
-
-
-async def follow(job: Job, after: int = 0) -> list:
-    """Read the job's events after id `after` as a stream does, waiting on `changed`, to the end."""
-    seen = []
-    while after != job.end_id:
-        backlog, gap = job.events_after(after)
-        assert gap is None
-        if backlog:
-            seen += backlog
-            after = backlog[-1][0]
-        else:
-            await job.changed.wait()
-    return seen
 
 
 def ids_of(events) -> list[int]:
@@ -99,8 +84,8 @@ async def test_events_have_consecutive_ids_a_name_and_one_json_data_line(autojum
         job = registry.create(LIST)
         registry.start(job)
         await until_finished(registry, job)
-        backlog, gap = job.events_after(0)
-    assert gap is None
+        backlog, gap, feed = job.subscribe(0)
+    assert gap is None and feed is None  # finished: everything is in the backlog
     assert frames(backlog) == [
         {"id": 1, "event": "narration", "data": '{"message":"hello","step":1}'},
         {"id": 2, "event": "progress", "data": '{"done":1,"total":2}'},
@@ -146,7 +131,7 @@ async def test_failures_end_with_an_error_marker_on_one_line(autojump_clock):
         registry.start(job)
         await until_finished(registry, job)
     assert job.state is JobState.FAILED and job.error.startswith("model 'x' missing")
-    end = frames(job.events_after(0)[0])[-1]  # frames() checks the marker is a single data line
+    end = frames(job.subscribe(0)[0])[-1]  # frames() checks the marker is a single data line
     assert end["event"] == "end" and end["data"] == "[ERROR] model 'x' missing second line third"
 
     async with running_registry(crashes) as registry:
@@ -154,7 +139,7 @@ async def test_failures_end_with_an_error_marker_on_one_line(autojump_clock):
         registry.start(job)
         await until_finished(registry, job)
     assert job.state is JobState.FAILED
-    assert frames(job.events_after(0)[0])[-1]["data"] == "[ERROR] internal error: ValueError"
+    assert frames(job.subscribe(0)[0])[-1]["data"] == "[ERROR] internal error: ValueError"
 
 
 # -- expiry -----------------------------------------------------------------------------------
@@ -237,7 +222,7 @@ async def test_cancel_a_queued_job(autojump_clock):
         assert registry.cancel(job) is False
         await trio.sleep(1)
     assert gate.calls == 0
-    assert frames(job.events_after(0)[0]) == [{"id": 1, "event": "end", "data": "[CANCELLED]"}]
+    assert frames(job.subscribe(0)[0]) == [{"id": 1, "event": "end", "data": "[CANCELLED]"}]
 
 
 async def test_cancel_a_running_job_cancels_its_handler(autojump_clock):
@@ -247,10 +232,11 @@ async def test_cancel_a_running_job_cancels_its_handler(autojump_clock):
         registry.start(job)
         with trio.fail_after(1):
             await gate.entered.wait()
-        backlog, _ = job.events_after(0)
+        backlog, _, feed = job.subscribe(0)
         assert registry.cancel(job) is True
-        live = await follow(job, backlog[-1][0])
-        assert job.finished and registry.cancel(job) is False
+        await until_finished(registry, job)
+        assert registry.cancel(job) is False
+        live = [event async for event in feed]  # the feed closes once the job has ended
     assert gate.cancelled
     assert job.state is JobState.CANCELLED
     assert [e["data"] for e in frames(backlog + live)] == ['{"message":"line 1"}', '{"message":"line 2"}', "[CANCELLED]"]
@@ -265,7 +251,7 @@ async def test_cancel_between_start_and_the_first_run_of_the_task(autojump_clock
         await until_finished(registry, job)
     # The handler gets the cancel at its first checkpoint: it never completes.
     assert job.state is JobState.CANCELLED and job.error == "daemon shutting down"
-    events = frames(job.events_after(0)[0])
+    events = frames(job.subscribe(0)[0])
     assert "result" not in [e["event"] for e in events] and events[-1]["data"] == "[CANCELLED]"
 
 
@@ -292,67 +278,59 @@ async def test_replay_after_an_id_and_the_gap_of_events_that_fell_out_of_the_buf
         registry.start(job)
         with trio.fail_after(1):
             await gate.entered.wait()
-        backlog, gap = job.events_after(0)
+        backlog, gap, feed = job.subscribe(0)
         assert gap == (1, 6) and ids_of(backlog) == [7, 8, 9, 10]
-        backlog, gap = job.events_after(5)
+        feed.close()
+        backlog, gap, feed = job.subscribe(5)
         assert gap == (6, 6) and ids_of(backlog) == [7, 8, 9, 10]
-        backlog, gap = job.events_after(8)
+        feed.close()
+        backlog, gap, feed = job.subscribe(8)
         assert gap is None and ids_of(backlog) == [9, 10]
-        assert job.events_after(10) == ([], None)
-        assert job.events_after(99) == ([], None)
+        feed.close()
+        backlog, gap, feed = job.subscribe(10)
+        assert (backlog, gap) == ([], None)
         gate.release.set()
-        live = await follow(job, 10)
+        live = [event async for event in feed]
     assert [e["event"] for e in frames(live)] == ["result", "end"] and ids_of(live) == [11, 12]
-    backlog, gap = job.events_after(0)
-    assert gap == (1, 8) and ids_of(backlog) == [9, 10, 11, 12]
+    backlog, gap, feed = job.subscribe(0)
+    assert gap == (1, 8) and ids_of(backlog) == [9, 10, 11, 12] and feed is None
 
 
-async def test_a_reader_further_behind_than_the_buffer_gets_the_gap_then_goes_on(autojump_clock):
-    gate = Gate(narrations=300)  # in one burst, without a checkpoint between them
-    async with running_registry(gate, event_buffer=100) as registry:
+async def test_a_reader_that_does_not_read_loses_its_feed_and_rereads_the_buffer(autojump_clock):
+    gate = Gate(narrations=300)  # more than a live feed holds
+    async with running_registry(gate, event_buffer=1000) as registry:
         job = registry.create(LIST)
-        woken = trio.Event()
-
-        async def reader() -> None:
-            await job.changed.wait()
-            woken.set()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(reader)
-            await trio.testing.wait_all_tasks_blocked()  # the reader waits before the job starts
-            registry.start(job)
-            with trio.fail_after(1):
-                await woken.wait()  # once, for the whole burst
-        backlog, gap = job.events_after(0)
-        assert gap == (1, 200) and ids_of(backlog) == list(range(201, 301))
+        registry.start(job)
+        _, _, slow_feed = job.subscribe(0)
+        with trio.fail_after(1):
+            await gate.entered.wait()
+        buffered = [event async for event in slow_feed]  # ends: the registry closed the feed
+        assert 0 < len(buffered) < 300 and ids_of(buffered) == list(range(1, len(buffered) + 1))
+        backlog, gap, feed = job.subscribe(buffered[-1][0])
+        assert gap is None and ids_of(buffered + backlog) == list(range(1, 301))
         gate.release.set()
-        live = await follow(job, 300)
+        live = [event async for event in feed]
     assert [json.loads(e["data"]) for e in frames(live)[:1]] == [{"released": True}]
-    assert frames(live)[-1]["data"] == "[DONE]" and ids_of(live) == [301, 302]
+    assert frames(live)[-1]["data"] == "[DONE]"
 
 
 async def test_a_new_reader_is_nudged_only_if_the_job_stays_quiet(autojump_clock):
     gate = Gate(narrations=0)
-    woken_at: dict[str, list[float]] = {"quiet": [], "busy": []}
-
-    async def wait_for(name: str, job: Job) -> None:
-        await job.changed.wait()
-        woken_at[name].append(trio.current_time())
-
     async with running_registry(gate) as registry:
         quiet, busy = registry.create(LIST), registry.create(LIST)
+        for job in (quiet, busy):
+            registry.start(job)
+        feeds = {}
+        for job in (quiet, busy):
+            _, _, feeds[job] = job.subscribe(0)
+            registry.nudge_later(job)
         start = trio.current_time()
-        async with trio.open_nursery() as nursery:
-            for name, job in (("quiet", quiet), ("busy", busy)):
-                registry.start(job)
-                registry.nudge_later(job)
-                nursery.start_soon(wait_for, name, job)
-            await trio.testing.wait_all_tasks_blocked()
-            busy.narrate("early")
-            await trio.testing.wait_all_tasks_blocked()
-            nursery.start_soon(wait_for, "busy", busy)  # it spoke before the deadline: no nudge
-            await trio.sleep(NUDGE_DELAY * 5)
-            nursery.cancel_scope.cancel()
+        busy.narrate("early")
+        with trio.fail_after(NUDGE_DELAY * 5):
+            assert await feeds[quiet].receive() == NUDGE
+        assert trio.current_time() - start >= NUDGE_DELAY
+        assert ids_of([feeds[busy].receive_nowait()]) == [1]
+        await trio.sleep(NUDGE_DELAY * 5)
+        with pytest.raises(trio.WouldBlock):
+            feeds[busy].receive_nowait()  # it spoke before the deadline: no nudge
         gate.release.set()
-    assert len(woken_at["quiet"]) == 1 and NUDGE_DELAY <= woken_at["quiet"][0] - start <= NUDGE_DELAY * 2
-    assert woken_at["busy"] == [start]
