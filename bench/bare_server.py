@@ -10,7 +10,8 @@ has the shape of h11's example server.
 
 With --jobs it is the floor of rbeed's structure instead: each GET runs its canned events as a
 job, a task of a server-wide nursery in a cancel scope of its own, and reads them from a memory
-channel, writing the head with the events in one write, as rbeed does for a job this short.
+channel as rbeed's streams do (one wait, then what is there without a checkpoint per event),
+writing the head with the events in one write, as rbeed does for a job this short.
 What rbeed costs beyond this is its own code: routing, decoding, the registry, the operation.
 
     python bench/bare_server.py --listen 127.0.0.1:0 --socket /tmp/bare.sock [--write-per-event] [--jobs]
@@ -95,8 +96,11 @@ class Connection:
             self.jobs.start_soon(_canned_job, self.chunks, send_channel)
             with receive_channel:
                 batch = [await receive_channel.receive()]
-                async for chunk in receive_channel:
-                    batch.append(chunk)
+                while True:
+                    try:
+                        batch.append(receive_channel.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
             await self.send(h11.Response(status_code=200, headers=headers), h11.Data(data=b"".join(batch)),
                             h11.EndOfMessage())  # fmt: skip
 
