@@ -2,17 +2,18 @@
 
 Invoked as `rbeed worker --id ID --model PATH --socket PATH --device cpu|cuda:N|metal
 --threads N [--n-ctx 2048] [--n-batch 32]`. Protocol: rbeed.wire frames on one daemon
-connection at a time; generations run one at a time in the main thread.
+connection at a time; generations run one at a time in the main thread, which also reads the
+connection: while idle it blocks in recv, so a request wakes the thread that will run it.
 
 Readiness follows the sd_notify protocol when NOTIFY_SOCKET is set: "STATUS=loading <model>",
 then "READY=1" once the model is loaded and the socket listens, or "STATUS=failed: <reason>"
 and exit code 3 (the last stderr line is then "rbeed-worker: failed: <reason>").
 
-Cancellation: a reader thread receives frames. Cancel of the running generation sets a flag
-checked once per token; during prompt processing it also delivers _CANCEL_SIGNAL to the main
-thread with _thread.interrupt_main(), whose handler raises between llama-cpp-python's prompt
-batches (n_batch tokens each). The handler runs in the main thread and raises only while that
-same generation is still processing its prompt, so a late signal is harmless.
+Cancellation: the connection is in O_ASYNC mode, so the kernel sends SIGIO to the main thread
+when a frame arrives; during a generation the handler reads it between tokens, or between
+llama-cpp-python's prompt batches (n_batch tokens each). A Cancel of the running generation sets
+a flag checked once per token; during prompt processing the handler also raises, and only while
+that same generation is still processing its prompt, so a late signal is harmless.
 
 Environment:
   NOTIFY_SOCKET              sd_notify datagram socket (path, or "@name" for an abstract one).
@@ -27,26 +28,25 @@ import argparse
 import codecs
 import collections
 import ctypes
+import fcntl
 import os
-import queue
 import re
 import select
 import signal
 import socket
 import stat
 import sys
+import struct
 import threading
 import time
 from typing import Any
-
-import _thread
 
 from rbeed import wire
 from rbeed.config import parse_cpu_list
 
 EXIT_FAILED = 3
 
-_CANCEL_SIGNAL = signal.SIGUSR2
+_F_SETOWN_EX, _F_OWNER_TID = 15, 0  # Linux: direct SIGIO to one thread (fcntl has no names for them)
 _BACKEND_NAMES = {"cuda": "CUDA", "metal": "MTL"}  # as llama_print_system_info() names them
 # llama-cpp-python's create_completion defaults, kept so results match it.
 _MIN_P = 0.05
@@ -287,21 +287,23 @@ def _exit_with_parent() -> None:
 
 
 class _Connection:
-    """One daemon connection: a reader thread queues requests, the main thread generates."""
+    """One daemon connection, read only by the main thread: in recv while idle, on SIGIO while generating."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        # (request, perf_counter() when it arrived); None once the connection is closed
-        self.requests: queue.SimpleQueue[tuple[wire.Generate, float] | None] = queue.SimpleQueue()
+        self.pending: collections.deque[tuple[wire.Generate, float]] = collections.deque()  # with arrival time
+        self.running: _Job | None = None
+        self.closed = False  # the daemon hung up, or sent garbage: no more requests
         self.broken = False  # a send failed; stop generating and sending
-        self._lock = threading.Lock()
-        self._running: _Job | None = None
-        self._queued: set[int] = set()
         self._cancelled_queued: set[int] = set()
-        self._reader = threading.Thread(target=self._read, name="reader", daemon=True)
-
-    def start(self) -> None:
-        self._reader.start()
+        self._decoder = wire.FrameDecoder()
+        self._reading = False  # a read is under way: the SIGIO handler must not re-enter it
+        fd = sock.fileno()
+        try:  # to this thread only: a signal to one of llama.cpp's threads would be wasted there
+            fcntl.fcntl(fd, _F_SETOWN_EX, struct.pack("ii", _F_OWNER_TID, threading.get_native_id()))
+        except OSError:
+            fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
 
     def send(self, msg: wire.Message) -> None:
         if self.broken:
@@ -310,59 +312,73 @@ class _Connection:
             self.sock.sendall(wire.encode(msg))
         except OSError:
             self.broken = True
-            job = self._running
-            if job is not None:
-                job.cancelled = True
+            if self.running is not None:
+                self.running.cancelled = True
+
+    def next_request(self) -> tuple[wire.Generate, float] | None:
+        """The next request and when it arrived, waiting for one; None once the connection closed."""
+        while not self.pending and not self.closed:
+            self._read(blocking=True)
+        return self.pending.popleft() if self.pending else None
 
     def begin(self, request: wire.Generate) -> _Job | None:
         """Make `request` the running generation; None if it was cancelled while queued."""
-        with self._lock:
-            self._queued.discard(request.id)
-            if request.id in self._cancelled_queued:
-                self._cancelled_queued.discard(request.id)
-                return None
-            job = self._running = _Job(request.id)
-            return job
+        if request.id in self._cancelled_queued:
+            self._cancelled_queued.discard(request.id)
+            return None
+        job = self.running = _Job(request.id)
+        self.poll()  # what came before this generation began sent no signal that it will see
+        return job
 
     def end(self) -> None:
-        with self._lock:
-            self._running = None
+        self.running = None
 
-    def _cancel(self, job_id: int | None) -> None:
-        """Cancel generation `job_id`, or every generation when None (connection closed)."""
-        with self._lock:
-            job = self._running
-            if job is not None and job_id in (None, job.id) and not job.cancelled:
-                job.cancelled = True
-                if job.in_prompt:
-                    _thread.interrupt_main(_CANCEL_SIGNAL)
-            if job_id is None:
-                self._cancelled_queued |= self._queued
-            elif job_id in self._queued:
-                self._cancelled_queued.add(job_id)
+    def poll(self) -> None:
+        """Read whatever has arrived, without waiting (the SIGIO handler's work)."""
+        if not self._reading:
+            self._read(blocking=False)
 
-    def _read(self) -> None:
-        decoder = wire.FrameDecoder()
+    def _read(self, blocking: bool) -> None:
+        self._reading = True
         try:
-            while data := self.sock.recv(65536):
-                for msg in decoder.feed(data):
-                    if isinstance(msg, wire.Generate):
-                        with self._lock:
-                            self._queued.add(msg.id)
-                        self.requests.put((msg, time.perf_counter()))
-                    elif isinstance(msg, wire.Cancel):
+            while not self.closed:
+                try:
+                    data = self.sock.recv(65536, 0 if blocking else socket.MSG_DONTWAIT)
+                    arrived = time.perf_counter()
+                    messages = self._decoder.feed(data)
+                except BlockingIOError:
+                    return
+                except (OSError, ValueError) as exc:
+                    _log(f"daemon connection failed: {exc}")
+                    data = b""
+                if not data:
+                    self._close()
+                    return
+                for msg in messages:
+                    if type(msg) is wire.Generate:
+                        self.pending.append((msg, arrived))
+                    elif type(msg) is wire.Cancel:
                         self._cancel(msg.id)
                     else:
                         _log(f"ignoring unexpected {type(msg).__name__} from the daemon")
-        except (OSError, ValueError) as exc:
-            _log(f"daemon connection failed: {exc}")
+                if blocking:
+                    return
         finally:
-            self._cancel(None)
-            self.requests.put(None)
+            self._reading = False
 
-    @property
-    def running(self) -> _Job | None:
-        return self._running
+    def _cancel(self, job_id: int) -> None:
+        job = self.running
+        if job is not None and job.id == job_id:
+            job.cancelled = True
+        elif any(request.id == job_id for request, _ in self.pending):
+            self._cancelled_queued.add(job_id)
+
+    def _close(self) -> None:
+        """Nobody is left to answer: stop the running generation and drop the queued ones."""
+        self.closed = True
+        self.pending.clear()
+        if self.running is not None:
+            self.running.cancelled = True
 
 
 class _Worker:
@@ -379,9 +395,12 @@ class _Worker:
         self._default_seed = llama_cpp.LLAMA_DEFAULT_SEED
         self.connection: _Connection | None = None
 
-    def on_cancel_signal(self, signum: int, frame: object) -> None:
+    def on_sigio(self, signum: int, frame: object) -> None:
         connection = self.connection
-        job = connection.running if connection is not None else None
+        if connection is None:
+            return
+        connection.poll()
+        job = connection.running
         if job is not None and job.cancelled and job.in_prompt:
             job.in_prompt = False
             raise _PromptCancelled
@@ -392,8 +411,7 @@ class _Worker:
             _log("daemon connected")
             with sock:
                 self.connection = connection = _Connection(sock)
-                connection.start()
-                while (item := connection.requests.get()) is not None:
+                while (item := connection.next_request()) is not None:
                     request, received = item
                     job = connection.begin(request)
                     try:
@@ -552,7 +570,8 @@ def run(argv: list[str] | None = None) -> int:
             _log(f"failed: {exc}")
             return EXIT_FAILED
         worker = _Worker(llm, token_delay)
-        signal.signal(_CANCEL_SIGNAL, worker.on_cancel_signal)
+        signal.signal(signal.SIGIO, worker.on_sigio)
+        signal.siginterrupt(signal.SIGIO, False)  # let llama.cpp's system calls restart, not fail
         _notify(f"READY=1\nSTATUS=serving {args.model} on {args.device}")
         _log(f"worker {args.id}: serving on {args.socket}")
         worker.serve(listener)

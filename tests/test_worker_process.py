@@ -302,6 +302,28 @@ async def test_cancel_mid_stream_then_next_generation(start_worker, long_seed):
     assert after.pieces[0] == first.text
 
 
+async def test_frames_that_arrive_mid_generation_are_read_and_served_in_order(start_worker, long_seed):
+    # Sent once generation 1 streams, 2 and 3 reach the worker while it generates: they are
+    # read then (not when 1 ends), so the cancel of 3 is honoured and 2 runs next.
+    with trio.fail_after(10):
+        worker, client = await ready_client(start_worker, RBEED_WORKER_TOKEN_DELAY="0.05")
+        await client.send(request(1, seed=long_seed, max_tokens=4))
+        first = await client.receive()
+        assert isinstance(first, wire.Token) and first.id == 1
+        await client.send(request(2, seed=long_seed, max_tokens=4))
+        await client.send(request(3, seed=long_seed, max_tokens=4))
+        await client.send(wire.Cancel(3))
+        one = await client.finish(1)
+        two = await client.finish(2)
+        three = await client.finish(3)
+
+    assert one.end.finish_reason == "length" and len([first, *one.pieces]) == 4
+    assert two.end.finish_reason == "length" and two.text == first.text + one.text
+    assert three == Generation([], wire.Done(3, 0, 0, "cancelled", 0.0, 0.0))
+    # 2 waited about three token delays behind 1; its TTFT counts from its arrival
+    assert two.end.ttft_ms >= 100
+
+
 async def test_cancel_during_prompt_processing_lands_fast(start_worker):
     # ~30000 byte tokens with n_batch 32 take seconds to evaluate, even on this model
     prompt = "q" * 30000
