@@ -155,8 +155,12 @@ class HTTPClient:
         return json.loads(body)
 
     def events(self, method: str, target: str, payload=None) -> Iterator[tuple[float, dict[str, str]]]:
-        """SSE events of a chunked response, each with the time its last byte was received."""
+        """Send the request now; SSE events of its chunked response, each with the time its last
+        byte was received, as they are iterated."""
         self._send(method, target, None if payload is None else json.dumps(payload).encode())
+        return self._events()
+
+    def _events(self) -> Iterator[tuple[float, dict[str, str]]]:
         received = time.perf_counter()
         while (end := self.buf.find(b"\r\n\r\n")) < 0:
             received = self._fill()

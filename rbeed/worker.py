@@ -10,10 +10,12 @@ then "READY=1" once the model is loaded and the socket listens, or "STATUS=faile
 and exit code 3 (the last stderr line is then "rbeed-worker: failed: <reason>").
 
 Cancellation: the connection is in O_ASYNC mode, so the kernel sends SIGIO to the main thread
-when a frame arrives; during a generation the handler reads it between tokens, or between
-llama-cpp-python's prompt batches (n_batch tokens each). A Cancel of the running generation sets
-a flag checked once per token; during prompt processing the handler also raises, and only while
-that same generation is still processing its prompt, so a late signal is harmless.
+when a frame arrives; during a generation the handler reads it between tokens, or while the prompt
+is processed, inside llama.cpp's abort callback (asked after each graph node on the CPU backend)
+or between llama-cpp-python's prompt batches (n_batch tokens each). A Cancel of the running
+generation sets a flag checked once per token; during prompt processing the abort callback
+answers it, or the handler raises between batches, and only while that same generation is still
+processing its prompt, so a late signal is harmless.
 
 Environment:
   NOTIFY_SOCKET              sd_notify datagram socket (path, or "@name" for an abstract one).
@@ -394,14 +396,37 @@ class _Worker:
         self._pieces: list[bytes | None] = [None] * llm.n_vocab()
         self._default_seed = llama_cpp.LLAMA_DEFAULT_SEED
         self.connection: _Connection | None = None
+        self._set_abort_callback = llama_cpp.llama_set_abort_callback
+        self._ctx = llm._ctx.ctx
+        self._prompt_job: _Job | None = None
 
-    def on_sigio(self, signum: int, frame: object) -> None:
+        def prompt_cancelled(data: object) -> bool:
+            job = self._prompt_job  # attribute reads only: a signal handled here has this frame
+            return job is not None and job.cancelled
+
+        self._abort_frame_code = prompt_cancelled.__code__
+        self._abort = llama_cpp.ggml_abort_callback(prompt_cancelled)
+        self._no_abort = ctypes.cast(None, llama_cpp.ggml_abort_callback)
+
+    def _watch_prompt(self, job: _Job | None) -> None:
+        """Have llama.cpp ask after each graph node whether `job` was cancelled (None: stop asking).
+
+        Only while the prompt is processed, where one n_batch batch takes long (~150 ms for gemma3
+        270M on two threads here); during decoding the cancel flag is checked once per token instead.
+        The CPU backend asks; GPU backends do not, and stop between batches (see on_sigio).
+        """
+        self._prompt_job = job
+        self._set_abort_callback(self._ctx, self._no_abort if job is None else self._abort, None)
+
+    def on_sigio(self, signum: int, frame: Any) -> None:
         connection = self.connection
         if connection is None:
             return
         connection.poll()
         job = connection.running
-        if job is not None and job.cancelled and job.in_prompt:
+        # Not inside llama.cpp's abort callback: its answer stops the decode there, and ctypes would
+        # only print an exception raised in a callback.
+        if job is not None and job.cancelled and job.in_prompt and frame.f_code is not self._abort_frame_code:
             job.in_prompt = False
             raise _PromptCancelled
 
@@ -483,12 +508,14 @@ class _Worker:
         try:
             try:
                 job.in_prompt = True
+                self._watch_prompt(job)
                 if job.cancelled:  # cancelled before in_prompt was set: no signal was sent
                     raise _PromptCancelled
                 for token in tokens:
                     last = time.perf_counter()
                     if job.in_prompt:
                         job.in_prompt = False
+                        self._watch_prompt(None)
                         first = last
                     if job.cancelled:
                         finish = "cancelled"
@@ -513,13 +540,16 @@ class _Worker:
                         time.sleep(token_delay)
             finally:
                 job.in_prompt = False
+                self._watch_prompt(None)
                 tokens.close()
         except _PromptCancelled:
             finish = "cancelled"
         except (RuntimeError, ValueError) as exc:
-            _log(f"generation {request.id} failed: {exc}")
-            send(wire.Failed(request.id, f"generation failed: {exc}"))
-            return
+            if not job.cancelled:  # else it is llama_decode saying that the abort callback stopped it
+                _log(f"generation {request.id} failed: {exc}")
+                send(wire.Failed(request.id, f"generation failed: {exc}"))
+                return
+            finish = "cancelled"
         if finish != "cancelled":
             tail = decoder.decode(b"", final=True)
             if stopper is not None and finish == "length":

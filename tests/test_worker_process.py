@@ -184,6 +184,12 @@ async def start_worker(tmp_path: pathlib.Path, tiny_model: pathlib.Path):
             await worker.aclose()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process `pid`."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def ready_client(start_worker, *args: str, **env: str) -> tuple[Worker, Client]:
     worker = await start_worker(*args, **env)
     await worker.ready()
@@ -324,7 +330,7 @@ async def test_frames_that_arrive_mid_generation_are_read_and_served_in_order(st
     assert two.end.ttft_ms >= 100
 
 
-async def test_cancel_during_prompt_processing_lands_fast(start_worker):
+async def test_cancel_during_prompt_processing_lands_fast(start_worker, in_process):
     # ~30000 byte tokens with n_batch 32 take seconds to evaluate, even on this model
     prompt = "q" * 30000
     with trio.fail_after(10):
@@ -335,10 +341,37 @@ async def test_cancel_during_prompt_processing_lands_fast(start_worker):
             await client.send(wire.Cancel(1))
             cancelled = await client.finish(1)
         after = await client.generate(2, seed=1, max_tokens=5)
+        worker.process.send_signal(signal.SIGTERM)
+        assert await worker.exit_code() == 0
 
     assert cancelled.end == wire.Done(1, 30002, 0, "cancelled", 0.0, 0.0)
     assert cancelled.pieces == []
-    assert after.end.finish_reason in ("length", "stop") and after.end.prompt_tokens < 30
+    # the stopped prompt left nothing behind that changes the next generation
+    assert (after.text, after.end.finish_reason) == reference_text(in_process, 1, 5)
+    assert "generation 1: cancelled, 0 tokens" in worker.stderr
+    assert "Traceback" not in worker.stderr and "Exception ignored" not in worker.stderr
+
+
+async def test_cancel_lands_inside_a_long_prompt_batch(start_worker):
+    # One llama_decode call takes the whole prompt (seconds): only llama.cpp's abort callback,
+    # asked after each graph node, can stop it before it returns.
+    prompt = "q" * 30000
+    with trio.fail_after(10):
+        worker, client = await ready_client(start_worker, "--n-ctx", "32768", "--n-batch", "32768")
+        await client.send(request(1, prompt=prompt, seed=1))
+        await worker.stderr_until("generation 1: 30002 prompt tokens")
+        # Bounded poll of /proc: past filling the batch in Python (~0.1 s of CPU), the worker's
+        # CPU time grows only inside llama_decode, which takes ~10 s for this prompt.
+        start = cpu_seconds(worker.process.pid)
+        while cpu_seconds(worker.process.pid) < start + 0.5:
+            await trio.sleep(0.01)
+        with trio.fail_after(1):
+            await client.send(wire.Cancel(1))
+            cancelled = await client.finish(1)
+        after = await client.generate(2, seed=1, max_tokens=5)
+
+    assert cancelled.end == wire.Done(1, 30002, 0, "cancelled", 0.0, 0.0)
+    assert after.end.completion_tokens == 5
 
 
 async def test_disconnect_mid_generation_stops_it_and_next_connection_works(
