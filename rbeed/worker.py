@@ -301,9 +301,9 @@ class _Connection:
         self._decoder = wire.FrameDecoder()
         self._reading = False  # a read is under way: the SIGIO handler must not re-enter it
         fd = sock.fileno()
-        try:  # to this thread only: a signal to one of llama.cpp's threads would be wasted there
+        if sys.platform == "linux":  # to this thread only: a signal to one of llama.cpp's would be wasted
             fcntl.fcntl(fd, _F_SETOWN_EX, struct.pack("ii", _F_OWNER_TID, threading.get_native_id()))
-        except OSError:
+        else:
             fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
 
