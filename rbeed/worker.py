@@ -399,10 +399,11 @@ class _Worker:
         self._set_abort_callback = llama_cpp.llama_set_abort_callback
         self._ctx = llm._ctx.ctx
         self._prompt_job: _Job | None = None
+        self._terminating = False  # SIGTERM came inside the abort callback: exit once out of it
 
         def prompt_cancelled(data: object) -> bool:
             job = self._prompt_job  # attribute reads only: a signal handled here has this frame
-            return job is not None and job.cancelled
+            return self._terminating or (job is not None and job.cancelled)
 
         self._abort_frame_code = prompt_cancelled.__code__
         self._abort = llama_cpp.ggml_abort_callback(prompt_cancelled)
@@ -417,6 +418,13 @@ class _Worker:
         """
         self._prompt_job = job
         self._set_abort_callback(self._ctx, self._no_abort if job is None else self._abort, None)
+
+    def on_terminate(self, signum: int, frame: Any) -> None:
+        # Raised inside llama.cpp's abort callback, the exception would be printed and lost.
+        if frame is not None and frame.f_code is self._abort_frame_code:
+            self._terminating = True
+        else:
+            raise _Terminated
 
     def on_sigio(self, signum: int, frame: Any) -> None:
         connection = self.connection
@@ -516,6 +524,8 @@ class _Worker:
                     if job.in_prompt:
                         job.in_prompt = False
                         self._watch_prompt(None)
+                        if self._terminating:  # the SIGTERM came after the callback's last call
+                            raise _Terminated
                         first = last
                     if job.cancelled:
                         finish = "cancelled"
@@ -545,6 +555,8 @@ class _Worker:
         except _PromptCancelled:
             finish = "cancelled"
         except (RuntimeError, ValueError) as exc:
+            if self._terminating:
+                raise _Terminated from None
             if not job.cancelled:  # else it is llama_decode saying that the abort callback stopped it
                 _log(f"generation {request.id} failed: {exc}")
                 send(wire.Failed(request.id, f"generation failed: {exc}"))
@@ -600,6 +612,8 @@ def run(argv: list[str] | None = None) -> int:
             _log(f"failed: {exc}")
             return EXIT_FAILED
         worker = _Worker(llm, token_delay)
+        signal.signal(signal.SIGTERM, worker.on_terminate)
+        signal.signal(signal.SIGINT, worker.on_terminate)
         signal.signal(signal.SIGIO, worker.on_sigio)
         signal.siginterrupt(signal.SIGIO, False)  # let llama.cpp's system calls restart, not fail
         _notify(f"READY=1\nSTATUS=serving {args.model} on {args.device}")

@@ -403,6 +403,23 @@ async def test_sigterm_mid_generation_exits_promptly(start_worker, long_seed):
     assert not worker.socket_path.exists()
 
 
+async def test_sigterm_inside_a_long_prompt_batch_exits_promptly(start_worker):
+    # As in test_cancel_lands_inside_a_long_prompt_batch: the signal arrives inside llama_decode.
+    with trio.fail_after(10):
+        worker, client = await ready_client(start_worker, "--n-ctx", "32768", "--n-batch", "32768")
+        await client.send(request(1, prompt="q" * 30000, seed=1))
+        await worker.stderr_until("generation 1: 30002 prompt tokens")
+        start = cpu_seconds(worker.process.pid)
+        while cpu_seconds(worker.process.pid) < start + 0.5:
+            await trio.sleep(0.01)
+        worker.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(2):
+            assert await worker.exit_code() == 0
+
+    assert worker.stderr.splitlines()[-1] == "rbeed-worker: terminated"
+    assert "Exception ignored" not in worker.stderr
+
+
 def truncated(model: pathlib.Path, path: pathlib.Path) -> pathlib.Path:
     path.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
     return path
