@@ -412,16 +412,20 @@ class _Worker:
     def _watch_prompt(self, job: _Job | None) -> None:
         """Have llama.cpp ask after each graph node whether `job` was cancelled (None: stop asking).
 
-        Only while the prompt is processed, where one n_batch batch takes long (~150 ms for gemma3
+        Only while the prompt is processed, where one n_batch batch takes long (~130 ms for gemma3
         270M on two threads here); during decoding the cancel flag is checked once per token instead.
         The CPU backend asks; GPU backends do not, and stop between batches (see on_sigio).
         """
         self._prompt_job = job
         self._set_abort_callback(self._ctx, self._no_abort if job is None else self._abort, None)
 
+    def _in_abort_callback(self, frame: Any) -> bool:
+        """Whether a signal handler runs inside llama.cpp's abort callback, where an exception it
+        raised would be printed and dropped by ctypes: there the callback's answer stops the decode."""
+        return frame is not None and frame.f_code is self._abort_frame_code
+
     def on_terminate(self, signum: int, frame: Any) -> None:
-        # Raised inside llama.cpp's abort callback, the exception would be printed and lost.
-        if frame is not None and frame.f_code is self._abort_frame_code:
+        if self._in_abort_callback(frame):
             self._terminating = True
         else:
             raise _Terminated
@@ -432,9 +436,7 @@ class _Worker:
             return
         connection.poll()
         job = connection.running
-        # Not inside llama.cpp's abort callback: its answer stops the decode there, and ctypes would
-        # only print an exception raised in a callback.
-        if job is not None and job.cancelled and job.in_prompt and frame.f_code is not self._abort_frame_code:
+        if job is not None and job.cancelled and job.in_prompt and not self._in_abort_callback(frame):
             job.in_prompt = False
             raise _PromptCancelled
 
