@@ -108,14 +108,19 @@ class Canceller:
             raise RuntimeError("a token arrived: the prompt was too short to cancel in")
         return free - sent
 
-    def in_decode(self, prompt: str, max_tokens: int) -> tuple[float, int]:
-        """DELETE after the 5th token: (seconds until the worker is free, tokens read after the DELETE)."""
+    def streaming(self, prompt: str, max_tokens: int):
+        """Start a job on the main connection and read its stream up to the 5th token: (job id, events)."""
         job_id, events = self.start(self.rbeed.client, prompt, max_tokens)
         seen = 0
         for _, event in events:
             seen += event.get("event") == "token"
             if seen == 5:
-                break
+                return job_id, events
+        raise RuntimeError(f"the job ended after {seen} tokens")
+
+    def in_decode(self, prompt: str, max_tokens: int) -> tuple[float, int]:
+        """DELETE after the 5th token: (seconds until the worker is free, tokens read after the DELETE)."""
+        job_id, events = self.streaming(prompt, max_tokens)
         sent = self.delete(job_id)
         free = self.follow_up()
         late = sum(event.get("event") == "token" for _, event in events)
@@ -123,12 +128,7 @@ class Canceller:
 
     def dropped(self, prompt: str, max_tokens: int) -> float:
         """Close the stream after the 5th token: seconds until the worker is free."""
-        _, events = self.start(self.rbeed.client, prompt, max_tokens)
-        seen = 0
-        for _, event in events:
-            seen += event.get("event") == "token"
-            if seen == 5:
-                break
+        self.streaming(prompt, max_tokens)
         dropped = time.perf_counter()
         self.rbeed.client.close()
         return self.follow_up() - dropped

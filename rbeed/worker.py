@@ -409,15 +409,17 @@ class _Worker:
         self._abort = llama_cpp.ggml_abort_callback(prompt_cancelled)
         self._no_abort = ctypes.cast(None, llama_cpp.ggml_abort_callback)
 
-    def _watch_prompt(self, job: _Job | None) -> None:
-        """Have llama.cpp ask after each graph node whether `job` was cancelled (None: stop asking).
+    def _prompt_phase(self, job: _Job, processing: bool) -> None:
+        """Mark `job` as processing its prompt or not; while it is, llama.cpp asks after each graph
+        node whether it was cancelled.
 
-        Only while the prompt is processed, where one n_batch batch takes long (~130 ms for gemma3
-        270M on two threads here); during decoding the cancel flag is checked once per token instead.
+        Set only then, where one n_batch batch takes long (~130 ms for gemma3 270M on two threads
+        here); during decoding the cancel flag is checked once per token instead.
         The CPU backend asks; GPU backends do not, and stop between batches (see on_sigio).
         """
-        self._prompt_job = job
-        self._set_abort_callback(self._ctx, self._no_abort if job is None else self._abort, None)
+        job.in_prompt = processing
+        self._prompt_job = job if processing else None
+        self._set_abort_callback(self._ctx, self._abort if processing else self._no_abort, None)
 
     def _in_abort_callback(self, frame: Any) -> bool:
         """Whether a signal handler runs inside llama.cpp's abort callback, where an exception it
@@ -517,15 +519,13 @@ class _Worker:
         # before it clears in_prompt.
         try:
             try:
-                job.in_prompt = True
-                self._watch_prompt(job)
+                self._prompt_phase(job, True)
                 if job.cancelled:  # cancelled before in_prompt was set: no signal was sent
                     raise _PromptCancelled
                 for token in tokens:
                     last = time.perf_counter()
                     if job.in_prompt:
-                        job.in_prompt = False
-                        self._watch_prompt(None)
+                        self._prompt_phase(job, False)
                         if self._terminating:  # the SIGTERM came after the callback's last call
                             raise _Terminated
                         first = last
@@ -551,8 +551,7 @@ class _Worker:
                     if token_delay:
                         time.sleep(token_delay)
             finally:
-                job.in_prompt = False
-                self._watch_prompt(None)
+                self._prompt_phase(job, False)
                 tokens.close()
         except _PromptCancelled:
             finish = "cancelled"

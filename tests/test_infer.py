@@ -10,8 +10,8 @@ import pytest
 import trio
 
 from support import (
-    end_marker, is_token, job_error, job_events, job_result, narrations, pid_alive, read_events_until, rest_of,
-    result_of, run_job, running_daemon,
+    end_marker, is_token, job_error, job_events, job_result, logged, narrations, pid_alive, read_events_until,
+    rest_of, result_of, run_job, running_daemon,
 )  # fmt: skip
 
 RESULT_FIELDS = {"model", "worker_id", "prompt_tokens", "completion_tokens", "finish_reason", "ttft_ms", "tokens_per_s"}
@@ -232,14 +232,6 @@ async def test_a_client_that_drops_the_stream_cancels_its_infer(slow, slow_clien
         _, result = await infer(slow_client, SHORT | {"worker_id": slow[1]["id"]})
     assert result["completion_tokens"] == 3
     assert cancelled_generations(slow[0]) == before + 1  # logged by the worker before it took the next job
-
-
-async def logged(daemon, pattern: str, timeout: float = 10) -> re.Match:
-    """Bounded poll of the daemon's log (workers write theirs there) for a line matching `pattern`."""
-    with trio.fail_after(timeout):
-        while (match := re.search(pattern, daemon.log(), re.MULTILINE)) is None:
-            await trio.sleep(0.02)
-    return match
 
 
 async def test_cancel_during_prompt_processing_ends_quickly(slow, slow_client):

@@ -196,6 +196,20 @@ async def ready_client(start_worker, *args: str, **env: str) -> tuple[Worker, Cl
     return worker, await worker.connect()
 
 
+async def inside_a_long_prompt_batch(start_worker) -> tuple[Worker, Client]:
+    """A worker inside one llama_decode call that takes its whole 30,002-token prompt (~10 s):
+    only llama.cpp's abort callback, asked after each graph node, runs Python code there."""
+    worker, client = await ready_client(start_worker, "--n-ctx", "32768", "--n-batch", "32768")
+    await client.send(request(1, prompt="q" * 30000, seed=1))
+    await worker.stderr_until("generation 1: 30002 prompt tokens")
+    # Bounded poll of /proc: past filling the batch in Python (~0.1 s of CPU), the worker's CPU
+    # time grows only inside llama_decode.
+    start = cpu_seconds(worker.process.pid)
+    while cpu_seconds(worker.process.pid) < start + 0.5:
+        await trio.sleep(0.01)
+    return worker, client
+
+
 async def test_ready_then_generate_streams_words(start_worker, tiny_model, in_process):
     with trio.fail_after(10):
         worker = await start_worker()
@@ -353,18 +367,8 @@ async def test_cancel_during_prompt_processing_lands_fast(start_worker, in_proce
 
 
 async def test_cancel_lands_inside_a_long_prompt_batch(start_worker):
-    # One llama_decode call takes the whole prompt (seconds): only llama.cpp's abort callback,
-    # asked after each graph node, can stop it before it returns.
-    prompt = "q" * 30000
     with trio.fail_after(10):
-        worker, client = await ready_client(start_worker, "--n-ctx", "32768", "--n-batch", "32768")
-        await client.send(request(1, prompt=prompt, seed=1))
-        await worker.stderr_until("generation 1: 30002 prompt tokens")
-        # Bounded poll of /proc: past filling the batch in Python (~0.1 s of CPU), the worker's
-        # CPU time grows only inside llama_decode, which takes ~10 s for this prompt.
-        start = cpu_seconds(worker.process.pid)
-        while cpu_seconds(worker.process.pid) < start + 0.5:
-            await trio.sleep(0.01)
+        worker, client = await inside_a_long_prompt_batch(start_worker)
         with trio.fail_after(1):
             await client.send(wire.Cancel(1))
             cancelled = await client.finish(1)
@@ -404,14 +408,8 @@ async def test_sigterm_mid_generation_exits_promptly(start_worker, long_seed):
 
 
 async def test_sigterm_inside_a_long_prompt_batch_exits_promptly(start_worker):
-    # As in test_cancel_lands_inside_a_long_prompt_batch: the signal arrives inside llama_decode.
     with trio.fail_after(10):
-        worker, client = await ready_client(start_worker, "--n-ctx", "32768", "--n-batch", "32768")
-        await client.send(request(1, prompt="q" * 30000, seed=1))
-        await worker.stderr_until("generation 1: 30002 prompt tokens")
-        start = cpu_seconds(worker.process.pid)
-        while cpu_seconds(worker.process.pid) < start + 0.5:
-            await trio.sleep(0.01)
+        worker, _ = await inside_a_long_prompt_batch(start_worker)
         worker.process.send_signal(signal.SIGTERM)
         with trio.fail_after(2):
             assert await worker.exit_code() == 0
