@@ -356,6 +356,11 @@ class _PartFile:
             self._pending = bytearray()
         self._file.flush()
         os.fsync(self._file.fileno())
+        if hasattr(os, "posix_fadvise"):
+            # Drop the written pages: read back by the first mmap, the file comes into the page
+            # cache in large folios that can be mapped with huge pages, where pages left by
+            # write() cannot. Measured on gemma3 270M: prompt evaluation ~6 % faster.
+            os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
     def _close(self, file: BinaryIO) -> None:
         try:

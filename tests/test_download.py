@@ -1,6 +1,9 @@
 """Tests of rbeed.download against a real HTTP server on 127.0.0.1 and local files."""
 
+import ctypes
 import hashlib
+import mmap
+import os
 import pathlib
 import re
 import threading
@@ -327,3 +330,44 @@ async def test_malformed_sha256_is_refused_before_any_transfer(tmp_path):
     with pytest.raises(DownloadError, match=r"invalid sha256 'abc': expected 64 hex digits"):
         await download(tmp_path / "unused.gguf", tmp_path / "dest.gguf", sha256="abc")
     assert list(tmp_path.iterdir()) == []
+
+
+def resident_pages(path: pathlib.Path) -> int:
+    """How many of the file's pages are in the page cache (mincore(2) on a fresh mapping)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    with open(path, "rb") as file:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, file.fileno(), 0)
+    assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+    try:
+        vector = ctypes.create_string_buffer(pages)
+        assert libc.mincore(address, size, vector) == 0, os.strerror(ctypes.get_errno())
+        return sum(byte & 1 for byte in vector.raw)
+    finally:
+        libc.munmap(address, size)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="posix_fadvise is Linux's")
+async def test_installed_model_is_left_out_of_the_page_cache(tmp_path):
+    # so that the worker's mmap reads it back in large folios (huge-page mappings)
+    written = tmp_path / "written.gguf"
+    with open(written, "wb") as file:
+        file.write(MODEL)
+        file.flush()
+        os.fsync(file.fileno())
+    assert resident_pages(written) > 0  # what write() leaves behind, and what mincore shows
+    with open(written, "rb") as file:
+        os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    if resident_pages(written) > 0:
+        pytest.skip("this filesystem keeps written pages in memory (tmpfs)")
+    dest = tmp_path / "models" / "model.gguf"
+    async with serve_files({"model.gguf": MODEL}) as server:
+        await download(server.url("model.gguf"), dest, sha256=MODEL_SHA256)
+    assert resident_pages(dest) == 0
+    await download(written, dest.with_name("copy.gguf"), sha256=MODEL_SHA256)
+    assert resident_pages(dest.with_name("copy.gguf")) == 0
