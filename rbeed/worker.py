@@ -319,8 +319,15 @@ class _Connection:
 
     def next_request(self) -> tuple[wire.Generate, float] | None:
         """The next request and when it arrived, waiting for one; None once the connection closed."""
-        while not self.pending and not self.closed:
-            self._read(blocking=True)
+        # Claim the read before looking at `pending`: a SIGIO handled between that look and the
+        # blocking recv would otherwise take the request that recv waits for, and the worker
+        # would sleep with it queued.
+        self._reading = True
+        try:
+            while not self.pending and not self.closed:
+                self._read(blocking=True)
+        finally:
+            self._reading = False
         return self.pending.popleft() if self.pending else None
 
     def begin(self, request: wire.Generate) -> _Job | None:
@@ -338,35 +345,36 @@ class _Connection:
     def poll(self) -> None:
         """Read whatever has arrived, without waiting (the SIGIO handler's work)."""
         if not self._reading:
-            self._read(blocking=False)
+            self._reading = True
+            try:
+                self._read(blocking=False)
+            finally:
+                self._reading = False
 
     def _read(self, blocking: bool) -> None:
-        self._reading = True
-        try:
-            while not self.closed:
-                try:
-                    data = self.sock.recv(65536, 0 if blocking else socket.MSG_DONTWAIT)
-                    arrived = time.perf_counter()
-                    messages = self._decoder.feed(data)
-                except BlockingIOError:
-                    return
-                except (OSError, ValueError) as exc:
-                    _log(f"daemon connection failed: {exc}")
-                    data = b""
-                if not data:
-                    self._close()
-                    return
-                for msg in messages:
-                    if type(msg) is wire.Generate:
-                        self.pending.append((msg, arrived))
-                    elif type(msg) is wire.Cancel:
-                        self._cancel(msg.id)
-                    else:
-                        _log(f"ignoring unexpected {type(msg).__name__} from the daemon")
-                if blocking:
-                    return
-        finally:
-            self._reading = False
+        """Read once if `blocking`, else until the socket is empty; the caller holds `_reading`."""
+        while not self.closed:
+            try:
+                data = self.sock.recv(65536, 0 if blocking else socket.MSG_DONTWAIT)
+                arrived = time.perf_counter()
+                messages = self._decoder.feed(data)
+            except BlockingIOError:
+                return
+            except (OSError, ValueError) as exc:
+                _log(f"daemon connection failed: {exc}")
+                data = b""
+            if not data:
+                self._close()
+                return
+            for msg in messages:
+                if type(msg) is wire.Generate:
+                    self.pending.append((msg, arrived))
+                elif type(msg) is wire.Cancel:
+                    self._cancel(msg.id)
+                else:
+                    _log(f"ignoring unexpected {type(msg).__name__} from the daemon")
+            if blocking:
+                return
 
     def _cancel(self, job_id: int) -> None:
         job = self.running

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import fcntl
+import itertools
 import os
 import pathlib
 import signal
@@ -11,6 +13,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 
 import llama_cpp
 import pytest
@@ -342,6 +345,45 @@ async def test_frames_that_arrive_mid_generation_are_read_and_served_in_order(st
     assert three == Generation([], wire.Done(3, 0, 0, "cancelled", 0.0, 0.0))
     # 2 waited about three token delays behind 1; its TTFT counts from its arrival
     assert two.end.ttft_ms >= 100
+
+
+def test_a_request_taken_by_sigio_on_the_way_to_the_idle_wait_is_served():
+    # The SIGIO handler runs at whichever bytecode boundary the main thread has reached. If it
+    # runs after the idle wait has found no request but before its blocking recv, it must not
+    # take the request that recv waits for. Run the handler's read at each line in turn.
+    from rbeed import worker
+
+    waits = {worker._Connection.next_request.__code__, worker._Connection._read.__code__}
+    for inject_at in itertools.count():
+        daemon, ours = socket.socketpair()
+        with daemon, ours:
+            connection = worker._Connection(ours)
+            # The handler is called by the tracer below; no real SIGIO may reach this process.
+            fcntl.fcntl(ours, fcntl.F_SETFL, fcntl.fcntl(ours, fcntl.F_GETFL) & ~os.O_ASYNC)
+            daemon.sendall(wire.encode(request(7)))
+            # A lost request would leave the wait blocked: hang up after a while to end it.
+            hang_up = threading.Timer(5, daemon.shutdown, (socket.SHUT_WR,))
+            hang_up.start()
+            lines = 0
+
+            def trace(frame, event, arg):
+                nonlocal lines
+                if event == "line":
+                    if lines == inject_at:
+                        connection.poll()
+                    lines += 1
+                return trace
+
+            sys.settrace(lambda frame, event, arg: trace if frame.f_code in waits else None)
+            try:
+                item = connection.next_request()
+            finally:
+                sys.settrace(None)
+                hang_up.cancel()
+            assert item is not None and item[0] == request(7), f"request lost with the handler at line {inject_at}"
+            assert not connection.closed
+        if inject_at >= lines:  # this run's handler came after the last line: every line is covered
+            break
 
 
 async def test_cancel_during_prompt_processing_lands_fast(start_worker, in_process):
