@@ -300,6 +300,7 @@ class _Connection:
         self._cancelled_queued: set[int] = set()
         self._decoder = wire.FrameDecoder()
         self._reading = False  # a read is under way: the SIGIO handler must not re-enter it
+        self._missed = False  # a SIGIO came while a read was under way
         fd = sock.fileno()
         if sys.platform == "linux":  # to this thread only: a signal to one of llama.cpp's would be wasted
             fcntl.fcntl(fd, _F_SETOWN_EX, struct.pack("ii", _F_OWNER_TID, threading.get_native_id()))
@@ -317,39 +318,54 @@ class _Connection:
             if self.running is not None:
                 self.running.cancelled = True
 
-    def next_request(self) -> tuple[wire.Generate, float] | None:
-        """The next request and when it arrived, waiting for one; None once the connection closed."""
-        # Claim the read before looking at `pending`: a SIGIO handled between that look and the
-        # blocking recv would otherwise take the request that recv waits for, and the worker
-        # would sleep with it queued.
+    def begin_next(self) -> tuple[wire.Generate, float, _Job | None] | None:
+        """Wait for the next request and make it the running generation: (request, when it
+        arrived, its job, None if it was cancelled while queued); None once the connection closed.
+        """
+        # The read is claimed from before `pending` is looked at until the request is running,
+        # so a SIGIO handled in between leaves what came to us. Else it could take the request
+        # the blocking recv waits for (the worker would sleep with it queued), or a Cancel for a
+        # request that is neither queued nor running yet (it would be lost).
         self._reading = True
         try:
             while not self.pending and not self.closed:
                 self._read(blocking=True)
+            if not self.pending:
+                return None
+            request, arrived = self.pending.popleft()
+            if request.id in self._cancelled_queued:
+                self._cancelled_queued.discard(request.id)
+                job = None
+            else:
+                job = self.running = _Job(request.id)
         finally:
-            self._reading = False
-        return self.pending.popleft() if self.pending else None
-
-    def begin(self, request: wire.Generate) -> _Job | None:
-        """Make `request` the running generation; None if it was cancelled while queued."""
-        if request.id in self._cancelled_queued:
-            self._cancelled_queued.discard(request.id)
-            return None
-        job = self.running = _Job(request.id)
-        self.poll()  # what came before this generation began sent no signal that it will see
-        return job
+            self._release()
+        return request, arrived, job
 
     def end(self) -> None:
         self.running = None
 
+    @property
+    def reading(self) -> bool:
+        return self._reading
+
     def poll(self) -> None:
         """Read whatever has arrived, without waiting (the SIGIO handler's work)."""
-        if not self._reading:
-            self._reading = True
-            try:
-                self._read(blocking=False)
-            finally:
-                self._reading = False
+        if self._reading:
+            self._missed = True  # the holder of the read reads again once it lets go
+            return
+        self._reading = True
+        try:
+            self._read(blocking=False)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        """Let go of the read, then read what a SIGIO handled meanwhile left to us."""
+        self._reading = False
+        while self._missed:  # cleared before the read: a SIGIO during it is not lost
+            self._missed = False
+            self.poll()
 
     def _read(self, blocking: bool) -> None:
         """Read once if `blocking`, else until the socket is empty; the caller holds `_reading`."""
@@ -445,6 +461,8 @@ class _Worker:
         if connection is None:
             return
         connection.poll()
+        if connection.reading:
+            return  # this SIGIO came during another handler's read, which the raise would cut short
         job = connection.running
         if job is not None and job.cancelled and job.in_prompt and not self._in_abort_callback(frame):
             job.in_prompt = False
@@ -456,9 +474,8 @@ class _Worker:
             _log("daemon connected")
             with sock:
                 self.connection = connection = _Connection(sock)
-                while (item := connection.next_request()) is not None:
-                    request, received = item
-                    job = connection.begin(request)
+                while (item := connection.begin_next()) is not None:
+                    request, received, job = item
                     try:
                         if job is None:
                             connection.send(wire.Done(request.id, 0, 0, "cancelled", 0.0, 0.0))

@@ -347,18 +347,20 @@ async def test_frames_that_arrive_mid_generation_are_read_and_served_in_order(st
     assert two.end.ttft_ms >= 100
 
 
-def test_a_request_taken_by_sigio_on_the_way_to_the_idle_wait_is_served():
-    # The SIGIO handler runs at whichever bytecode boundary the main thread has reached. If it
-    # runs after the idle wait has found no request but before its blocking recv, it must not
-    # take the request that recv waits for. Run the handler's read at each line in turn.
+@pytest.mark.parametrize("arrives", ["nothing more", "a cancel"])
+def test_a_frame_read_by_sigio_anywhere_in_begin_next_is_not_lost(arrives):
+    # The SIGIO handler runs at whichever bytecode boundary the main thread has reached. Its read
+    # must not take the request the idle wait's blocking recv is about to wait for, nor lose a
+    # Cancel for a request between the queue and running. A Generate is queued in the socket;
+    # at each line of begin_next in turn, a frame arrives (or none) and the handler's read runs.
     from rbeed import worker
 
-    waits = {worker._Connection.next_request.__code__, worker._Connection._read.__code__}
+    codes = {getattr(worker._Connection, name).__code__ for name in ("begin_next", "poll", "_release", "_read")}
     for inject_at in itertools.count():
         daemon, ours = socket.socketpair()
         with daemon, ours:
             connection = worker._Connection(ours)
-            # The handler is called by the tracer below; no real SIGIO may reach this process.
+            # The tracer below calls the handler; no real SIGIO may reach this process.
             fcntl.fcntl(ours, fcntl.F_SETFL, fcntl.fcntl(ours, fcntl.F_GETFL) & ~os.O_ASYNC)
             daemon.sendall(wire.encode(request(7)))
             # A lost request would leave the wait blocked: hang up after a while to end it.
@@ -370,19 +372,24 @@ def test_a_request_taken_by_sigio_on_the_way_to_the_idle_wait_is_served():
                 nonlocal lines
                 if event == "line":
                     if lines == inject_at:
+                        if arrives == "a cancel":
+                            daemon.sendall(wire.encode(wire.Cancel(7)))
                         connection.poll()
                     lines += 1
                 return trace
 
-            sys.settrace(lambda frame, event, arg: trace if frame.f_code in waits else None)
+            sys.settrace(lambda frame, event, arg: trace if frame.f_code in codes else None)
             try:
-                item = connection.next_request()
+                item = connection.begin_next()
             finally:
                 sys.settrace(None)
                 hang_up.cancel()
-            assert item is not None and item[0] == request(7), f"request lost with the handler at line {inject_at}"
-            assert not connection.closed
-        if inject_at >= lines:  # this run's handler came after the last line: every line is covered
+            injected = inject_at < lines
+            assert item is not None and item[0] == request(7), f"request lost, handler at line {inject_at}"
+            job = item[2]
+            cancelled = job is None or job.cancelled
+            assert cancelled == (injected and arrives == "a cancel"), f"handler at line {inject_at}"
+        if not injected:  # the handler came after the last line: every line is covered
             break
 
 
