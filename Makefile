@@ -30,6 +30,7 @@ test: $(VENV)/.installed-test+demo
 bench: $(VENV)/.installed-test+demo+bench
 	$(BIN)/python bench/control_plane.py
 	$(BIN)/python bench/inference.py
+	$(BIN)/python bench/relay.py
 
 # rbeed and rbee in a venv of their own under PREFIX/lib/rbeed, linked from PREFIX/bin; the man
 # pages; then contrib/install.sh: user, directories, units (ExecStart under PREFIX), sockets.
