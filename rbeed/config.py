@@ -62,6 +62,7 @@ class WorkersConfig(Section):
     keep_alive: Annotated[float, msgspec.Meta(ge=-1)] = 300.0  # idle seconds before an on-demand worker stops; -1 = never
     load_timeout: Seconds = 120.0
     stop_grace: Seconds = 5.0  # SIGTERM → SIGKILL
+    cancel_timeout: Seconds = 30.0  # a worker that has not ended a cancelled generation by then is restarted
     restart: Literal["on-failure", "no"] = "on-failure"
     max_restarts: Annotated[int, msgspec.Meta(ge=0)] = 3
     restart_backoff: Seconds = 1.0  # doubled on each restart in a row

@@ -86,10 +86,11 @@ class Worker:
     """One worker: its launch settings, its request queue, and the task that serves it."""
 
     def __init__(self, id: str, model: str, model_path: Path, device: str, threads: int,
-                 socket_path: Path, queue_size: int, on_demand: bool, keep_alive: float):  # fmt: skip
+                 socket_path: Path, queue_size: int, on_demand: bool, keep_alive: float,
+                 cancel_timeout: float):  # fmt: skip
         self.id, self.model, self.model_path, self.device = id, model, model_path, device
         self.threads, self.socket_path = threads, socket_path
-        self.on_demand, self.keep_alive = on_demand, keep_alive
+        self.on_demand, self.keep_alive, self.cancel_timeout = on_demand, keep_alive, cancel_timeout
         self.state = WorkerState.STARTING
         self.pid: int | None = None
         self.started_at = time.time()
@@ -105,6 +106,7 @@ class Worker:
         self.scope = trio.CancelScope()
         self._stream: trio.abc.Stream | None = None
         self._send_lock = trio.Lock()
+        self._answer = trio.CancelScope()  # the wait for the running generation's frames
 
     @property
     def live(self) -> bool:
@@ -146,6 +148,9 @@ class Worker:
         """The job went away (cancel, disconnect): stop its generation at once if it is running."""
         generation.abandoned = True
         if generation is self.current and generation.sent and generation.outcome is None and self._stream:
+            # A worker that does not end the generation within cancel_timeout is taken for hung:
+            # serve() gives up on it, and the supervisor kills it and starts it again.
+            self._answer.deadline = min(self._answer.deadline, trio.current_time() + self.cancel_timeout)
             try:
                 await self._send(self._stream, wire.Cancel(generation.request.id))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -185,17 +190,22 @@ class Worker:
             self.current, self.state = generation, WorkerState.BUSY
             await self._send(stream, generation.request)
             generation.sent = True
-            while generation.outcome is None:
-                data = await stream.receive_some(1 << 16)
-                if not data:
-                    raise WorkerDied("closed its connection")
-                for message in decoder.feed(data):
-                    if type(message) is wire.Token:
-                        generation.token(message.text)
-                    elif type(message) is wire.Done:
-                        generation.finish(message)
-                    elif type(message) is wire.Failed:
-                        generation.finish(message.error)
+            with trio.CancelScope() as self._answer:
+                if generation.abandoned:  # its job went away while the request was on its way
+                    await self.abandon(generation)
+                while generation.outcome is None:
+                    data = await stream.receive_some(1 << 16)
+                    if not data:
+                        raise WorkerDied("closed its connection")
+                    for message in decoder.feed(data):
+                        if type(message) is wire.Token:
+                            generation.token(message.text)
+                        elif type(message) is wire.Done:
+                            generation.finish(message)
+                        elif type(message) is wire.Failed:
+                            generation.finish(message.error)
+            if generation.outcome is None:
+                raise WorkerDied(f"did not stop its generation within {self.cancel_timeout:g} s of a cancel")
             self.current = None
             self.restarts = 0
 
@@ -276,7 +286,7 @@ class Supervisor:
         worker = Worker(
             worker_id, model.id, path, device, threads, self.socket_dir / f"{serial}.sock",
             self.config.queue_size, on_demand,
-            self.config.keep_alive if keep_alive is None else keep_alive,
+            self.config.keep_alive if keep_alive is None else keep_alive, self.config.cancel_timeout,
         )  # fmt: skip
         worker.backend, worker.first = self.backend.name, first
         self.workers[worker_id] = worker

@@ -217,6 +217,34 @@ async def test_without_restart_a_killed_worker_is_failed_and_sigterm_stops_the_o
         shutil.rmtree(base)
 
 
+async def test_a_worker_that_does_not_end_a_cancelled_generation_is_restarted(tiny_model):
+    # SIGSTOP stands for a worker stuck in llama.cpp: it neither reads the Cancel nor answers.
+    base, daemon = start_slow_daemon(CONFIG + "cancel_timeout = 0.5\nstop_grace = 0.5\n")
+    worker = None
+    try:
+        await register(daemon, tiny_model)
+        async with daemon.client() as client:
+            worker = await job_result(client, spawn(threads=1))
+            async with job_events(client, LONG | {"worker_id": worker["id"]}) as (job_id, events):
+                await read_events_until(events, is_token)
+                os.kill(worker["pid"], signal.SIGSTOP)
+                assert (await client.request("DELETE", f"/v1/jobs/{job_id}")).status == 200
+                rest = await rest_of(events, timeout=5)
+            assert end_marker(rest) == "[CANCELLED]"
+            # Queued behind the hung generation, served by the worker's next process.
+            result = await job_result(client, SHORT | {"worker_id": worker["id"]}, timeout=10)
+            assert (result["worker_id"], result["completion_tokens"]) == (worker["id"], 3)
+            restarted = await job_result(client, {"operation": "worker_get", "id": worker["id"]})
+            assert restarted["pid"] != worker["pid"] and not pid_alive(worker["pid"])
+        reason = "did not stop its generation within 0.5 s of a cancel"
+        assert f"worker {worker['id']} {reason}; restart 1 in 0.1 s" in daemon.log()
+    finally:
+        if worker is not None and pid_alive(worker["pid"]):
+            os.kill(worker["pid"], signal.SIGKILL)
+        daemon.stop(signal.SIGKILL)
+        shutil.rmtree(base)
+
+
 async def test_workers_exit_when_the_daemon_is_killed(tiny_model):
     base, daemon = start_slow_daemon()
     pids = []
