@@ -27,8 +27,9 @@ class SocketTransport(trio.abc.HalfCloseableStream):
     costs a trip through the run loop. On a local request/response connection nearly every send
     and most receives complete at once, so this stream tries the syscall first and parks in
     wait_readable/wait_writable only when the kernel says it would block; it checkpoints every
-    `_YIELD_EVERY` calls that did not park. So, unlike trio's own streams, a call is not always a
-    checkpoint: a cancellation lands at the next park, or within `_YIELD_EVERY` calls.
+    `_YIELD_EVERY` calls that did not park, before the syscall, so that a cancellation there
+    loses no data. So, unlike trio's own streams, a call is not always a checkpoint: a
+    cancellation lands at the next park, or within `_YIELD_EVERY` calls.
     """
 
     def __init__(self, sock: socket.socket):
@@ -40,6 +41,7 @@ class SocketTransport(trio.abc.HalfCloseableStream):
         self._eof_sent = False
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await self._maybe_yield()
         while True:
             try:
                 data = self.socket.recv(max_bytes or 65536)
@@ -48,15 +50,12 @@ class SocketTransport(trio.abc.HalfCloseableStream):
                 continue
             except OSError as exc:
                 raise self._error(exc) from exc
-            self._unparked += 1
-            if self._unparked >= _YIELD_EVERY:
-                self._unparked = 0
-                await trio.lowlevel.checkpoint()
             return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._eof_sent:
             raise trio.ClosedResourceError("can't send data after sending EOF")
+        await self._maybe_yield()
         view = memoryview(data)
         while True:
             try:
@@ -66,13 +65,16 @@ class SocketTransport(trio.abc.HalfCloseableStream):
             except OSError as exc:
                 raise self._error(exc) from exc
             if sent == len(view):
-                self._unparked += 1
-                if self._unparked >= _YIELD_EVERY:
-                    self._unparked = 0
-                    await trio.lowlevel.checkpoint()
                 return
             view = view[sent:]
             await self._wait(trio.lowlevel.wait_writable)
+
+    async def _maybe_yield(self) -> None:
+        """Checkpoint on every `_YIELD_EVERY`th call that did not park (a park resets the count)."""
+        self._unparked += 1
+        if self._unparked >= _YIELD_EVERY:
+            self._unparked = 0
+            await trio.lowlevel.checkpoint()
 
     def _error(self, exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
         if self.socket.fileno() == -1:

@@ -43,6 +43,31 @@ async def test_calls_the_kernel_completes_at_once_still_let_other_tasks_run(pair
     assert steps - before >= 7
 
 
+async def test_a_cancellation_at_a_yield_loses_no_data(pair):
+    # Each call below completes at once unless cancelled at the yield of every _YIELD_EVERY
+    # calls: there it must raise before it moves any data, not after.
+    transport, peer = pair
+    chunks = [b"%03d" % i for i in range(4 * _YIELD_EVERY)]
+    peer.sendall(b"".join(chunks))
+    received, cancelled = [], 0
+    while len(received) < len(chunks) and cancelled <= len(chunks):
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            received.append(await transport.receive_some(3))
+        cancelled += scope.cancelled_caught
+    assert received == chunks and cancelled >= 3
+
+    sent, cancelled = [], 0
+    for chunk in chunks:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await transport.send_all(chunk)
+            sent.append(chunk)
+        cancelled += scope.cancelled_caught
+    assert cancelled >= 3
+    assert peer.recv(65536) == b"".join(sent)
+
+
 async def test_a_receive_waits_for_data_and_can_be_cancelled(pair):
     transport, peer = pair
     with trio.move_on_after(0.05) as timer:
