@@ -393,6 +393,49 @@ def test_a_frame_read_by_sigio_anywhere_in_begin_next_is_not_lost(arrives):
             break
 
 
+def test_a_sigio_during_another_handlers_read_leaves_it_whole():
+    # A SIGIO handler reads, learns that the generation whose prompt is being processed was
+    # cancelled, and raises to abandon the prompt. A second SIGIO, for a request arriving while
+    # the first handler still reads, must not raise in the middle of that read: the request
+    # would stay unread with its signal spent. Run the second handler at each line in turn.
+    from rbeed import worker
+
+    codes = {getattr(worker._Connection, name).__code__ for name in ("poll", "_release", "_read")}
+    codes.add(worker._Worker.on_sigio.__code__)
+    for inject_at in itertools.count():
+        daemon, ours = socket.socketpair()
+        with daemon, ours:
+            connection = worker._Connection(ours)
+            fcntl.fcntl(ours, fcntl.F_SETFL, fcntl.fcntl(ours, fcntl.F_GETFL) & ~os.O_ASYNC)
+            handlers = worker._Worker.__new__(worker._Worker)  # no model: only the SIGIO handler runs
+            handlers.connection, handlers._abort_frame_code = connection, None
+            job = connection.running = worker._Job(7)
+            job.in_prompt = True
+            daemon.sendall(wire.encode(wire.Cancel(7)))
+            lines, injected = 0, False
+
+            def trace(frame, event, arg):
+                nonlocal lines, injected
+                if event == "line":
+                    lines += 1
+                    if lines - 1 == inject_at:
+                        injected = True
+                        daemon.sendall(wire.encode(request(8)))
+                        handlers.on_sigio(signal.SIGIO, frame)  # may raise: it is a handler too
+                return trace
+
+            sys.settrace(lambda frame, event, arg: trace if frame.f_code in codes else None)
+            try:
+                with pytest.raises(worker._PromptCancelled):
+                    handlers.on_sigio(signal.SIGIO, None)
+            finally:
+                sys.settrace(None)
+            assert job.cancelled and not job.in_prompt
+            assert [r.id for r, _ in connection.pending] == ([8] if injected else []), f"second handler at line {inject_at}"
+        if not injected:
+            break
+
+
 async def test_cancel_during_prompt_processing_lands_fast(start_worker, in_process):
     # ~30000 byte tokens with n_batch 32 take seconds to evaluate, even on this model
     prompt = "q" * 30000
