@@ -363,7 +363,7 @@ class _Connection:
     def _release(self) -> None:
         """Let go of the read, then read what a SIGIO handled meanwhile left to us."""
         self._reading = False
-        while self._missed:  # cleared before the read: a SIGIO during it is not lost
+        if self._missed:  # cleared first: a SIGIO during this poll is left to the poll's own release
             self._missed = False
             self.poll()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import fcntl
 import itertools
@@ -347,49 +348,75 @@ async def test_frames_that_arrive_mid_generation_are_read_and_served_in_order(st
     assert two.end.ttft_ms >= 100
 
 
-@pytest.mark.parametrize("arrives", ["nothing more", "a cancel"])
-def test_a_frame_read_by_sigio_anywhere_in_begin_next_is_not_lost(arrives):
-    # The SIGIO handler runs at whichever bytecode boundary the main thread has reached. Its read
-    # must not take the request the idle wait's blocking recv is about to wait for, nor lose a
-    # Cancel for a request between the queue and running. A Generate is queued in the socket;
-    # at each line of begin_next in turn, a frame arrives (or none) and the handler's read runs.
+@contextlib.contextmanager
+def connection_without_sigio():
+    """(daemon's socket, a worker _Connection on the other end) with O_ASYNC off: the tests call
+    the SIGIO handler themselves, where a signal would run it, and no real one may come."""
     from rbeed import worker
 
-    codes = {getattr(worker._Connection, name).__code__ for name in ("begin_next", "poll", "_release", "_read")}
-    for inject_at in itertools.count():
-        daemon, ours = socket.socketpair()
-        with daemon, ours:
-            connection = worker._Connection(ours)
-            # The tracer below calls the handler; no real SIGIO may reach this process.
-            fcntl.fcntl(ours, fcntl.F_SETFL, fcntl.fcntl(ours, fcntl.F_GETFL) & ~os.O_ASYNC)
+    daemon, ours = socket.socketpair()
+    with daemon, ours:
+        connection = worker._Connection(ours)
+        fcntl.fcntl(ours, fcntl.F_SETFL, fcntl.fcntl(ours, fcntl.F_GETFL) & ~os.O_ASYNC)
+        yield daemon, connection
+
+
+class HandlerAt:
+    """While entered, runs `handler(frame)` before the `line`-th line executed in `functions`, as
+    a signal handled at that bytecode boundary would run; `ran` says whether that line came."""
+
+    def __init__(self, line: int, functions, handler) -> None:
+        self.line, self.handler, self.ran = line, handler, False
+        self._codes = {function.__code__ for function in functions}
+        self._lines = 0
+
+    def _trace(self, frame, event, arg):
+        if event == "line":
+            self._lines += 1
+            if self._lines - 1 == self.line:
+                self.ran = True
+                self.handler(frame)  # may raise, as a handler may
+        return self._trace
+
+    def __enter__(self) -> HandlerAt:
+        sys.settrace(lambda frame, event, arg: self._trace if frame.f_code in self._codes else None)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        sys.settrace(None)
+
+
+@pytest.mark.parametrize("arrives", ["nothing more", "a cancel"])
+def test_a_frame_read_by_sigio_anywhere_in_begin_next_is_not_lost(arrives):
+    # Its read must not take the request the idle wait's blocking recv is about to wait for, nor
+    # lose a Cancel for a request between the queue and running. A Generate is queued in the
+    # socket; at each line of begin_next in turn, a frame arrives (or none) and the handler reads.
+    from rbeed import worker
+
+    functions = [worker._Connection.begin_next, worker._Connection.poll, worker._Connection._release,
+                 worker._Connection._read]  # fmt: skip
+    for line in itertools.count():
+        with connection_without_sigio() as (daemon, connection):
+
+            def sigio(frame) -> None:
+                if arrives == "a cancel":
+                    daemon.sendall(wire.encode(wire.Cancel(7)))
+                connection.poll()
+
             daemon.sendall(wire.encode(request(7)))
             # A lost request would leave the wait blocked: hang up after a while to end it.
             hang_up = threading.Timer(5, daemon.shutdown, (socket.SHUT_WR,))
             hang_up.start()
-            lines = 0
-
-            def trace(frame, event, arg):
-                nonlocal lines
-                if event == "line":
-                    if lines == inject_at:
-                        if arrives == "a cancel":
-                            daemon.sendall(wire.encode(wire.Cancel(7)))
-                        connection.poll()
-                    lines += 1
-                return trace
-
-            sys.settrace(lambda frame, event, arg: trace if frame.f_code in codes else None)
             try:
-                item = connection.begin_next()
+                with HandlerAt(line, functions, sigio) as handler:
+                    item = connection.begin_next()
             finally:
-                sys.settrace(None)
                 hang_up.cancel()
-            injected = inject_at < lines
-            assert item is not None and item[0] == request(7), f"request lost, handler at line {inject_at}"
+            assert item is not None and item[0] == request(7), f"request lost, handler at line {line}"
             job = item[2]
             cancelled = job is None or job.cancelled
-            assert cancelled == (injected and arrives == "a cancel"), f"handler at line {inject_at}"
-        if not injected:  # the handler came after the last line: every line is covered
+            assert cancelled == (handler.ran and arrives == "a cancel"), f"handler at line {line}"
+        if not handler.ran:  # the handler came after the last line: every line is covered
             break
 
 
@@ -400,39 +427,25 @@ def test_a_sigio_during_another_handlers_read_leaves_it_whole():
     # would stay unread with its signal spent. Run the second handler at each line in turn.
     from rbeed import worker
 
-    codes = {getattr(worker._Connection, name).__code__ for name in ("poll", "_release", "_read")}
-    codes.add(worker._Worker.on_sigio.__code__)
-    for inject_at in itertools.count():
-        daemon, ours = socket.socketpair()
-        with daemon, ours:
-            connection = worker._Connection(ours)
-            fcntl.fcntl(ours, fcntl.F_SETFL, fcntl.fcntl(ours, fcntl.F_GETFL) & ~os.O_ASYNC)
+    functions = [worker._Connection.poll, worker._Connection._release, worker._Connection._read,
+                 worker._Worker.on_sigio]  # fmt: skip
+    for line in itertools.count():
+        with connection_without_sigio() as (daemon, connection):
             handlers = worker._Worker.__new__(worker._Worker)  # no model: only the SIGIO handler runs
             handlers.connection, handlers._abort_frame_code = connection, None
             job = connection.running = worker._Job(7)
             job.in_prompt = True
             daemon.sendall(wire.encode(wire.Cancel(7)))
-            lines, injected = 0, False
 
-            def trace(frame, event, arg):
-                nonlocal lines, injected
-                if event == "line":
-                    lines += 1
-                    if lines - 1 == inject_at:
-                        injected = True
-                        daemon.sendall(wire.encode(request(8)))
-                        handlers.on_sigio(signal.SIGIO, frame)  # may raise: it is a handler too
-                return trace
+            def second_sigio(frame) -> None:
+                daemon.sendall(wire.encode(request(8)))
+                handlers.on_sigio(signal.SIGIO, frame)
 
-            sys.settrace(lambda frame, event, arg: trace if frame.f_code in codes else None)
-            try:
-                with pytest.raises(worker._PromptCancelled):
-                    handlers.on_sigio(signal.SIGIO, None)
-            finally:
-                sys.settrace(None)
+            with HandlerAt(line, functions, second_sigio) as handler, pytest.raises(worker._PromptCancelled):
+                handlers.on_sigio(signal.SIGIO, None)
             assert job.cancelled and not job.in_prompt
-            assert [r.id for r, _ in connection.pending] == ([8] if injected else []), f"second handler at line {inject_at}"
-        if not injected:
+            assert [r.id for r, _ in connection.pending] == ([8] if handler.ran else []), f"second handler at line {line}"
+        if not handler.ran:
             break
 
 
