@@ -325,18 +325,21 @@ class JobRegistry:
     async def _run(self, job: Job, operation: AnyOperation) -> None:
         scope = job._scope or trio.CancelScope()
         job._scope = scope
+        outcome: tuple[JobState, str | None] = (JobState.COMPLETED, None)
         with scope:
             try:
                 await self._handler(job, operation)
             except JobFailed as exc:
-                self._end(job, JobState.FAILED, str(exc))
+                outcome = (JobState.FAILED, str(exc))
             except Exception as exc:
                 log.exception("job %s (%s) crashed", job.id, job.operation)
-                self._end(job, JobState.FAILED, f"internal error: {type(exc).__name__}")
-            else:
-                self._end(job, JobState.COMPLETED)
-        if scope.cancelled_caught and not job.finished:
-            self._end(job, *job._cancel_reason)
+                outcome = (JobState.FAILED, f"internal error: {type(exc).__name__}")
+        # A cancel that was accepted decides the end, even when the handler, already woken
+        # for the last time, returned without reaching another checkpoint.
+        if scope.cancel_called:
+            outcome = job._cancel_reason
+        if not job.finished:
+            self._end(job, *outcome)
 
     def _end(self, job: Job, state: JobState, error: str | None = None) -> None:
         self._move(job, state)

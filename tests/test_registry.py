@@ -255,6 +255,23 @@ async def test_cancel_between_start_and_the_first_run_of_the_task(autojump_clock
     assert "result" not in [e["event"] for e in events] and events[-1]["data"] == "[CANCELLED]"
 
 
+async def test_a_cancel_accepted_after_the_handler_was_woken_for_the_last_time_still_wins(autojump_clock):
+    # The handler's last wait has ended (a worker's final frame came) but it has not run yet:
+    # it returns without another checkpoint. The DELETE was told "cancelled", so the end says so.
+    gate = Gate()
+    async with running_registry(gate) as registry:
+        job = registry.create(LIST)
+        registry.start(job)
+        with trio.fail_after(1):
+            await gate.entered.wait()
+        gate.release.set()
+        assert registry.cancel(job, JobState.CANCELLED) is True
+        await until_finished(registry, job)
+    assert not gate.cancelled  # it did run to its end ...
+    assert job.state is JobState.CANCELLED  # ... but the accepted cancel decides the end
+    assert [e["data"] for e in frames(job.subscribe(0)[0])][-2:] == ['{"released":true}', "[CANCELLED]"]
+
+
 async def test_cancel_all_ends_queued_and_running_jobs(autojump_clock):
     gate = Gate()
     async with running_registry(gate) as registry:
