@@ -99,6 +99,7 @@ class Worker:
         self.backend = ""
         self.current: Generation | None = None
         self.first: Generation | None = None  # on demand: the job it is loaded for, served before the queue
+        self.draining = False  # takes no new jobs; stops once those queued are served (its threads are wanted)
         self.queue_in, self.queue_out = trio.open_memory_channel[Generation](queue_size)
         self.loaded = trio.Event()  # set once the first load succeeded or failed
         self.ready_once = False  # a load succeeded: a later end is not a failure to load
@@ -176,7 +177,10 @@ class Worker:
             self.state = WorkerState.READY
             generation, self.first = self.first, None
             if generation is None:
-                timeout = math.inf if self.keep_alive < 0 or not self.on_demand else self.keep_alive
+                if self.draining:
+                    timeout = 0.0
+                else:
+                    timeout = math.inf if self.keep_alive < 0 or not self.on_demand else self.keep_alive
                 try:  # a queued job is taken at once, even with keep_alive 0
                     generation = self.queue_out.receive_nowait()
                 except trio.WouldBlock:
@@ -222,6 +226,7 @@ class Supervisor:
         self.on_change: Callable[[], None] = lambda: None  # called whenever a worker starts or ends
         self._nursery: trio.Nursery | None = None
         self._serial = itertools.count(1)
+        self._placing = trio.Lock()  # one placement at a time, in arrival order (trio's Lock is fair)
         models.in_use = lambda model_id: [w.id for w in self.workers.values() if w.model == model_id and w.live]
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -251,15 +256,35 @@ class Supervisor:
     def _free_threads(self) -> int:
         return self.cores - sum(w.threads for w in self.workers.values() if w.live)
 
-    async def _make_room(self, threads: int, job: Job | None) -> None:
-        """Stop idle on-demand workers, least recently started first, until `threads` are free."""
-        idle = [w for w in self.workers.values() if w.live and w.on_demand and not w.backlog and w.first is None]
-        for worker in sorted(idle, key=lambda w: w.started_at):
-            if self._free_threads() >= threads:
+    async def _make_room(self, threads: int, job: Job | None, wait: bool) -> None:
+        """Stop on-demand workers, least recently started first, until `threads` are free.
+
+        Idle ones are stopped at once. With `wait` (a load on demand, as Ollama swaps models), a
+        busy one is drained: it takes no new jobs and stops once it has served those queued on it.
+        Returns early when on-demand workers cannot free enough.
+        """
+        while (missing := threads - self._free_threads()) > 0:
+            on_demand = sorted((w for w in self.workers.values() if w.live and w.on_demand), key=lambda w: w.started_at)
+            if sum(w.threads for w in on_demand) < missing:
                 return
+            if idle := [w for w in on_demand if not w.backlog and w.first is None]:
+                if job is not None:
+                    job.narrate(f"stopping idle worker {idle[0].id} to free {idle[0].threads} thread(s)")
+                await self.stop(idle[0])
+                continue
+            if not wait:
+                return
+            worker = next((w for w in on_demand if w.draining), on_demand[0])
             if job is not None:
-                job.narrate(f"stopping idle worker {worker.id} to free {worker.threads} thread(s)")
-            await self.stop(worker)
+                job.narrate(f"waiting for worker {worker.id} to finish {worker.backlog} job(s); "
+                            f"it then stops to free {worker.threads} thread(s)")  # fmt: skip
+            log.info("worker %s draining: %d thread(s) wanted for another model", worker.id, missing)
+            worker.draining = True
+            try:
+                await worker.stopped.wait()
+            finally:
+                if not worker.stopped.is_set():  # this job went away: nobody wants the threads now
+                    worker.draining = False
 
     async def spawn(self, model_id: str, device: str, *, threads: int | None = None, on_demand: bool = False,
                     keep_alive: float | None = None, job: Job | None = None,
@@ -274,28 +299,28 @@ class Supervisor:
         if device == "metal":
             raise JobFailed("device metal is only available on macOS; this host runs Linux")
         wanted = threads or 1
-        if self._free_threads() < wanted:
-            await self._make_room(wanted, job)
-        free = self._free_threads()
-        if free < wanted:
-            holders = ", ".join(f"{w.id} ({w.threads})" for w in self.workers.values() if w.live)
-            raise JobFailed(f"no CPU threads free: {self.cores} in all, held by {holders}; delete a worker first")
-        threads = threads or free
-        serial = next(self._serial)
-        worker_id = f"{model.id[:48]}-{device.replace(':', '')}-{serial}"
-        worker = Worker(
-            worker_id, model.id, path, device, threads, self.socket_dir / f"{serial}.sock",
-            self.config.queue_size, on_demand,
-            self.config.keep_alive if keep_alive is None else keep_alive, self.config.cancel_timeout,
-        )  # fmt: skip
-        worker.backend, worker.first = self.backend.name, first
-        self.workers[worker_id] = worker
+        async with self._placing:
+            await self._make_room(wanted, job, wait=on_demand)
+            free = self._free_threads()
+            if free < wanted:
+                holders = ", ".join(f"{w.id} ({w.threads})" for w in self.workers.values() if w.live)
+                raise JobFailed(f"no CPU threads free: {self.cores} in all, held by {holders}; delete a worker first")
+            threads = threads or free
+            serial = next(self._serial)
+            worker_id = f"{model.id[:48]}-{device.replace(':', '')}-{serial}"
+            worker = Worker(
+                worker_id, model.id, path, device, threads, self.socket_dir / f"{serial}.sock",
+                self.config.queue_size, on_demand,
+                self.config.keep_alive if keep_alive is None else keep_alive, self.config.cancel_timeout,
+            )  # fmt: skip
+            worker.backend, worker.first = self.backend.name, first
+            self.workers[worker_id] = worker
+            assert self._nursery is not None, "Supervisor.run() is not running"
+            self._nursery.start_soon(self._supervise, worker, name=f"worker {worker_id}")
         self._signal()
         if job is not None:
             job.narrate(f"loading {model.id} on {device} with {threads} thread(s) as worker {worker_id}")
         started = trio.current_time()
-        assert self._nursery is not None, "Supervisor.run() is not running"
-        self._nursery.start_soon(self._supervise, worker, name=f"worker {worker_id}")
         with trio.fail_after(self.config.load_timeout + self.config.stop_grace + 5):
             await worker.wait_loaded()
         if job is not None:
@@ -325,8 +350,8 @@ class Supervisor:
                     if worker.current is not None:
                         worker.current.finish(f"worker {worker.id} died ({reason})")
                         worker.current = None
-                    if reason is None:  # stopped after keep_alive idle time
-                        log.info("worker %s idle: stopping", worker.id)
+                    if reason is None:  # stopped after keep_alive idle time, or drained
+                        log.info("worker %s %s: stopping", worker.id, "drained" if worker.draining else "idle")
                         return
                     if self.config.restart == "no" or worker.restarts >= self.config.max_restarts:
                         worker.error, worker.state = reason, WorkerState.FAILED

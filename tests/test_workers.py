@@ -132,6 +132,57 @@ async def test_a_busy_on_demand_worker_is_not_stopped_for_a_spawn(client):
         assert pid_alive(busy["pid"])
 
 
+@pytest.fixture
+async def other_model(rbeed, client, tiny_model):
+    """A second model, "other" (a copy of tiny), registered for one test and removed after it."""
+    other = shutil.copyfile(tiny_model, rbeed.state_dir.parent / "other.gguf")
+    await job_result(client, {"operation": "model_download", "model": str(other)})
+    yield "other"
+    for worker in await job_result(client, {"operation": "worker_list"}):
+        await job_result(client, {"operation": "worker_delete", "id": worker["id"]})
+    await job_result(client, {"operation": "model_delete", "id": "other"})
+
+
+async def test_a_load_on_demand_waits_for_a_busy_on_demand_worker_to_drain(client, other_model):
+    # As Ollama swaps models: an infer of another model waits for the busy on-demand worker to
+    # finish its jobs, then that worker stops and the other model loads. Jobs for the first model
+    # that come meanwhile are not queued on the draining worker, so they cannot starve the wait.
+    async with job_events(client, LONG | {"max_tokens": 20}) as (_, busy_events):
+        await read_events_until(busy_events, is_token)
+        [busy] = await job_result(client, {"operation": "worker_list"})
+        async with job_events(client, SHORT | {"model": other_model}) as (_, other_events):
+            waiting = await read_events_until(other_events, lambda e: e.event == "narration")
+            assert narrations(waiting) == [
+                f"waiting for worker {busy['id']} to finish 1 job(s); it then stops to free 2 thread(s)"]
+            async with job_events(client, SHORT) as (_, later_events):
+                busy_rest = await rest_of(busy_events, timeout=10)
+                other_rest = await rest_of(other_events, timeout=10)
+                later_rest = await rest_of(later_events, timeout=10)
+    assert end_marker(busy_rest) == end_marker(other_rest) == end_marker(later_rest) == "[DONE]"
+    assert result_of(busy_rest)["completion_tokens"] == 20  # drained, not cut short
+    assert result_of(other_rest)["worker_id"].startswith(f"{other_model}-cpu-")
+    later = result_of(later_rest)["worker_id"]
+    assert later.startswith("tiny-cpu-") and later != busy["id"]
+    assert not pid_alive(busy["pid"])
+
+
+async def test_a_cancelled_wait_leaves_the_busy_worker_taking_jobs(client, other_model):
+    async with job_events(client, LONG | {"max_tokens": 20}) as (_, busy_events):
+        await read_events_until(busy_events, is_token)
+        [busy] = await job_result(client, {"operation": "worker_list"})
+        async with job_events(client, SHORT | {"model": other_model}) as (job_id, other_events):
+            await read_events_until(other_events, lambda e: e.event == "narration")
+            assert (await client.request("DELETE", f"/v1/jobs/{job_id}")).status == 200
+            assert end_marker(await rest_of(other_events, timeout=2)) == "[CANCELLED]"
+        async with job_events(client, SHORT) as (_, later_events):
+            queued = await read_events_until(later_events, lambda e: e.event == "narration")
+            assert narrations(queued) == [f"queued on worker {busy['id']} behind 1 job(s)"]
+            later_rest = await rest_of(later_events, timeout=10)
+        assert end_marker(await rest_of(busy_events, timeout=10)) == "[DONE]"
+    assert result_of(later_rest)["worker_id"] == busy["id"]
+    assert [w["id"] for w in await job_result(client, {"operation": "worker_list"})] == [busy["id"]]
+
+
 async def test_metal_is_refused_clearly(client):
     assert await job_error(client, spawn(worker="metal")) == "device metal is only available on macOS; this host runs Linux"
     assert await job_result(client, {"operation": "worker_list"}) == []
