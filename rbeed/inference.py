@@ -19,7 +19,7 @@ class Inference:
         return "cuda:0" if op.device == "cuda" else op.device or "cpu"
 
     def _matches(self, worker: Worker, op: Infer) -> bool:
-        if worker.model != op.model or not worker.live or worker.draining:
+        if worker.model != op.model or not worker.accepting:
             return False
         if op.device is None:
             return True

@@ -100,6 +100,7 @@ class Worker:
         self.current: Generation | None = None
         self.first: Generation | None = None  # on demand: the job it is loaded for, served before the queue
         self.draining = False  # takes no new jobs; stops once those queued are served (its threads are wanted)
+        self.closing = False  # being stopped (deleted, idle, drained): takes no jobs at all
         self.queue_in, self.queue_out = trio.open_memory_channel[Generation](queue_size)
         self.loaded = trio.Event()  # set once the first load succeeded or failed
         self.ready_once = False  # a load succeeded: a later end is not a failure to load
@@ -111,7 +112,13 @@ class Worker:
 
     @property
     def live(self) -> bool:
+        """Whether it holds its threads: until its process is gone."""
         return self.state not in (WorkerState.STOPPED, WorkerState.FAILED)
+
+    @property
+    def accepting(self) -> bool:
+        """Whether a job that picks a worker for its model may pick this one."""
+        return self.live and not self.closing and not self.draining
 
     def record(self) -> WorkerRecord:
         return WorkerRecord(
@@ -138,8 +145,8 @@ class Worker:
         raise JobFailed(f"worker {self.id} stopped while loading {self.model}")
 
     def submit(self, generation: Generation) -> None:
-        if not self.live:
-            raise JobFailed(f"worker {self.id} is {self.state.value}")
+        if not self.live or self.closing:
+            raise JobFailed(f"worker {self.id} is {self.state.value if not self.live else 'stopping'}")
         try:
             self.queue_in.send_nowait(generation)
         except trio.WouldBlock:
@@ -187,7 +194,11 @@ class Worker:
                     with trio.move_on_after(timeout):
                         generation = await self.queue_out.receive()
                 if generation is None:
-                    return
+                    try:  # one queued after the wait timed out and before this task ran again
+                        generation = self.queue_out.receive_nowait()
+                    except trio.WouldBlock:
+                        self.closing = True  # from here to its exit it must take no job
+                        return
             if generation.abandoned:
                 continue
             # Left set if this raises: the supervisor fails the generation with the reason.
@@ -257,34 +268,38 @@ class Supervisor:
         return self.cores - sum(w.threads for w in self.workers.values() if w.live)
 
     async def _make_room(self, threads: int, job: Job | None, wait: bool) -> None:
-        """Stop on-demand workers, least recently started first, until `threads` are free.
+        """Free `threads`: wait for workers already stopping, stop idle on-demand ones (oldest first).
 
-        Idle ones are stopped at once. With `wait` (a load on demand, as Ollama swaps models), a
-        busy one is drained: it takes no new jobs and stops once it has served those queued on it.
-        Returns early when on-demand workers cannot free enough.
+        With `wait` (a load on demand, as Ollama swaps models), a busy on-demand worker is drained
+        too: it takes no new jobs and stops once it has served those queued on it. Returns early
+        when that cannot free enough.
         """
         while (missing := threads - self._free_threads()) > 0:
-            on_demand = sorted((w for w in self.workers.values() if w.live and w.on_demand), key=lambda w: w.started_at)
-            if sum(w.threads for w in on_demand) < missing:
+            live = sorted((w for w in self.workers.values() if w.live), key=lambda w: w.started_at)
+            idle = [w for w in live if w.on_demand and not w.closing and not w.backlog and w.first is None]
+            freeable = [w for w in live if w.closing or w in idle or (wait and w.on_demand)]
+            if sum(w.threads for w in freeable) < missing:
                 return
-            if idle := [w for w in on_demand if not w.backlog and w.first is None]:
+            if closing := [w for w in live if w.closing]:
+                await closing[0].stopped.wait()  # deleted or idle: its process is on its way out
+            elif idle:
                 if job is not None:
                     job.narrate(f"stopping idle worker {idle[0].id} to free {idle[0].threads} thread(s)")
                 await self.stop(idle[0])
-                continue
-            if not wait:
-                return
-            worker = next((w for w in on_demand if w.draining), on_demand[0])
-            if job is not None:
-                job.narrate(f"waiting for worker {worker.id} to finish {worker.backlog} job(s); "
-                            f"it then stops to free {worker.threads} thread(s)")  # fmt: skip
-            log.info("worker %s draining: %d thread(s) wanted for another model", worker.id, missing)
-            worker.draining = True
-            try:
-                await worker.stopped.wait()
-            finally:
-                if not worker.stopped.is_set():  # this job went away: nobody wants the threads now
-                    worker.draining = False
+            else:
+                await self._drain(next((w for w in freeable if w.draining), freeable[0]), missing, job)
+
+    async def _drain(self, worker: Worker, missing: int, job: Job | None) -> None:
+        if job is not None:
+            job.narrate(f"waiting for worker {worker.id} to finish {worker.backlog} job(s); "
+                        f"it then stops to free {worker.threads} thread(s)")  # fmt: skip
+        log.info("worker %s draining: %d thread(s) wanted for another model", worker.id, missing)
+        worker.draining = True
+        try:
+            await worker.stopped.wait()
+        finally:
+            if not worker.stopped.is_set():  # this job went away: nobody wants the threads now
+                worker.draining = False
 
     async def spawn(self, model_id: str, device: str, *, threads: int | None = None, on_demand: bool = False,
                     keep_alive: float | None = None, job: Job | None = None,
@@ -328,6 +343,7 @@ class Supervisor:
         return worker
 
     async def stop(self, worker: Worker) -> None:
+        worker.closing = True
         worker.scope.cancel()
         await worker.stopped.wait()
 

@@ -151,6 +151,17 @@ async def test_load_on_demand_then_reuse_and_keep_alive(client):
     assert not pid_alive(worker["pid"])
 
 
+async def test_jobs_back_to_back_never_land_on_a_worker_that_is_stopping(client):
+    # Each job's worker stops right after it (keep_alive 0), while the next job, sent as soon as
+    # the previous one ended, looks for a worker. Before the fix, every other job was queued on
+    # the stopping worker and ended "[ERROR] worker tiny2-cpu-N stopped".
+    workers = set()
+    for _ in range(6):
+        workers.add((await infer(client, GREEDY | {"model": "tiny2", "max_tokens": 2}))[1]["worker_id"])
+    assert len(workers) >= 2  # they did stop in between
+    await wait_no_tiny2_worker(client)
+
+
 # -- a daemon whose workers take 0.1 s per token, with room for one waiting job -----------------
 
 SLOW_CONFIG = """

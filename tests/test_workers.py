@@ -12,8 +12,8 @@ import pytest
 import trio
 
 from support import (
-    end_marker, is_token, job_error, job_events, job_result, narrations, pid_alive, read_events_until, rest_of,
-    result_of, run_job, running_daemon, short_base, start_daemon, wait_pids_gone,
+    end_marker, is_narration, is_token, job_error, job_events, job_result, narrations, pid_alive, read_events_until,
+    rest_of, result_of, run_job, running_daemon, short_base, start_daemon, wait_pids_gone,
 )  # fmt: skip
 
 # Each worker sleeps this long after every token, so a long generation can be hit mid-stream.
@@ -289,6 +289,33 @@ async def test_a_worker_that_does_not_end_a_cancelled_generation_is_restarted(ti
             assert restarted["pid"] != worker["pid"] and not pid_alive(worker["pid"])
         reason = "did not stop its generation within 0.5 s of a cancel"
         assert f"worker {worker['id']} {reason}; restart 1 in 0.1 s" in daemon.log()
+    finally:
+        if worker is not None and pid_alive(worker["pid"]):
+            os.kill(worker["pid"], signal.SIGKILL)
+        daemon.stop(signal.SIGKILL)
+        shutil.rmtree(base)
+
+
+async def test_a_job_for_a_worker_being_deleted_waits_and_loads_its_model_anew(tiny_model):
+    # SIGSTOP holds the deleted worker's process for the stop grace: a window in which the worker
+    # still holds its threads. A job for its model that comes then must neither be queued on it
+    # ("[ERROR] worker ... stopped") nor fail for want of threads: it waits, then loads anew.
+    base, daemon = start_slow_daemon(CONFIG + "stop_grace = 0.5\n")
+    worker = None
+    try:
+        await register(daemon, tiny_model)
+        async with daemon.client() as client, daemon.client() as deleting:
+            worker = await job_result(client, spawn(threads=2))
+            os.kill(worker["pid"], signal.SIGSTOP)
+            stopping = f"stopping worker {worker['id']} (pid {worker['pid']})"
+            async with job_events(deleting, {"operation": "worker_delete", "id": worker["id"]}) as (_, deletion):
+                await read_events_until(deletion, is_narration(stopping))
+                events = await run_job(client, SHORT)
+                assert end_marker(await rest_of(deletion, timeout=5)) == "[DONE]"
+        assert end_marker(events) == "[DONE]", events
+        assert result_of(events)["worker_id"] != worker["id"]
+        assert narrations(events)[0].startswith("loading tiny on cpu with 2 thread(s)")
+        assert not pid_alive(worker["pid"])
     finally:
         if worker is not None and pid_alive(worker["pid"]):
             os.kill(worker["pid"], signal.SIGKILL)
