@@ -188,7 +188,6 @@ class _LlamaErrors:
         self.lines: collections.deque[str] = collections.deque(maxlen=16)
         self._in_error = False
 
-        @llama_cpp.llama_log_callback
         def sink(level: int, text: bytes, user_data: Any) -> None:
             if level == self._ERROR:
                 self.lines.append(text.decode("utf-8", "replace").strip())
@@ -198,8 +197,9 @@ class _LlamaErrors:
             else:
                 self._in_error = False
 
-        self._sink = sink
-        llama_cpp.llama_log_set(sink, ctypes.c_void_p(0))
+        _CALLBACK_CODE.add(sink.__code__)
+        self._sink = llama_cpp.llama_log_callback(sink)
+        llama_cpp.llama_log_set(self._sink, ctypes.c_void_p(0))
 
     def reason(self) -> str:
         """The most specific error llama.cpp reported, without its function-name prefixes."""
@@ -209,6 +209,14 @@ class _LlamaErrors:
 
 
 _llama_errors: _LlamaErrors | None = None
+# The code of the Python functions that llama.cpp calls (its log sink, the abort callback). A
+# signal handled inside one must not raise: ctypes would print the exception and drop it.
+_CALLBACK_CODE: set[Any] = set()
+
+
+def _in_callback(frame: Any) -> bool:
+    """Whether a signal handler runs inside a function that llama.cpp called."""
+    return frame is not None and frame.f_code in _CALLBACK_CODE
 
 
 def _load_model(args: argparse.Namespace, n_gpu_layers: int) -> Any:
@@ -423,13 +431,13 @@ class _Worker:
         self._set_abort_callback = llama_cpp.llama_set_abort_callback
         self._ctx = llm._ctx.ctx
         self._prompt_job: _Job | None = None
-        self._terminating = False  # SIGTERM came inside the abort callback: exit once out of it
+        self._terminating = False  # SIGTERM came inside a llama.cpp callback: exit once out of it
 
         def prompt_cancelled(data: object) -> bool:
             job = self._prompt_job  # attribute reads only: a signal handled here has this frame
             return self._terminating or (job is not None and job.cancelled)
 
-        self._abort_frame_code = prompt_cancelled.__code__
+        _CALLBACK_CODE.add(prompt_cancelled.__code__)
         self._abort = llama_cpp.ggml_abort_callback(prompt_cancelled)
         self._no_abort = ctypes.cast(None, llama_cpp.ggml_abort_callback)
 
@@ -445,13 +453,8 @@ class _Worker:
         self._prompt_job = job if processing else None
         self._set_abort_callback(self._ctx, self._abort if processing else self._no_abort, None)
 
-    def _in_abort_callback(self, frame: Any) -> bool:
-        """Whether a signal handler runs inside llama.cpp's abort callback, where an exception it
-        raised would be printed and dropped by ctypes: there the callback's answer stops the decode."""
-        return frame is not None and frame.f_code is self._abort_frame_code
-
     def on_terminate(self, signum: int, frame: Any) -> None:
-        if self._in_abort_callback(frame):
+        if _in_callback(frame):
             self._terminating = True
         else:
             raise _Terminated
@@ -464,7 +467,7 @@ class _Worker:
         if connection.reading:
             return  # this SIGIO came during another handler's read, which the raise would cut short
         job = connection.running
-        if job is not None and job.cancelled and job.in_prompt and not self._in_abort_callback(frame):
+        if job is not None and job.cancelled and job.in_prompt and not _in_callback(frame):
             job.in_prompt = False
             raise _PromptCancelled
 
@@ -483,6 +486,8 @@ class _Worker:
                             self._generate(request, received, job, connection)
                     finally:
                         connection.end()
+                    if self._terminating:  # handled inside a llama.cpp callback, after the last token
+                        raise _Terminated
                 self.connection = None
             _log("daemon disconnected")
 
@@ -549,10 +554,10 @@ class _Worker:
                     raise _PromptCancelled
                 for token in tokens:
                     last = time.perf_counter()
+                    if self._terminating:  # a SIGTERM handled inside a llama.cpp callback
+                        raise _Terminated
                     if job.in_prompt:
                         self._prompt_phase(job, False)
-                        if self._terminating:  # the SIGTERM came after the callback's last call
-                            raise _Terminated
                         first = last
                     if job.cancelled:
                         finish = "cancelled"
@@ -614,6 +619,11 @@ def _token_delay() -> float:
 
 
 def _on_terminate(signum: int, frame: object) -> None:
+    """SIGTERM/SIGINT until the model is loaded."""
+    if _in_callback(frame):
+        # llama.cpp is loading the model and logging as it goes: a raise would be dropped, and
+        # nothing is set up yet that exiting here would leave behind (no socket, no client).
+        os._exit(0)
     raise _Terminated
 
 

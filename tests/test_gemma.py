@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import trio
@@ -70,3 +74,24 @@ async def test_a_cancel_during_prompt_processing_ends_the_job_and_frees_the_work
     assert end_marker(after) == "[DONE]"
     assert "".join(json.loads(e.data)["t"] for e in after if e.event == "token").startswith(" Thursday, Friday")
     assert f"generation {started[1]}: cancelled, 0 tokens" in daemon.log()
+
+
+async def test_a_sigterm_while_llama_cpp_loads_the_model_is_not_lost(gemma_daemon, tmp_path):
+    # While llama.cpp loads a model, the only Python that runs is its log sink, a ctypes callback,
+    # so the signal handler runs there; an exception raised there is printed and dropped, and the
+    # worker would load and serve on (until the daemon's SIGKILL, 5 s later, when it deleted one).
+    model = str(gemma_daemon[1])
+    command = [sys.executable, "-m", "rbeed.worker", "--id", "g", "--model", model,
+               "--socket", str(tmp_path / "g.sock"), "--device", "cpu", "--threads", "2"]  # fmt: skip
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        with trio.fail_after(30):  # bounded poll of /proc: llama.cpp maps the file as it loads it
+            while model not in Path(f"/proc/{process.pid}/maps").read_text():
+                await trio.sleep(0.005)
+        process.send_signal(signal.SIGTERM)
+        returncode = await trio.to_thread.run_sync(process.wait, 20)  # TimeoutExpired if lost
+        assert returncode == 0
+        assert "serving on" not in process.stderr.read()
+    finally:
+        process.kill()
+        process.wait()
