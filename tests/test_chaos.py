@@ -37,7 +37,9 @@ class Chaos:
     """The shared record of a run: reference texts, workers hit on purpose, and broken rules."""
 
     def __init__(self, daemon, on_demand: bool):
-        self.daemon = daemon
+        self.daemon = daemon  # anything with client(unix=..., read_timeout=...), as support.Daemon
+        self.reload = lambda: daemon.proc.send_signal(signal.SIGHUP)
+        self.connect = lambda unix: open_stream(daemon, unix)
         self.on_demand = on_demand
         self.texts: dict[tuple, str] = {}  # (prompt, max_tokens, temperature, seed) -> text
         self.hit: set[str] = set()  # workers killed or deleted by an action
@@ -151,7 +153,7 @@ class Chaos:
             b'POST /v1/jobs HTTP/1.1\r\nhost: x\r\ncontent-length: 20\r\n\r\n{"operation":"infe"}',
             b"GET /v1/jobs/job-nope/stream HTTP/1.1\r\nhost: x\r\n\r\n",
         ])  # fmt: skip
-        async with await open_stream(self.daemon, unix=rng.random() < 0.5) as stream:
+        async with await self.connect(rng.random() < 0.5) as stream:
             await stream.send_all(junk)
 
     async def hit_worker(self, client, rng) -> None:
@@ -159,7 +161,7 @@ class Chaos:
         workers = [w for w in await job_result(client, {"operation": "worker_list"}) if w["state"] in ("ready", "busy")]
         fault = rng.choice(["kill", "delete", "reload"])
         if fault == "reload" or not workers:
-            self.daemon.proc.send_signal(signal.SIGHUP)
+            self.reload()
             return
         worker = rng.choice(workers)
         self.hit.add(worker["id"])
