@@ -1,24 +1,14 @@
-"""Chaos: many clients stream, cancel, drop, resume and kill at once on the real daemon; invariants hold.
-
-Each client runs a fixed, seeded list of actions against two tiny-model workers; what may vary
-is only the interleaving, which is the point. A failure names the job and the rule it broke.
-"""
+"""Chaos on the real daemon with the process backend: two workers, or models loaded on demand."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import random
 import signal
-import shutil
 
 import pytest
-import trio
 
-from support import end_marker, job_result, open_stream, run_job, running_daemon, submit
+import chaos
+from support import open_stream, running_daemon
 
-PROMPTS = ["Once upon a time", "Hello", "The cat", "In the beginning"]
 # A worker delay per token keeps generations long enough (up to ~0.4 s) to be hit mid-stream.
 ENV = {"RBEED_WORKER_TOKEN_DELAY": "0.003"}
 CONFIG = """
@@ -30,191 +20,21 @@ max_restarts = 1000
 [jobs]
 finished_ttl = 60
 """
-RUNNING_OR_QUEUED = ("queued", "running")
-
-
-class Chaos:
-    """The shared record of a run: reference texts, workers hit on purpose, and broken rules."""
-
-    def __init__(self, daemon, on_demand: bool):
-        self.daemon = daemon  # anything with client(unix=..., read_timeout=...), as support.Daemon
-        self.reload = lambda: daemon.proc.send_signal(signal.SIGHUP)
-        self.connect = lambda unix: open_stream(daemon, unix)
-        self.on_demand = on_demand
-        self.texts: dict[tuple, str] = {}  # (prompt, max_tokens, temperature, seed) -> text
-        self.hit: set[str] = set()  # workers killed or deleted by an action
-        self.broken: list[str] = []
-        self.ends: dict[str, int] = {}
-
-    def check(self, rule: bool, message: str) -> None:
-        if not rule:
-            self.broken.append(message)
-
-    def payload(self, rng: random.Random) -> dict:
-        payload = {"operation": "infer", "model": rng.choice(["tiny", "tiny2"]), "prompt": rng.choice(PROMPTS),
-                   "max_tokens": rng.choice([1, 5, 40, 120]), "temperature": rng.choice([0, 0.8]),
-                   "seed": rng.randrange(3), "stream": rng.random() > 0.2}  # fmt: skip
-        if self.on_demand:
-            payload["keep_alive"] = rng.choice([0, 0.05, 1])
-        return payload
-
-    def check_events(self, job: str, payload: dict, events: list, cancelled: bool = False) -> str:
-        """Every rule a finished infer stream obeys; returns its end marker."""
-        if not events or events[-1].event != "end":
-            self.broken.append(f"{job}: stream ended without an end event")
-            return ""
-        marker = events[-1].data
-        ids = [int(e.id) for e in events]
-        self.check(ids == list(range(ids[0], ids[0] + len(ids))), f"{job}: event ids {ids}")
-        tokens = [json.loads(e.data) for e in events if e.event == "token"]
-        self.check([t["i"] for t in tokens] == list(range(len(tokens))), f"{job}: token indices")
-        allowed = marker in ("[DONE]", "[CANCELLED]" if cancelled else "[DONE]") or marker.startswith("[ERROR] busy: ")
-        if marker.startswith("[ERROR] worker "):  # only one that an action killed or deleted
-            allowed = marker.split()[2] in self.hit
-        self.check(allowed, f"{job}: ended {marker!r} ({payload})")
-        self.ends[marker.split(":")[0][:24]] = self.ends.get(marker.split(":")[0][:24], 0) + 1
-        if marker == "[DONE]":
-            results = [json.loads(e.data) for e in events if e.event == "result"]
-            self.check(len(results) == 1, f"{job}: {len(results)} results")
-            text = results[0]["text"] if not payload["stream"] else "".join(t["t"] for t in tokens)
-            if payload["stream"]:
-                self.check(results[0]["completion_tokens"] == len(tokens), f"{job}: token count")
-            key = (payload["prompt"], payload["max_tokens"], payload["temperature"], payload["seed"])
-            self.check(self.texts.setdefault(key, text) == text, f"{job}: {key} gave {text!r}, before {self.texts[key]!r}")
-        return marker
-
-    # -- actions: each runs one job (or one fault) to its end -------------------------------------
-
-    async def stream_whole(self, client, rng) -> None:
-        payload = self.payload(rng)
-        job = await submit(client, payload)
-        async with client.stream("GET", f"/v1/jobs/{job}/stream") as response:
-            events = [event async for event in response.aiter_sse()]
-        self.check_events(job, payload, events)
-
-    async def delete_midway(self, client, rng) -> None:
-        payload = self.payload(rng) | {"stream": True}
-        job = await submit(client, payload)
-        events, after = [], rng.randrange(6)
-        async with client.stream("GET", f"/v1/jobs/{job}/stream") as response:
-            feed = response.aiter_sse()
-            async for event in feed:
-                events.append(event)
-                if event.event == "end" or sum(e.event == "token" for e in events) >= after:
-                    break
-            if events[-1].event != "end":
-                async with self.daemon.client() as other:
-                    status = (await other.request("DELETE", f"/v1/jobs/{job}")).status
-                events += [event async for event in feed]
-                self.check(status in (200, 409), f"{job}: DELETE answered {status}")
-                # A cancel the daemon accepted decides the end, whatever the worker did meanwhile.
-                self.check(status != 200 or end_marker(events) == "[CANCELLED]", f"{job}: DELETE 200, then {events[-1].data}")
-        self.check_events(job, payload, events, cancelled=True)
-
-    async def drop_midway(self, client, rng) -> None:
-        payload = self.payload(rng) | {"stream": True}
-        job = await submit(client, payload)
-        seen, after = 0, rng.randrange(6)
-        async with self.daemon.client(unix=rng.random() < 0.5) as dropping:
-            async with dropping.stream("GET", f"/v1/jobs/{job}/stream") as response:
-                async for event in response.aiter_sse():
-                    seen += event.event == "token"
-                    if event.event == "end" or seen >= after:
-                        break
-        # Re-reading the stream replays it and follows it to its end: cancelled when the daemon
-        # saw the drop before this reader came, else run to completion for this reader.
-        async with client.stream("GET", f"/v1/jobs/{job}/stream") as response:
-            events = [event async for event in response.aiter_sse()]
-        self.check_events(job, payload, events, cancelled=True)
-
-    async def resume_midway(self, client, rng) -> None:
-        payload = self.payload(rng) | {"stream": True, "max_tokens": 40}
-        job = await submit(client, payload)
-        first = []
-        async with client.stream("GET", f"/v1/jobs/{job}/stream") as response:
-            feed = response.aiter_sse()
-            async for event in feed:
-                first.append(event)
-                if event.event == "end" or len(first) >= 3:
-                    break
-            cut = first[-1].id
-            async with self.daemon.client() as other:
-                async with other.stream("GET", f"/v1/jobs/{job}/stream", headers={"last-event-id": cut}) as resumed:
-                    second = [(e.id, e.event, e.data) async for e in resumed.aiter_sse()]
-            first += [event async for event in feed]
-        tail = [(e.id, e.event, e.data) for e in first if int(e.id) > int(cut)]
-        self.check(second == tail, f"{job}: resumed after {cut}: {second[:2]}... against {tail[:2]}...")
-        self.check_events(job, payload, first)
-
-    async def garbage(self, client, rng) -> None:
-        junk = rng.choice([
-            b"GARBAGE\r\n\r\n",
-            b'POST /v1/jobs HTTP/1.1\r\nhost: x\r\ncontent-length: 9\r\n\r\n{"operat',  # then closes early
-            b'POST /v1/jobs HTTP/1.1\r\nhost: x\r\ncontent-length: 20\r\n\r\n{"operation":"infe"}',
-            b"GET /v1/jobs/job-nope/stream HTTP/1.1\r\nhost: x\r\n\r\n",
-        ])  # fmt: skip
-        async with await self.connect(rng.random() < 0.5) as stream:
-            await stream.send_all(junk)
-
-    async def hit_worker(self, client, rng) -> None:
-        """SIGKILL a worker, delete one, or reload the config (SIGHUP)."""
-        workers = [w for w in await job_result(client, {"operation": "worker_list"}) if w["state"] in ("ready", "busy")]
-        fault = rng.choice(["kill", "delete", "reload"])
-        if fault == "reload" or not workers:
-            self.reload()
-            return
-        worker = rng.choice(workers)
-        self.hit.add(worker["id"])
-        if fault == "kill":
-            with contextlib.suppress(ProcessLookupError):  # an on-demand worker may have stopped since
-                os.kill(worker["pid"], signal.SIGKILL)
-        else:
-            events = await run_job(client, {"operation": "worker_delete", "id": worker["id"]})
-            self.check(end_marker(events) in ("[DONE]", f"[ERROR] unknown worker {worker['id']!r}"), f"delete: {events}")
-
-    ACTIONS = {stream_whole: 6, delete_midway: 4, drop_midway: 3, resume_midway: 2, garbage: 1, hit_worker: 0.15}
-
-    async def client(self, seed: int, actions: int) -> None:
-        rng = random.Random(seed)
-        choices = rng.choices(list(self.ACTIONS), weights=list(self.ACTIONS.values()), k=actions)
-        async with self.daemon.client(unix=seed % 2 == 0, read_timeout=30) as client:
-            for action in choices:
-                await action(self, client, rng)
-
-
-async def register_models(daemon, tiny_model, on_demand: bool) -> None:
-    copy = shutil.copyfile(tiny_model, daemon.state_dir.parent / "tiny2.gguf")
-    async with daemon.client() as client:
-        for source in (tiny_model, copy):
-            await job_result(client, {"operation": "model_download", "model": str(source)})
-        if not on_demand:
-            for model in ("tiny", "tiny2"):
-                await job_result(client, {"operation": "worker_spawn", "model": model, "threads": 1})
 
 
 @pytest.mark.parametrize(("on_demand", "clients", "actions"), [(False, 8, 50), (True, 4, 15)],
                          ids=["two-workers", "loaded-on-demand"])  # fmt: skip
 async def test_chaos_keeps_every_rule(tiny_model, on_demand, clients, actions):
     with running_daemon(CONFIG, ENV) as daemon:
-        await register_models(daemon, tiny_model, on_demand)
-        chaos = Chaos(daemon, on_demand)
-        with trio.fail_after(240):
-            async with trio.open_nursery() as nursery:
-                for seed in range(clients):
-                    nursery.start_soon(chaos.client, seed, actions)
         async with daemon.client() as client:
-            jobs = (await client.request("GET", "/v1/jobs")).json()
-            assert [job for job in jobs if job["state"] in RUNNING_OR_QUEUED] == []
-            # The workers, restarted or loaded again, still give the texts seen before the chaos.
-            for model in ("tiny", "tiny2"):
-                payload = {"operation": "infer", "model": model, "prompt": "Hello", "max_tokens": 40,
-                           "temperature": 0, "seed": 0, "stream": True}  # fmt: skip
-                job = await submit(client, payload)
-                async with client.stream("GET", f"/v1/jobs/{job}/stream") as response:
-                    events = [event async for event in response.aiter_sse()]
-                assert chaos.check_events(job, payload, events) == "[DONE]"
+            await chaos.register_models(client, tiny_model, daemon.state_dir.parent, spawn=not on_demand)
+
+        async def reload() -> None:
+            daemon.proc.send_signal(signal.SIGHUP)
+
+        run = chaos.Chaos(lambda unix: daemon.client(unix=unix, read_timeout=30),
+                          lambda unix: open_stream(daemon, unix), reload, on_demand)  # fmt: skip
+        await chaos.run(run, clients, actions)
         log = daemon.log()
-    assert chaos.broken == [], "\n".join(chaos.broken)
     for sign in ("Traceback", "crashed", "internal error"):
         assert sign not in log
-    assert chaos.ends.get("[DONE]", 0) > clients * actions / 4, chaos.ends  # the run did real work

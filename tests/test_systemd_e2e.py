@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 
+import chaos
 from rbeed.httpclient import Client
 from support import (
     Daemon, end_marker, job_error, job_events, job_result, narrations, pid_alive, read_events_until,
@@ -491,3 +492,24 @@ async def test_kill_9_mid_stream_ends_the_job_with_worker_died_and_restarts_it(b
     restarted = await job_result(any_client, {"operation": "worker_get", "id": worker["id"]})
     assert restarted["pid"] != worker["pid"] and pid_alive(restarted["pid"])
     assert backend.unit_state(worker["id"]) in ("active", None)
+
+
+# --- 9. chaos, with every worker a unit --------------------------------------------------------
+
+
+async def test_chaos_keeps_every_rule_with_workers_as_units(rbeed, client, registered_model):
+    await chaos.register_models(client, registered_model, registered_model.parent, spawn=True)
+
+    async def connect(unix: bool) -> trio.abc.Stream:
+        if unix:
+            return await trio.open_unix_socket(str(rbeed.socket_path))
+        return await trio.open_tcp_stream("127.0.0.1", rbeed.tcp_port)
+
+    run = chaos.Chaos(lambda unix: rbeed.client(tcp=not unix), connect, lambda: rbeed.acheck("reload", SERVICE),
+                      on_demand=False)  # fmt: skip
+    try:
+        await chaos.run(run, clients=4, actions=15)
+    finally:
+        await delete_workers(rbeed)
+        await job_result(client, {"operation": "model_delete", "id": "tiny2"})
+    assert "Traceback" not in rbeed.logs()
