@@ -148,3 +148,5 @@ def decode(body: bytes) -> AnyOperation:
         raise PayloadError(message) from None
     except msgspec.DecodeError as exc:
         raise PayloadError(f"malformed JSON: {exc}") from None
+    except UnicodeDecodeError as exc:  # what msgspec raises for bad UTF-8 in the operation's name
+        raise PayloadError(f"malformed JSON: a string is not valid UTF-8 ({exc.reason})") from None

@@ -134,6 +134,8 @@ BAD_PAYLOADS = [
     (b"{", ["malformed JSON"]),
     (b"", ["malformed JSON"]),
     (b'{"operation": "hive_list"} trailing', ["malformed JSON"]),
+    (b'{"operation": "hive_l\xa9"}', ["malformed JSON", "not valid UTF-8"]),  # msgspec raises UnicodeDecodeError
+    (b'{"operation": "infer", "model": "m", "prompt": "\xff\xfe"}', ["malformed JSON"]),
     (b"[]", ["Expected `object`, got `array`"]),
     ({}, ["missing required field `operation`", "valid operations: "] + list(OPERATIONS)),
     ({"operation": "nope"}, ["'nope'", "$.operation", "valid operations: "] + list(OPERATIONS)),
