@@ -209,14 +209,18 @@ class _LlamaErrors:
 
 
 _llama_errors: _LlamaErrors | None = None
-# The code of the Python functions that llama.cpp calls (its log sink, the abort callback). A
-# signal handled inside one must not raise: ctypes would print the exception and drop it.
+# The code of the Python functions that llama.cpp calls (its log sink, the abort callback).
 _CALLBACK_CODE: set[Any] = set()
 
 
-def _in_callback(frame: Any) -> bool:
-    """Whether a signal handler runs inside a function that llama.cpp called."""
-    return frame is not None and frame.f_code in _CALLBACK_CODE
+def _raise_is_dropped(frame: Any) -> bool:
+    """Whether an exception that a signal handler raises at `frame` would be printed and dropped:
+    inside a function llama.cpp called (ctypes drops it) or inside a finalizer (Python does)."""
+    while frame is not None:
+        if frame.f_code in _CALLBACK_CODE or frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _load_model(args: argparse.Namespace, n_gpu_layers: int) -> Any:
@@ -431,7 +435,12 @@ class _Worker:
         self._set_abort_callback = llama_cpp.llama_set_abort_callback
         self._ctx = llm._ctx.ctx
         self._prompt_job: _Job | None = None
-        self._terminating = False  # SIGTERM came inside a llama.cpp callback: exit once out of it
+        self._terminating = False  # SIGTERM came where a raise is dropped: exit at the next token
+        # Where a SIGIO may abandon a prompt: between llama_decode calls, in llama-cpp-python's
+        # batch loop. Raised anywhere else (building a sampler, a finalizer) it could leave a
+        # half-made object or be dropped; the abort callback or the next token stops it then.
+        self._interruptible = {llama_cpp.Llama.eval.__code__, llama_cpp._internals.LlamaContext.decode.__code__,
+                               llama_cpp._internals.LlamaBatch.set_batch.__code__}  # fmt: skip
 
         def prompt_cancelled(data: object) -> bool:
             job = self._prompt_job  # attribute reads only: a signal handled here has this frame
@@ -454,7 +463,7 @@ class _Worker:
         self._set_abort_callback(self._ctx, self._abort if processing else self._no_abort, None)
 
     def on_terminate(self, signum: int, frame: Any) -> None:
-        if _in_callback(frame):
+        if _raise_is_dropped(frame):
             self._terminating = True
         else:
             raise _Terminated
@@ -467,7 +476,7 @@ class _Worker:
         if connection.reading:
             return  # this SIGIO came during another handler's read, which the raise would cut short
         job = connection.running
-        if job is not None and job.cancelled and job.in_prompt and not _in_callback(frame):
+        if job is not None and job.cancelled and job.in_prompt and frame is not None and frame.f_code in self._interruptible:
             job.in_prompt = False
             raise _PromptCancelled
 
@@ -486,7 +495,7 @@ class _Worker:
                             self._generate(request, received, job, connection)
                     finally:
                         connection.end()
-                    if self._terminating:  # handled inside a llama.cpp callback, after the last token
+                    if self._terminating:  # handled where a raise is dropped, after the last token
                         raise _Terminated
                 self.connection = None
             _log("daemon disconnected")
@@ -554,7 +563,7 @@ class _Worker:
                     raise _PromptCancelled
                 for token in tokens:
                     last = time.perf_counter()
-                    if self._terminating:  # a SIGTERM handled inside a llama.cpp callback
+                    if self._terminating:  # a SIGTERM handled where a raise is dropped
                         raise _Terminated
                     if job.in_prompt:
                         self._prompt_phase(job, False)
@@ -620,7 +629,7 @@ def _token_delay() -> float:
 
 def _on_terminate(signum: int, frame: object) -> None:
     """SIGTERM/SIGINT until the model is loaded."""
-    if _in_callback(frame):
+    if _raise_is_dropped(frame):
         # llama.cpp is loading the model and logging as it goes: a raise would be dropped, and
         # nothing is set up yet that exiting here would leave behind (no socket, no client).
         os._exit(0)

@@ -432,17 +432,20 @@ def test_a_sigio_during_another_handlers_read_leaves_it_whole():
     for line in itertools.count():
         with connection_without_sigio() as (daemon, connection):
             handlers = worker._Worker.__new__(worker._Worker)  # no model: only the SIGIO handler runs
-            handlers.connection, handlers._abort_frame_code = connection, None
+            # Both handlers run where raising is safe (between llama_decode calls), so only the
+            # read in progress can keep the second from raising.
+            between_batches = type("Frame", (), {"f_code": llama_cpp.Llama.eval.__code__, "f_back": None})()
+            handlers.connection, handlers._interruptible = connection, {between_batches.f_code}
             job = connection.running = worker._Job(7)
             job.in_prompt = True
             daemon.sendall(wire.encode(wire.Cancel(7)))
 
             def second_sigio(frame) -> None:
                 daemon.sendall(wire.encode(request(8)))
-                handlers.on_sigio(signal.SIGIO, frame)
+                handlers.on_sigio(signal.SIGIO, between_batches)
 
             with HandlerAt(line, functions, second_sigio) as handler, pytest.raises(worker._PromptCancelled):
-                handlers.on_sigio(signal.SIGIO, None)
+                handlers.on_sigio(signal.SIGIO, between_batches)
             assert job.cancelled and not job.in_prompt
             assert [r.id for r, _ in connection.pending] == ([8] if handler.ran else []), f"second handler at line {line}"
         if not handler.ran:
@@ -640,3 +643,41 @@ async def test_worker_exits_with_its_parent_process_not_thread(tmp_path, tiny_mo
             except ProcessLookupError:
                 pass
         worker.notify.close()
+
+
+@pytest.mark.parametrize(
+    ("where", "raises"),
+    [("llama-cpp-python's batch loop", True), ("between two llama_decode calls", True),
+     ("a sampler's finalizer", False), ("building a sampler", False), ("llama.cpp's abort callback", False)],
+)  # fmt: skip
+def test_a_sigio_abandons_a_cancelled_prompt_only_where_raising_is_safe(in_process, where, raises):
+    # Found by the chaos run: a SIGIO handled inside LlamaSampler.__del__ raised there, and Python
+    # printed and dropped the exception; handled inside LlamaSampler.__init__, it left a sampler
+    # without its exit stack, whose finalizer then failed. Elsewhere the abort callback (CPU) or
+    # the next token stops the cancelled prompt instead.
+    from llama_cpp import _internals
+
+    from rbeed import worker
+
+    handled = worker._Worker(in_process, 0.0)
+    code = {
+        "llama-cpp-python's batch loop": llama_cpp.Llama.eval.__code__,
+        "between two llama_decode calls": _internals.LlamaContext.decode.__code__,
+        "a sampler's finalizer": _internals.LlamaSampler.__del__.__code__,
+        "building a sampler": _internals.LlamaSampler.__init__.__code__,
+        "llama.cpp's abort callback": next(c for c in worker._CALLBACK_CODE if c.co_name == "prompt_cancelled"),
+    }[where]
+    with connection_without_sigio() as (daemon, connection):
+        handled.connection = connection
+        daemon.sendall(wire.encode(request(7)))
+        _, _, job = connection.begin_next()
+        job.in_prompt = True
+        daemon.sendall(wire.encode(wire.Cancel(7)))
+        frame = type("Frame", (), {"f_code": code, "f_back": None})()
+        if raises:
+            with pytest.raises(worker._PromptCancelled):
+                handled.on_sigio(signal.SIGIO, frame)
+        else:
+            handled.on_sigio(signal.SIGIO, frame)
+            assert job.in_prompt  # still cancellable by the abort callback
+        assert job.cancelled  # the Cancel was read either way
