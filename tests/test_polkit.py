@@ -57,6 +57,8 @@ head -n 1 "$base/address" > /dev/null  # printed once the bus listens
 while [ $# -gt 0 ]; do
   setpriv --reuid="$1" --regid="$1" --clear-groups sleep 60 &
   subject=$!
+  # Until setpriv has switched, the subject is this root shell's child, which polkit allows all.
+  while ! grep -q "^Uid:[[:space:]]*$1[[:space:]]" "/proc/$subject/status"; do sleep 0.01; done
   status=0
   pkcheck --action-id "$2" --process "$subject" --detail unit "$3" --detail verb "$4" >/dev/null 2>&1 || status=$?
   kill "$subject"
@@ -107,4 +109,5 @@ def test_without_the_rule_rbee_is_refused(tmp_path):
     empty = tmp_path / "none.rules"
     empty.write_text("")
     allowed = [case for case in CASES if case[4]]
-    assert all(status in REFUSED for status in ask(tmp_path, empty, allowed))
+    statuses = ask(tmp_path, empty, allowed)
+    assert all(status in REFUSED for status in statuses), statuses
