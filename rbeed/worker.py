@@ -476,7 +476,9 @@ class _Worker:
         if connection.reading:
             return  # this SIGIO came during another handler's read, which the raise would cut short
         job = connection.running
-        if job is not None and job.cancelled and job.in_prompt and frame is not None and frame.f_code in self._interruptible:
+        if job is None or not (job.cancelled and job.in_prompt):
+            return
+        if frame is not None and frame.f_code in self._interruptible:
             job.in_prompt = False
             raise _PromptCancelled
 

@@ -276,18 +276,20 @@ class Supervisor:
         """
         while (missing := threads - self._free_threads()) > 0:
             live = sorted((w for w in self.workers.values() if w.live), key=lambda w: w.started_at)
-            idle = [w for w in live if w.on_demand and not w.closing and not w.backlog and w.first is None]
-            freeable = [w for w in live if w.closing or w in idle or (wait and w.on_demand)]
-            if sum(w.threads for w in freeable) < missing:
+            closing = [w for w in live if w.closing]
+            on_demand = [w for w in live if w.on_demand and not w.closing]
+            idle = [w for w in on_demand if not w.backlog and w.first is None]
+            busy = [w for w in on_demand if w not in idle] if wait else []
+            if sum(w.threads for w in closing + idle + busy) < missing:
                 return
-            if closing := [w for w in live if w.closing]:
+            if closing:
                 await closing[0].stopped.wait()  # deleted or idle: its process is on its way out
             elif idle:
                 if job is not None:
                     job.narrate(f"stopping idle worker {idle[0].id} to free {idle[0].threads} thread(s)")
                 await self.stop(idle[0])
             else:
-                await self._drain(next((w for w in freeable if w.draining), freeable[0]), missing, job)
+                await self._drain(next((w for w in busy if w.draining), busy[0]), missing, job)
 
     async def _drain(self, worker: Worker, missing: int, job: Job | None) -> None:
         if job is not None:

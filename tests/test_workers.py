@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -33,15 +34,30 @@ def spawn(threads: int | None = None, **fields) -> dict:
     return {"operation": "worker_spawn", "model": "tiny", **({"threads": threads} if threads else {}), **fields}
 
 
-def start_slow_daemon(config: str = CONFIG):
-    """A daemon whose workers generate slowly, in a short fresh directory: (directory, daemon)."""
-    base = short_base()
-    return base, start_daemon(base, config=config, env=SLOW_TOKENS)
-
-
 async def register(daemon, tiny_model) -> None:
     async with daemon.client() as client:
         await job_result(client, {"operation": "model_download", "model": str(tiny_model)})
+
+
+@asynccontextmanager
+async def slow_daemon(tiny_model, config: str = CONFIG):
+    """A daemon of its own for a test that stops, kills or freezes things: (daemon, leftovers).
+
+    Its workers generate slowly; the tiny model is registered. At the end the daemon is killed,
+    its directory removed, and every pid the test put in `leftovers` killed if still there: a
+    worker frozen by SIGSTOP, or orphaned by a failed run, cannot notice the daemon is gone.
+    """
+    base = short_base()
+    daemon = start_daemon(base, config=config, env=SLOW_TOKENS)
+    leftovers: list[int] = []
+    try:
+        await register(daemon, tiny_model)
+        yield daemon, leftovers
+    finally:
+        for pid in filter(pid_alive, leftovers):
+            os.kill(pid, signal.SIGKILL)
+        daemon.stop(signal.SIGKILL)
+        shutil.rmtree(base)
 
 
 @pytest.fixture(scope="module")
@@ -245,9 +261,7 @@ async def test_a_killed_worker_fails_its_job_promptly_and_is_restarted(rbeed, cl
 
 
 async def test_without_restart_a_killed_worker_is_failed_and_sigterm_stops_the_others(tiny_model):
-    base, daemon = start_slow_daemon(CONFIG + 'restart = "no"\n')
-    try:
-        await register(daemon, tiny_model)
+    async with slow_daemon(tiny_model, CONFIG + 'restart = "no"\n') as (daemon, _):
         async with daemon.client() as client:
             killed = await job_result(client, spawn(threads=1))
             other = await job_result(client, spawn(threads=1))
@@ -263,21 +277,16 @@ async def test_without_restart_a_killed_worker_is_failed_and_sigterm_stops_the_o
             assert (await job_result(client, SHORT))["worker_id"] == other["id"]  # the daemon goes on
         assert daemon.stop(signal.SIGTERM) == 0, daemon.log()
         assert not pid_alive(other["pid"])  # stopped and reaped before the daemon exited
-    finally:
-        daemon.stop(signal.SIGKILL)
-        shutil.rmtree(base)
 
 
 async def test_a_worker_that_does_not_end_a_cancelled_generation_is_restarted(tiny_model):
     # SIGSTOP stands for a worker stuck in llama.cpp: it neither reads the Cancel nor answers.
-    base, daemon = start_slow_daemon(CONFIG + "cancel_timeout = 0.5\nstop_grace = 0.5\n")
-    worker = None
-    try:
-        await register(daemon, tiny_model)
+    async with slow_daemon(tiny_model, CONFIG + "cancel_timeout = 0.5\nstop_grace = 0.5\n") as (daemon, leftovers):
         async with daemon.client() as client:
             worker = await job_result(client, spawn(threads=1))
             async with job_events(client, LONG | {"worker_id": worker["id"]}) as (job_id, events):
                 await read_events_until(events, is_token)
+                leftovers.append(worker["pid"])
                 os.kill(worker["pid"], signal.SIGSTOP)
                 assert (await client.request("DELETE", f"/v1/jobs/{job_id}")).status == 200
                 rest = await rest_of(events, timeout=5)
@@ -289,23 +298,16 @@ async def test_a_worker_that_does_not_end_a_cancelled_generation_is_restarted(ti
             assert restarted["pid"] != worker["pid"] and not pid_alive(worker["pid"])
         reason = "did not stop its generation within 0.5 s of a cancel"
         assert f"worker {worker['id']} {reason}; restart 1 in 0.1 s" in daemon.log()
-    finally:
-        if worker is not None and pid_alive(worker["pid"]):
-            os.kill(worker["pid"], signal.SIGKILL)
-        daemon.stop(signal.SIGKILL)
-        shutil.rmtree(base)
 
 
 async def test_a_job_for_a_worker_being_deleted_waits_and_loads_its_model_anew(tiny_model):
     # SIGSTOP holds the deleted worker's process for the stop grace: a window in which the worker
     # still holds its threads. A job for its model that comes then must neither be queued on it
     # ("[ERROR] worker ... stopped") nor fail for want of threads: it waits, then loads anew.
-    base, daemon = start_slow_daemon(CONFIG + "stop_grace = 0.5\n")
-    worker = None
-    try:
-        await register(daemon, tiny_model)
+    async with slow_daemon(tiny_model, CONFIG + "stop_grace = 0.5\n") as (daemon, leftovers):
         async with daemon.client() as client, daemon.client() as deleting:
             worker = await job_result(client, spawn(threads=2))
+            leftovers.append(worker["pid"])
             os.kill(worker["pid"], signal.SIGSTOP)
             stopping = f"stopping worker {worker['id']} (pid {worker['pid']})"
             async with job_events(deleting, {"operation": "worker_delete", "id": worker["id"]}) as (_, deletion):
@@ -316,28 +318,16 @@ async def test_a_job_for_a_worker_being_deleted_waits_and_loads_its_model_anew(t
         assert result_of(events)["worker_id"] != worker["id"]
         assert narrations(events)[0].startswith("loading tiny on cpu with 2 thread(s)")
         assert not pid_alive(worker["pid"])
-    finally:
-        if worker is not None and pid_alive(worker["pid"]):
-            os.kill(worker["pid"], signal.SIGKILL)
-        daemon.stop(signal.SIGKILL)
-        shutil.rmtree(base)
 
 
 async def test_workers_exit_when_the_daemon_is_killed(tiny_model):
-    base, daemon = start_slow_daemon()
-    pids = []
-    try:
-        await register(daemon, tiny_model)
+    async with slow_daemon(tiny_model) as (daemon, leftovers):
         async with daemon.client() as client:
             pids = [(await job_result(client, spawn(threads=1)))["pid"] for _ in range(2)]
+        leftovers += pids
         assert all(map(pid_alive, pids))
         assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
         await wait_pids_gone(pids, timeout=10)
-    finally:
-        for pid in filter(pid_alive, pids):  # orphans of a failed run
-            os.kill(pid, signal.SIGKILL)
-        daemon.stop(signal.SIGKILL)
-        shutil.rmtree(base)
 
 
 async def test_a_worker_deleted_while_it_loads_fails_its_spawn(rbeed, client, tiny_model):
