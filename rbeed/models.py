@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -67,6 +68,8 @@ class Models:
         self.dir = models_dir
         self.config = config
         self.in_use: Callable[[str], list[str]] = lambda model_id: []
+        self._placing: dict[str, list[str]] = {}  # model id -> jobs placing a worker for it, not yet listed
+        self._deleting: set[str] = set()
 
     def path_of(self, model: Model) -> Path:
         path = (self.dir / model.file).resolve()
@@ -75,15 +78,36 @@ class Models:
         return path
 
     def lookup(self, model_id: str) -> Model:
+        if model_id in self._deleting:
+            raise JobFailed(f"model {model_id!r} is being deleted")
         model = self.catalog.get(model_id)
         if model is None:
             known = ", ".join(m.id for m in self.catalog.list()) or "none"
             raise JobFailed(f"unknown model {model_id!r} (known: {known})")
         return model
 
+    @contextlib.contextmanager
+    def held(self, model_id: str, holder: str) -> Iterator[Model]:
+        """The model, kept from model_delete while `holder` places a worker for it.
+
+        Placing can wait long (for threads to free up); from the moment the worker is listed,
+        `in_use` covers it.
+        """
+        model = self.lookup(model_id)
+        holders = self._placing.setdefault(model.id, [])
+        holders.append(holder)
+        try:
+            yield model
+        finally:
+            holders.remove(holder)
+            if not holders:
+                del self._placing[model.id]
+
     async def download(self, job: Job, op: ModelDownload) -> None:
         url, name = resolve_source(op.model, self.config.hf_base)
         model_id_ = model_id(name)
+        if model_id_ in self._deleting:
+            raise JobFailed(f"model {model_id_} is being deleted; download it again once it is gone")
         existing = self.catalog.get(model_id_)
         if existing is not None and self.path_of(existing).exists():
             if op.sha256 and op.sha256.lower() != existing.sha256:
@@ -121,8 +145,15 @@ class Models:
         model = self.lookup(op.id)
         if users := self.in_use(model.id):
             raise JobFailed(f"model {model.id} is in use by worker(s) {', '.join(users)}; delete them first")
-        await self.catalog.delete(model.id)
-        self.path_of(model).unlink(missing_ok=True)
+        if holders := self._placing.get(model.id):
+            raise JobFailed(f"model {model.id} is being loaded for {', '.join(holders)}; "
+                            "cancel that or delete its worker once loaded")  # fmt: skip
+        self._deleting.add(model.id)  # no worker may start on it while the catalog write is awaited
+        try:
+            await self.catalog.delete(model.id)
+            self.path_of(model).unlink(missing_ok=True)
+        finally:
+            self._deleting.discard(model.id)
         job.narrate(f"model {model.id} deleted ({model.size} bytes freed)")
         job.result({"id": model.id, "deleted": True})
 

@@ -311,29 +311,29 @@ class Supervisor:
         `first` is served as soon as the model is loaded: an on-demand worker with keep_alive 0
         would otherwise stop before the job it was loaded for has queued its generation.
         """
-        model = self.models.lookup(model_id)
-        path = self.models.path_of(model)
         if device == "metal":
             raise JobFailed("device metal is only available on macOS; this host runs Linux")
         wanted = threads or 1
-        async with self._placing:
-            await self._make_room(wanted, job, wait=on_demand)
-            free = self._free_threads()
-            if free < wanted:
-                holders = ", ".join(f"{w.id} ({w.threads})" for w in self.workers.values() if w.live)
-                raise JobFailed(f"no CPU threads free: {self.cores} in all, held by {holders}; delete a worker first")
-            threads = threads or free
-            serial = next(self._serial)
-            worker_id = f"{model.id[:48]}-{device.replace(':', '')}-{serial}"
-            worker = Worker(
-                worker_id, model.id, path, device, threads, self.socket_dir / f"{serial}.sock",
-                self.config.queue_size, on_demand,
-                self.config.keep_alive if keep_alive is None else keep_alive, self.config.cancel_timeout,
-            )  # fmt: skip
-            worker.backend, worker.first = self.backend.name, first
-            self.workers[worker_id] = worker
-            assert self._nursery is not None, "Supervisor.run() is not running"
-            self._nursery.start_soon(self._supervise, worker, name=f"worker {worker_id}")
+        with self.models.held(model_id, f"job {job.id}" if job else "a spawn") as model:
+            path = self.models.path_of(model)
+            async with self._placing:
+                await self._make_room(wanted, job, wait=on_demand)
+                free = self._free_threads()
+                if free < wanted:
+                    holders = ", ".join(f"{w.id} ({w.threads})" for w in self.workers.values() if w.live)
+                    raise JobFailed(f"no CPU threads free: {self.cores} in all, held by {holders}; delete a worker first")
+                threads = threads or free
+                serial = next(self._serial)
+                worker_id = f"{model.id[:48]}-{device.replace(':', '')}-{serial}"
+                worker = Worker(
+                    worker_id, model.id, path, device, threads, self.socket_dir / f"{serial}.sock",
+                    self.config.queue_size, on_demand,
+                    self.config.keep_alive if keep_alive is None else keep_alive, self.config.cancel_timeout,
+                )  # fmt: skip
+                worker.backend, worker.first = self.backend.name, first
+                self.workers[worker_id] = worker  # from here on, in_use covers the model
+                assert self._nursery is not None, "Supervisor.run() is not running"
+                self._nursery.start_soon(self._supervise, worker, name=f"worker {worker_id}")
         self._signal()
         if job is not None:
             job.narrate(f"loading {model.id} on {device} with {threads} thread(s) as worker {worker_id}")

@@ -199,6 +199,22 @@ async def test_a_cancelled_wait_leaves_the_busy_worker_taking_jobs(client, other
     assert [w["id"] for w in await job_result(client, {"operation": "worker_list"})] == [busy["id"]]
 
 
+async def test_a_model_waiting_to_load_cannot_be_deleted_from_under_its_job(client, other_model):
+    # The load of `other` waits for the busy worker to drain; no worker for it is listed yet.
+    async with job_events(client, LONG | {"max_tokens": 20}) as (_, busy_events):
+        await read_events_until(busy_events, is_token)
+        async with job_events(client, SHORT | {"model": other_model}) as (job_id, other_events):
+            await read_events_until(other_events, lambda e: e.event == "narration")
+            error = await job_error(client, {"operation": "model_delete", "id": other_model})
+            assert error == (f"model {other_model} is being loaded for job {job_id}; "
+                             "cancel that or delete its worker once loaded")  # fmt: skip
+            other_rest = await rest_of(other_events, timeout=10)
+        assert end_marker(await rest_of(busy_events, timeout=10)) == "[DONE]"
+    assert end_marker(other_rest) == "[DONE]"
+    assert result_of(other_rest)["completion_tokens"] == 3
+    assert [m["id"] for m in await job_result(client, {"operation": "model_list"})] == [other_model, "tiny"]
+
+
 async def test_metal_is_refused_clearly(client):
     assert await job_error(client, spawn(worker="metal")) == "device metal is only available on macOS; this host runs Linux"
     assert await job_result(client, {"operation": "worker_list"}) == []
