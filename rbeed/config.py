@@ -51,6 +51,8 @@ class HivesConfig(Section):
 
 class ModelsConfig(Section):
     hf_base: str = "https://huggingface.co/{owner}/{repo}/resolve/main/{path}"
+    download_retries: Annotated[int, msgspec.Meta(ge=0)] = 5  # attempts in a row without new bytes
+    download_retry_delay: Seconds = 1.0  # before the first retry; doubles up to 30 s
 
 
 class WorkersConfig(Section):

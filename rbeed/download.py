@@ -19,18 +19,24 @@ from urllib.request import url2pathname
 
 import trio
 
-from rbeed.httpclient import Client, HTTPError, Response
+from rbeed.httpclient import Client, ConnectError, HTTPError, HTTPTimeout, ProtocolError, Response, StatusError
 
 if TYPE_CHECKING:
     import outcome
 
-__all__ = ["DownloadError", "DownloadResult", "ProgressCallback", "VerificationError", "download"]
+__all__ = ["DownloadError", "DownloadResult", "ProgressCallback", "RetryCallback", "VerificationError", "download"]
 
 GGUF_MAGIC = b"GGUF"
 BLOCK_SIZE = 1 << 20  # unit of disk I/O: one worker-thread round trip per MiB
 
 ProgressCallback = Callable[[int, int | None, float], None]
 """on_progress(bytes_done, bytes_total_or_None, bytes_per_second)"""
+RetryCallback = Callable[[str, int, float], None]
+"""on_retry(why_the_attempt_failed, bytes_done, seconds_until_the_next_attempt)"""
+
+# Answers that say "try again later"; any other error status is final.
+_RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_MAX_RETRY_DELAY = 30.0
 
 
 class DownloadError(Exception):
@@ -57,6 +63,9 @@ async def download(
     on_progress: ProgressCallback | None = None,
     progress_interval: float = 0.25,
     client: Client | None = None,
+    retries: int = 0,
+    retry_delay: float = 1.0,
+    on_retry: RetryCallback | None = None,
 ) -> DownloadResult:
     """Fetch source (http(s):// URL, file:// URL or local path) into dest, resuming dest.part.
 
@@ -64,12 +73,17 @@ async def download(
     sha256 the server announces in X-Linked-Etag, Repr-Digest, Digest or ETag, if any).
     on_progress is called at most every progress_interval seconds and once at the end.
     client (not closed here) lets the caller set timeouts or an Authorization header.
+
+    A transfer that fails midway (connection lost or refused, timeout, or a 408, 429 or 5xx
+    answer) is resumed with a Range request after retry_delay seconds, doubling up to 30 s,
+    as long as no more than `retries` attempts in a row brought no new bytes (0: no retries).
     """
     if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
         raise DownloadError(f"invalid sha256 {sha256!r}: expected 64 hex digits")
     progress = _Progress(on_progress, progress_interval)
+    retry = _Retry(retries, retry_delay, on_retry)
     try:
-        return await _download(source, pathlib.Path(dest), sha256 and sha256.lower(), progress, client)
+        return await _download(source, pathlib.Path(dest), sha256 and sha256.lower(), progress, client, retry)
     except HTTPError as exc:
         raise DownloadError(f"download of {source} failed: {exc}") from exc
     except OSError as exc:
@@ -83,24 +97,31 @@ async def _download(
     sha256: str | None,
     progress: _Progress,
     client: Client | None,
+    retry: _Retry,
 ) -> DownloadResult:
     local_path = _local_path(source)
     await trio.Path(dest.parent).mkdir(parents=True, exist_ok=True)
     part = await _PartFile.open(dest.with_name(dest.name + ".part"))
     try:
         if local_path is not None:
-            resumed_from = await _copy_local(local_path, part, progress)
+            await _copy_local(local_path, part, progress)
             announced = None
         else:
             async with contextlib.nullcontext(client) if client else Client(str(source)) as http:
-                resumed_from, announced = await _fetch_http(http, str(source), part, progress)
+                while True:
+                    done = part.size
+                    try:
+                        announced = await _fetch_http(http, str(source), part, progress)
+                        break
+                    except HTTPError as exc:
+                        await retry.wait_or_raise(exc, part, gained=part.size > done)
         await part.finish()
         actual = part.sha256.hexdigest()
         expected, expected_from = (sha256, "") if sha256 else announced or (None, "")
         if expected is not None and actual != expected:
             raise VerificationError(f"sha256 mismatch: expected {expected}, got {actual}{expected_from}")
         await trio.to_thread.run_sync(_install, part.path, dest)
-        return DownloadResult(dest, part.size, actual, resumed_from)
+        return DownloadResult(dest, part.size, actual, progress.resumed_from or 0)
     except VerificationError:
         await part.discard()
         raise
@@ -121,29 +142,25 @@ def _local_path(source: str | os.PathLike[str]) -> pathlib.Path | None:
     return pathlib.Path(source)
 
 
-async def _copy_local(source: pathlib.Path, part: _PartFile, progress: _Progress) -> int:
-    """Copy source into part (resuming it); return how many bytes were resumed."""
+async def _copy_local(source: pathlib.Path, part: _PartFile, progress: _Progress) -> None:
+    """Copy source into part (resuming it)."""
     async with await trio.open_file(source, "rb") as src:
         total = os.fstat(src.fileno()).st_size
         if part.size > total:
             await part.truncate()
-        resumed_from = part.size
         await part.hash_existing()
-        await src.seek(resumed_from)
+        await src.seek(part.size)
         progress.start(part.size, total)
         while chunk := await src.read(BLOCK_SIZE):
             await part.write(chunk)
             progress.update(part.size)
     progress.finish()
-    return resumed_from
 
 
-async def _fetch_http(
-    client: Client, url: str, part: _PartFile, progress: _Progress
-) -> tuple[int, tuple[str, str] | None]:
+async def _fetch_http(client: Client, url: str, part: _PartFile, progress: _Progress) -> tuple[str, str] | None:
     """Fill part from url with a Range request when it has a prefix already.
 
-    Returns the bytes resumed and the sha256 the server announced (with where it came from).
+    Returns the sha256 the server announced (with where it came from).
     """
     for _attempt in range(2):  # the second attempt starts over when the .part does not fit
         headers = {"range": f"bytes={part.size}-"} if part.size else {}
@@ -160,20 +177,19 @@ async def _fetch_http(
                 await part.hash_existing()  # the .part is already complete
                 progress.start(part.size, total)
                 progress.finish()
-                return part.size, announced
+                return announced
             elif response.status in (206, 416):
                 await part.truncate()
                 continue
             else:
                 response.raise_for_status()
                 raise DownloadError(f"unexpected answer {response.status} {response.reason} from {response.url}")
-            resumed_from = part.size
             progress.start(part.size, total)
             async for chunk in response.aiter_bytes():
                 await part.write(chunk)
                 progress.update(part.size)
             progress.finish()
-            return resumed_from, announced
+            return announced
     raise DownloadError(f"{url}: the server answers ranges that do not match the partial file")
 
 
@@ -237,6 +253,33 @@ def _install(part_path: pathlib.Path, dest: pathlib.Path) -> None:
         os.close(dir_fd)
 
 
+class _Retry:
+    """When a failed transfer is tried again, and how long until then."""
+
+    def __init__(self, retries: int, delay: float, on_retry: RetryCallback | None) -> None:
+        self._retries, self._delay, self._on_retry = retries, delay, on_retry
+        self._fruitless = 0  # attempts in a row that brought no new bytes
+        self._answered = False  # the server has sent bytes: a refused connection is an outage
+
+    async def wait_or_raise(self, exc: HTTPError, part: _PartFile, gained: bool) -> None:
+        """Sleep until the next attempt, with the part file's bytes on disk; or re-raise `exc`."""
+        self._answered |= gained
+        self._fruitless = 0 if gained else self._fruitless + 1
+        if isinstance(exc, ConnectError):  # a connect timeout too: an outage only if it answered before
+            transient = self._answered
+        else:
+            transient = isinstance(exc, (ProtocolError, HTTPTimeout)) or (
+                isinstance(exc, StatusError) and exc.status in _RETRY_STATUSES
+            )
+        if not transient or not self._retries or self._fruitless > self._retries:
+            raise exc
+        delay = min(self._delay * 2 ** max(self._fruitless - 1, 0), _MAX_RETRY_DELAY)
+        if self._on_retry is not None:
+            self._on_retry(str(exc), part.size, delay)
+        await part.settle()
+        await trio.sleep(delay)
+
+
 class _PartFile:
     """The locked .part file with the running sha256 of its content and its first bytes.
 
@@ -251,6 +294,7 @@ class _PartFile:
         self.size = size  # bytes on disk, in flight and pending
         self.sha256 = hashlib.sha256()
         self.head = b""
+        self._hashed = size == 0  # sha256 and head cover every byte: a resume need not re-read them
         self._pending = bytearray()
         self._in_flight: _ThreadCall | None = None
 
@@ -268,8 +312,10 @@ class _PartFile:
         return cls(path, *await trio.to_thread.run_sync(open_locked))
 
     async def hash_existing(self) -> None:
-        """Hash the bytes already on disk (the prefix a resume appends to)."""
+        """Hash the bytes already on disk (the prefix a resume appends to), unless done already."""
         assert self._file is not None and self._in_flight is None and not self._pending
+        if self._hashed:
+            return
         self.sha256, self.head = hashlib.sha256(), b""
         await trio.to_thread.run_sync(self._file.seek, 0)
         remaining = self.size
@@ -278,12 +324,20 @@ class _PartFile:
             if not block:
                 raise DownloadError(f"{self.path} shrank while being read")
             remaining -= len(block)
+        self._hashed = True
 
     async def truncate(self) -> None:
         assert self._file is not None and self._in_flight is None
         await trio.to_thread.run_sync(self._file.truncate, 0)
-        self.size, self.sha256, self.head = 0, hashlib.sha256(), b""
+        self.size, self.sha256, self.head, self._hashed = 0, hashlib.sha256(), b"", True
         self._pending.clear()
+
+    async def settle(self) -> None:
+        """Put every byte received on disk (hashed), so that the next attempt appends to them."""
+        await self._wait_for_disk()
+        if self._pending:
+            block, self._pending = self._pending, bytearray()
+            await trio.to_thread.run_sync(self._write_and_hash, block)
 
     async def write(self, data: bytes) -> None:
         self._check_head(data)
@@ -405,8 +459,11 @@ class _Progress:
         self.total: int | None = None
         self._done = self._first_done = 0
         self._started = self._next_report = 0.0
+        self.resumed_from: int | None = None  # where the first attempt started: bytes of an earlier download
 
     def start(self, done: int, total: int | None) -> None:
+        if self.resumed_from is None:
+            self.resumed_from = done
         self._done = self._first_done = done
         self.total = total
         self._started = trio.current_time()

@@ -20,6 +20,7 @@ import trio
 __all__ = [
     "Client",
     "ConnectError",
+    "ConnectTimeout",
     "HTTPError",
     "HTTPTimeout",
     "ProtocolError",
@@ -44,6 +45,10 @@ class ConnectError(HTTPError):
 
 class HTTPTimeout(HTTPError):
     """Connecting, or one network read or write, took longer than its timeout."""
+
+
+class ConnectTimeout(ConnectError, HTTPTimeout):
+    """Connecting took longer than the connect timeout."""
 
 
 class ProtocolError(HTTPError):
@@ -512,7 +517,7 @@ class Client:
                     await stream.do_handshake()
         except trio.TooSlowError:
             await _close_quietly(stream)
-            raise HTTPTimeout(f"timed out after {self.connect_timeout:g}s connecting to {origin}") from None
+            raise ConnectTimeout(f"timed out after {self.connect_timeout:g}s connecting to {origin}") from None
         except (OSError, trio.BrokenResourceError) as exc:
             await _close_quietly(stream)
             raise ConnectError(f"cannot connect to {origin}: {_reason(exc)}") from exc

@@ -122,9 +122,14 @@ class Models:
         def on_progress(done: int, total: int | None, rate: float) -> None:
             job.progress(done=done, total=total, rate=round(rate))
 
+        def on_retry(reason: str, done: int, delay: float) -> None:
+            job.narrate(f"{reason}; resuming from byte {done} in {delay:g} s", done=done)
+
         started = trio.current_time()
         try:
-            result = await download(url, dest, sha256=op.sha256, on_progress=on_progress)
+            result = await download(url, dest, sha256=op.sha256, on_progress=on_progress, on_retry=on_retry,
+                                    retries=self.config.download_retries,
+                                    retry_delay=self.config.download_retry_delay)  # fmt: skip
         except DownloadError as exc:
             raise JobFailed(str(exc)) from None
         if result.resumed_from:

@@ -105,6 +105,75 @@ async def test_dropped_connection_keeps_the_part_and_the_retry_resumes_with_rang
     assert progress.events[0][0] >= cut
 
 
+async def test_with_retries_a_dropped_transfer_resumes_in_the_same_call(tmp_path):
+    dest = tmp_path / "m.gguf"
+    cut = MiB + MiB // 2 + 7  # mid-block: bytes still pending in memory must reach the disk first
+    retries: list[tuple[str, int, float]] = []
+    async with serve_files({"m.gguf": MODEL}) as server:
+        server.drop_after["m.gguf"] = cut
+        progress = ProgressLog()
+        result = await download(server.url("m.gguf"), dest, sha256=MODEL_SHA256, on_progress=progress,
+                                retries=1, retry_delay=0.01, on_retry=lambda *args: retries.append(args))  # fmt: skip
+    assert [request.headers.get("range") for request in server.requests] == [None, f"bytes={cut}-"]
+    [(reason, done, delay)] = retries
+    assert re.search(f"connection closed by .*after {cut} of {len(MODEL)} body bytes", reason), reason
+    assert (done, delay) == (cut, 0.01)
+    assert (result.resumed_from, result.sha256, result.size) == (0, MODEL_SHA256, len(MODEL))
+    assert dest.read_bytes() == MODEL
+    progress.assert_sane(len(MODEL))
+
+
+async def test_with_retries_a_stalled_transfer_times_out_and_resumes(tmp_path):
+    dest = tmp_path / "m.gguf"
+    stall = MiB + 3
+    reasons: list[str] = []
+    async with serve_files({"m.gguf": MODEL}) as server, Client(server.base_url, read_timeout=0.2) as client:
+        server.stall_after["m.gguf"] = stall
+
+        def on_retry(reason: str, done: int, delay: float) -> None:
+            reasons.append(reason)
+            del server.stall_after["m.gguf"]  # the next attempt gets the rest
+
+        result = await download(server.url("m.gguf"), dest, client=client, retries=1, retry_delay=0, on_retry=on_retry)
+    assert [request.headers.get("range") for request in server.requests] == [None, f"bytes={stall}-"]
+    assert len(reasons) == 1 and "timed out after 0.2s" in reasons[0], reasons
+    assert result.sha256 == MODEL_SHA256 and dest.read_bytes() == MODEL
+
+
+async def test_retries_back_off_and_give_up_after_attempts_in_a_row_without_new_bytes(tmp_path):
+    dest = tmp_path / "m.gguf"
+    answers = iter([Reply(200, {"content-length": str(len(MODEL))}, MODEL, drop_after=1000)])
+    retries: list[tuple[str, int, float]] = []
+
+    async def flaky(request: RecordedRequest) -> Reply:
+        return next(answers, Reply(503, {"content-type": "text/plain"}, b"overloaded\n"))
+
+    async with serve_files({}) as server:
+        server.routes["/m.gguf"] = flaky
+        with pytest.raises(DownloadError, match="503") as caught:
+            await download(server.url("m.gguf"), dest, retries=2, retry_delay=0.01,
+                           on_retry=lambda *args: retries.append(args))  # fmt: skip
+    # The drop brought bytes (the count starts afresh), then two 503s are retried and a third is not.
+    assert [(done, delay) for _, done, delay in retries] == [(1000, 0.01), (1000, 0.01), (1000, 0.02)]
+    assert [request.headers.get("range") for request in server.requests] == [None] + ["bytes=1000-"] * 3
+    assert not isinstance(caught.value, VerificationError)
+    assert part_of(dest).read_bytes() == MODEL[:1000]
+
+
+async def test_a_final_answer_or_a_server_never_reached_is_not_retried(tmp_path):
+    retries: list[tuple[str, int, float]] = []
+    async with serve_files({}) as server:
+        with pytest.raises(DownloadError, match="404"):
+            await download(server.url("m.gguf"), tmp_path / "m.gguf", retries=3, retry_delay=0,
+                           on_retry=lambda *args: retries.append(args))  # fmt: skip
+        assert len(server.requests) == 1
+        closed = server.base_url  # nothing listens there once the server has stopped
+    with pytest.raises(DownloadError, match="cannot connect"):
+        await download(f"{closed}/m.gguf", tmp_path / "m.gguf", retries=3, retry_delay=0,
+                       on_retry=lambda *args: retries.append(args))  # fmt: skip
+    assert retries == []
+
+
 async def test_cancelled_download_keeps_the_part_and_resumes(tmp_path):
     dest = tmp_path / "m.gguf"
     stall = 2 * MiB + 100
