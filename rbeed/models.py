@@ -69,6 +69,7 @@ class Models:
         self.config = config
         self.in_use: Callable[[str], list[str]] = lambda model_id: []
         self._placing: dict[str, list[str]] = {}  # model id -> jobs placing a worker for it, not yet listed
+        self._fetching: dict[str, tuple[str, trio.Event]] = {}  # model id -> the job downloading it, its end
         self._deleting: set[str] = set()
 
     def path_of(self, model: Model) -> Path:
@@ -108,6 +109,10 @@ class Models:
         model_id_ = model_id(name)
         if model_id_ in self._deleting:
             raise JobFailed(f"model {model_id_} is being deleted; download it again once it is gone")
+        while (fetching := self._fetching.get(model_id_)) is not None:
+            # As a second `ollama pull` does: follow the download under way rather than fail on its .part.
+            job.narrate(f"model {model_id_} is being downloaded by {fetching[0]}; waiting for it to end")
+            await fetching[1].wait()
         existing = self.catalog.get(model_id_)
         if existing is not None and self.path_of(existing).exists():
             if op.sha256 and op.sha256.lower() != existing.sha256:
@@ -115,6 +120,13 @@ class Models:
             job.narrate(f"model {model_id_} is already present")
             job.result(existing)
             return
+        self._fetching[model_id_] = (job.id, trio.Event())
+        try:
+            job.result(await self._fetch(job, op, url, model_id_))
+        finally:
+            self._fetching.pop(model_id_)[1].set()
+
+    async def _fetch(self, job: Job, op: ModelDownload, url: str, model_id_: str) -> Model:
         self.dir.mkdir(parents=True, exist_ok=True)
         dest = self.dir / f"{model_id_}.gguf"
         job.narrate(f"downloading {url} as model {model_id_}")
@@ -138,7 +150,7 @@ class Models:
         metadata = await read_metadata(dest)
         model = Model(model_id_, dest.name, result.size, result.sha256, op.model, time.time(), metadata)
         await self.catalog.put(model.id, model)
-        job.result(model)
+        return model
 
     async def list(self, job: Job, op: ModelList) -> None:
         job.result(self.catalog.list())

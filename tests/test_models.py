@@ -13,8 +13,8 @@ import trio
 
 from httpfixture import RecordedRequest, Reply, serve_files
 from support import (
-    end_marker, job_error, job_events, job_result, narrations, rest_of, run_job, running_daemon, short_base,
-    start_daemon,
+    end_marker, job_error, job_events, job_result, narrations, read_events_until, rest_of, result_of, run_job,
+    running_daemon, short_base, start_daemon,
 )  # fmt: skip
 
 MiB = 1 << 20
@@ -164,6 +164,34 @@ async def test_a_download_that_keeps_failing_ends_with_the_error_and_the_next_on
     assert "resumed from byte 100000" in narrations(events)
     assert (await job_result(client, {"operation": "model_get", "id": "flaky"}))["sha256"] == sha256
     assert leftovers(rbeed, "flaky") == ["flaky.gguf"]
+
+
+async def test_a_second_download_of_a_model_follows_the_one_under_way(rbeed, client, tiny):
+    content, sha256, _ = tiny
+    gate = trio.Event()
+
+    async def held_back(request: RecordedRequest) -> Reply:
+        async def body():
+            yield content[:1000]
+            await gate.wait()
+            yield content[1000:]
+
+        return Reply(200, {"content-length": str(len(content))}, body())
+
+    async with serve_files({}) as server:
+        server.routes["/twice.gguf"] = held_back
+        async with job_events(client, download(server.url("twice.gguf"))) as (first_id, first):
+            await read_events_until(first, lambda e: e.event == "narration")
+            async with job_events(client, download(server.url("twice.gguf"))) as (_, second):
+                waiting = await read_events_until(second, lambda e: e.event == "narration")
+                assert narrations(waiting) == [f"model twice is being downloaded by {first_id}; waiting for it to end"]
+                gate.set()
+                first_rest, second_rest = await rest_of(first, timeout=10), await rest_of(second, timeout=10)
+    assert end_marker(first_rest) == end_marker(second_rest) == "[DONE]"
+    assert narrations(second_rest) == ["model twice is already present"]
+    assert result_of(first_rest) == result_of(second_rest)
+    assert result_of(second_rest)["sha256"] == sha256
+    assert len(server.requests) == 1
 
 
 @pytest.mark.parametrize(("content", "reason"), [
