@@ -70,7 +70,7 @@ class Models:
         self.in_use: Callable[[str], list[str]] = lambda model_id: []
         self._placing: dict[str, list[str]] = {}  # model id -> jobs placing a worker for it, not yet listed
         self._fetching: dict[str, tuple[str, trio.Event]] = {}  # model id -> the job downloading it, its end
-        self._deleting: set[str] = set()
+        self._deleting: dict[str, trio.Event] = {}  # model id -> the end of its model_delete
 
     def path_of(self, model: Model) -> Path:
         path = (self.dir / model.file).resolve()
@@ -107,12 +107,15 @@ class Models:
     async def download(self, job: Job, op: ModelDownload) -> None:
         url, name = resolve_source(op.model, self.config.hf_base)
         model_id_ = model_id(name)
-        if model_id_ in self._deleting:
-            raise JobFailed(f"model {model_id_} is being deleted; download it again once it is gone")
-        while (fetching := self._fetching.get(model_id_)) is not None:
-            # As a second `ollama pull` does: follow the download under way rather than fail on its .part.
-            job.narrate(f"model {model_id_} is being downloaded by {fetching[0]}; waiting for it to end")
-            await fetching[1].wait()
+        while True:
+            if (deleting := self._deleting.get(model_id_)) is not None:
+                await deleting.wait()  # a catalog write: then it is downloaded afresh
+            elif (fetching := self._fetching.get(model_id_)) is not None:
+                # As a second `ollama pull` does: follow the download under way, not fail on its .part.
+                job.narrate(f"model {model_id_} is being downloaded by {fetching[0]}; waiting for it to end")
+                await fetching[1].wait()
+            else:
+                break
         existing = self.catalog.get(model_id_)
         if existing is not None and self.path_of(existing).exists():
             if op.sha256 and op.sha256.lower() != existing.sha256:
@@ -165,12 +168,12 @@ class Models:
         if holders := self._placing.get(model.id):
             raise JobFailed(f"model {model.id} is being loaded for {', '.join(holders)}; "
                             "cancel that or delete its worker once loaded")  # fmt: skip
-        self._deleting.add(model.id)  # no worker may start on it while the catalog write is awaited
+        self._deleting[model.id] = trio.Event()  # no worker may start on it while the catalog write is awaited
         try:
             await self.catalog.delete(model.id)
             self.path_of(model).unlink(missing_ok=True)
         finally:
-            self._deleting.discard(model.id)
+            self._deleting.pop(model.id).set()
         job.narrate(f"model {model.id} deleted ({model.size} bytes freed)")
         job.result({"id": model.id, "deleted": True})
 

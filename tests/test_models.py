@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sqlite3
 from functools import partial
 
 import gguf
@@ -192,6 +193,29 @@ async def test_a_second_download_of_a_model_follows_the_one_under_way(rbeed, cli
     assert result_of(first_rest) == result_of(second_rest)
     assert result_of(second_rest)["sha256"] == sha256
     assert len(server.requests) == 1
+
+
+async def test_a_download_during_a_delete_of_the_model_waits_then_downloads_it_afresh(rbeed, client, tiny_model):
+    source = shutil.copyfile(tiny_model, rbeed.state_dir.parent / "again.gguf")
+    await job_result(client, download(str(source)))
+    # Hold SQLite's write lock so that the delete stays in its catalog write.
+    database = sqlite3.connect(rbeed.state_dir / "rbeed.sqlite3", isolation_level=None)
+    try:
+        database.execute("BEGIN IMMEDIATE")
+        async with job_events(client, {"operation": "model_delete", "id": "again"}) as (_, deleting):
+            with trio.fail_after(5):  # bounded poll: the delete has begun once lookups refuse the model
+                while "being deleted" not in (await job_error(client, {"operation": "model_get", "id": "again"})):
+                    await trio.sleep(0.01)
+            async with job_events(client, download(str(source))) as (job_id, downloading):
+                assert (await client.request("GET", f"/v1/jobs/{job_id}")).json()["state"] == "running"
+                database.execute("COMMIT")
+                deleted, downloaded = await rest_of(deleting, timeout=10), await rest_of(downloading, timeout=10)
+    finally:
+        database.close()
+    assert end_marker(deleted) == end_marker(downloaded) == "[DONE]"
+    assert narrations(downloaded)[0] == f"downloading {source} as model again"  # not "already present"
+    assert (await job_result(client, {"operation": "model_get", "id": "again"}))["size"] == source.stat().st_size
+    assert leftovers(rbeed, "again") == ["again.gguf"]
 
 
 @pytest.mark.parametrize(("content", "reason"), [
