@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import trio
 from .catalog import Catalog
 from .config import ModelsConfig
 from .download import DownloadError, download
+from .httpclient import Client, StatusError
 from .jobs import Job, JobFailed
 from .operations import ModelDelete, ModelDownload, ModelGet, ModelList
 
@@ -58,6 +60,22 @@ def resolve_source(source: str, hf_base: str) -> tuple[str, str]:
     if scheme:
         raise JobFailed(f"unsupported source scheme {scheme!r}; use a path, file://, http(s):// or hf:")
     return source, Path(source).name
+
+
+async def hf_token() -> str | None:
+    """The Hugging Face token: $HF_TOKEN, else the credential `hf-token` (systemd's LoadCredential=).
+
+    Read for each download, so that a new token applies without a restart.
+    """
+    token = os.environ.get("HF_TOKEN", "").strip()
+    if not token and (credentials := os.environ.get("CREDENTIALS_DIRECTORY")):
+        try:
+            token = (await trio.Path(credentials, "hf-token").read_text()).strip()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise JobFailed(f"cannot read the credential hf-token: {exc}") from None
+    return token or None
 
 
 class Models:
@@ -140,12 +158,23 @@ class Models:
         def on_retry(reason: str, done: int, delay: float) -> None:
             job.narrate(f"{reason}; resuming from byte {done} in {delay:g} s", done=done)
 
+        # The token goes to Hugging Face only (the client drops it on a redirect to its CDN).
+        hf = _origin(url) == _origin(self.config.hf_base.format(owner="o", repo="r", path="p"))
+        token = await hf_token() if hf else None
+        authorized = Client(url, headers={"authorization": f"Bearer {token}"}) if token else None
         started = trio.current_time()
         try:
-            result = await download(url, dest, sha256=op.sha256, on_progress=on_progress, on_retry=on_retry,
-                                    retries=self.config.download_retries,
-                                    retry_delay=self.config.download_retry_delay)  # fmt: skip
+            async with authorized or contextlib.nullcontext() as client:
+                result = await download(url, dest, sha256=op.sha256, on_progress=on_progress, on_retry=on_retry,
+                                        client=client, retries=self.config.download_retries,
+                                        retry_delay=self.config.download_retry_delay)  # fmt: skip
         except DownloadError as exc:
+            refused = isinstance(exc.__cause__, StatusError) and exc.__cause__.status in (401, 403)
+            if hf and refused and token:
+                raise JobFailed(f"{exc}; the token was refused, or grants no access to this model") from None
+            if hf and refused:
+                raise JobFailed(f"{exc}; a gated model needs its terms accepted on Hugging Face and a token: "
+                                "set HF_TOKEN, or the credential hf-token") from None  # fmt: skip
             raise JobFailed(str(exc)) from None
         if result.resumed_from:
             job.narrate(f"resumed from byte {result.resumed_from}")
@@ -176,6 +205,11 @@ class Models:
             self._deleting.pop(model.id).set()
         job.narrate(f"model {model.id} deleted ({model.size} bytes freed)")
         job.result({"id": model.id, "deleted": True})
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.netloc
 
 
 async def read_metadata(path: Path) -> dict:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 import sqlite3
+from contextlib import asynccontextmanager
 from functools import partial
 
 import gguf
@@ -349,3 +350,59 @@ async def test_hf_sources_resolve_against_hf_base_and_the_catalog_survives_a_res
             daemon.stop()
         shutil.rmtree(base)
 
+
+
+@asynccontextmanager
+async def hf_daemon(server, env: dict):
+    """A daemon of its own whose hf: sources resolve against `server`, started with `env`."""
+    base = short_base()
+    config = f'[models]\nhf_base = "{server.base_url}/{{owner}}/{{repo}}/resolve/main/{{path}}"\n'
+    daemon = await trio.to_thread.run_sync(partial(start_daemon, base, config=config, env=env))
+    try:
+        async with daemon.client() as client:
+            yield client
+    finally:
+        daemon.stop()
+        shutil.rmtree(base)
+
+
+def gated(content: bytes, token: str):
+    """A route that serves `content` only to requests with the bearer `token`, as a gated repo does."""
+
+    async def route(request: RecordedRequest) -> Reply:
+        if request.headers.get("authorization") != f"Bearer {token}":
+            return Reply(401, {"content-type": "text/plain"}, b"Access to this model is restricted\n")
+        return Reply(200, {"content-length": str(len(content))}, content)
+
+    return route
+
+
+async def test_hf_downloads_carry_the_token_from_the_credential_and_other_origins_never_see_it(tiny):
+    content, sha256, _ = tiny
+    credentials = short_base()
+    (credentials / "hf-token").write_text("hf_secret\n")
+    try:
+        async with serve_files({}) as hub, serve_files({"other.gguf": content}) as elsewhere:
+            hub.routes["/org/gated/resolve/main/g.gguf"] = gated(content, "hf_secret")
+            async with hf_daemon(hub, {"HF_TOKEN": "", "CREDENTIALS_DIRECTORY": str(credentials)}) as client:
+                assert (await job_result(client, download("hf:org/gated/g.gguf")))["sha256"] == sha256
+                await job_result(client, download(elsewhere.url("other.gguf")))
+    finally:
+        shutil.rmtree(credentials)
+    assert [request.headers.get("authorization") for request in hub.requests] == ["Bearer hf_secret"]
+    assert [request.headers.get("authorization") for request in elsewhere.requests] == [None]
+
+
+async def test_a_gated_hf_model_without_a_token_or_with_a_refused_one_says_what_to_do(tiny):
+    content, _, _ = tiny
+    async with serve_files({}) as hub:
+        hub.routes["/org/gated/resolve/main/g.gguf"] = gated(content, "hf_secret")
+        async with hf_daemon(hub, {"HF_TOKEN": "", "CREDENTIALS_DIRECTORY": ""}) as client:
+            error = await job_error(client, download("hf:org/gated/g.gguf"))
+            assert "401 Unauthorized" in error and error.endswith(
+                "; a gated model needs its terms accepted on Hugging Face and a token: "
+                "set HF_TOKEN, or the credential hf-token"), error  # fmt: skip
+        async with hf_daemon(hub, {"HF_TOKEN": "hf_wrong"}) as client:
+            error = await job_error(client, download("hf:org/gated/g.gguf"))
+            assert error.endswith("401 Unauthorized; the token was refused, or grants no access to this model"), error
+    assert [request.headers.get("authorization") for request in hub.requests] == [None, "Bearer hf_wrong"]
