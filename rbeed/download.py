@@ -10,6 +10,7 @@ import hashlib
 import os
 import pathlib
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -149,6 +150,7 @@ async def _copy_local(source: pathlib.Path, part: _PartFile, progress: _Progress
         if part.size > total:
             await part.truncate()
         await part.hash_existing()
+        await _check_space(part, total)
         await src.seek(part.size)
         progress.start(part.size, total)
         while chunk := await src.read(BLOCK_SIZE):
@@ -184,6 +186,8 @@ async def _fetch_http(client: Client, url: str, part: _PartFile, progress: _Prog
             else:
                 response.raise_for_status()
                 raise DownloadError(f"unexpected answer {response.status} {response.reason} from {response.url}")
+            if total is not None:
+                await _check_space(part, total)
             progress.start(part.size, total)
             async for chunk in response.aiter_bytes():
                 await part.write(chunk)
@@ -191,6 +195,15 @@ async def _fetch_http(client: Client, url: str, part: _PartFile, progress: _Prog
             progress.finish()
             return announced
     raise DownloadError(f"{url}: the server answers ranges that do not match the partial file")
+
+
+async def _check_space(part: _PartFile, total: int) -> None:
+    """Fail before writing when the file system cannot hold the rest of the file."""
+    needed = total - part.size
+    free = (await trio.to_thread.run_sync(shutil.disk_usage, part.path.parent)).free
+    if needed > free:
+        raise DownloadError(f"not enough disk space in {part.path.parent}: {needed / 1e6:.1f} MB more needed, "
+                            f"{free / 1e6:.1f} MB free")  # fmt: skip
 
 
 _CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)")

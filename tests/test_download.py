@@ -2,10 +2,12 @@
 
 import ctypes
 import hashlib
+import json
 import mmap
 import os
 import pathlib
 import re
+import sys
 import threading
 from functools import partial
 
@@ -440,3 +442,45 @@ async def test_installed_model_is_left_out_of_the_page_cache(tmp_path):
     assert resident_pages(dest) == 0
     await download(written, dest.with_name("copy.gguf"), sha256=MODEL_SHA256)
     assert resident_pages(dest.with_name("copy.gguf")) == 0
+
+
+# Runs in a mount namespace of its own, with the destination on a 2 MiB tmpfs.
+_SMALL_DISK_SCRIPT = """
+import json, sys, trio
+sys.path.insert(0, sys.argv[2])
+from httpfixture import gguf_bytes, serve_files
+from rbeed.download import DownloadError, download
+
+async def main(small):
+    outcomes = {}
+    big, fits = gguf_bytes(3 << 20), gguf_bytes(1 << 20)
+    (source := small.parent / "big.gguf").write_bytes(big)
+    async with serve_files({"big.gguf": big, "fits.gguf": fits}) as server:
+        for name, where in [("http", server.url("big.gguf")), ("local", source), ("fits", server.url("fits.gguf"))]:
+            try:
+                result = await download(where, small / f"{name}.gguf")
+                outcomes[name] = result.size
+            except DownloadError as exc:
+                outcomes[name] = str(exc)
+    outcomes["files"] = sorted(path.name for path in small.iterdir())
+    print(json.dumps(outcomes))
+
+trio.run(main, __import__("pathlib").Path(sys.argv[1]))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+async def test_a_model_larger_than_the_free_space_fails_before_any_byte_is_written(tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    tests = pathlib.Path(__file__).parent
+    shell = f'mount -t tmpfs -o size=2m rbeed-test "$1" && exec "$2" -c "$3" "$1" "{tests}"'
+    argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", shell, "sh", str(small), sys.executable,
+            _SMALL_DISK_SCRIPT]  # fmt: skip
+    result = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+    assert result.returncode == 0, result.stderr.decode()
+    outcomes = json.loads(result.stdout)
+    for name in ("http", "local"):
+        assert re.fullmatch(rf"not enough disk space in {small}: 3\.1 MB more needed, [0-9.]+ MB free", outcomes[name])
+    assert outcomes["fits"] == 1 << 20
+    assert outcomes["files"] == ["fits.gguf"]  # no partial files left of the two that did not fit
