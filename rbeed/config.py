@@ -32,6 +32,7 @@ class ServerConfig(Section):
     max_header_bytes: Positive = 16 * 1024
     request_timeout: Interval = 30.0  # receiving one request's head and body
     keepalive_timeout: Interval = 75.0  # idle connection between requests
+    write_timeout: Interval = 60.0  # a response the client reads nothing of for this long is cut off
     sse_keepalive: Interval = 15.0  # comment line on an idle event stream
     shutdown_grace: Seconds = 10.0  # how long SIGTERM waits for running jobs
     idle_exit: Seconds = 0.0  # socket activation: exit after this long with nothing to do; 0 = never

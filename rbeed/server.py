@@ -412,6 +412,7 @@ async def serve_listeners(
     async def handle(stream: SocketTransport) -> None:
         if on_count is not None:
             on_count(+1)
+        stream.write_timeout = config.write_timeout
         try:
             await HTTPConnection(stream, app, config, timers).run()
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import socket
 from collections.abc import Awaitable, Callable
 
@@ -30,13 +31,17 @@ class SocketTransport(trio.abc.HalfCloseableStream):
     `_YIELD_EVERY` calls that did not park, before the syscall, so that a cancellation there
     loses no data. So, unlike trio's own streams, a call is not always a checkpoint: a
     cancellation lands at the next park, or within `_YIELD_EVERY` calls.
+
+    A send that the peer lets make no progress for `write_timeout` seconds fails with
+    BrokenResourceError: a client that stopped reading must not hold its connection forever.
     """
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, write_timeout: float = math.inf):
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.socket = sock
+        self.write_timeout = write_timeout
         self._unparked = 0
         self._eof_sent = False
 
@@ -67,7 +72,11 @@ class SocketTransport(trio.abc.HalfCloseableStream):
             if sent == len(view):
                 return
             view = view[sent:]
-            await self._wait(trio.lowlevel.wait_writable)
+            with trio.move_on_after(self.write_timeout) as waiting:  # only on this slow path: a full buffer
+                await self._wait(trio.lowlevel.wait_writable)
+            if waiting.cancelled_caught:
+                log.info("closing a connection: the peer read nothing for %g s", self.write_timeout)
+                raise trio.BrokenResourceError(f"the peer read nothing for {self.write_timeout:g} s")
 
     async def _maybe_yield(self) -> None:
         """Checkpoint on every `_YIELD_EVERY`th call that did not park (a park resets the count)."""

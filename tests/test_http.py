@@ -20,6 +20,7 @@ from support import (
     RawConnection,
     error_of,
     exchange,
+    logged,
     open_stream,
     parse_response,
     parse_sse,
@@ -29,12 +30,12 @@ from support import (
 )
 
 MiB = 1024 * 1024
-TIMEOUT = 0.5  # [server] request_timeout and keepalive_timeout of the timeouts daemon
+TIMEOUT = 0.5  # [server] request_timeout, keepalive_timeout and write_timeout of the timeouts daemon
 
 
 @pytest.fixture(scope="module")
 def timeouts_daemon(tmp_path_factory):
-    config = f"[server]\nrequest_timeout = {TIMEOUT}\nkeepalive_timeout = {TIMEOUT}\n"
+    config = f"[server]\nrequest_timeout = {TIMEOUT}\nkeepalive_timeout = {TIMEOUT}\nwrite_timeout = {TIMEOUT}\n"
     d = start_daemon(tmp_path_factory.mktemp("timeouts"), config=config)
     yield d
     assert d.stop() == 0, d.log()
@@ -358,6 +359,25 @@ async def test_an_idle_keep_alive_connection_is_closed(timeouts_daemon):
             start = trio.current_time()
             assert await conn.at_eof()  # closed without a word: no 408 for an idle client
     assert trio.current_time() - start >= TIMEOUT * 0.8
+
+
+async def test_a_client_that_reads_nothing_of_a_large_response_is_cut_off(timeouts_daemon):
+    async with timeouts_daemon.client() as client:
+        for _ in range(2500):  # then GET /v1/jobs answers with more than twice what a Unix socket buffers
+            await submit(client, {"operation": "hive_list"})
+        whole = len((await client.request("GET", "/v1/jobs")).content)
+    assert whole > 2 * int(open("/proc/sys/net/core/wmem_default").read())
+    sock = trio.socket.socket(socket.AF_UNIX)
+    with sock:
+        await sock.connect(str(timeouts_daemon.socket_path))
+        await sock.send(b"GET /v1/jobs HTTP/1.1\r\nHost: x\r\n\r\n")
+        await logged(timeouts_daemon, r"closing a connection: the peer read nothing for 0.5 s$")
+        reply = b""
+        with trio.fail_after(5):
+            while chunk := await sock.recv(65536):  # what was on its way, then the end
+                reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200 ")
+    assert len(reply) < whole
 
 
 # -- hostile clients ---------------------------------------------------------------------------
