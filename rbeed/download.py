@@ -346,7 +346,7 @@ class _PartFile:
         self._pending.clear()
 
     async def settle(self) -> None:
-        """Put every byte received on disk (hashed), so that the next attempt appends to them."""
+        """Put every byte received on disk (hashed): before a retry appends to them, or the end."""
         await self._wait_for_disk()
         if self._pending:
             block, self._pending = self._pending, bytearray()
@@ -363,8 +363,8 @@ class _PartFile:
 
     async def finish(self) -> None:
         """Write what is pending, check the magic and fsync."""
-        await self._wait_for_disk()
-        await trio.to_thread.run_sync(self._flush_and_sync)
+        await self.settle()
+        await trio.to_thread.run_sync(self._sync)
         if self.head != GGUF_MAGIC:
             raise VerificationError(f"not a GGUF file (magic {self.head!r}, expected {GGUF_MAGIC!r})")
 
@@ -416,11 +416,8 @@ class _PartFile:
             if len(self.head) == len(GGUF_MAGIC) and self.head != GGUF_MAGIC:
                 raise VerificationError(f"not a GGUF file (magic {self.head!r}, expected {GGUF_MAGIC!r})")
 
-    def _flush_and_sync(self) -> None:
+    def _sync(self) -> None:
         assert self._file is not None
-        if self._pending:
-            self._write_and_hash(self._pending)
-            self._pending = bytearray()
         self._file.flush()
         os.fsync(self._file.fileno())
         if hasattr(os, "posix_fadvise"):

@@ -36,12 +36,12 @@ class SocketTransport(trio.abc.HalfCloseableStream):
     BrokenResourceError: a client that stopped reading must not hold its connection forever.
     """
 
-    def __init__(self, sock: socket.socket, write_timeout: float = math.inf):
+    def __init__(self, sock: socket.socket):
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.socket = sock
-        self.write_timeout = write_timeout
+        self.write_timeout = math.inf  # the server sets its clients' from [server] write_timeout
         self._unparked = 0
         self._eof_sent = False
 
