@@ -8,8 +8,10 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+import urllib.parse
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -102,12 +104,27 @@ _FORMATTERS: dict[str, Callable[[Any], str]] = {"size": human_bytes, "params": h
 
 
 def format_field(key: str, value: Any) -> str:
-    """A value as shown under `key`: sizes and counts with units, `*_at` epoch times as local times."""
+    """A value as shown under `key`: sizes and counts with units, `*_at` times as local times.
+
+    Times come as epoch seconds (worker records) or ISO 8601 in UTC (job records).
+    """
     if key in _FORMATTERS:
         return _FORMATTERS[key](value)
-    if key.endswith("_at") and isinstance(value, int | float) and not isinstance(value, bool):
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+    if key.endswith("_at") and (epoch := _epoch(value)) is not None:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
     return format_value(value)
+
+
+def _epoch(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        return moment.timestamp() if moment.tzinfo is not None else None
+    return None
 
 
 @dataclass(frozen=True)
@@ -142,6 +159,13 @@ TABLES: dict[str, list[Column]] = {
         Column("STATE", ("state",)),
         Column("PID", ("pid",)),
         Column("THREADS", ("threads",)),
+    ],
+    "job_list": [
+        Column("ID", ("job_id",)),
+        Column("OPERATION", ("operation",)),
+        Column("STATE", ("state",)),
+        Column("CREATED", ("created_at",)),
+        Column("ERROR", ("error",)),
     ],
     "model_list": [
         Column("ID", ("id",)),
@@ -432,6 +456,18 @@ def _server_message(response) -> str:
     return body.decode(errors="replace").strip() or f"HTTP {response.status}"
 
 
+def _job_path(job_id: str) -> str:
+    return f"/v1/jobs/{urllib.parse.quote(job_id, safe='')}"
+
+
+def _end_marker(status: Any) -> str | None:
+    """The end event's data that a finished job's status stands for; None while it runs."""
+    state = status.get("state") if isinstance(status, dict) else None
+    if state == "failed":
+        return f"[ERROR] {status.get('error') or 'failed'}"
+    return {"completed": "[DONE]", "cancelled": "[CANCELLED]"}.get(state)
+
+
 class Session:
     """One daemon address: creates jobs, follows their streams, cancels them."""
 
@@ -460,6 +496,16 @@ class Session:
         except HTTPError as exc:
             raise CliError(str(exc)) from None
 
+    async def answer(self, method: str, path: str) -> Any:
+        """The decoded JSON of a plain request's 2xx answer; any other answer ends rbee with its error."""
+        response = await self.request(method, path)
+        if not 200 <= response.status < 300:
+            raise CliError(_server_message(response))
+        try:
+            return response.json()
+        except HTTPError:
+            raise CliError(f"unexpected answer to {method} {path}: {response.content[:200]!r}") from None
+
     async def create(self, payload: bytes) -> str:
         response = await self.request("POST", "/v1/jobs", payload)
         if response.status == 400:
@@ -471,12 +517,13 @@ class Session:
         except (HTTPError, KeyError, TypeError):
             raise CliError(f"unexpected answer to POST /v1/jobs: {response.content[:200]!r}") from None
 
-    async def follow(self, job_id: str, view: View) -> str:
-        """Hand the job's events to `view` until its end event; return the end event's data.
+    async def follow(self, job_id: str, view: View, after: str = "") -> str:
+        """Hand the job's events after event id `after` to `view` until its end event; return that
+        event's data.
 
         A stream that drops before the end is resumed from the last event id seen, once per drop.
         """
-        last_id = ""
+        last_id = after
         reconnect = False
         while True:
             headers = {"last-event-id": last_id} if last_id else None
@@ -491,13 +538,17 @@ class Session:
                         view.event(event)
                         if event.event == "end":
                             return event.data
+                # Without an end event: the end lay at or before `after`, or the stream broke.
+                if (end := _end_marker(await self.answer("GET", _job_path(job_id)))) is not None:
+                    return end
                 problem: Exception | str = "the stream ended before the job did"
             except HTTPError as exc:
                 if isinstance(exc, ConnectError | HTTPTimeout) and reconnect:
                     raise self.unreachable(exc) from None
                 problem = exc
             if reconnect:
-                raise CliError(f"lost the event stream of job {job_id}: {problem}")
+                raise CliError(f"lost the event stream of job {job_id}: {problem}\n"
+                               f"  hint: `rbee job follow {job_id}` picks it up again while the daemon keeps it")
             reconnect = True
             await trio.sleep(RECONNECT_DELAY)
 
@@ -517,17 +568,23 @@ class Session:
     async def run(self, payload: bytes, view: View, console: Console) -> int:
         """Create a job, follow it to its end (Ctrl-C cancels it) and return rbee's exit status."""
         job_id = await self.create(payload)
+        return await self.attach(job_id, view, console, lambda: self.cancel(job_id, console))
+
+    async def attach(self, job_id: str, view: View, console: Console,
+                     on_interrupt: Callable[[], Awaitable[None]], after: str = "") -> int:  # fmt: skip
+        """Follow a job to its end and return rbee's exit status; Ctrl-C stops following and
+        runs `on_interrupt`."""
         with trio.open_signal_receiver(signal.SIGINT) as interrupts:
             with trio.CancelScope() as following:
                 try:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(_cancel_on_signal, interrupts, following)
-                        end = await self.follow(job_id, view)
+                        end = await self.follow(job_id, view, after)
                         nursery.cancel_scope.cancel()
                 except* CliError as group:  # the nursery is a detail: raise the error itself
                     raise _first_leaf(group) from None
             if following.cancelled_caught:
-                await self.cancel(job_id, console)
+                await on_interrupt()
                 return EXIT_CANCELLED
         if end == "[DONE]":
             return EXIT_OK
@@ -595,6 +652,8 @@ async def choose_model(session: Session, console: Console) -> str | None:
 async def run_command(args: argparse.Namespace, console: Console) -> int:
     session = Session(daemon_address(args))
     async with session.client:
+        if handler := getattr(args, "handler", None):
+            return await handler(session, args, console)
         if args.operation == "submit":
             raw = sys.stdin.read() if args.payload == "-" else args.payload
             decoded = decode_data(raw)
@@ -611,6 +670,47 @@ async def run_command(args: argparse.Namespace, console: Console) -> int:
             body = msgspec.json.encode(payload)
         view = JsonView(console) if args.json else HumanView(console, operation)
         return await session.run(body, view, console)
+
+
+# -- rbee job: the registry's own requests, which create no job ----------------------------------
+
+
+JOB_STATES = ("queued", "running", "completed", "failed", "cancelled")
+
+
+def _show(console: Console, args: argparse.Namespace, kind: str, data: Any) -> int:
+    console.out((msgspec.json.encode(data).decode() if args.json else render_result(kind, data)) + "\n")
+    return EXIT_OK
+
+
+async def job_list(session: Session, args: argparse.Namespace, console: Console) -> int:
+    query = f"?state={args.state}" if args.state else ""
+    return _show(console, args, "job_list", await session.answer("GET", f"/v1/jobs{query}"))
+
+
+async def job_get(session: Session, args: argparse.Namespace, console: Console) -> int:
+    return _show(console, args, "job_get", await session.answer("GET", _job_path(args.id)))
+
+
+async def job_cancel(session: Session, args: argparse.Namespace, console: Console) -> int:
+    status = await session.answer("DELETE", _job_path(args.id))
+    if args.json:
+        return _show(console, args, "job_cancel", status)
+    console.note(f"cancelled job {args.id}")
+    return EXIT_OK
+
+
+async def job_follow(session: Session, args: argparse.Namespace, console: Console) -> int:
+    """Attach to a job's stream: replay what it kept, then follow it live, as its creator would."""
+    status = await session.answer("GET", _job_path(args.id))
+    operation = status.get("operation") if isinstance(status, dict) else None
+    view = JsonView(console) if args.json else HumanView(console, operation)
+
+    async def detach() -> None:  # the job goes on (an infer stops once it has no reader left)
+        console.error(f"stopped following job {args.id}")
+
+    after = str(args.after) if args.after else ""
+    return await session.attach(args.id, view, console, detach, after)
 
 
 Argument = tuple[tuple[str, ...], dict]
@@ -638,13 +738,24 @@ def _global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
     parser.add_argument("--json", action="store_true", help="print every event as one JSON line", **default)
 
 
+def _subcommand(sub, name: str, help: str, arguments: Sequence[Argument]) -> tuple[argparse.ArgumentParser, list]:
+    parser = sub.add_parser(name, help=help, description=help)
+    dests = [parser.add_argument(*flags, **options).dest for flags, options in arguments]
+    _global_options(parser, defaults=False)
+    return parser, dests
+
+
 def _command(sub, name: str, operation: str, help: str, *arguments: Argument) -> argparse.ArgumentParser:
     """A subcommand that sends `operation`; each argument's dest is a payload field."""
-    parser = sub.add_parser(name, help=help, description=help)
-    fields = [parser.add_argument(*flags, **options).dest for flags, options in arguments]
-    _global_options(parser, defaults=False)
+    parser, fields = _subcommand(sub, name, help, arguments)
     parser.set_defaults(operation=operation, fields=tuple(fields))
     return parser
+
+
+def _job_command(sub, name: str, handler, help: str, *arguments: Argument) -> None:
+    """A subcommand that talks to the job API itself: `handler(session, args, console)`."""
+    parser, _ = _subcommand(sub, name, help, arguments)
+    parser.set_defaults(handler=handler)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -722,6 +833,17 @@ def make_parser() -> argparse.ArgumentParser:
              _arg("--keep-alive", dest="keep_alive", type=float, metavar="SECONDS",
                   help="keep the worker this long after the job (0 unload, -1 forever)"),
              _HIVE)  # fmt: skip
+
+    job = commands.add_parser("job", help="list, inspect, follow and cancel jobs").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    _job_command(job, "list", job_list, "list the daemon's jobs, newest first",
+                 _arg("--state", choices=JOB_STATES, help="only the jobs in this state"))  # fmt: skip
+    _job_command(job, "get", job_get, "show a job's state and times", by_id)
+    _job_command(job, "follow", job_follow,
+                 "show a job's events from its start, then follow it to its end (Ctrl-C stops following)", by_id,
+                 _arg("--after", type=int, metavar="N", help="only the events after event id N"))  # fmt: skip
+    _job_command(job, "cancel", job_cancel, "cancel a queued or running job", by_id)
     return parser
 
 

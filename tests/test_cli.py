@@ -213,13 +213,10 @@ def test_usage_errors_exit_2(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
-async def test_ctrl_c_cancels_the_job_and_exits_130(slow_daemon):
-    created = await arbee("--socket", str(slow_daemon.socket_path), "submit", json.dumps(SLOW_HIVE))
-    assert created.returncode == 0, created.stderr
-    process = await trio.lowlevel.open_process(
-        argv("--socket", str(slow_daemon.socket_path), "hive", "start", SLOW_JOB["hive_id"]),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=cli_env(), cwd=ROOT,
-    )  # fmt: skip
+async def interrupt_slow_job(*args: str) -> str:
+    """Run rbee on the slow hive_start job, Ctrl-C it once the job runs; its stderr (it exits 130)."""
+    process = await trio.lowlevel.open_process(argv(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                               env=cli_env(), cwd=ROOT)  # fmt: skip
     try:
         with trio.fail_after(TIMEOUT):
             # "· $ <command>", then the first line the command printed: the job is running.
@@ -230,6 +227,13 @@ async def test_ctrl_c_cancels_the_job_and_exits_130(slow_daemon):
             assert await process.wait() == 130
     finally:
         process.kill()
+    return seen
+
+
+async def test_ctrl_c_cancels_the_job_and_exits_130(slow_daemon):
+    created = await arbee("--socket", str(slow_daemon.socket_path), "submit", json.dumps(SLOW_HIVE))
+    assert created.returncode == 0, created.stderr
+    seen = await interrupt_slow_job("--socket", str(slow_daemon.socket_path), "hive", "start", SLOW_JOB["hive_id"])
     [job_id] = re.findall(r"^rbee: cancelled job (job-\S+)$", seen, re.M)
 
     async with slow_daemon.client() as client:
@@ -240,6 +244,79 @@ async def test_ctrl_c_cancels_the_job_and_exits_130(slow_daemon):
         assert events[-1].data == "[CANCELLED]"
         status = (await client.request("GET", f"/v1/jobs/{job_id}")).json()
     assert status["state"] == "cancelled"
+
+
+async def test_job_list_get_follow_detach_and_cancel(slow_daemon):
+    where = ("--socket", str(slow_daemon.socket_path))
+    assert (await arbee(*where, "submit", json.dumps(SLOW_HIVE))).returncode == 0
+    async with slow_daemon.client() as client:
+        job_id = (await client.request("POST", "/v1/jobs", json=SLOW_JOB)).json()["job_id"]
+
+    queued = await arbee(*where, "job", "get", job_id)
+    assert queued.returncode == 0, queued.stderr
+    fields = stripped(fields_of(queued.stdout))
+    assert (fields["job_id"], fields["operation"], fields["state"], fields["started_at"]) == (
+        job_id, "hive_start", "queued", "-")  # fmt: skip
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", fields["created_at"])  # local time, not ISO UTC
+
+    # Following a queued job starts it, as its first stream does; Ctrl-C only stops following.
+    seen = await interrupt_slow_job(*where, "job", "follow", job_id)
+    assert seen.splitlines()[-1] == f"rbee: stopped following job {job_id}"
+
+    running = await arbee(*where, "job", "list", "--state", "running")
+    assert running.returncode == 0, running.stderr
+    header, *rows = running.stdout.splitlines()
+    assert header.split() == ["ID", "OPERATION", "STATE", "CREATED", "ERROR"]
+    assert [row.split()[:3] for row in rows] == [[job_id, "hive_start", "running"]]
+    assert json.loads((await arbee(*where, "job", "list", "--state", "completed", "--json")).stdout) == [
+        job for job in json.loads((await arbee(*where, "job", "list", "--json")).stdout) if job["state"] == "completed"
+    ]  # fmt: skip
+
+    # A second follower sees only what came after event 1, live, until someone cancels the job.
+    follower = await trio.lowlevel.open_process(argv(*where, "job", "follow", job_id, "--after", "1", "--json"),
+                                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(),
+                                                cwd=ROOT)  # fmt: skip
+    try:
+        with trio.fail_after(TIMEOUT):
+            out = await read_until(follower.stdout, lambda text: text.endswith("\n"))
+            cancelled = await arbee(*where, "job", "cancel", job_id)
+            assert (cancelled.returncode, cancelled.stderr) == (0, f"· cancelled job {job_id}\n")
+            while chunk := await follower.stdout.receive_some():
+                out += chunk.decode()
+            err = await read_until(follower.stderr, lambda text: text.endswith("\n"))
+            assert await follower.wait() == 130
+    finally:
+        follower.kill()
+    events = json_lines(out)
+    assert events[0]["id"] == 2 and events[0]["event"] == "narration"
+    assert events[-1] == {"id": events[-1]["id"], "event": "end", "data": "[CANCELLED]"}
+    assert err == f"rbee: job {job_id} was cancelled\n"
+
+    again = await arbee(*where, "job", "cancel", job_id)
+    assert (again.returncode, again.stderr) == (1, f"rbee: error: job {job_id} already cancelled\n")
+    unknown = await arbee(*where, "job", "get", "job-nosuch")
+    assert (unknown.returncode, unknown.stderr) == (1, "rbee: error: unknown job 'job-nosuch'\n")
+
+
+async def test_job_follow_replays_a_finished_job_and_exits_with_its_end(shared_daemon):
+    where = ("--socket", str(shared_daemon.socket_path))
+    async with shared_daemon.client() as client:
+        listed, failed = [(await client.request("POST", "/v1/jobs", json=payload)).json()["job_id"]
+                          for payload in ({"operation": "hive_list"}, {"operation": "hive_get", "id": "nope"})]
+        for job_id in (listed, failed):
+            async with client.stream("GET", f"/v1/jobs/{job_id}/stream") as stream:
+                ends = [event.data async for event in stream.aiter_sse() if event.event == "end"]
+            assert len(ends) == 1
+
+    replay = await arbee(*where, "job", "follow", listed)
+    assert replay.returncode == 0, replay.stderr
+    assert replay.stdout == (await arbee(*where, "hive", "list")).stdout and "localhost" in replay.stdout
+    # After its last event nothing is left to replay: the job's status gives its end.
+    past_end = await arbee(*where, "job", "follow", listed, "--after", "3", "--json")
+    assert (past_end.returncode, past_end.stdout, past_end.stderr) == (0, "", "")
+    for after in ((), ("--after", "1")):
+        done = await arbee(*where, "job", "follow", failed, *after)
+        assert (done.returncode, done.stderr) == (1, "rbee: error: unknown hive 'nope'\n")
 
 
 async def read_until(stream: trio.abc.ReceiveStream, found: Callable[[str], object]) -> str:

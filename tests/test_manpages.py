@@ -255,8 +255,8 @@ COMMANDS = list(_commands(cli.make_parser()))
 
 def test_rbee_parser_walk_finds_the_commands():
     names = {" ".join(words) for words, _ in COMMANDS}
-    assert {"infer", "submit", "hive list", "model download", "worker spawn"} <= names
-    assert len(names) == len(COMMANDS) == 17
+    assert {"infer", "submit", "hive list", "model download", "worker spawn", "job follow"} <= names
+    assert len(names) == len(COMMANDS) == 21
 
 
 def _command_blocks(page: Page) -> dict[str, str]:
