@@ -434,7 +434,9 @@ class HumanView(View):
             rate = (self._tokens - 1) / (self._last_token_at - self._first_token_at)
         parts = [f"{tokens} tokens"]
         if ttft_ms is not None:
-            parts.append(f"ttft {ttft_ms:.0f} ms")
+            cached = answer.get("cached_tokens")
+            reused = f" ({cached} of {answer.get('prompt_tokens')} prompt tokens cached)" if cached else ""
+            parts.append(f"ttft {ttft_ms:.0f} ms{reused}")
         if rate is not None:
             parts.append(f"{rate:.1f} tok/s")
         if reason := answer.get("finish_reason"):

@@ -62,6 +62,7 @@ class Done(_Frame, tag="Done"):
     finish_reason: str
     ttft_ms: float
     tokens_per_s: float
+    cached_tokens: int = 0  # prompt tokens the context held from the previous job, not evaluated again
 
 
 class Failed(_Frame, tag="Failed"):

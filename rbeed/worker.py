@@ -43,6 +43,8 @@ import threading
 import time
 from typing import Any
 
+import numpy
+
 from rbeed import wire
 from rbeed.config import parse_cpu_list
 
@@ -431,6 +433,10 @@ class _Worker:
         self._token_to_piece = llama_cpp.llama_token_to_piece
         self._pieces: list[bytes | None] = [None] * llm.n_vocab()
         self._default_seed = llama_cpp.LLAMA_DEFAULT_SEED
+        # A recurrent state cannot be cut back to a prefix: such models evaluate every prompt whole.
+        self._reuses_prefix = not (
+            llama_cpp.llama_model_is_recurrent(llm.model) or llama_cpp.llama_model_is_hybrid(llm.model)
+        )
         self.connection: _Connection | None = None
         self._set_abort_callback = llama_cpp.llama_set_abort_callback
         self._ctx = llm._ctx.ctx
@@ -512,6 +518,14 @@ class _Worker:
                 return piece
             size = -n
 
+    def _cached_prefix(self, prompt_tokens: list[int]) -> int:
+        """How many leading prompt tokens the context holds already: the last job's prompt and
+        text are still there. At least one token is left to evaluate, for fresh logits."""
+        llm = self.llm
+        held = llm.input_ids[: min(llm.n_tokens, len(prompt_tokens) - 1)]
+        mismatches = numpy.flatnonzero(held != numpy.asarray(prompt_tokens[: len(held)]))
+        return int(mismatches[0]) if len(mismatches) else len(held)
+
     def _generate(
         self, request: wire.Generate, received: float, job: _Job, connection: _Connection
     ) -> None:
@@ -533,11 +547,19 @@ class _Worker:
             return
         room = self.n_ctx - n_prompt
         max_tokens = room if request.max_tokens <= 0 else min(request.max_tokens, room)
-        _log(f"generation {request.id}: {n_prompt} prompt tokens, up to {max_tokens} new")
 
-        # Always evaluate the whole prompt: reusing a cached prefix changes batch shapes,
-        # and with them the floating point results, so a seed would not reproduce text.
-        llm.reset()
+        # A request for reproducible text (a seed, or greedy at temperature 0) has its whole
+        # prompt evaluated: reusing a cached prefix changes batch shapes, and with them the
+        # floating point results, enough to change a token now and then. Otherwise the prefix
+        # shared with the last job is kept, as llama-server's cache_prompt does: a long system
+        # prompt or a growing conversation is evaluated once.
+        reproducible = request.seed is not None or request.temperature <= 0
+        cached = self._cached_prefix(prompt_tokens) if self._reuses_prefix and not reproducible else 0
+        if cached:
+            llm.n_tokens = cached  # eval() drops the rest of the KV cache
+        else:
+            llm.reset()
+        _log(f"generation {request.id}: {n_prompt} prompt tokens ({cached} cached), up to {max_tokens} new")
         llm.set_seed(self._default_seed if request.seed is None else request.seed % 2**32)
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         stopper = _StopMatcher(request.stop) if request.stop else None
@@ -548,7 +570,8 @@ class _Worker:
         last = received
         finish = "length"
         tokens = llm.generate(
-            prompt_tokens,
+            prompt_tokens[cached:],
+            reset=False,
             top_k=request.top_k,
             top_p=request.top_p,
             min_p=_MIN_P,
@@ -614,7 +637,7 @@ class _Worker:
         rate = 0.0
         if first is not None and completion > 1 and last > first:
             rate = (completion - 1) / (last - first)
-        send(wire.Done(request.id, n_prompt, completion, finish, ttft_ms, rate))
+        send(wire.Done(request.id, n_prompt, completion, finish, ttft_ms, rate, cached))
         _log(
             f"generation {request.id}: {finish}, {completion} tokens,"
             f" ttft {ttft_ms:.1f} ms, {rate:.1f} tok/s"

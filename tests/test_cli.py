@@ -721,6 +721,8 @@ def test_human_view_of_gaps_unknown_events_and_an_interrupted_generation():
     view.event(event(10, "token", {"t": "b", "i": 9}))
     view.event(event(11, "thinking", {"what": 1}))
     assert view.infer_stats({}) == "2 tokens, ttft 250 ms, 2.0 tok/s"  # measured when the daemon gives no figures
+    reused = RESULT | {"prompt_tokens": 40, "cached_tokens": 37}
+    assert view.infer_stats(reused) == "2 tokens, ttft 12 ms (37 of 40 prompt tokens cached), 40.0 tok/s, finish: stop"
     view.event(event(12, "end", "[ERROR] worker died"))
     assert out.getvalue() == "ab\n"  # the tokens' line is ended; no stats for a failed generation
     assert err.getvalue() == "· some events were lost to the daemon's replay buffer (ids 2-9)\n· thinking: {\"what\":1}\n"

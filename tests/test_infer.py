@@ -14,7 +14,8 @@ from support import (
     rest_of, result_of, run_job, running_daemon,
 )  # fmt: skip
 
-RESULT_FIELDS = {"model", "worker_id", "prompt_tokens", "completion_tokens", "finish_reason", "ttft_ms", "tokens_per_s"}
+RESULT_FIELDS = {"model", "worker_id", "prompt_tokens", "cached_tokens", "completion_tokens", "finish_reason", "ttft_ms",
+                 "tokens_per_s"}  # fmt: skip
 # Greedy decoding of this prompt runs past 100 tokens without ending a sentence ...
 GREEDY = {"operation": "infer", "model": "tiny", "prompt": "Once upon a time", "temperature": 0, "max_tokens": 20}
 # ... and of this one ends its sentence (".", then EOS) after a few words.
@@ -104,6 +105,26 @@ async def test_finish_reasons_length_end_of_sentence_and_stop_string(client):
     events, result = await infer(client, GREEDY | {"stop": [stop, "never there"]})
     assert result["finish_reason"] == "stop"
     assert text_of(events) == whole["text"][: whole["text"].index(stop)]
+
+
+# top_k 1 at a temperature above 0: sampled (so the prompt's prefix may be reused), yet the
+# likeliest token every time, so that its text can be compared with a greedy run's.
+SAMPLED_GREEDY = {"temperature": 0.8, "top_k": 1, "stream": False}
+
+
+async def test_a_sampled_prompt_reuses_the_prefix_its_worker_holds_and_a_seed_does_not(fast, client):
+    on_worker = GREEDY | {"worker_id": fast[1]["id"], "max_tokens": 30}
+    first = on_worker | {"prompt": "the cat and the dog went to the market and"}
+    longer = on_worker | {"prompt": first["prompt"] + " then two birds flew over the"}
+    _, held = await infer(client, first | SAMPLED_GREEDY)
+    _, reused = await infer(client, longer | SAMPLED_GREEDY)
+    # The worker's context holds the first prompt (and its text): only the new words are evaluated.
+    assert held["prompt_tokens"] <= reused["cached_tokens"] < reused["prompt_tokens"]
+    for reproducible in ({"temperature": 0}, SAMPLED_GREEDY | {"seed": 7}):
+        await infer(client, first | SAMPLED_GREEDY)
+        _, whole = await infer(client, longer | reproducible | {"stream": False})
+        assert whole["cached_tokens"] == 0  # the whole prompt again, as the same seed needs
+        assert whole["text"] == reused["text"]  # the reused prefix changed nothing of the text
 
 
 async def test_worker_id_routes_the_job(fast, client):
@@ -253,6 +274,12 @@ async def test_cancel_during_prompt_processing_ends_quickly(slow, slow_client):
         assert response.status == 200
         rest = await rest_of(events, timeout=1)
     assert end_marker(rest) == "[CANCELLED]" and tokens(rest) == []
-    with trio.fail_after(2.5):  # the whole prompt would take longer
-        await infer(slow_client, SHORT | {"worker_id": slow[1]["id"]})
+    # The next job starts like the cancelled prompt: it reuses as much of it as was evaluated.
+    on_worker = SHORT | {"worker_id": slow[1]["id"], "prompt": " the cat" * 100}
+    with trio.fail_after(2.5):  # the whole cancelled prompt would take longer
+        _, reused = await infer(slow_client, on_worker | SAMPLED_GREEDY)
     assert f"generation {started[1]}: cancelled, 0 tokens" in slow[0].log()
+    _, whole = await infer(slow_client, on_worker | {"stream": False})
+    # (As much as the worker evaluated before the cancel landed: here ~800 tokens, but not certain.)
+    assert reused["cached_tokens"] < reused["prompt_tokens"] and whole["cached_tokens"] == 0
+    assert reused["text"] == whole["text"]
