@@ -663,6 +663,8 @@ async def run_command(args: argparse.Namespace, console: Console) -> int:
             body = raw.encode()
         else:
             payload = build_payload(args)
+            if payload.get("prompt") == "-":  # e.g. `rbee infer - < notes.txt`
+                payload["prompt"] = sys.stdin.read()
             if args.operation == "infer" and "model" not in payload:
                 model = await choose_model(session, console)
                 if model is None:
@@ -819,7 +821,7 @@ def make_parser() -> argparse.ArgumentParser:
     _command(worker, "delete", "worker_delete", "stop and remove a worker", by_id, _HIVE)
 
     _command(commands, "infer", "infer", "generate text; tokens are printed as they arrive",
-             _arg("prompt", metavar="PROMPT"),
+             _arg("prompt", metavar="PROMPT", help='the text to continue; "-" reads it from stdin'),
              _arg("--model", metavar="ID", help="model id (default: $RBEE_MODEL, else the only model)"),
              _arg("--max-tokens", dest="max_tokens", type=int, metavar="N",
                   help=f"tokens to generate at most {_default(Infer, 'max_tokens')}"),

@@ -45,11 +45,11 @@ def rbee(daemon: Daemon | None, *args: str, env: dict[str, str] | None = None, s
                           timeout=TIMEOUT, env=env or cli_env(), cwd=ROOT)  # fmt: skip
 
 
-async def arbee(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+async def arbee(*args: str, env: dict[str, str] | None = None, stdin: bytes = b"") -> subprocess.CompletedProcess:
     """Run rbee to its end while this test's trio loop keeps serving (scripted servers)."""
     with trio.fail_after(TIMEOUT):
         done = await trio.run_process(argv(*args), capture_stdout=True, capture_stderr=True, check=False,
-                                      env=env or cli_env(), cwd=ROOT)  # fmt: skip
+                                      env=env or cli_env(), cwd=ROOT, stdin=stdin)  # fmt: skip
     return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode())
 
 
@@ -482,6 +482,11 @@ async def test_infer_without_model_uses_rbee_model_or_the_only_listed_model():
         done = await arbee("--url", server.base_url, "infer", "p")
         assert done.returncode == 0, done.stderr
         assert only.payloads == [{"operation": "model_list"}, {"operation": "infer", "prompt": "p", "model": "solo"}]
+
+        from_stdin = ScriptedAPI(server, [answer])
+        done = await arbee("--url", server.base_url, "infer", "-", "--model", "m", stdin="Notes:\n- one\n".encode())
+        assert (done.returncode, done.stdout) == (0, "whole text\n"), done.stderr
+        assert from_stdin.payloads == [{"operation": "infer", "prompt": "Notes:\n- one\n", "model": "m"}]
 
         several = ScriptedAPI(server, [listing("a", "b")])
         done = await arbee("--url", server.base_url, "infer", "p")
