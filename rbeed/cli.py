@@ -665,6 +665,10 @@ async def run_command(args: argparse.Namespace, console: Console) -> int:
             payload = build_payload(args)
             if payload.get("prompt") == "-":  # e.g. `rbee infer - < notes.txt`
                 payload["prompt"] = sys.stdin.read()
+            chat, system = payload.pop("chat", False), payload.pop("system", None)
+            if chat or system:
+                system_message = [{"role": "system", "content": system}] if system else []
+                payload["messages"] = [*system_message, {"role": "user", "content": payload.pop("prompt")}]
             if args.operation == "infer" and "model" not in payload:
                 model = await choose_model(session, console)
                 if model is None:
@@ -832,6 +836,9 @@ def make_parser() -> argparse.ArgumentParser:
              _arg("--stop", action="append", metavar="S", help="stop string (repeatable)"),
              _arg("--device", metavar="D", help="cpu, cuda, cuda:N or metal"),
              _arg("--worker-id", dest="worker_id", metavar="ID", help="use this worker"),
+             _arg("--chat", action="store_true",
+                  help="send PROMPT as a user's message, through the model's chat template"),
+             _arg("--system", metavar="TEXT", help="a system message before PROMPT (implies --chat)"),
              _arg("--no-stream", dest="stream", action="store_const", const=False,
                   help="print the text only when it is complete"),
              _arg("--keep-alive", dest="keep_alive", type=float, metavar="SECONDS",

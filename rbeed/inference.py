@@ -42,9 +42,10 @@ class Inference:
                                                job=job, first=generation), True  # fmt: skip
 
     async def infer(self, job: Job, op: Infer) -> None:
+        messages = None if op.messages is None else [(m.role, m.content) for m in op.messages]
         generation = Generation(
-            job, op.prompt, op.stream, max_tokens=op.max_tokens, temperature=op.temperature,
-            top_p=op.top_p, top_k=op.top_k, seed=op.seed, stop=list(op.stop),
+            job, op.prompt or "", op.stream, max_tokens=op.max_tokens, temperature=op.temperature,
+            top_p=op.top_p, top_k=op.top_k, seed=op.seed, stop=list(op.stop), messages=messages,
         )  # fmt: skip
         worker: Worker | None = None
         try:

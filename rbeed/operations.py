@@ -105,10 +105,16 @@ class ModelDelete(Operation, tag="model_delete"):
     hive_id: HiveId = "localhost"
 
 
+class ChatMessage(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[str, msgspec.Meta(max_length=1 << 20)]
+
+
 class Infer(Operation, tag="infer"):
     cancel_on_disconnect: ClassVar[bool] = True
     model: Id
-    prompt: Annotated[str, msgspec.Meta(max_length=1 << 20)]
+    prompt: Annotated[str, msgspec.Meta(max_length=1 << 20)] | None = None  # text to continue, or ...
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1, max_length=1024)] | None = None  # a chat
     hive_id: HiveId = "localhost"
     max_tokens: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] = 256
     temperature: Annotated[float, msgspec.Meta(ge=0, le=100)] = 0.8
@@ -120,6 +126,12 @@ class Infer(Operation, tag="infer"):
     seed: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)] | None = None
     stop: Annotated[list[Annotated[str, msgspec.Meta(min_length=1)]], msgspec.Meta(max_length=16)] = []
     keep_alive: Annotated[float, msgspec.Meta(ge=-1)] | None = None  # seconds; 0 unload after, -1 keep
+
+    def __post_init__(self) -> None:
+        if self.prompt is None and self.messages is None:
+            raise ValueError("give `prompt` (text to continue) or `messages` (a chat)")
+        if self.prompt is not None and self.messages is not None:
+            raise ValueError("give `prompt` or `messages`, not both")
 
 
 AnyOperation = Union[

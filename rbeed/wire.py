@@ -39,6 +39,7 @@ class Generate(_Frame, tag="Generate"):
     top_k: int
     seed: int | None = None
     stop: list[str] = []
+    messages: list[tuple[str, str]] | None = None  # (role, content): the worker applies the chat template
 
 
 class Cancel(_Frame, tag="Cancel"):

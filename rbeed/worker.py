@@ -43,6 +43,7 @@ import threading
 import time
 from typing import Any
 
+import jinja2
 import numpy
 
 from rbeed import wire
@@ -79,6 +80,10 @@ def _notify(state: str) -> None:
 
 class _StartupError(Exception):
     """A reason the worker cannot serve, reported as STATUS=failed."""
+
+
+class _ChatError(Exception):
+    """Why a chat's messages cannot become a prompt: no chat template, or the template refused them."""
 
 
 class _Terminated(BaseException):
@@ -434,6 +439,8 @@ class _Worker:
         self._pieces: list[bytes | None] = [None] * llm.n_vocab()
         self._default_seed = llama_cpp.LLAMA_DEFAULT_SEED
         # A recurrent state cannot be cut back to a prefix: such models evaluate every prompt whole.
+        self._add_bos = llama_cpp.llama_vocab_get_add_bos(self._vocab)
+        self._chat_formatter: Any = None  # built from the model's chat template on the first chat
         self._reuses_prefix = not (
             llama_cpp.llama_model_is_recurrent(llm.model) or llama_cpp.llama_model_is_hybrid(llm.model)
         )
@@ -518,6 +525,41 @@ class _Worker:
                 return piece
             size = -n
 
+    def _prompt_tokens(self, request: wire.Generate) -> list[int]:
+        """The request's prompt as tokens: its text after a BOS, or its messages through the model's
+        chat template. Raises _ChatError, or RuntimeError when the text cannot be tokenized."""
+        llm = self.llm
+        if request.messages is None:
+            return llm.tokenize(request.prompt.encode(), add_bos=True, special=True)
+        messages = [{"role": role, "content": content} for role, content in request.messages]
+        try:
+            text = self._chat_template()(messages=messages).prompt
+        except (ValueError, jinja2.TemplateError) as exc:  # the template's raise_exception, or its bugs
+            raise _ChatError(f"the model's chat template refused the messages: {exc}") from None
+        tokens = llm.tokenize(text.encode(), add_bos=False, special=True)
+        bos = llm.token_bos()
+        if self._add_bos and bos != -1 and tokens[:1] != [bos]:  # most templates write the BOS themselves
+            tokens.insert(0, bos)
+        return tokens
+
+    def _chat_template(self) -> Any:
+        if self._chat_formatter is None:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            llm = self.llm
+            template = llm.metadata.get("tokenizer.chat_template")
+            if not template:
+                raise _ChatError("the model has no chat template: send a `prompt` instead of `messages`")
+
+            def text(token: int) -> str:
+                return "" if token == -1 else llm.detokenize([token], special=True).decode(errors="replace")
+
+            try:
+                self._chat_formatter = Jinja2ChatFormatter(template, text(llm.token_eos()), text(llm.token_bos()))
+            except jinja2.TemplateError as exc:
+                raise _ChatError(f"the model's chat template is not valid Jinja: {exc}") from None
+        return self._chat_formatter
+
     def _cached_prefix(self, prompt_tokens: list[int]) -> int:
         """How many leading prompt tokens the context holds already: the last job's prompt and
         text are still there. At least one token is left to evaluate, for fresh logits."""
@@ -532,7 +574,10 @@ class _Worker:
         """Run one generation: Token frames as text is produced, then Done (or Failed)."""
         llm = self.llm
         try:
-            prompt_tokens = llm.tokenize(request.prompt.encode(), add_bos=True, special=True)
+            prompt_tokens = self._prompt_tokens(request)
+        except _ChatError as exc:
+            connection.send(wire.Failed(request.id, str(exc)))
+            return
         except RuntimeError as exc:
             connection.send(wire.Failed(request.id, f"cannot tokenize the prompt: {exc}"))
             return

@@ -488,6 +488,16 @@ async def test_infer_without_model_uses_rbee_model_or_the_only_listed_model():
         assert (done.returncode, done.stdout) == (0, "whole text\n"), done.stderr
         assert from_stdin.payloads == [{"operation": "infer", "prompt": "Notes:\n- one\n", "model": "m"}]
 
+        chats = ScriptedAPI(server, [answer, answer])
+        for options in (["--chat"], ["--system", "Be brief."]):
+            done = await arbee("--url", server.base_url, "infer", "Hi!", "--model", "m", *options)
+            assert done.returncode == 0, done.stderr
+        assert [payload["messages"] for payload in chats.payloads] == [
+            [{"role": "user", "content": "Hi!"}],
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}],
+        ]
+        assert all(payload.keys() == {"operation", "model", "messages"} for payload in chats.payloads)
+
         several = ScriptedAPI(server, [listing("a", "b")])
         done = await arbee("--url", server.base_url, "infer", "p")
         assert done.returncode == 2

@@ -6,8 +6,11 @@ import json
 import re
 import shutil
 
+import jinja2
 import pytest
 import trio
+
+import tinymodel
 
 from support import (
     end_marker, is_token, job_error, job_events, job_result, logged, narrations, pid_alive, read_events_until,
@@ -125,6 +128,39 @@ async def test_a_sampled_prompt_reuses_the_prefix_its_worker_holds_and_a_seed_do
         _, whole = await infer(client, longer | reproducible | {"stream": False})
         assert whole["cached_tokens"] == 0  # the whole prompt again, as the same seed needs
         assert whole["text"] == reused["text"]  # the reused prefix changed nothing of the text
+
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if loop.first and m['role'] == 'assistant' %}{{ raise_exception('a chat starts with the user') }}{% endif %}"
+    "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+async def test_messages_go_through_the_models_chat_template(client, tmp_path):
+    chatty = tinymodel.write_tiny_model(tmp_path / "chatty.gguf", chat_template=CHAT_TEMPLATE)
+    await job_result(client, {"operation": "model_download", "model": str(chatty)})
+    chat = {"operation": "infer", "model": "chatty", "temperature": 0, "max_tokens": 12, "stream": False, "keep_alive": -1,
+            "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the cat"}]}  # fmt: skip
+    _, answer = await infer(client, chat)
+    # The same text as the template's rendering sent as a prompt: one BOS (the template's), then the turns.
+    rendered = jinja2.Template(CHAT_TEMPLATE).render(messages=chat["messages"], bos_token="", add_generation_prompt=True)
+    assert rendered == "system: Be brief.\nuser: the cat\nassistant:"
+    _, as_prompt = await infer(client, chat | {"messages": None, "prompt": rendered})
+    assert (answer["text"], answer["prompt_tokens"]) == (as_prompt["text"], as_prompt["prompt_tokens"])
+
+    # The next turn: the conversation so far is a prefix of the new one, and is reused.
+    turn = chat | {"temperature": 0.8, "top_k": 1}
+    turn["messages"] = chat["messages"] + [{"role": "assistant", "content": answer["text"]},
+                                           {"role": "user", "content": "and the dog"}]  # fmt: skip
+    _, reply = await infer(client, turn)
+    assert answer["prompt_tokens"] <= reply["cached_tokens"] < reply["prompt_tokens"]
+
+    refused = await job_error(client, chat | {"messages": [{"role": "assistant", "content": "Hi"}]})
+    assert refused == "the model's chat template refused the messages: a chat starts with the user"
+    no_template = await job_error(client, chat | {"model": "tiny"})
+    assert no_template == "the model has no chat template: send a `prompt` instead of `messages`"
+    await job_result(client, {"operation": "worker_delete", "id": reply["worker_id"]})
 
 
 async def test_worker_id_routes_the_job(fast, client):

@@ -77,8 +77,10 @@ def write_tiny_model(
     n_head: int = 4,
     n_ff: int = 128,
     context_length: int = 32768,
+    chat_template: str | None = None,
 ) -> pathlib.Path:
-    """Write the model to `path` (deterministic for a given seed) and return the path."""
+    """Write the model to `path` (deterministic for a given seed) and return the path; with
+    `chat_template`, the model carries that Jinja template as tokenizer.chat_template."""
     path = pathlib.Path(path)
     rng = np.random.default_rng(seed)
     n_vocab = len(VOCAB)
@@ -123,6 +125,8 @@ def write_tiny_model(
     writer.add_bos_token_id(_BOS)
     writer.add_eos_token_id(_EOS)
     writer.add_add_bos_token(True)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
 
     writer.add_tensor("token_embd.weight", token_embd)
     writer.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
