@@ -438,9 +438,9 @@ class _Worker:
         self._token_to_piece = llama_cpp.llama_token_to_piece
         self._pieces: list[bytes | None] = [None] * llm.n_vocab()
         self._default_seed = llama_cpp.LLAMA_DEFAULT_SEED
-        # A recurrent state cannot be cut back to a prefix: such models evaluate every prompt whole.
         self._add_bos = llama_cpp.llama_vocab_get_add_bos(self._vocab)
         self._chat_formatter: Any = None  # built from the model's chat template on the first chat
+        # A recurrent state cannot be cut back to a prefix: such models evaluate every prompt whole.
         self._reuses_prefix = not (
             llama_cpp.llama_model_is_recurrent(llm.model) or llama_cpp.llama_model_is_hybrid(llm.model)
         )
