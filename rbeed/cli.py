@@ -21,6 +21,7 @@ import trio
 from . import __version__
 from .config import default_runtime_dir
 from .httpclient import Client, ConnectError, HTTPError, HTTPTimeout, ServerSentEvent
+from .jobs import FINISHED, JobState, end_marker
 from .operations import HiveCreate, Infer, WorkerSpawn
 
 EXIT_OK = 0
@@ -465,9 +466,7 @@ def _job_path(job_id: str) -> str:
 def _end_marker(status: Any) -> str | None:
     """The end event's data that a finished job's status stands for; None while it runs."""
     state = status.get("state") if isinstance(status, dict) else None
-    if state == "failed":
-        return f"[ERROR] {status.get('error') or 'failed'}"
-    return {"completed": "[DONE]", "cancelled": "[CANCELLED]"}.get(state)
+    return end_marker(JobState(state), status.get("error")) if state in FINISHED else None
 
 
 class Session:

@@ -71,7 +71,8 @@ class Inference:
         result = {
             "model": op.model, "worker_id": worker.id, "prompt_tokens": outcome.prompt_tokens,
             "cached_tokens": outcome.cached_tokens, "completion_tokens": outcome.completion_tokens,
-            "finish_reason": outcome.finish_reason, "ttft_ms": round(outcome.ttft_ms, 2), "tokens_per_s": round(outcome.tokens_per_s, 1),
+            "finish_reason": outcome.finish_reason, "ttft_ms": round(outcome.ttft_ms, 2),
+            "tokens_per_s": round(outcome.tokens_per_s, 1),
         }  # fmt: skip
         if not op.stream:
             result["text"] = "".join(generation.pieces)

@@ -34,7 +34,15 @@ class JobState(enum.StrEnum):
 
 
 FINISHED = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
-_END_MARKERS = {JobState.COMPLETED: b"[DONE]", JobState.CANCELLED: b"[CANCELLED]"}
+
+
+def end_marker(state: JobState, error: str | None = None) -> str:
+    """The data of a finished job's `end` event: rbee's end markers, an error on one line."""
+    if state is JobState.COMPLETED:
+        return "[DONE]"
+    if state is JobState.CANCELLED:
+        return "[CANCELLED]"
+    return "[ERROR] " + " ".join((error or "failed").splitlines())
 
 
 class Changed:
@@ -156,8 +164,7 @@ class Job:
         self.state, self.error, self.finished_at = state, error, time.time()
         self.end_id = self._next_id
         self.payload = None
-        marker = _END_MARKERS.get(state)
-        self.emit("end", marker or b"[ERROR] " + " ".join((error or "failed").splitlines()).encode())
+        self.emit("end", end_marker(state, error).encode())
         for channel in self._subscribers:
             channel.close()
         self._subscribers.clear()

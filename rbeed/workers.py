@@ -321,7 +321,8 @@ class Supervisor:
                 free = self._free_threads()
                 if free < wanted:
                     holders = ", ".join(f"{w.id} ({w.threads})" for w in self.workers.values() if w.live)
-                    raise JobFailed(f"no CPU threads free: {self.cores} in all, held by {holders}; delete a worker first")
+                    raise JobFailed(f"no CPU threads free: {self.cores} in all, held by {holders}; "
+                                    "delete a worker first")  # fmt: skip
                 threads = threads or free
                 serial = next(self._serial)
                 worker_id = f"{model.id[:48]}-{device.replace(':', '')}-{serial}"
