@@ -478,6 +478,9 @@ class _Progress:
         self.total = total
         self._started = trio.current_time()
         self._next_report = self._started + self._interval
+        # The bar shows at once, even when the first bytes are slow (finish() reports a whole file).
+        if self._callback is not None and (total is None or done < total):
+            self._report(self._started)
 
     def update(self, done: int) -> None:
         self._done = done

@@ -10,6 +10,7 @@ import re
 import sys
 import threading
 from functools import partial
+from functools import partial
 
 import pytest
 import trio
@@ -140,6 +141,23 @@ async def test_with_retries_a_stalled_transfer_times_out_and_resumes(tmp_path):
     assert [request.headers.get("range") for request in server.requests] == [None, f"bytes={stall}-"]
     assert len(reasons) == 1 and "timed out after 0.2s" in reasons[0], reasons
     assert result.sha256 == MODEL_SHA256 and dest.read_bytes() == MODEL
+
+
+async def test_progress_is_reported_as_soon_as_the_size_is_known(tmp_path):
+    """A transfer whose bytes are slow to come still shows its bar (0 of the total) at once."""
+    progress, reported = ProgressLog(), trio.Event()
+
+    def on_progress(*event) -> None:
+        progress(*event)
+        reported.set()
+
+    async with serve_files({"m.gguf": MODEL}) as server, trio.open_nursery() as nursery:
+        server.stall_after["m.gguf"] = 0
+        nursery.start_soon(partial(download, server.url("m.gguf"), tmp_path / "m.gguf", on_progress=on_progress))
+        with trio.fail_after(5):
+            await reported.wait()
+        nursery.cancel_scope.cancel()
+    assert progress.events == [(0, len(MODEL), 0.0)]
 
 
 async def test_retries_back_off_and_give_up_after_attempts_in_a_row_without_new_bytes(tmp_path):
