@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import signal
 import sys
 import time
-import urllib.parse
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +21,7 @@ import trio
 from . import __version__
 from .config import default_runtime_dir
 from .httpclient import Client, ConnectError, HTTPError, HTTPTimeout, ServerSentEvent
-from .jobs import FINISHED, JobState, end_marker
+from .jobclient import JobClient, Refused, StreamLost, job_path, server_message, status_end_marker
 from .operations import HiveCreate, Infer, WorkerSpawn
 
 EXIT_OK = 0
@@ -448,27 +448,6 @@ class HumanView(View):
 # -- talking to the daemon --------------------------------------------------------------------
 
 
-def _server_message(response) -> str:
-    body = response.content or b""
-    try:
-        decoded = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        decoded = None
-    if isinstance(decoded, dict) and isinstance(decoded.get("error"), str):
-        return decoded["error"]
-    return body.decode(errors="replace").strip() or f"HTTP {response.status}"
-
-
-def _job_path(job_id: str) -> str:
-    return f"/v1/jobs/{urllib.parse.quote(job_id, safe='')}"
-
-
-def _end_marker(status: Any) -> str | None:
-    """The end event's data that a finished job's status stands for; None while it runs."""
-    state = status.get("state") if isinstance(status, dict) else None
-    return end_marker(JobState(state), status.get("error")) if state in FINISHED else None
-
-
 class Session:
     """One daemon address: creates jobs, follows their streams, cancels them."""
 
@@ -476,95 +455,63 @@ class Session:
         self.address = address
         try:
             # Streams stay open as long as their job runs: plain requests are bounded by REQUEST_TIMEOUT.
-            self.client = Client(address, connect_timeout=CONNECT_TIMEOUT, read_timeout=None)
+            client = Client(address, connect_timeout=CONNECT_TIMEOUT, read_timeout=None)
         except HTTPError as exc:
             raise CliError(f"--url/RBEE_URL: {exc}", EXIT_USAGE) from None
+        self.client = client
+        self.jobs = JobClient(client, request_timeout=REQUEST_TIMEOUT, reconnect_delay=RECONNECT_DELAY)
 
     def unreachable(self, problem: Exception | str) -> CliError:
         reason = str(problem).removeprefix(f"cannot connect to {self.address}: ")
         hint = "start it with `systemctl start rbeed` (or `systemctl --user start rbeed`), or run `rbeed serve`"
         return CliError(f"cannot reach the rbeed daemon at {self.address}: {reason}\n  hint: {hint}", EXIT_UNREACHABLE)
 
-    async def request(self, method: str, path: str, body: bytes | None = None, timeout: float = REQUEST_TIMEOUT):
+    @contextlib.contextmanager
+    def _errors(self, refused: str = "", usage_on_400: bool = False) -> Iterator[None]:
+        """Turn the job client's exceptions into rbee's messages and exit statuses."""
         try:
-            with trio.fail_after(timeout):
-                headers = {"content-type": "application/json"} if body is not None else None
-                return await self.client.request(method, path, body=body, headers=headers)
+            yield
         except (ConnectError, HTTPTimeout) as exc:
             raise self.unreachable(exc) from None
-        except trio.TooSlowError:
-            raise self.unreachable(f"no answer to {method} {path} within {timeout:g} s") from None
         except HTTPError as exc:
             raise CliError(str(exc)) from None
+        except Refused as exc:
+            if usage_on_400 and exc.status == 400:  # the payload is wrong, not the daemon
+                raise CliError(str(exc), EXIT_USAGE) from None
+            raise CliError(f"{refused}{exc}") from None
 
     async def answer(self, method: str, path: str) -> Any:
         """The decoded JSON of a plain request's 2xx answer; any other answer ends rbee with its error."""
-        response = await self.request(method, path)
-        if not 200 <= response.status < 300:
-            raise CliError(_server_message(response))
-        try:
-            return response.json()
-        except HTTPError:
-            raise CliError(f"unexpected answer to {method} {path}: {response.content[:200]!r}") from None
+        with self._errors():
+            return await self.jobs.answer(method, path)
 
     async def create(self, payload: bytes) -> str:
-        response = await self.request("POST", "/v1/jobs", payload)
-        if response.status == 400:
-            raise CliError(_server_message(response), EXIT_USAGE)
-        if response.status != 201:
-            raise CliError(f"the daemon refused the job: {_server_message(response)}")
-        try:
-            return response.json()["job_id"]
-        except (HTTPError, KeyError, TypeError):
-            raise CliError(f"unexpected answer to POST /v1/jobs: {response.content[:200]!r}") from None
+        with self._errors("the daemon refused the job: ", usage_on_400=True):
+            return await self.jobs.create(payload)
 
     async def follow(self, job_id: str, view: View, after: str = "") -> str:
         """Hand the job's events after event id `after` to `view` until its end event; return that
-        event's data.
-
-        A stream that drops before the end is resumed from the last event id seen, once per drop.
-        """
-        last_id = after
-        reconnect = False
-        while True:
-            headers = {"last-event-id": last_id} if last_id else None
-            try:
-                async with self.client.stream("GET", f"/v1/jobs/{job_id}/stream", headers=headers) as response:
-                    if response.status != 200:
-                        await response.aread()
-                        raise CliError(f"cannot follow job {job_id}: {_server_message(response)}")
-                    async for event in response.aiter_sse():
-                        reconnect = False  # the stream moved on: a later drop gets its own retry
-                        last_id = event.id or last_id
-                        view.event(event)
-                        if event.event == "end":
-                            return event.data
-                # Without an end event: the end lay at or before `after`, or the stream broke.
-                if (end := _end_marker(await self.answer("GET", _job_path(job_id)))) is not None:
-                    return end
-                problem: Exception | str = "the stream ended before the job did"
-            except HTTPError as exc:
-                if isinstance(exc, ConnectError | HTTPTimeout) and reconnect:
-                    raise self.unreachable(exc) from None
-                problem = exc
-            if reconnect:
-                raise CliError(f"lost the event stream of job {job_id}: {problem}\n"
-                               f"  hint: `rbee job follow {job_id}` picks it up again while the daemon keeps it")
-            reconnect = True
-            await trio.sleep(RECONNECT_DELAY)
+        event's data. A stream that drops before the end is resumed from the last event id seen."""
+        try:
+            with self._errors(f"cannot follow job {job_id}: "):
+                return await self.jobs.follow(job_id, view.event, after)
+        except StreamLost as exc:
+            if isinstance(exc.problem, ConnectError | HTTPTimeout):
+                raise self.unreachable(exc.problem) from None
+            raise CliError(f"{exc}\n  hint: `rbee job follow {job_id}` picks it up again while the daemon keeps it") from None
 
     async def cancel(self, job_id: str, console: Console) -> None:
         """DELETE the job, shielded from the cancellation that got us here and bounded in time."""
-        with trio.CancelScope(shield=True):
-            try:
-                response = await self.request("DELETE", f"/v1/jobs/{job_id}", timeout=CANCEL_TIMEOUT)
-            except CliError as exc:
-                console.error(f"could not cancel job {job_id}: {exc}")
-                return
+        try:
+            with self._errors():
+                response = await self.jobs.cancel(job_id, CANCEL_TIMEOUT)
+        except CliError as exc:
+            console.error(f"could not cancel job {job_id}: {exc}")
+            return
         if response.status == 200:
             console.error(f"cancelled job {job_id}")
         else:
-            console.error(f"could not cancel job {job_id}: {_server_message(response)}")
+            console.error(f"could not cancel job {job_id}: {server_message(response)}")
 
     async def run(self, payload: bytes, view: View, console: Console) -> int:
         """Create a job, follow it to its end (Ctrl-C cancels it) and return rbee's exit status."""
@@ -696,11 +643,11 @@ async def job_list(session: Session, args: argparse.Namespace, console: Console)
 
 
 async def job_get(session: Session, args: argparse.Namespace, console: Console) -> int:
-    return _show(console, args, "job_get", await session.answer("GET", _job_path(args.id)))
+    return _show(console, args, "job_get", await session.answer("GET", job_path(args.id)))
 
 
 async def job_cancel(session: Session, args: argparse.Namespace, console: Console) -> int:
-    status = await session.answer("DELETE", _job_path(args.id))
+    status = await session.answer("DELETE", job_path(args.id))
     if args.json:
         return _show(console, args, "job_cancel", status)
     console.note(f"cancelled job {args.id}")
@@ -709,7 +656,7 @@ async def job_cancel(session: Session, args: argparse.Namespace, console: Consol
 
 async def job_follow(session: Session, args: argparse.Namespace, console: Console) -> int:
     """Attach to a job's stream: replay what it kept, then follow it live, as its creator would."""
-    status = await session.answer("GET", _job_path(args.id))
+    status = await session.answer("GET", job_path(args.id))
     operation = status.get("operation") if isinstance(status, dict) else None
     view = JsonView(console) if args.json else HumanView(console, operation)
 

@@ -29,6 +29,14 @@ class Hive(msgspec.Struct, frozen=True):
     port: int
     ssh_host: str | None = None
 
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
 
 def _slug(host: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", host).strip("-.")[:128] or "hive"
@@ -46,7 +54,7 @@ class Hives:
         return {"id": LOCAL, "host": LOCAL, "port": None, "ssh_host": None, "local": True,
                 "online": True, "version": __version__, "pid": os.getpid()}  # fmt: skip
 
-    def _remote(self, hive_id: str) -> Hive:
+    def remote(self, hive_id: str) -> Hive:
         hive = self.catalog.get(hive_id)
         if hive is None:
             raise JobFailed(f"unknown hive {hive_id!r}")
@@ -54,12 +62,11 @@ class Hives:
 
     async def _health(self, hive: Hive) -> dict:
         record = {**msgspec.structs.asdict(hive), "local": False, "online": False}
-        host = f"[{hive.host}]" if ":" in hive.host else hive.host
         timeout = self.config.health_timeout
         record["error"] = f"no answer within {timeout:g} s"
         with trio.move_on_after(timeout):
             try:
-                async with Client(f"http://{host}:{hive.port}", connect_timeout=timeout, read_timeout=timeout) as client:
+                async with Client(hive.url, connect_timeout=timeout, read_timeout=timeout) as client:
                     response = await client.request("GET", "/health")
                 if response.status != 200:
                     record["error"] = f"/health answered {response.status}"
@@ -94,7 +101,7 @@ class Hives:
         if op.id == LOCAL:
             job.result(self._local())
         else:
-            job.result(await self._health(self._remote(op.id)))
+            job.result(await self._health(self.remote(op.id)))
 
     async def create(self, job: Job, op: HiveCreate) -> None:
         hive_id = op.id or _slug(op.host)
@@ -111,7 +118,7 @@ class Hives:
             raise JobFailed("hive 'localhost' is this daemon and cannot be changed")
         changes = {k: v for k in ("host", "port", "ssh_host") if (v := getattr(op, k)) is not None}
         async with self._changing:
-            hive = msgspec.structs.replace(self._remote(op.id), **changes)
+            hive = msgspec.structs.replace(self.remote(op.id), **changes)
             await self.catalog.put(hive.id, hive)
         job.narrate(f"hive {hive.id} updated: {', '.join(changes) or 'nothing changed'}")
         job.result(await self._health(hive))
@@ -120,7 +127,7 @@ class Hives:
         if op.id == LOCAL:
             raise JobFailed("hive 'localhost' is this daemon and cannot be deleted")
         async with self._changing:
-            self._remote(op.id)
+            self.remote(op.id)
             await self.catalog.delete(op.id)
         job.narrate(f"hive {op.id} deleted")
         job.result({"id": op.id, "deleted": True})
@@ -136,7 +143,7 @@ class Hives:
             job.narrate(f"hive localhost is this daemon (pid {os.getpid()}); it is running")
             job.result({"id": LOCAL, "action": action, "running": True, "local": True})
             return
-        hive = self._remote(hive_id)
+        hive = self.remote(hive_id)
         template = self.config.start_command
         try:
             command = template.format(ssh_host=hive.ssh_host or hive.host, host=hive.host, port=hive.port, action=action)

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from . import operations as ops
+from .forward import forward
 from .hives import LOCAL, Hives
 from .jobs import Job, JobFailed
 
 
 class Router:
-    """Maps operation types to handlers; operations for a remote hive are refused for now."""
+    """Maps operation types to handlers; an operation for a remote hive is forwarded to it."""
 
     def __init__(self, hives: Hives, services: dict[type, Callable[[Job, ops.AnyOperation], Awaitable[None]]]):
         self._hives = hives
@@ -31,7 +32,6 @@ class Router:
             raise JobFailed(f"{operation.name}: not implemented")
         hive_id = getattr(operation, "hive_id", LOCAL)
         if hive_id != LOCAL and not isinstance(operation, (ops.HiveStart, ops.HiveStop)):
-            if self._hives.catalog.get(hive_id) is None:
-                raise JobFailed(f"unknown hive {hive_id!r}")
-            raise JobFailed(f"{operation.name} on remote hive {hive_id!r}: forwarding to remote hives is not implemented")
-        await handler(job, operation)
+            await forward(job, operation, self._hives.remote(hive_id))
+        else:
+            await handler(job, operation)

@@ -1,0 +1,192 @@
+"""Operations for a remote hive: two real daemons, one forwarding to the other over TCP."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+
+import pytest
+import trio
+
+from httpfixture import serve_files
+from support import (
+    end_marker,
+    job_error,
+    job_events,
+    job_result,
+    rest_of,
+    run_job,
+    running_daemon,
+)
+
+# Long enough generations on the hive to be cancelled mid-stream.
+HIVE_ENV = {"RBEED_WORKER_TOKEN_DELAY": "0.02"}
+FORWARDED = re.compile(r"forwarded to hive (\S+) \((\S+)\) as (job-[0-9a-f-]+)$")
+
+
+@pytest.fixture
+def daemons():
+    """(the daemon clients talk to, a second daemon registered with it as hive `h2`)."""
+    with running_daemon(env=HIVE_ENV) as hive, running_daemon() as queen:
+        yield queen, hive
+
+
+async def register(queen, hive, port: int | None = None) -> None:
+    async with queen.client() as client:
+        record = await job_result(client, {"operation": "hive_create", "id": "h2", "host": "127.0.0.1",
+                                           "port": port or hive.port})  # fmt: skip
+    assert record["online"] is True, record
+
+
+def remote_id_of(events) -> str:
+    first = json.loads(events[0].data)
+    assert events[0].event == "narration" and (match := FORWARDED.match(first["message"])), events[0]
+    assert first["remote_job_id"] == match[3] and first["hive_id"] == match[1] == "h2"
+    return match[3]
+
+
+async def remote_events(hive, job_id: str) -> list:
+    """The hive's own record of a job's events, replayed from its buffer."""
+    async with hive.client() as client, client.stream("GET", f"/v1/jobs/{job_id}/stream") as response:
+        assert response.status == 200
+        return await rest_of(response.aiter_sse(), 10)
+
+
+def kinds_and_data(events) -> list[tuple[str, object]]:
+    return [(e.event, json.loads(e.data)) for e in events if e.event != "end"]
+
+
+async def test_operations_run_on_the_hive_and_relay_its_events(daemons, tiny_model):
+    queen, hive = daemons
+    await register(queen, hive)
+    async with queen.client() as client:
+        with trio.fail_after(30):
+            events = await run_job(client, {"operation": "model_download", "hive_id": "h2", "model": str(tiny_model)})
+        assert end_marker(events) == "[DONE]", events
+        remote = await remote_events(hive, remote_id_of(events))
+        # Every event of the hive's job, in order, once; then the same end.
+        assert kinds_and_data(events[1:]) == kinds_and_data(remote)
+        assert [e.event for e in remote[:2]] == ["narration", "progress"] and remote[-1].data == "[DONE]"
+
+        assert await job_result(client, {"operation": "model_list"}) == []  # nothing landed here
+        [listed] = await job_result(client, {"operation": "model_list", "hive_id": "h2"})
+        assert listed["id"] == "tiny" and (hive.state_dir / "models" / listed["file"]).is_file()
+
+        infer = {"operation": "infer", "model": "tiny", "prompt": "The cat", "max_tokens": 12, "seed": 7}
+        with trio.fail_after(60):
+            forwarded = await run_job(client, {**infer, "hive_id": "h2"})
+        [worker] = await job_result(client, {"operation": "worker_list", "hive_id": "h2"})
+        assert worker["model"] == "tiny" and await job_result(client, {"operation": "worker_list"}) == []
+    async with hive.client() as direct:
+        with trio.fail_after(60):
+            local = await run_job(direct, infer)
+    text = "".join(json.loads(e.data)["t"] for e in forwarded if e.event == "token")
+    assert text and text == "".join(json.loads(e.data)["t"] for e in local if e.event == "token")
+    result = json.loads(next(e.data for e in forwarded if e.event == "result"))
+    assert result["worker_id"] == worker["id"] and result["completion_tokens"] == 12
+
+
+async def test_failures_there_and_on_the_way_name_the_hive(daemons, tiny_model):
+    queen, hive = daemons
+    await register(queen, hive)
+    async with queen.client() as client:
+        assert await job_error(client, {"operation": "model_list", "hive_id": "nope"}) == "unknown hive 'nope'"
+        message = await job_error(client, {"operation": "infer", "hive_id": "h2", "model": "absent", "prompt": "x"})
+        assert message == "hive h2: unknown model 'absent' (known: none)"
+        # A hive nothing answers for: the job fails at once, naming the hive and the address.
+        await job_result(client, {"operation": "hive_create", "id": "gone", "host": "127.0.0.1", "port": 9})
+        message = await job_error(client, {"operation": "worker_list", "hive_id": "gone"})
+        assert message.startswith("hive gone: cannot connect to http://127.0.0.1:9: "), message
+
+
+async def test_cancelling_or_leaving_the_job_here_cancels_it_on_the_hive(daemons, tiny_model):
+    queen, hive = daemons
+    await register(queen, hive)
+    content = tiny_model.read_bytes()
+    async with queen.client() as client, serve_files({"m.gguf": content}) as server:
+        # A download, which goes on when its reader leaves: only the DELETE sent on can stop it.
+        server.stall_after["m.gguf"] = len(content) // 2
+        download = {"operation": "model_download", "hive_id": "h2", "model": server.url("m.gguf")}
+        async with job_events(client, download) as (job_id, events):
+            seen = [await anext(events)]
+            remote_id = remote_id_of(seen)
+            while seen[-1].event != "progress":  # the hive has the source open
+                seen.append(await anext(events))
+            async with queen.client() as other:
+                assert (await other.request("DELETE", f"/v1/jobs/{job_id}")).status == 200
+            assert end_marker(await rest_of(events, 10)) == "[CANCELLED]"
+        assert end_marker(await remote_events(hive, remote_id)) == "[CANCELLED]"
+
+        # An infer whose last reader here goes away.
+        await job_result(client, {"operation": "model_download", "hive_id": "h2", "model": str(tiny_model)})
+        infer = {"operation": "infer", "hive_id": "h2", "model": "tiny", "prompt": "Once", "max_tokens": 2000}
+        async with job_events(client, infer) as (job_id, events):
+            remote_id = remote_id_of([await anext(events)])
+            assert (await anext(events)).event in ("narration", "token")
+    remote = await remote_events(hive, remote_id)
+    assert end_marker(remote) == "[CANCELLED]" and len(remote) < 2000
+
+
+class CuttingProxy:
+    """A TCP relay to `port` that cuts the first job stream through it right after event 1, and
+    notes the Last-Event-ID of every stream request."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.streams: list[str | None] = []
+        self.cut = False
+
+    async def serve(self, nursery: trio.Nursery) -> int:
+        [listener] = await nursery.start(functools.partial(trio.serve_tcp, self.relay, 0, host="127.0.0.1"))
+        return listener.socket.getsockname()[1]
+
+    async def relay(self, client: trio.SocketStream) -> None:
+        async with client, await trio.open_tcp_stream("127.0.0.1", self.port) as server:
+            streaming = trio.Event()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.requests, client, server, streaming)
+                await self.responses(server, client, streaming)
+                nursery.cancel_scope.cancel()
+
+    async def requests(self, client, server, streaming: trio.Event) -> None:
+        async for data in client:
+            if match := re.search(rb"GET /v1/jobs/\S+/stream HTTP/1.1\r\n((?:.+\r\n)*)\r\n", data):
+                last = re.search(rb"(?im)^last-event-id: *(\S+)", match[1])
+                self.streams.append(last and last[1].decode())
+                streaming.set()
+            await server.send_all(data)
+
+    async def responses(self, server, client, streaming: trio.Event) -> None:
+        seen = b""
+        async for data in server:
+            if streaming.is_set() and not self.cut:
+                seen += data
+                if (start := seen.find(b"id: 1\n")) >= 0 and (end := seen.find(b"\n\n", start)) >= 0:
+                    self.cut = True
+                    await client.send_all(data[: len(data) - (len(seen) - end - 2)])
+                    return  # closing both connections mid-response
+            await client.send_all(data)
+
+
+async def test_a_dropped_stream_is_resumed_from_its_last_event(daemons, tiny_model):
+    queen, hive = daemons
+    proxy = CuttingProxy(hive.port)
+    async with trio.open_nursery() as nursery:
+        await register(queen, hive, port=await proxy.serve(nursery))
+        async with queen.client() as client:
+            with trio.fail_after(30):
+                events = await run_job(client, {"operation": "model_download", "hive_id": "h2",
+                                                "model": str(tiny_model)})  # fmt: skip
+        nursery.cancel_scope.cancel()
+    assert end_marker(events) == "[DONE]", events
+    assert proxy.cut and proxy.streams == [None, "1"]
+    remote = await remote_events(hive, remote_id_of(events))
+    assert len(remote) >= 4 and kinds_and_data(events[1:]) == kinds_and_data(remote)
+    assert "tiny" in {m["id"] for m in await hive_models(hive)}
+
+
+async def hive_models(hive) -> list:
+    async with hive.client() as client:
+        return await job_result(client, {"operation": "model_list"})
+
