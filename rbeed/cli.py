@@ -455,11 +455,10 @@ class Session:
         self.address = address
         try:
             # Streams stay open as long as their job runs: plain requests are bounded by REQUEST_TIMEOUT.
-            client = Client(address, connect_timeout=CONNECT_TIMEOUT, read_timeout=None)
+            self.client = Client(address, connect_timeout=CONNECT_TIMEOUT, read_timeout=None)
         except HTTPError as exc:
             raise CliError(f"--url/RBEE_URL: {exc}", EXIT_USAGE) from None
-        self.client = client
-        self.jobs = JobClient(client, request_timeout=REQUEST_TIMEOUT, reconnect_delay=RECONNECT_DELAY)
+        self.jobs = JobClient(self.client, request_timeout=REQUEST_TIMEOUT, reconnect_delay=RECONNECT_DELAY)
 
     def unreachable(self, problem: Exception | str) -> CliError:
         reason = str(problem).removeprefix(f"cannot connect to {self.address}: ")
@@ -498,7 +497,8 @@ class Session:
         except StreamLost as exc:
             if isinstance(exc.problem, ConnectError | HTTPTimeout):
                 raise self.unreachable(exc.problem) from None
-            raise CliError(f"{exc}\n  hint: `rbee job follow {job_id}` picks it up again while the daemon keeps it") from None
+            hint = f"`rbee job follow {job_id}` picks it up again while the daemon keeps it"
+            raise CliError(f"{exc}\n  hint: {hint}") from None
 
     async def cancel(self, job_id: str, console: Console) -> None:
         """DELETE the job, shielded from the cancellation that got us here and bounded in time."""

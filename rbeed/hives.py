@@ -110,7 +110,7 @@ class Hives:
                 raise JobFailed(f"hive {hive_id!r} already exists")
             hive = Hive(hive_id, op.host, op.port, op.ssh_host)
             await self.catalog.put(hive.id, hive)
-        job.narrate(f"hive {hive_id} registered at {op.host}:{op.port}")
+        job.narrate(f"hive {hive_id} registered at {hive.address}")
         job.result(await self._health(hive))
 
     async def update(self, job: Job, op: HiveUpdate) -> None:

@@ -62,7 +62,9 @@ class JobClient:
         self.reconnect_delay = reconnect_delay
         self.reconnects = reconnects
 
-    async def request(self, method: str, path: str, body: bytes | None = None, timeout: float | None = None) -> Response:
+    async def request(
+        self, method: str, path: str, body: bytes | None = None, timeout: float | None = None
+    ) -> Response:
         """One request, its answer read whole; an answer too slow is an HTTPTimeout."""
         timeout = self.request_timeout if timeout is None else timeout
         try:

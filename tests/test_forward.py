@@ -150,11 +150,14 @@ class CuttingProxy:
                 nursery.cancel_scope.cancel()
 
     async def requests(self, client, server, streaming: trio.Event) -> None:
+        unread = b""  # what the client sent after the last stream request's head: a head may come in pieces
         async for data in client:
-            if match := re.search(rb"GET /v1/jobs/\S+/stream HTTP/1.1\r\n((?:.+\r\n)*)\r\n", data):
+            unread += data
+            while match := re.search(rb"GET /v1/jobs/\S+/stream HTTP/1.1\r\n((?:.+\r\n)*)\r\n", unread):
                 last = re.search(rb"(?im)^last-event-id: *(\S+)", match[1])
                 self.streams.append(last and last[1].decode())
                 streaming.set()
+                unread = unread[match.end() :]
             await server.send_all(data)
 
     async def responses(self, server, client, streaming: trio.Event) -> None:
