@@ -79,6 +79,29 @@ def describe_exit(returncode: int) -> str:
     return f"exited with status {returncode}"
 
 
+async def probe_device(device: str, timeout: float) -> str | None:
+    """Why no worker could use `device` (llama-cpp-python built without CUDA), or None.
+
+    A worker process answers, without a model: the daemon does not import llama_cpp. When the
+    probe itself fails, the worker's own check at load time has the last word.
+    """
+    env = {key: value for key, value in os.environ.items() if key not in ("NOTIFY_SOCKET", "LISTEN_FDS")}
+    command = [sys.executable, "-m", "rbeed", "worker", "--probe", device]
+    try:
+        with trio.fail_after(timeout):
+            done = await trio.run_process(command, env=env, stdin=subprocess.DEVNULL, capture_stdout=True,
+                                          capture_stderr=True, check=False)  # fmt: skip
+    except (OSError, trio.TooSlowError) as exc:
+        log.warning("cannot probe device %s: %s", device, exc or "timed out")
+        return None
+    last_line = (done.stderr.decode(errors="replace").splitlines() or [""])[-1]
+    if done.returncode == 3 and last_line.startswith("rbeed-worker: failed: "):
+        return last_line.removeprefix("rbeed-worker: failed: ")
+    if done.returncode != 0:
+        log.warning("cannot probe device %s: %s: %s", device, describe_exit(done.returncode), last_line)
+    return None
+
+
 class ProcessHandle:
     def __init__(self, process: trio.Process, notify: trio.socket.SocketType):
         self.process = process

@@ -1,9 +1,10 @@
 """The llama.cpp worker subprocess: loads one model and serves generations over a Unix socket.
 
 Invoked as `rbeed worker --id ID --model PATH --socket PATH --device cpu|cuda:N|metal
---threads N [--n-ctx 2048] [--n-batch 32]`. Protocol: rbeed.wire frames on one daemon
-connection at a time; generations run one at a time in the main thread, which also reads the
-connection: while idle it blocks in recv, so a request wakes the thread that will run it.
+--threads N [--n-ctx 2048] [--n-batch 32]`, or as `rbeed worker --probe DEVICE` to check a
+device without loading a model. Protocol: rbeed.wire frames on one daemon connection at a time;
+generations run one at a time in the main thread, which also reads the connection: while idle it
+blocks in recv, so a request wakes the thread that will run it.
 
 Readiness follows the sd_notify protocol when NOTIFY_SOCKET is set: "STATUS=loading <model>",
 then "READY=1" once the model is loaded and the socket listens, or "STATUS=failed: <reason>"
@@ -230,17 +231,28 @@ def _raise_is_dropped(frame: Any) -> bool:
     return False
 
 
-def _load_model(args: argparse.Namespace, n_gpu_layers: int) -> Any:
-    _check_model_file(args.model)
+def _check_gpu(device: str, n_gpu_layers: int, *, find: bool = True) -> None:
+    """Refuse a GPU device that this llama-cpp-python build lacks or (if `find`) cannot find."""
     import llama_cpp
 
-    if n_gpu_layers and not llama_cpp.llama_supports_gpu_offload():
-        backend = "metal" if args.device == "metal" else "cuda"
-        # a GPU backend lists itself here even when it found no device
-        system_info = llama_cpp.llama_print_system_info().decode(errors="replace")
-        if f"{_BACKEND_NAMES[backend]} :" in system_info:
-            raise _StartupError(f"device {args.device} is not available: {backend} found no GPU")
-        raise _StartupError(f"llama-cpp-python was built without GPU support ({backend})")
+    if not n_gpu_layers or llama_cpp.llama_supports_gpu_offload():
+        return
+    backend = "metal" if device == "metal" else "cuda"
+    # a GPU backend lists itself here even when it found no device
+    system_info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    if f"{_BACKEND_NAMES[backend]} :" not in system_info:
+        flag = "GGML_CUDA" if backend == "cuda" else "GGML_METAL"
+        raise _StartupError(f"llama-cpp-python was built without GPU support ({backend}); "
+                            f'reinstall it with CMAKE_ARGS="-D{flag}=on"')  # fmt: skip
+    if find:
+        raise _StartupError(f"device {device} is not available: {backend} found no GPU")
+
+
+def _load_model(args: argparse.Namespace, n_gpu_layers: int) -> Any:
+    _check_model_file(args.model)
+    _check_gpu(args.device, n_gpu_layers)
+    import llama_cpp
+
     global _llama_errors
     errors = _llama_errors = _LlamaErrors(llama_cpp)
     try:
@@ -706,8 +718,24 @@ def _on_terminate(signum: int, frame: object) -> None:
     raise _Terminated
 
 
+def probe(device: str) -> int:
+    """`rbeed worker --probe DEVICE`: whether this build supports DEVICE (exit 0), or why not (exit 3).
+
+    Whether the GPU itself is there is left to the worker, which looks from its own sandbox.
+    """
+    try:
+        _check_gpu(device, _gpu_layers(device), find=False)
+    except _StartupError as exc:
+        _log(f"failed: {exc}")
+        return EXIT_FAILED
+    return 0
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the worker until SIGTERM (exit 0) or a startup failure (exit 3)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 2 and argv[0] == "--probe":
+        return probe(argv[1])
     args = _parse_args(argv)
     signal.signal(signal.SIGTERM, _on_terminate)
     signal.signal(signal.SIGINT, _on_terminate)

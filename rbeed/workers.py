@@ -15,7 +15,7 @@ import msgspec
 import trio
 
 from . import wire
-from .backends import WorkerStartError, first_of
+from .backends import WorkerStartError, first_of, probe_device
 from .config import WorkersConfig, parse_cpu_list
 from .jobs import Job, JobFailed
 from .models import Models
@@ -238,6 +238,7 @@ class Supervisor:
         self._nursery: trio.Nursery | None = None
         self._serial = itertools.count(1)
         self._placing = trio.Lock()  # one placement at a time, in arrival order (trio's Lock is fair)
+        self._usable_devices = {"cpu"}  # devices the llama.cpp build supports, once probed
         models.in_use = lambda model_id: [w.id for w in self.workers.values() if w.model == model_id and w.live]
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -316,6 +317,7 @@ class Supervisor:
         wanted = threads or 1
         with self.models.held(model_id, f"job {job.id}" if job else "a spawn") as model:
             path = self.models.path_of(model)
+            await self._check_device(device, job)
             async with self._placing:
                 await self._make_room(wanted, job, wait=on_demand)
                 free = self._free_threads()
@@ -344,6 +346,17 @@ class Supervisor:
         if job is not None:
             job.narrate(f"worker {worker_id} ready in {trio.current_time() - started:.2f} s", worker_id=worker_id)
         return worker
+
+    async def _check_device(self, device: str, job: Job | None) -> None:
+        """Refuse a device the llama.cpp build lacks before stopping workers to make room for it."""
+        if device in self._usable_devices:
+            return
+        if job is not None:
+            job.narrate(f"checking that this llama.cpp build supports {device}")
+        reason = await probe_device(device, self.config.load_timeout)
+        if reason is not None:
+            raise JobFailed(reason)
+        self._usable_devices.add(device)
 
     async def stop(self, worker: Worker) -> None:
         worker.closing = True

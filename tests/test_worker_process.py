@@ -580,7 +580,7 @@ async def test_bad_model_reports_failed_and_exits_3(
     ("device", "reason"),
     [
         ("metal", "device metal is only available on macOS, not linux"),
-        ("cuda:0", "llama-cpp-python was built without GPU support (cuda)"),
+        ("cuda:0", 'llama-cpp-python was built without GPU support (cuda); reinstall it with CMAKE_ARGS="-DGGML_CUDA=on"'),
         ("tpu", "unknown device 'tpu' (expected cpu, cuda:N or metal)"),
     ],
 )

@@ -227,14 +227,19 @@ async def test_an_unknown_model_is_refused_clearly(client):
     assert await job_result(client, {"operation": "worker_list"}) == []
 
 
-async def test_cuda_on_a_cpu_only_build_fails_with_the_workers_reason(client):
+async def test_cuda_on_a_cpu_only_build_is_refused_before_any_worker_is_stopped(client):
     llama_cpp = pytest.importorskip("llama_cpp")
-    if llama_cpp.llama_supports_gpu_offload():
-        pytest.skip("this llama-cpp-python build has GPU support")
-    error = await job_error(client, spawn(worker="cuda", device=0))
-    assert error.startswith("worker tiny-cuda0-"), error
-    assert error.endswith("failed to load tiny: llama-cpp-python was built without GPU support (cuda)")
-    assert await job_result(client, {"operation": "worker_list"}) == []
+    if llama_cpp.llama_supports_gpu_offload() or "CUDA :" in llama_cpp.llama_print_system_info().decode():
+        pytest.skip("this llama-cpp-python build has CUDA")
+    inferred = await job_result(client, SHORT)  # an idle on-demand worker holds every thread
+    [idle] = await job_result(client, {"operation": "worker_list"})
+    reason = 'llama-cpp-python was built without GPU support (cuda); reinstall it with CMAKE_ARGS="-DGGML_CUDA=on"'
+    for payload, device in ((spawn(worker="cuda", device=1), "cuda:1"), (SHORT | {"device": "cuda"}, "cuda:0")):
+        events = await run_job(client, payload)
+        assert end_marker(events) == f"[ERROR] {reason}"
+        assert narrations(events)[:1] == [f"checking that this llama.cpp build supports {device}"]
+    assert await job_result(client, {"operation": "worker_list"}) == [idle]
+    assert idle["id"] == inferred["worker_id"] and pid_alive(idle["pid"])
 
 
 async def test_a_bad_model_file_fails_the_spawn_with_the_reason(rbeed, client, tiny_model):
