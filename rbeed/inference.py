@@ -42,6 +42,8 @@ class Inference:
                                                job=job, first=generation), True  # fmt: skip
 
     async def infer(self, job: Job, op: Infer) -> None:
+        if op.messages is not None and self.supervisor.models.lookup(op.model).metadata.get("chat_template") is False:
+            raise JobFailed(wire.NO_CHAT_TEMPLATE)  # known from the catalog: no worker need load it
         messages = None if op.messages is None else [(m.role, m.content) for m in op.messages]
         generation = Generation(
             job, op.prompt or "", op.stream, max_tokens=op.max_tokens, temperature=op.temperature,

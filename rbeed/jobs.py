@@ -198,6 +198,18 @@ class Job:
 Handler = Callable[[Job, AnyOperation], Awaitable[None]]
 
 
+def _log_end(job: Job, state: JobState, error: str | None) -> None:
+    """One journal line per job; lists and gets change nothing, so they are kept for debugging."""
+    if state is JobState.FAILED:
+        level = logging.WARNING
+    else:
+        level = logging.DEBUG if job.operation.endswith(("_list", "_get")) else logging.INFO
+    if log.isEnabledFor(level):  # cheap for the thousands of lists a second a busy daemon may get
+        took = f" after {time.time() - job.started_at:.2f} s" if job.started_at else ""
+        why = f": {error}" if state is JobState.FAILED else ""
+        log.log(level, "job %s (%s) %s%s%s", job.id, job.operation, state.value, took, why)
+
+
 class JobRegistry:
     """Creates jobs, runs each in the registry's nursery when first streamed, and expires them."""
 
@@ -351,6 +363,7 @@ class JobRegistry:
     def _end(self, job: Job, state: JobState, error: str | None = None) -> None:
         self._move(job, state)
         self._running.discard(job)
+        _log_end(job, state, error)
         job._finish(state, error)
         self._unstreamed.pop(job, None)  # cancelled while queued
         self._finished.append((self._arm(self._config.finished_ttl), job))

@@ -8,6 +8,7 @@ import msgspec
 
 __all__ = [
     "MAX_FRAME_SIZE",
+    "NO_CHAT_TEMPLATE",
     "Cancel",
     "Done",
     "Failed",
@@ -19,6 +20,9 @@ __all__ = [
 ]
 
 MAX_FRAME_SIZE = 16 * 1024 * 1024
+# A Generate with messages for a model without a chat template fails with this (the daemon
+# refuses it before loading a worker when the model's metadata says so).
+NO_CHAT_TEMPLATE = "the model has no chat template: send a `prompt` instead of `messages`"
 
 _HEADER = struct.Struct(">I")
 

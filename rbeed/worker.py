@@ -561,7 +561,7 @@ class _Worker:
             llm = self.llm
             template = llm.metadata.get("tokenizer.chat_template")
             if not template:
-                raise _ChatError("the model has no chat template: send a `prompt` instead of `messages`")
+                raise _ChatError(wire.NO_CHAT_TEMPLATE)
 
             def text(token: int) -> str:
                 return "" if token == -1 else llm.detokenize([token], special=True).decode(errors="replace")

@@ -158,8 +158,13 @@ async def test_messages_go_through_the_models_chat_template(client, tmp_path):
 
     refused = await job_error(client, chat | {"messages": [{"role": "assistant", "content": "Hi"}]})
     assert refused == "the model's chat template refused the messages: a chat starts with the user"
-    no_template = await job_error(client, chat | {"model": "tiny"})
-    assert no_template == "the model has no chat template: send a `prompt` instead of `messages`"
+    # A model whose metadata has no chat template is refused before any worker loads it.
+    plain = tinymodel.write_tiny_model(tmp_path / "plain.gguf")
+    await job_result(client, {"operation": "model_download", "model": str(plain)})
+    no_template = await run_job(client, chat | {"model": "plain"})
+    assert end_marker(no_template) == "[ERROR] the model has no chat template: send a `prompt` instead of `messages`"
+    assert narrations(no_template) == []
+    assert "plain" not in {w["model"] for w in await job_result(client, {"operation": "worker_list"})}
     await job_result(client, {"operation": "worker_delete", "id": reply["worker_id"]})
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from contextlib import asynccontextmanager
 
@@ -391,6 +392,31 @@ async def test_delete_cancels_a_running_job_and_its_stream_ends_cancelled(api_da
         status = await status_of(other, job_id)
     assert cancel.status == 200 and end_marker(rest) == "[CANCELLED]"
     assert status["state"] == "cancelled" and status["finished_at"] is not None
+
+
+async def test_the_journal_gets_a_line_per_finished_job_but_not_for_lists_and_gets(shared_daemon):
+    async with shared_daemon.client() as client:
+
+        async def finish(payload: dict) -> str:
+            job_id = await submit(client, payload)
+            async with client.stream("GET", f"/v1/jobs/{job_id}/stream") as response:
+                await response.aread()
+            return job_id
+
+        created = await finish({"operation": "hive_create", "id": "journal", "host": "127.0.0.1"})
+        listed = await finish({"operation": "hive_list"})
+        failed = await finish({"operation": "hive_get", "id": "absent"})
+        deleted = await finish({"operation": "hive_delete", "id": "journal"})
+        cancelled = await submit(client, {"operation": "hive_delete", "id": "journal"})
+        assert (await client.request("DELETE", f"/v1/jobs/{cancelled}")).status == 200
+    log = shared_daemon.log()  # each line is written before its job's end event goes out
+    assert re.search(rf"INFO rbeed.jobs: job {created} \(hive_create\) completed after \d+\.\d\d s$", log, re.M), log
+    assert re.search(rf"INFO rbeed.jobs: job {deleted} \(hive_delete\) completed after \d+\.\d\d s$", log, re.M), log
+    assert re.search(
+        rf"WARNING rbeed.jobs: job {failed} \(hive_get\) failed after \d+\.\d\d s: unknown hive 'absent'$", log, re.M
+    ), log
+    assert re.search(rf"INFO rbeed.jobs: job {cancelled} \(hive_delete\) cancelled$", log, re.M), log
+    assert listed not in log
 
 
 async def test_delete_of_a_finished_job_is_409(shared_daemon):

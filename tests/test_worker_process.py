@@ -302,6 +302,16 @@ async def test_prompt_longer_than_context_fails_and_worker_goes_on(start_worker)
     assert isinstance(after.end, wire.Done) and after.text
 
 
+async def test_messages_for_a_model_without_a_chat_template_fail_and_worker_goes_on(start_worker):
+    with trio.fail_after(10):
+        _, client = await ready_client(start_worker)
+        refused = await client.generate(1, messages=[("user", "Hi")])
+        after = await client.generate(2, seed=1)
+
+    assert refused.end == wire.Failed(id=1, error=wire.NO_CHAT_TEMPLATE) and refused.pieces == []
+    assert isinstance(after.end, wire.Done) and after.text
+
+
 async def test_cancel_mid_stream_then_next_generation(start_worker, long_seed):
     seed = long_seed
     with trio.fail_after(10):
