@@ -138,7 +138,9 @@ class Models:
         if existing is not None and self.path_of(existing).exists():
             if op.sha256 and op.sha256.lower() != existing.sha256:
                 raise JobFailed(f"model {model_id_} is present with sha256 {existing.sha256}, not {op.sha256}")
-            job.narrate(f"model {model_id_} is already present")
+            moved = existing.source != op.model
+            elsewhere = f", from {existing.source}; model_delete it to fetch this one" if moved else ""
+            job.narrate(f"model {model_id_} is already present{elsewhere}")
             job.result(existing)
             return
         self._fetching[model_id_] = (job.id, trio.Event())

@@ -102,6 +102,9 @@ async def test_local_path_is_copied_with_progress_and_recorded_with_metadata(rbe
     assert [e.event for e in again] == ["narration", "result", "end"]  # no copy: at once
     assert narrations(again) == ["model tiny is already present"]
     assert json.loads(again[1].data) == record
+    elsewhere = await run_job(client, download(tiny_model.as_uri()))  # the same name from another source
+    assert narrations(elsewhere) == [f"model tiny is already present, from {tiny_model}; model_delete it to fetch this one"]
+    assert json.loads(elsewhere[1].data) == record
 
 
 async def test_file_url_with_an_odd_name_gets_a_slug_id(rbeed, client, tiny_model, tiny):
