@@ -244,7 +244,9 @@ def progress_text(fields: dict, width: int | None = None) -> str:
     percent = f"{int(fraction * 100):3d}%"
     if width is None:
         return f"{head}{percent}  {tail}"
-    room = width - len(head) - len(percent) - len(tail) - 5  # " [" and "]  " around the bar
+    # The bar keeps its length whatever the numbers after it: room for their widest is kept.
+    widest = len(f"{total / MIB:.1f}/{total / MIB:.1f} MiB  9999.9 MiB/s  ETA --:--")
+    room = width - len(head) - len(percent) - max(widest, len(tail)) - 5  # " [" and "]  " around the bar
     if room < 10:
         return f"{head}{percent}  {tail}"[:width]
     filled = int(fraction * room)

@@ -612,8 +612,11 @@ def test_progress_text_shows_percentage_mib_rate_and_eta():
     half = {"done": 50 * MIB, "total": 100 * MIB, "rate": 10 * MIB}
     assert cli.progress_text(half) == " 50%  50.0/100.0 MiB  10.0 MiB/s  ETA 0:05"
     bar = cli.progress_text(half, width=70)
-    assert len(bar) == 70
-    assert bar == " 50% [" + "#" * 12 + "." * 13 + "]  50.0/100.0 MiB  10.0 MiB/s  ETA 0:05"
+    assert bar == " 50% [" + "#" * 10 + "." * 11 + "]  50.0/100.0 MiB  10.0 MiB/s  ETA 0:05"
+    # The bar keeps its length (and the numbers their column) as the numbers change width.
+    for done, rate in ((0, 0), (99, 9999), (100, 9999)):
+        line = cli.progress_text({"done": done * MIB, "total": 100 * MIB, "rate": rate * MIB}, width=70)
+        assert line.index("]") == bar.index("]") and len(line) <= 70, line
     assert cli.progress_text({"done": 3 * MIB, "total": None, "rate": MIB}) == "3.0 MiB  1.0 MiB/s"
     assert cli.progress_text({"done": 0, "total": 7200 * MIB, "rate": MIB}).endswith("ETA 2:00:00")
     assert cli.progress_text({"done": 0, "total": MIB, "rate": 0}).endswith("ETA --:--")
@@ -639,11 +642,11 @@ def test_progress_bar_redraws_in_place_at_most_ten_times_a_second():
     assert stream.getvalue().count("\r\x1b[K") == 2 and "3.0/10.0 MiB" in stream.getvalue()
     display.clear()  # narration is about to be printed: the bar goes, and comes back on the next report
     display.update({"done": 5 * MIB, "total": 10 * MIB, "rate": MIB})
-    assert stream.getvalue().endswith("\r\x1b[K\r\x1b[K 50% [#########.........]  5.0/10.0 MiB  1.0 MiB/s  ETA 0:05")
+    assert stream.getvalue().endswith("\r\x1b[K\r\x1b[K 50% [######.......]  5.0/10.0 MiB  1.0 MiB/s  ETA 0:05")
     clock.now = 0.16
     display.update({"done": 6 * MIB, "total": 10 * MIB, "rate": MIB})
     display.finish()  # the held-back report is shown, and the line ended
-    assert stream.getvalue().endswith("\r\x1b[K 60% [##########........]  6.0/10.0 MiB  1.0 MiB/s  ETA 0:04\n")
+    assert stream.getvalue().endswith("\r\x1b[K 60% [#######......]  6.0/10.0 MiB  1.0 MiB/s  ETA 0:04\n")
 
 
 def test_progress_without_a_terminal_is_an_occasional_plain_line():
