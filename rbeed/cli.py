@@ -160,6 +160,7 @@ TABLES: dict[str, list[Column]] = {
         Column("STATE", ("state",)),
         Column("PID", ("pid",)),
         Column("THREADS", ("threads",)),
+        Column("UNTIL", ("stops_at",)),
     ],
     "job_list": [
         Column("ID", ("job_id",)),

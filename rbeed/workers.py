@@ -48,6 +48,8 @@ class WorkerRecord(msgspec.Struct):
     restarts: int
     queued: int
     error: str | None
+    keep_alive: float | None  # on demand: idle seconds before it stops (-1: never)
+    stops_at: float | None  # when it stops unless a job comes first: while idle, on demand
 
 
 class WorkerDied(Exception):
@@ -94,6 +96,7 @@ class Worker:
         self.state = WorkerState.STARTING
         self.pid: int | None = None
         self.started_at = time.time()
+        self.stops_at: float | None = None
         self.restarts = 0
         self.error: str | None = None
         self.backend = ""
@@ -124,7 +127,7 @@ class Worker:
         return WorkerRecord(
             self.id, self.model, self.device, self.pid, self.state.value, self.threads, self.started_at,
             self.backend, self.on_demand, self.restarts, self.queue_out.statistics().current_buffer_used,
-            self.error,
+            self.error, self.keep_alive if self.on_demand else None, self.stops_at,
         )  # fmt: skip
 
     @property
@@ -191,8 +194,10 @@ class Worker:
                 try:  # a queued job is taken at once, even with keep_alive 0
                     generation = self.queue_out.receive_nowait()
                 except trio.WouldBlock:
+                    self.stops_at = time.time() + timeout if timeout < math.inf else None
                     with trio.move_on_after(timeout):
                         generation = await self.queue_out.receive()
+                    self.stops_at = None
                 if generation is None:
                     try:  # one queued after the wait timed out and before this task ran again
                         generation = self.queue_out.receive_nowait()

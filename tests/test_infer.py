@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 
 import jinja2
 import pytest
@@ -206,6 +207,13 @@ async def test_load_on_demand_then_reuse_and_keep_alive(client):
     assert result["worker_id"] == kept and narrations(events) == []
     [worker] = await tiny2_workers(client)
     assert (worker["id"], worker["on_demand"], worker["state"]) == (kept, True, "ready") and pid_alive(worker["pid"])
+    assert (worker["keep_alive"], worker["stops_at"]) == (-1, None)
+
+    # keep_alive 60: once idle, the record says when it will stop.
+    before = time.time()
+    assert (await infer(client, GREEDY | {"model": "tiny2", "keep_alive": 60}))[1]["worker_id"] == kept
+    [worker] = await tiny2_workers(client)  # idle from the moment its job got its answer
+    assert worker["keep_alive"] == 60 and before + 60 <= worker["stops_at"] <= time.time() + 60
 
     # keep_alive 0 on a job: its worker stops after it.
     assert (await infer(client, GREEDY | {"model": "tiny2", "keep_alive": 0}))[1]["worker_id"] == kept

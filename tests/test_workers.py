@@ -90,6 +90,7 @@ async def test_spawn_narrates_loading_and_returns_the_record_that_list_and_get_s
     assert narrations(events)[1].startswith(f"worker {worker_id} ready in ")
     assert RECORD_FIELDS <= record.keys()
     assert (record["model"], record["device"], record["state"], record["threads"]) == ("tiny", "cpu", "ready", 1)
+    assert (record["on_demand"], record["keep_alive"], record["stops_at"]) == (False, None, None)  # kept until deleted
     assert time.time() - 30 < record["started_at"] <= time.time()
     assert pid_alive(record["pid"])
     argv = cmdline(record["pid"])
