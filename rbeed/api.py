@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import re
 
 import msgspec
@@ -17,16 +18,23 @@ _STATES = ", ".join(state.value for state in JobState)
 
 
 class JobAPI:
-    """Turns requests into registry calls; `accepting` goes False while the daemon drains."""
+    """Turns requests into registry calls; `accepting` goes False while the daemon drains.
 
-    def __init__(self, registry: JobRegistry):
+    With an `api_key`, a request that did not come over the Unix socket must carry it as a
+    bearer token, except /health (hives and load balancers probe it).
+    """
+
+    def __init__(self, registry: JobRegistry, api_key: str | None = None):
         self.registry = registry
         self.accepting = True
+        self.api_key = api_key
 
     async def __call__(self, request: Request) -> Response | StreamingResponse:
         path = request.path
         if path == "/health":
             return self._only(request, "GET") or json_response(200, {"status": "ok", "version": __version__})
+        if self.api_key is not None and not request.local and (refusal := _unauthorized(request, self.api_key)):
+            return refusal
         if path == "/v1/jobs":
             if request.method == "POST":
                 return self._create(request)
@@ -146,3 +154,12 @@ class JobAPI:
             await send(b"".join(batch), last=ended)
             if ended:
                 return None
+
+
+def _unauthorized(request: Request, api_key: str) -> Response | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        return None
+    problem = "wrong API key" if scheme else "an API key is required over TCP"
+    return error_response(401, f"{problem}: send it as 'Authorization: Bearer KEY'",
+                          [("www-authenticate", 'Bearer realm="rbeed"')])  # fmt: skip

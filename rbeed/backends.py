@@ -52,6 +52,15 @@ def worker_args(spec: LaunchSpec, config: WorkersConfig) -> list[str]:
             "--device", spec.device, "--threads", str(spec.threads), *worker_options(config)]  # fmt: skip
 
 
+# The daemon's own: its sockets (socket activation) and its secrets are not a worker's business.
+_NOT_FOR_WORKERS = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "RBEED_API_KEY", "HF_TOKEN", "CREDENTIALS_DIRECTORY")
+
+
+def worker_env() -> dict[str, str]:
+    """The environment a worker process (or a probe) starts with: the daemon's, less its own."""
+    return {key: value for key, value in os.environ.items() if key not in _NOT_FOR_WORKERS}
+
+
 def parse_notify(datagram: bytes) -> dict[str, str]:
     fields = {}
     for line in datagram.decode(errors="replace").splitlines():
@@ -85,7 +94,8 @@ async def probe_device(device: str, timeout: float) -> str | None:
     A worker process answers, without a model: the daemon does not import llama_cpp. When the
     probe itself fails, the worker's own check at load time has the last word.
     """
-    env = {key: value for key, value in os.environ.items() if key not in ("NOTIFY_SOCKET", "LISTEN_FDS")}
+    env = worker_env()
+    env.pop("NOTIFY_SOCKET", None)
     command = [sys.executable, "-m", "rbeed", "worker", "--probe", device]
     try:
         with trio.fail_after(timeout):
@@ -146,8 +156,7 @@ class ProcessBackend:
         notify_path.unlink(missing_ok=True)
         notify = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
         await notify.bind(str(notify_path))
-        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "RBEED_PDEATHSIG": "1"}
-        env.pop("LISTEN_FDS", None)
+        env = worker_env() | {"NOTIFY_SOCKET": str(notify_path), "RBEED_PDEATHSIG": "1"}
         try:
             process = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "rbeed", *worker_args(spec, self.config)],

@@ -458,7 +458,9 @@ class Session:
         self.address = address
         try:
             # Streams stay open as long as their job runs: plain requests are bounded by REQUEST_TIMEOUT.
-            self.client = Client(address, connect_timeout=CONNECT_TIMEOUT, read_timeout=None)
+            key = os.environ.get("RBEE_API_KEY", "").strip()
+            headers = {"authorization": f"Bearer {key}"} if key and not address.startswith("unix:") else {}
+            self.client = Client(address, connect_timeout=CONNECT_TIMEOUT, read_timeout=None, headers=headers)
         except HTTPError as exc:
             raise CliError(f"--url/RBEE_URL: {exc}", EXIT_USAGE) from None
         self.jobs = JobClient(self.client, request_timeout=REQUEST_TIMEOUT, reconnect_delay=RECONNECT_DELAY)
@@ -480,6 +482,8 @@ class Session:
         except Refused as exc:
             if usage_on_400 and exc.status == 400:  # the payload is wrong, not the daemon
                 raise CliError(str(exc), EXIT_USAGE) from None
+            if exc.status == 401:
+                raise CliError(f"{exc} (rbee sends $RBEE_API_KEY)", EXIT_USAGE) from None
             raise CliError(f"{refused}{exc}") from None
 
     async def answer(self, method: str, path: str) -> Any:
@@ -686,6 +690,18 @@ def _default(operation: type[msgspec.Struct], field: str) -> str:
 _HIVE = _arg("--hive", dest="hive_id", metavar="ID", help="the hive to act on (default: localhost)")
 
 
+def _key_file(path: str) -> str:
+    """The key in a file ("-": stdin), so that it shows in no process list."""
+    try:
+        return (sys.stdin.read() if path == "-" else Path(path).read_text()).strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {exc}") from None
+
+
+_API_KEY = _arg("--api-key-file", dest="api_key", type=_key_file, metavar="FILE",
+                help="the hive's API key, read from FILE ('-': stdin; an empty file removes it)")  # fmt: skip
+
+
 def _global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
     """--url/--socket/--json, accepted before and after the command (`defaults` only at the top)."""
     default = {} if defaults else {"default": argparse.SUPPRESS}
@@ -722,7 +738,8 @@ def make_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="exit status: 0 done, 1 job failed, 2 usage error or payload refused,\n"
         "  3 daemon unreachable, 130 cancelled (Ctrl-C cancels the job)\n"
-        "environment: RBEE_URL (daemon address), RBEE_MODEL (infer's default model), NO_COLOR",
+        "environment: RBEE_URL (daemon address), RBEE_API_KEY (sent over TCP), RBEE_MODEL (infer's\n"
+        "  default model), NO_COLOR",
     )
     parser.add_argument("--version", action="version", version=f"rbee {__version__}")
     _global_options(parser, defaults=True)
@@ -743,9 +760,11 @@ def make_parser() -> argparse.ArgumentParser:
              _arg("host", metavar="HOST"),
              _arg("--id", help="hive id (default: derived from HOST)"),
              _arg("--port", type=int, help=f"rbeed port on HOST {_default(HiveCreate, 'port')}"),
-             _arg("--ssh-host", dest="ssh_host", metavar="H", help="ssh destination for start/stop"))  # fmt: skip
+             _arg("--ssh-host", dest="ssh_host", metavar="H", help="ssh destination for start/stop"),
+             _API_KEY)  # fmt: skip
     _command(hive, "update", "hive_update", "change a remote hive", by_id,
-             _arg("--host"), _arg("--port", type=int), _arg("--ssh-host", dest="ssh_host", metavar="H"))  # fmt: skip
+             _arg("--host"), _arg("--port", type=int), _arg("--ssh-host", dest="ssh_host", metavar="H"),
+             _API_KEY)  # fmt: skip
     _command(hive, "delete", "hive_delete", "forget a remote hive", by_id)
     for action in ("start", "stop"):
         _command(hive, action, f"hive_{action}", f"{action} rbeed on a hive",

@@ -109,6 +109,22 @@ class ConfigError(Exception):
     """The config file or a flag holds something rbeed cannot use."""
 
 
+def read_secret(env: str, credential: str) -> str | None:
+    """A secret from $`env`, else from the credential `credential` (systemd's LoadCredential=).
+
+    None when neither is set; OSError when the credential exists but cannot be read.
+    """
+    value = os.environ.get(env, "").strip()
+    if not value and (directory := os.environ.get("CREDENTIALS_DIRECTORY")):
+        try:
+            value = Path(directory, credential).read_text().strip()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise OSError(f"cannot read the credential {credential}: {exc.strerror or exc}") from None
+    return value or None
+
+
 def _first_dir(variable: str) -> Path | None:
     # systemd passes e.g. STATE_DIRECTORY as a colon-separated list; the first entry is ours.
     value = os.environ.get(variable)

@@ -53,6 +53,11 @@ def choose_backend(config: Config):
     return ProcessBackend(config.runtime_path, config.workers)
 
 
+def api_key() -> str | None:
+    """The key TCP clients must send: $RBEED_API_KEY, else the credential `api-key`."""
+    return configuration.read_secret("RBEED_API_KEY", "api-key")
+
+
 class Daemon:
     def __init__(self, config: Config, config_path: Path | None = None, overrides: dict | None = None):
         self.config = config
@@ -73,7 +78,7 @@ class Daemon:
             ops.Infer: inference.infer,
         })  # fmt: skip
         self.registry = JobRegistry(config.jobs, self.router, lambda: config.server.sse_keepalive)
-        self.api = JobAPI(self.registry)
+        self.api = JobAPI(self.registry, api_key())
         self.connections = 0
         self._poked = Changed()  # jobs, workers or connections changed
         self._reloaded = Changed()
@@ -100,6 +105,8 @@ class Daemon:
                         await accepting.start(listen, sockets, self.api, self.config.server, connections)
                         where = ", ".join(describe(sock) for sock in sockets)
                         log.info("rbeed %s listening on %s", __version__, where)
+                        if self.api.api_key:
+                            log.info("TCP clients must send the API key (the Unix socket needs none)")
                         self.notifier.notify("READY=1", f"STATUS=listening on {where}")
                         services.start_soon(self.notifier.watchdog)
                         services.start_soon(self._report_status)
@@ -195,6 +202,14 @@ class Daemon:
                 else:
                     setattr(live, name, new_value)
                     changed.append(key)
+        try:
+            key = api_key()
+        except OSError as exc:
+            log.error("reload: %s; keeping the API key", exc)
+        else:
+            if key != self.api.api_key:
+                self.api.api_key = key
+                changed.append("api key")
         log.info("reloaded %s: %s", self.config_path or "defaults", ", ".join(changed) or "nothing changed")
         if ignored:
             log.warning("not reloaded (restart needed): %s", ", ".join(ignored))

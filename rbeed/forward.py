@@ -31,7 +31,8 @@ async def forward(job: Job, operation: ops.AnyOperation, hive: Hive) -> None:
     """Create the operation as a job on `hive`, where it is that daemon's own (hive_id
     localhost); relay its events to `job` and end as it ends. Cancelling `job` cancels it there."""
     payload = msgspec.json.encode(msgspec.structs.replace(operation, hive_id=LOCAL))
-    async with Client(hive.url, connect_timeout=CONNECT_TIMEOUT, read_timeout=STREAM_READ_TIMEOUT) as client:
+    async with Client(hive.url, connect_timeout=CONNECT_TIMEOUT, read_timeout=STREAM_READ_TIMEOUT,
+                      headers=hive.headers) as client:
         jobs = JobClient(client, request_timeout=REQUEST_TIMEOUT, reconnect_delay=RECONNECT_DELAY,
                          reconnects=RECONNECTS)  # fmt: skip
         try:

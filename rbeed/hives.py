@@ -28,6 +28,7 @@ class Hive(msgspec.Struct, frozen=True):
     host: str
     port: int
     ssh_host: str | None = None
+    api_key: str | None = None  # sent to that daemon as a bearer token; never shown
 
     @property
     def address(self) -> str:
@@ -36,6 +37,11 @@ class Hive(msgspec.Struct, frozen=True):
     @property
     def url(self) -> str:
         return f"http://{self.address}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """What a request to that daemon carries: its API key, if it has one."""
+        return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
 
 def _slug(host: str) -> str:
@@ -61,13 +67,13 @@ class Hives:
         return hive
 
     async def _health(self, hive: Hive) -> dict:
-        record = {**msgspec.structs.asdict(hive), "local": False, "online": False}
+        record = {**msgspec.structs.asdict(hive), "api_key": hive.api_key is not None, "local": False, "online": False}
         timeout = self.config.health_timeout
         record["error"] = f"no answer within {timeout:g} s"
         with trio.move_on_after(timeout):
             try:
                 async with Client(hive.url, connect_timeout=timeout, read_timeout=timeout) as client:
-                    response = await client.request("GET", "/health")
+                    response = await client.request("GET", "/health")  # open to all: no API key
                 if response.status != 200:
                     record["error"] = f"/health answered {response.status}"
                 elif not isinstance(health := response.json(), dict):
@@ -108,7 +114,7 @@ class Hives:
         async with self._changing:
             if hive_id == LOCAL or self.catalog.get(hive_id):
                 raise JobFailed(f"hive {hive_id!r} already exists")
-            hive = Hive(hive_id, op.host, op.port, op.ssh_host)
+            hive = Hive(hive_id, op.host, op.port, op.ssh_host, op.api_key or None)
             await self.catalog.put(hive.id, hive)
         job.narrate(f"hive {hive_id} registered at {hive.address}")
         job.result(await self._health(hive))
@@ -116,7 +122,9 @@ class Hives:
     async def update(self, job: Job, op: HiveUpdate) -> None:
         if op.id == LOCAL:
             raise JobFailed("hive 'localhost' is this daemon and cannot be changed")
-        changes = {k: v for k in ("host", "port", "ssh_host") if (v := getattr(op, k)) is not None}
+        changes = {k: v for k in ("host", "port", "ssh_host", "api_key") if (v := getattr(op, k)) is not None}
+        if changes.get("api_key") == "":
+            changes["api_key"] = None  # removed
         async with self._changing:
             hive = msgspec.structs.replace(self.remote(op.id), **changes)
             await self.catalog.put(hive.id, hive)

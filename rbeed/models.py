@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import msgspec
 import trio
 
 from .catalog import Catalog
-from .config import ModelsConfig
+from .config import ModelsConfig, read_secret
 from .download import DownloadError, download
 from .httpclient import Client, StatusError
 from .jobs import Job, JobFailed
@@ -62,20 +61,15 @@ def resolve_source(source: str, hf_base: str) -> tuple[str, str]:
     return source, Path(source).name
 
 
-async def hf_token() -> str | None:
+def hf_token() -> str | None:
     """The Hugging Face token: $HF_TOKEN, else the credential `hf-token` (systemd's LoadCredential=).
 
     Read for each download, so that a new token applies without a restart.
     """
-    token = os.environ.get("HF_TOKEN", "").strip()
-    if not token and (credentials := os.environ.get("CREDENTIALS_DIRECTORY")):
-        try:
-            token = (await trio.Path(credentials, "hf-token").read_text()).strip()
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise JobFailed(f"cannot read the credential hf-token: {exc}") from None
-    return token or None
+    try:
+        return read_secret("HF_TOKEN", "hf-token")
+    except OSError as exc:
+        raise JobFailed(str(exc)) from None
 
 
 class Models:
@@ -162,7 +156,7 @@ class Models:
 
         # The token goes to Hugging Face only (the client drops it on a redirect to its CDN).
         hf = _origin(url) == _origin(self.config.hf_base.format(owner="o", repo="r", path="p"))
-        token = await hf_token() if hf else None
+        token = hf_token() if hf else None
         authorized = Client(url, headers={"authorization": f"Bearer {token}"}) if token else None
         started = trio.current_time()
         try:

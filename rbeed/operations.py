@@ -12,6 +12,8 @@ HiveId = Id
 Host = Annotated[str, msgspec.Meta(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9._:\[\]-]+$")]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-fA-F]{64}$")]
+# A hive's API key goes in an HTTP header: visible ASCII only. "" in hive_update removes it.
+ApiKey = Annotated[str, msgspec.Meta(max_length=512, pattern=r"^[!-~]*$")]
 Device = Annotated[str, msgspec.Meta(pattern=r"^(cpu|cuda|cuda:[0-9]+|metal)$")]
 
 
@@ -50,6 +52,7 @@ class HiveCreate(Operation, tag="hive_create"):
     id: HiveId | None = None  # default: derived from host
     port: Port = 8500
     ssh_host: Host | None = None
+    api_key: ApiKey | None = None  # what that hive's daemon wants from TCP clients
 
 
 class HiveUpdate(Operation, tag="hive_update"):
@@ -57,6 +60,7 @@ class HiveUpdate(Operation, tag="hive_update"):
     host: Host | None = None
     port: Port | None = None
     ssh_host: Host | None = None
+    api_key: ApiKey | None = None
 
 
 class HiveDelete(Operation, tag="hive_delete"):

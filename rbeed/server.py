@@ -35,6 +35,7 @@ class Request(msgspec.Struct):
     query: dict[str, str]
     headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
     body: bytes = b""
+    local: bool = False  # came over a Unix socket, which file permissions guard
 
 
 class Response(msgspec.Struct):
@@ -128,8 +129,10 @@ class HTTPConnection:
     one cancel scope that the timer task cancels when a read overruns its deadline.
     """
 
-    def __init__(self, stream: trio.abc.Stream, app: App, config: ServerConfig, timers: ReadTimers | None = None):
+    def __init__(self, stream: trio.abc.Stream, app: App, config: ServerConfig, timers: ReadTimers | None = None,
+                 *, local: bool = False):  # fmt: skip
         self.stream = stream
+        self.local = local
         self.app = app
         self.config = config
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_header_bytes)
@@ -232,7 +235,8 @@ class HTTPConnection:
             # h11 would let Transfer-Encoding win; the mix is a request-smuggling pattern (RFC 9112 6.1).
             raise _ClientError(400, "bad request: both Content-Length and Transfer-Encoding")
         path, _, query = event.target.decode("latin-1").partition("?")
-        request = Request(event.method.decode("ascii"), path, dict(parse_qsl(query)) if query else {}, headers)
+        query_fields = dict(parse_qsl(query)) if query else {}
+        request = Request(event.method.decode("ascii"), path, query_fields, headers, local=self.local)
         limit = self.config.max_body_bytes
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
@@ -414,7 +418,7 @@ async def serve_listeners(
             on_count(+1)
         stream.write_timeout = config.write_timeout
         try:
-            await HTTPConnection(stream, app, config, timers).run()
+            await HTTPConnection(stream, app, config, timers, local=stream.socket.family == socket.AF_UNIX).run()
         finally:
             if on_count is not None:
                 on_count(-1)

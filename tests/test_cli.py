@@ -31,7 +31,7 @@ TIMEOUT = 30  # bound on any one CLI run; they take well under a second each
 
 def cli_env(**extra: str) -> dict[str, str]:
     """The test's environment without the CLI's own variables, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RBEE_URL", "RBEE_MODEL", "RUNTIME_DIRECTORY")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RBEE_URL", "RBEE_MODEL", "RBEE_API_KEY", "RUNTIME_DIRECTORY")}
     return env | {"PYTHONPATH": str(ROOT)} | extra
 
 
