@@ -102,8 +102,8 @@ def test_hive_create_get_update_delete_round_trip(shared_daemon):
     created = rbee(shared_daemon, "hive", "create", "127.0.0.1", "--id", "peer", "--port", port, "--ssh-host", "box")
     assert created.returncode == 0, created.stderr
     assert stripped(fields_of(created.stdout)) == {
-        "id": "peer", "host": "127.0.0.1", "port": port, "ssh_host": "box", "local": "no", "online": "yes",
-        "version": "0.1.0",
+        "id": "peer", "host": "127.0.0.1", "port": port, "ssh_host": "box", "api_key": "no", "local": "no",
+        "online": "yes", "version": "0.1.0",
     }  # fmt: skip
     assert f"· hive peer registered at 127.0.0.1:{port}\n" in created.stderr
     # Values line up after the longest key.
