@@ -243,7 +243,7 @@ class Supervisor:
         self._nursery: trio.Nursery | None = None
         self._serial = itertools.count(1)
         self._placing = trio.Lock()  # one placement at a time, in arrival order (trio's Lock is fair)
-        self._usable_devices = {"cpu"}  # devices the llama.cpp build supports, once probed
+        self._usable_backends = {"cpu"}  # those the llama.cpp build supports, once probed
         models.in_use = lambda model_id: [w.id for w in self.workers.values() if w.model == model_id and w.live]
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -354,14 +354,15 @@ class Supervisor:
 
     async def _check_device(self, device: str, job: Job | None) -> None:
         """Refuse a device the llama.cpp build lacks before stopping workers to make room for it."""
-        if device in self._usable_devices:
+        backend = device.partition(":")[0]  # the build supports all of a backend's devices, or none
+        if backend in self._usable_backends:
             return
         if job is not None:
             job.narrate(f"checking that this llama.cpp build supports {device}")
         reason = await probe_device(device, self.config.load_timeout)
         if reason is not None:
             raise JobFailed(reason)
-        self._usable_devices.add(device)
+        self._usable_backends.add(backend)
 
     async def stop(self, worker: Worker) -> None:
         worker.closing = True

@@ -59,9 +59,8 @@ async def rbee(*args: str, env: dict[str, str]):
 async def test_rbee_sends_its_key_over_tcp(keyed):
     refused = await rbee("--url", keyed.url, "hive", "list", env=rbee_env())
     assert refused.returncode == 2
-    assert refused.stderr.decode().strip() == (
-        "rbee: error: an API key is required over TCP: send it as 'Authorization: Bearer KEY' (rbee sends $RBEE_API_KEY)"
-    )
+    assert refused.stderr.decode().strip() == ("rbee: error: an API key is required over TCP: send it as "
+                                               "'Authorization: Bearer KEY' (rbee sends $RBEE_API_KEY)")
     listed = await rbee("--url", keyed.url, "hive", "list", env=rbee_env(RBEE_API_KEY=KEY))
     assert listed.returncode == 0 and listed.stdout.decode().startswith("ID "), listed
 
@@ -125,3 +124,16 @@ async def test_rbee_registers_a_hive_with_its_key_from_a_file(keyed, tmp_path):
         assert created.returncode == 0 and "api_key:  yes" in created.stdout.decode(), created
         listed = await rbee("model", "list", "--hive", "k", env=env)
         assert listed.returncode == 0, listed
+
+
+async def test_an_unreadable_key_credential_stops_the_daemon_at_start(tmp_path):
+    (tmp_path / "credentials" / "api-key").mkdir(parents=True)  # there, but not a readable file
+    env = {k: v for k, v in os.environ.items() if k != "RBEED_API_KEY"}
+    env["CREDENTIALS_DIRECTORY"] = str(tmp_path / "credentials")
+    command = [sys.executable, "-m", "rbeed", "serve", "--no-tcp", "--socket", str(tmp_path / "s.sock"),
+               "--state-dir", str(tmp_path / "state"), "--runtime-dir", str(tmp_path / "run")]  # fmt: skip
+    with trio.fail_after(30):
+        done = await trio.run_process(command, capture_stderr=True, check=False, env=env, cwd=ROOT)
+    assert done.returncode == 1
+    assert done.stderr.decode().rstrip().endswith("cannot read the credential api-key: Is a directory")
+    assert not (tmp_path / "s.sock").exists()  # nothing left listening
