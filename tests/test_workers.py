@@ -243,6 +243,24 @@ async def test_cuda_on_a_cpu_only_build_is_refused_before_any_worker_is_stopped(
     assert idle["id"] == inferred["worker_id"] and pid_alive(idle["pid"])
 
 
+async def test_a_model_whose_file_was_removed_is_refused_before_any_worker_is_stopped(rbeed, client, tiny_model):
+    source = rbeed.state_dir.parent / "gone.gguf"
+    shutil.copyfile(tiny_model, source)
+    await job_result(client, {"operation": "model_download", "model": str(source)})
+    installed = rbeed.state_dir / "models" / "gone.gguf"
+    installed.unlink()
+    await job_result(client, SHORT)  # an idle on-demand worker holds every thread
+    [idle] = await job_result(client, {"operation": "worker_list"})
+    reason = f"model gone's file {installed} is missing; model_download {source} again, or model_delete gone"
+    for payload in (spawn(model="gone"), SHORT | {"model": "gone"}):
+        assert await job_error(client, payload) == reason
+    assert await job_result(client, {"operation": "worker_list"}) == [idle]
+    assert pid_alive(idle["pid"])
+    restored = await job_result(client, {"operation": "model_download", "model": str(source)})
+    assert restored["id"] == "gone" and installed.is_file()
+    await job_result(client, {"operation": "model_delete", "id": "gone"})
+
+
 async def test_a_bad_model_file_fails_the_spawn_with_the_reason(rbeed, client, tiny_model):
     source = rbeed.state_dir.parent / "broken.gguf"
     shutil.copyfile(tiny_model, source)
