@@ -616,7 +616,9 @@ async def run_command(args: argparse.Namespace, console: Console) -> int:
             body = raw.encode()
         else:
             payload = build_payload(args)
-            if payload.get("prompt") == "-":  # e.g. `rbee infer - < notes.txt`
+            if args.operation == "infer" and payload.get("prompt", "-") == "-":  # `rbee infer < notes.txt`
+                if sys.stdin.isatty():
+                    raise CliError("no PROMPT given: pass it as an argument, or pipe it on stdin", EXIT_USAGE)
                 payload["prompt"] = sys.stdin.read()
             chat, system = payload.pop("chat", False), payload.pop("system", None)
             if chat or system:
@@ -793,7 +795,8 @@ def make_parser() -> argparse.ArgumentParser:
     _command(worker, "delete", "worker_delete", "stop and remove a worker", by_id, _HIVE)
 
     _command(commands, "infer", "infer", "generate text; tokens are printed as they arrive",
-             _arg("prompt", metavar="PROMPT", help='the text to continue; "-" reads it from stdin'),
+             _arg("prompt", metavar="PROMPT", nargs="?",
+                  help='the text to continue; "-" or none reads it from stdin'),
              _arg("--model", metavar="ID", help="model id (default: $RBEE_MODEL, else the only model)"),
              _arg("--max-tokens", dest="max_tokens", type=int, metavar="N",
                   help=f"tokens to generate at most {_default(Infer, 'max_tokens')}"),

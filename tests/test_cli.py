@@ -489,6 +489,16 @@ async def test_infer_without_model_uses_rbee_model_or_the_only_listed_model():
         assert (done.returncode, done.stdout) == (0, "whole text\n"), done.stderr
         assert from_stdin.payloads == [{"operation": "infer", "prompt": "Notes:\n- one\n", "model": "m"}]
 
+        piped = ScriptedAPI(server, [answer])  # no PROMPT at all: a pipe is read, as `ollama run m < file` does
+        done = await arbee("--url", server.base_url, "infer", "--model", "m", stdin=b"Piped.")
+        assert (done.returncode, piped.payloads[0]["prompt"]) == (0, "Piped."), done.stderr
+        controller, terminal = pty.openpty()  # ... but a terminal is not waited on
+        with os.fdopen(controller, "rb"):
+            typed = subprocess.run(argv("--url", server.base_url, "infer", "--model", "m"), stdin=terminal,
+                                   capture_output=True, text=True, timeout=TIMEOUT, env=cli_env(), cwd=ROOT)  # fmt: skip
+            os.close(terminal)
+        assert typed.returncode == 2 and "no PROMPT given: pass it as an argument, or pipe it on stdin" in typed.stderr
+
         chats = ScriptedAPI(server, [answer, answer])
         for options in (["--chat"], ["--system", "Be brief."]):
             done = await arbee("--url", server.base_url, "infer", "Hi!", "--model", "m", *options)
