@@ -101,7 +101,9 @@ def format_duration(seconds: float) -> str:
 
 
 # Values under these keys are rendered with a unit wherever they appear.
-_FORMATTERS: dict[str, Callable[[Any], str]] = {"size": human_bytes, "params": human_count, "parameters": human_count}
+_FORMATTERS: dict[str, Callable[[Any], str]] = {
+    "size": human_bytes, "rss": human_bytes, "params": human_count, "parameters": human_count,
+}  # fmt: skip
 
 
 def format_field(key: str, value: Any) -> str:
@@ -160,6 +162,7 @@ TABLES: dict[str, list[Column]] = {
         Column("STATE", ("state",)),
         Column("PID", ("pid",)),
         Column("THREADS", ("threads",)),
+        Column("MEMORY", ("rss",)),
         Column("UNTIL", ("stops_at",)),
     ],
     "job_list": [

@@ -107,7 +107,7 @@ class Models:
         `in_use` covers it.
         """
         model = self.lookup(model_id)
-        if not (path := self.path_of(model)).is_file():  # removed by hand: fail before any worker makes room
+        if not (path := self.path_of(model)).exists():  # removed by hand: fail before any worker makes room
             raise JobFailed(f"model {model.id}'s file {path} is missing; "
                             f"model_download {model.source} again, or model_delete {model.id}")  # fmt: skip
         holders = self._placing.setdefault(model.id, [])

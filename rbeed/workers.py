@@ -50,6 +50,21 @@ class WorkerRecord(msgspec.Struct):
     error: str | None
     keep_alive: float | None  # on demand: idle seconds before it stops (-1: never)
     stops_at: float | None  # when it stops unless a job comes first: while idle, on demand
+    rss: int | None  # resident memory of its process in bytes, as `ollama ps` shows a model's size
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def resident_bytes(pid: int | None) -> int | None:
+    """A process's resident set size from /proc; None when it is gone or not visible."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class WorkerDied(Exception):
@@ -127,7 +142,7 @@ class Worker:
         return WorkerRecord(
             self.id, self.model, self.device, self.pid, self.state.value, self.threads, self.started_at,
             self.backend, self.on_demand, self.restarts, self.queue_out.statistics().current_buffer_used,
-            self.error, self.keep_alive if self.on_demand else None, self.stops_at,
+            self.error, self.keep_alive if self.on_demand else None, self.stops_at, resident_bytes(self.pid),
         )  # fmt: skip
 
     @property

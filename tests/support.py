@@ -368,6 +368,11 @@ def narrations(events) -> list[str]:
     return [json.loads(e.data)["message"] for e in events if e.event == "narration"]
 
 
+def steady(record: dict) -> dict:
+    """A worker record without its resident memory, which moves while the process runs."""
+    return {key: value for key, value in record.items() if key != "rss"}
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process `pid` exists and is not a zombie (an exited child nobody reaped yet)."""
     try:

@@ -687,14 +687,14 @@ def test_tables_of_hives_workers_and_models():
         "gpu-box    10.0.0.7   8500  no      -"
     )
     workers = [{"id": "gemma-cpu-1", "model": "gemma", "device": "cpu", "state": "ready", "pid": 4242,
-                "threads": 1, "started_at": 1.0, "queued": 0, "stops_at": None},
+                "threads": 1, "started_at": 1.0, "queued": 0, "stops_at": None, "rss": 384_827_392},
                {"id": "gemma-cpu-2", "model": "gemma", "device": "cpu", "state": "ready", "pid": 4243,
-                "threads": 1, "started_at": 1.0, "queued": 0, "stops_at": 1_800_000_000.0}]  # fmt: skip
+                "threads": 1, "started_at": 1.0, "queued": 0, "stops_at": 1_800_000_000.0, "rss": None}]  # fmt: skip
     until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(1_800_000_000))
     assert cli.render_result("worker_list", workers) == (
-        "ID           MODEL  DEVICE  STATE  PID   THREADS  UNTIL\n"
-        "gemma-cpu-1  gemma  cpu     ready  4242  1        -\n"
-        f"gemma-cpu-2  gemma  cpu     ready  4243  1        {until}"
+        "ID           MODEL  DEVICE  STATE  PID   THREADS  MEMORY     UNTIL\n"
+        "gemma-cpu-1  gemma  cpu     ready  4242  1        367.0 MiB  -\n"
+        f"gemma-cpu-2  gemma  cpu     ready  4243  1        -          {until}"
     )
     models = [
         {"id": "gemma", "size": 253_114_368, "metadata": {"quantization": "Q4_K_M", "architecture": "gemma3",
@@ -711,7 +711,7 @@ def test_tables_of_hives_workers_and_models():
     )
     # Lists of other operations: every key, in first-seen order.
     assert cli.render_result(None, [{"a": 1}, {"b": [1, 2]}]) == "A  B\n1  -\n-  [1,2]"
-    assert cli.render_result("worker_list", []) == "ID  MODEL  DEVICE  STATE  PID  THREADS  UNTIL"
+    assert cli.render_result("worker_list", []) == "ID  MODEL  DEVICE  STATE  PID  THREADS  MEMORY  UNTIL"
 
 
 def test_objects_render_as_aligned_key_value_lines():

@@ -23,7 +23,7 @@ import chaos
 from rbeed.httpclient import Client
 from support import (
     Daemon, end_marker, job_error, job_events, job_result, narrations, pid_alive, read_events_until,
-    rest_of, result_of, run_job, short_base, start_daemon,
+    rest_of, result_of, run_job, short_base, start_daemon, steady,
 )  # fmt: skip
 
 from user_systemd import RBEED_UNITS as UNITS
@@ -444,8 +444,9 @@ async def test_spawn_list_get_delete(backend, any_client):
     assert worker["backend"] == backend.name
     assert pid_alive(worker["pid"])
     assert backend.unit_state(worker["id"]) in ("active", None)
-    assert await job_result(any_client, {"operation": "worker_list"}) == [worker]
-    assert await job_result(any_client, {"operation": "worker_get", "id": worker["id"]}) == worker
+    assert [steady(w) for w in await job_result(any_client, {"operation": "worker_list"})] == [steady(worker)]
+    assert steady(await job_result(any_client, {"operation": "worker_get", "id": worker["id"]})) == steady(worker)
+    assert worker["rss"] > 10 << 20  # the unit's main process, as the daemon sees it through /proc
 
     stopped = await job_result(any_client, {"operation": "worker_delete", "id": worker["id"]})
     assert (stopped["id"], stopped["state"]) == (worker["id"], "stopped")

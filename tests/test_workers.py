@@ -14,7 +14,7 @@ import trio
 
 from support import (
     end_marker, is_narration, is_token, job_error, job_events, job_result, narrations, pid_alive, read_events_until,
-    rest_of, result_of, run_job, running_daemon, short_base, start_daemon, wait_pids_gone,
+    rest_of, result_of, run_job, running_daemon, short_base, start_daemon, steady, wait_pids_gone,
 )  # fmt: skip
 
 # Each worker sleeps this long after every token, so a long generation can be hit mid-stream.
@@ -95,12 +95,14 @@ async def test_spawn_narrates_loading_and_returns_the_record_that_list_and_get_s
     assert pid_alive(record["pid"])
     argv = cmdline(record["pid"])
     assert argv[argv.index("--threads") + 1] == "1" and argv[argv.index("--id") + 1] == worker_id
+    resident = int(Path(f"/proc/{record['pid']}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    assert 10 << 20 < record["rss"] and abs(record["rss"] - resident) < 8 << 20  # python + llama.cpp + the model
 
-    assert await job_result(client, {"operation": "worker_list"}) == [record]
-    assert await job_result(client, {"operation": "worker_get", "id": worker_id}) == record
+    assert [steady(w) for w in await job_result(client, {"operation": "worker_list"})] == [steady(record)]
+    assert steady(await job_result(client, {"operation": "worker_get", "id": worker_id})) == steady(record)
 
     stopped = await job_result(client, {"operation": "worker_delete", "id": worker_id})
-    assert (stopped["id"], stopped["state"]) == (worker_id, "stopped")
+    assert (stopped["id"], stopped["state"], stopped["rss"]) == (worker_id, "stopped", None)
     assert not pid_alive(record["pid"])  # stopped and reaped before the job ended
     assert await job_result(client, {"operation": "worker_list"}) == []
     assert await job_error(client, {"operation": "worker_get", "id": worker_id}) == f"unknown worker {worker_id!r}"
@@ -239,7 +241,7 @@ async def test_cuda_on_a_cpu_only_build_is_refused_before_any_worker_is_stopped(
         events = await run_job(client, payload)
         assert end_marker(events) == f"[ERROR] {reason}"
         assert narrations(events)[:1] == [f"checking that this llama.cpp build supports {device}"]
-    assert await job_result(client, {"operation": "worker_list"}) == [idle]
+    assert [steady(w) for w in await job_result(client, {"operation": "worker_list"})] == [steady(idle)]
     assert idle["id"] == inferred["worker_id"] and pid_alive(idle["pid"])
 
 
@@ -254,7 +256,7 @@ async def test_a_model_whose_file_was_removed_is_refused_before_any_worker_is_st
     reason = f"model gone's file {installed} is missing; model_download {source} again, or model_delete gone"
     for payload in (spawn(model="gone"), SHORT | {"model": "gone"}):
         assert await job_error(client, payload) == reason
-    assert await job_result(client, {"operation": "worker_list"}) == [idle]
+    assert [steady(w) for w in await job_result(client, {"operation": "worker_list"})] == [steady(idle)]
     assert pid_alive(idle["pid"])
     restored = await job_result(client, {"operation": "model_download", "model": str(source)})
     assert restored["id"] == "gone" and installed.is_file()
