@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import re
+from collections.abc import Awaitable, Callable
 
 import msgspec
 import trio
@@ -28,6 +29,7 @@ class JobAPI:
         self.registry = registry
         self.accepting = True
         self.api_key = api_key
+        self.routes: dict[str, Callable[[Request], Awaitable[Response | StreamingResponse]]] = {}  # e.g. OpenAI's
 
     async def __call__(self, request: Request) -> Response | StreamingResponse:
         path = request.path
@@ -35,6 +37,8 @@ class JobAPI:
             return self._only(request, "GET") or json_response(200, {"status": "ok", "version": __version__})
         if self.api_key is not None and not request.local and (refusal := _unauthorized(request, self.api_key)):
             return refusal
+        if (route := self.routes.get(path)) is not None:
+            return await route(request)
         if path == "/v1/jobs":
             if request.method == "POST":
                 return self._create(request)

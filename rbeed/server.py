@@ -289,12 +289,15 @@ class HTTPConnection:
     async def _send_streaming(self, response: StreamingResponse) -> None:
         # The head waits for the first piece of body, and the last piece (send(..., last=True))
         # carries the end of the message: a short stream costs one write, like a whole response.
-        headers = [("cache-control", "no-cache"), *response.headers]
-        pending = [self._head(response.status, response.content_type, headers, None)]
+        # Until that first piece, `produce` may still change the response's status and type.
+        head_sent = False
 
         async def send(data: bytes, last: bool = False) -> None:
-            events = [*pending, h11.Data(data=data), *([h11.EndOfMessage()] if last else [])]
-            pending.clear()
+            nonlocal head_sent
+            events = [h11.Data(data=data), *([h11.EndOfMessage()] if last else [])]
+            if not head_sent:
+                head_sent = True
+                events.insert(0, self._streaming_head(response))
             await self._send(*events)
 
         disconnected = False
@@ -325,8 +328,14 @@ class HTTPConnection:
             self.conn.send_failed()
             response.on_disconnect()
             raise _PeerGone()
-        if pending or self.conn.our_state is h11.SEND_BODY:
-            await self._send(*pending, h11.EndOfMessage())
+        if not head_sent:
+            await self._send(self._streaming_head(response), h11.EndOfMessage())
+        elif self.conn.our_state is h11.SEND_BODY:
+            await self._send(h11.EndOfMessage())
+
+    def _streaming_head(self, response: StreamingResponse) -> h11.Response:
+        headers = [("cache-control", "no-cache"), *response.headers]
+        return self._head(response.status, response.content_type, headers, None)
 
     async def _send_error(self, status: int, message: str) -> None:
         # Only while a response can still be started; afterwards all we can do is close.

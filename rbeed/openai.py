@@ -1,0 +1,287 @@
+"""OpenAI-compatible routes (/v1/models, /v1/completions, /v1/chat/completions), each request an infer job."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+import msgspec
+
+from . import wire
+from .jobs import Job, JobFailed, JobRegistry, RegistryFull
+from .models import Models
+from .operations import Infer
+from .server import Request, Response, StreamingResponse, json_response
+
+_encode = msgspec.json.Encoder().encode
+_FIELD = re.compile(r"at `\$\.([^`]*)`|missing required field `([^`]*)`")
+
+
+class _Part(msgspec.Struct):
+    type: str
+    text: str | None = None
+
+
+class _Message(msgspec.Struct):
+    role: str
+    content: str | list[_Part] | None = None
+
+
+class _StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+# Clients send many fields (user, metadata, ...): unknown ones are ignored, as OpenAI's server does;
+# known ones rbeed cannot honour are refused by _unsupported rather than silently dropped.
+class _Request(msgspec.Struct, kw_only=True):
+    model: str
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # llama-server's and Ollama's extension
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
+    keep_alive: float | None = None  # Ollama's extension, in seconds here
+    n: int = 1
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | int | None = None
+    tools: list | None = None
+
+
+class _Completion(_Request):
+    prompt: str | list[str]
+    echo: bool = False
+    suffix: str | None = None
+
+
+class _Chat(_Request):
+    messages: list[_Message]
+    response_format: dict | None = None
+
+
+class _Invalid(Exception):
+    def __init__(self, message: str, param: str | None):
+        super().__init__(message)
+        self.param = param
+
+
+def _error(status: int, message: str, kind: str, param: str | None = None, code: str | None = None) -> Response:
+    """An error in OpenAI's shape, which its client libraries read."""
+    error = {"message": message, "type": kind, "param": param, "code": code}
+    return Response(status, _encode({"error": error}))
+
+
+def _unsupported(body: _Completion | _Chat) -> str | None:
+    """The first field asking for something rbeed does not do."""
+    asks = {
+        "n": body.n != 1, "frequency_penalty": body.frequency_penalty != 0,
+        "presence_penalty": body.presence_penalty != 0, "logit_bias": bool(body.logit_bias),
+        "logprobs": body.logprobs not in (None, False), "tools": bool(body.tools),
+    }  # fmt: skip
+    if isinstance(body, _Completion):
+        asks |= {"echo": body.echo, "suffix": bool(body.suffix)}
+    else:
+        asks["response_format"] = body.response_format not in (None, {"type": "text"})
+    return next((field for field, asked in asks.items() if asked), None)
+
+
+def _text_of(message: _Message, index: int) -> tuple[str, str]:
+    role = "system" if message.role == "developer" else message.role
+    if role not in ("system", "user", "assistant"):
+        raise _Invalid(f"role {message.role!r} is not supported; use system, user or assistant",
+                       f"messages[{index}].role")  # fmt: skip
+    if isinstance(message.content, list):
+        if any(part.type != "text" or part.text is None for part in message.content):
+            raise _Invalid("only text content parts are supported", f"messages[{index}].content")
+        return role, "".join(part.text for part in message.content)
+    return role, message.content or ""
+
+
+def _to_infer(body: _Completion | _Chat) -> Infer:
+    if field := _unsupported(body):
+        raise _Invalid(f"{field} is not supported by rbeed", field)
+    fields = {
+        "operation": "infer", "model": body.model, "stream": body.stream,
+        "max_tokens": body.max_tokens if body.max_tokens is not None else body.max_completion_tokens,
+        "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "seed": body.seed,
+        "keep_alive": body.keep_alive, "stop": [body.stop] if isinstance(body.stop, str) else body.stop,
+    }  # fmt: skip
+    if isinstance(body, _Chat):
+        messages = [_text_of(message, i) for i, message in enumerate(body.messages)]
+        fields["messages"] = [{"role": role, "content": content} for role, content in messages]
+    elif isinstance(body.prompt, list) and len(body.prompt) != 1:
+        raise _Invalid("give one prompt per request", "prompt")
+    else:
+        fields["prompt"] = body.prompt[0] if isinstance(body.prompt, list) else body.prompt
+    return msgspec.convert({key: value for key, value in fields.items() if value is not None}, Infer)
+
+
+def _parse(rendered: bytes) -> tuple[str, bytes]:
+    """(name, data) of an event the registry rendered as `id: N\\nevent: NAME\\ndata: DATA\\n\\n`."""
+    _, name, data = rendered.split(b"\n", 3)[:3]
+    return name[7:].decode(), data[6:]
+
+
+async def follow(job: Job, handle: Callable[[str, bytes], Awaitable[None]]) -> None:
+    """Hand each of the job's events, from its first to its end, to `handle(name, data)`."""
+    after = 0
+    while True:
+        backlog, gap, feed = job.subscribe(after)
+        if gap is not None:  # this reader's client was too slow for the replay buffer
+            await handle("end", b"[ERROR] %d events were lost to a slow reader" % (gap[1] - gap[0] + 1))
+            return
+        for event_id, rendered in backlog:
+            after = event_id
+            await handle(*_parse(rendered))
+        if feed is None:
+            return
+        with feed:
+            async for event_id, rendered in feed:
+                if event_id:  # 0: a keep-alive or a nudge, which only SSE readers need
+                    after = event_id
+                    await handle(*_parse(rendered))
+
+
+
+
+class _Reply:
+    """One request's answer, translated from its job's events into OpenAI's objects."""
+
+    def __init__(self, job: Job, body: _Completion | _Chat, cancel: Callable[[Job], object]):
+        self.job, self.model, self.chat, self.cancel = job, body.model, isinstance(body, _Chat), cancel
+        self.usage_wanted = body.stream_options is not None and body.stream_options.include_usage
+        self.created = int(time.time())
+        self.started = False  # a streamed reply has sent its first chunk
+        self.result: dict = {}
+        self.response = StreamingResponse(200, self._produce, on_disconnect=self._disconnected)
+        self.stream = body.stream
+        if not body.stream:
+            self.response.content_type = "application/json"
+
+    def _disconnected(self) -> None:  # as for an SSE reader of an infer: nobody left to read it
+        if self.job.readers == 0 and not self.job.finished:
+            self.cancel(self.job)
+
+    def _object(self, choice: dict, usage: bool = False) -> dict:
+        kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if self.stream and self.chat else "")
+        answer = {"id": self.job.id, "object": kind, "created": self.created, "model": self.model,
+                  "choices": [{"index": 0, **choice, "logprobs": None}]}  # fmt: skip
+        if usage:
+            prompt, completion = self.result.get("prompt_tokens", 0), self.result.get("completion_tokens", 0)
+            answer["usage"] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                               "total_tokens": prompt + completion}  # fmt: skip
+        return answer
+
+    def _choice(self, text: str | None, finish: str | None) -> dict:
+        if not self.chat:
+            return {"text": text or "", "finish_reason": finish}
+        if not self.stream:
+            return {"message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        delta = {"role": "assistant", "content": ""} if not self.started else {}
+        return {"delta": delta | ({"content": text} if text is not None else {}), "finish_reason": finish}
+
+    async def _produce(self, send) -> None:
+        self.job.readers += 1
+        try:
+            await follow(self.job, partial(self._handle, send))
+        finally:
+            self.job.readers -= 1
+
+    async def _handle(self, send, name: str, data: bytes) -> None:
+        if name == "token":
+            chunk = self._object(self._choice(msgspec.json.decode(data)["t"], None))
+            self.started = True
+            await send(b"data: %s\n\n" % _encode(chunk))
+        elif name == "result":
+            self.result = msgspec.json.decode(data)
+        elif name == "end":
+            await self._end(send, data.decode())
+
+    async def _end(self, send, marker: str) -> None:
+        if marker != "[DONE]":
+            cancelled = marker == "[CANCELLED]"  # by DELETE, or as the daemon shuts down
+            error = marker.removeprefix("[ERROR] ")
+            if cancelled:
+                error = "job cancelled" + (f": {self.job.error}" if self.job.error else "")
+            # 503 where trying again later may work: a full queue, a cancel; 500 for a failure.
+            status = 503 if cancelled or error.startswith("busy:") else 500
+            if self.started:  # the head went out with the first chunk: the error goes in the stream
+                await send(b"data: %s\n\n" % _encode({"error": {"message": error, "type": "server_error"}}), last=True)
+                return
+            failure = _error(status, error, "server_error")
+            self.response.status, self.response.content_type = failure.status, failure.content_type
+            await send(failure.body, last=True)
+            return
+        finish = self.result.get("finish_reason")
+        if not self.stream:
+            await send(_encode(self._object(self._choice(self.result.get("text", ""), finish), usage=True)), last=True)
+            return
+        pieces = [self._object(self._choice(None, finish))]
+        if self.usage_wanted:
+            pieces.append(self._object({}, usage=True) | {"choices": []})
+        await send(b"".join(b"data: %s\n\n" % _encode(piece) for piece in pieces) + b"data: [DONE]\n\n", last=True)
+
+
+class OpenAIAPI:
+    """The routes that clients of OpenAI's API (and of llama-server, Ollama's /v1) expect.
+
+    Each completion is an `infer` job, listed and cancellable like any other under /v1/jobs; its
+    `id` is the job's id.
+    """
+
+    def __init__(self, registry: JobRegistry, models: Models, accepting: Callable[[], bool]):
+        self.registry = registry
+        self.models = models
+        self.accepting = accepting
+        self.routes = {
+            "/v1/models": self._list_models,
+            "/v1/completions": partial(self._complete, _Completion),
+            "/v1/chat/completions": partial(self._complete, _Chat),
+        }
+
+    async def _list_models(self, request: Request) -> Response:
+        if request.method not in ("GET", "HEAD"):
+            return _not_allowed(request, "GET")
+        models = [{"id": model.id, "object": "model", "created": int(model.added_at), "owned_by": "rbeed"}
+                  for model in self.models.catalog.list()]  # fmt: skip
+        return json_response(200, {"object": "list", "data": models})
+
+    async def _complete(self, kind: type[_Completion | _Chat], request: Request) -> Response | StreamingResponse:
+        if request.method != "POST":
+            return _not_allowed(request, "POST")
+        if not self.accepting():
+            return _error(503, "daemon shutting down", "server_error")
+        try:
+            body = msgspec.json.decode(request.body, type=kind)
+            model = self.models.lookup(body.model)  # first: `llama3:8b` is unknown here, not a bad id
+            infer = _to_infer(body)
+        except JobFailed as exc:
+            return _error(404, str(exc), "invalid_request_error", "model", "model_not_found")
+        except _Invalid as exc:
+            return _error(400, str(exc), "invalid_request_error", exc.param)
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            if not isinstance(exc, msgspec.ValidationError):
+                return _error(400, f"malformed JSON: {exc}", "invalid_request_error")
+            field = _FIELD.search(str(exc))
+            return _error(400, str(exc), "invalid_request_error", field and (field.group(1) or field.group(2)))
+        if infer.messages is not None and model.metadata.get("chat_template") is False:
+            return _error(400, wire.NO_CHAT_TEMPLATE, "invalid_request_error", "messages")
+        try:
+            job = self.registry.create(infer)
+        except RegistryFull as exc:
+            return _error(503, str(exc), "server_error")
+        self.registry.start(job)
+        return _Reply(job, body, self.registry.cancel).response
+
+
+def _not_allowed(request: Request, method: str) -> Response:
+    failure = _error(405, f"method {request.method} not allowed; allowed: {method}", "invalid_request_error")
+    failure.headers = [("allow", method)]
+    return failure

@@ -1,0 +1,197 @@
+"""The OpenAI-compatible routes on the real daemon, with real workers running the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+
+import tinymodel
+from support import job_result, running_daemon
+from test_infer import CHAT_TEMPLATE
+
+COMPLETION = {"model": "tiny", "prompt": "Once upon a time", "temperature": 0, "max_tokens": 12}
+PARTS = [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]
+CHAT = {"model": "chatty", "temperature": 0, "max_tokens": 10,
+        "messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": PARTS}]}
+# The same chat as an infer job's messages: "developer" is OpenAI's newer name for "system".
+CHAT_MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+
+
+@pytest.fixture(scope="module")
+def rbeed(tiny_model, tmp_path_factory):
+    chatty = tinymodel.write_tiny_model(tmp_path_factory.mktemp("chatty") / "chatty.gguf", chat_template=CHAT_TEMPLATE)
+    # A small delay per token, so that a stream can be left while it runs.
+    with running_daemon("[workers]\nthreads = 2\n", {"RBEED_WORKER_TOKEN_DELAY": "0.02"}) as daemon:
+
+        async def register() -> None:
+            async with daemon.client() as client:
+                for source in (tiny_model, chatty):
+                    await job_result(client, {"operation": "model_download", "model": str(source)})
+
+        trio.run(register)
+        yield daemon
+
+
+@pytest.fixture
+async def client(rbeed):
+    async with rbeed.client() as client:
+        yield client
+
+
+async def post(client, path: str, body: dict) -> tuple[int, dict]:
+    with trio.fail_after(30):
+        response = await client.request("POST", path, json=body)
+    return response.status, response.json()
+
+
+async def stream(client, path: str, body: dict) -> list:
+    """The `data:` payloads of a streamed completion, decoded, up to and including "[DONE]"."""
+    with trio.fail_after(30):
+        async with client.stream("POST", path, json=body | {"stream": True}) as response:
+            assert (response.status, response.headers["content-type"]) == (200, "text/event-stream")
+            return [event.data if event.data == "[DONE]" else json.loads(event.data)
+                    async for event in response.aiter_sse()]  # fmt: skip
+
+
+async def test_models_are_the_catalog(client):
+    response = await client.request("GET", "/v1/models")
+    assert response.status == 200
+    listing = response.json()
+    assert listing["object"] == "list"
+    assert [(m["id"], m["object"], m["owned_by"]) for m in listing["data"]] == [
+        ("chatty", "model", "rbeed"), ("tiny", "model", "rbeed"),
+    ]  # fmt: skip
+    assert all(isinstance(m["created"], int) for m in listing["data"])
+
+
+async def test_a_completion_is_an_infer_job_with_its_text_and_usage(client):
+    status, answer = await post(client, "/v1/completions", COMPLETION)
+    assert status == 200, answer
+    native = await job_result(client, {"operation": "infer", "stream": False, **COMPLETION})
+    assert answer["object"] == "text_completion" and answer["model"] == "tiny"
+    [choice] = answer["choices"]
+    assert (choice["index"], choice["text"], choice["finish_reason"]) == (0, native["text"], "length")
+    assert answer["usage"] == {"prompt_tokens": native["prompt_tokens"], "completion_tokens": 12,
+                               "total_tokens": native["prompt_tokens"] + 12}  # fmt: skip
+    # Its id is the job's: listed, inspectable and cancellable like any other job.
+    job = (await client.request("GET", f"/v1/jobs/{answer['id']}")).json()
+    assert (job["operation"], job["state"]) == ("infer", "completed")
+
+    word = choice["text"].split()[3]  # `stop` as one string, as OpenAI's clients may send it
+    stopped = (await post(client, "/v1/completions", COMPLETION | {"stop": word}))[1]["choices"][0]
+    assert (stopped["text"], stopped["finish_reason"]) == (choice["text"].partition(word)[0], "stop")
+
+
+async def test_a_streamed_completion_sends_chunks_then_usage_then_done(client):
+    _, whole = await post(client, "/v1/completions", COMPLETION)
+    chunks = await stream(client, "/v1/completions", COMPLETION | {"stream_options": {"include_usage": True}})
+    assert chunks[-1] == "[DONE]"
+    *tokens, last, usage = chunks[:-1]
+    assert len(tokens) == 12 and all(chunk["choices"][0]["finish_reason"] is None for chunk in tokens)
+    assert "".join(chunk["choices"][0]["text"] for chunk in tokens) == whole["choices"][0]["text"]
+    assert last["choices"][0] == {"index": 0, "text": "", "finish_reason": "length", "logprobs": None}
+    assert (usage["choices"], usage["usage"]) == ([], whole["usage"])
+    assert len({chunk["id"] for chunk in chunks[:-1]}) == 1 and tokens[0]["id"].startswith("job-")
+    # Without include_usage, no usage chunk.
+    plain = await stream(client, "/v1/completions", COMPLETION)
+    assert len(plain) == 14 and "usage" not in plain[-2]
+
+
+async def test_a_chat_goes_through_the_models_template(client):
+    status, answer = await post(client, "/v1/chat/completions", CHAT)
+    assert status == 200, answer
+    native = await job_result(client, {"operation": "infer", "stream": False, **CHAT, "messages": CHAT_MESSAGES})
+    assert answer["object"] == "chat.completion"
+    [choice] = answer["choices"]
+    assert choice["message"] == {"role": "assistant", "content": native["text"]}
+    assert answer["usage"]["completion_tokens"] == native["completion_tokens"]
+
+    chunks = await stream(client, "/v1/chat/completions", CHAT)
+    assert chunks[-1] == "[DONE]" and all(c["object"] == "chat.completion.chunk" for c in chunks[:-1])
+    deltas = [chunk["choices"][0]["delta"] for chunk in chunks[:-1]]
+    assert deltas[0]["role"] == "assistant" and all("role" not in delta for delta in deltas[1:])
+    assert "".join(delta.get("content", "") for delta in deltas) == native["text"]
+    assert deltas[-1] == {} and chunks[-2]["choices"][0]["finish_reason"] == native["finish_reason"]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param", "message"), [
+    ("/v1/completions", {"model": "nope", "prompt": "x"}, 404, "model", "unknown model 'nope' (known: chatty, tiny)"),
+    ("/v1/completions", {"model": "llama3:8b", "prompt": "x"}, 404, "model", "unknown model 'llama3:8b'"),
+    ("/v1/completions", {"model": "tiny"}, 400, "prompt", "Object missing required field `prompt`"),
+    ("/v1/completions", COMPLETION | {"max_tokens": 0}, 400, "max_tokens", "Expected `int` >= 1 - at `$.max_tokens`"),
+    ("/v1/completions", COMPLETION | {"temperature": "hot"}, 400, "temperature", "Expected `float | null`, got `str`"),
+    ("/v1/completions", COMPLETION | {"prompt": ["a", "b"]}, 400, "prompt", "give one prompt per request"),
+    ("/v1/completions", COMPLETION | {"n": 2}, 400, "n", "n is not supported by rbeed"),
+    ("/v1/completions", COMPLETION | {"echo": True}, 400, "echo", "echo is not supported by rbeed"),
+    ("/v1/chat/completions", CHAT | {"tools": [{"type": "function"}]}, 400, "tools", "tools is not supported"),
+    ("/v1/chat/completions", CHAT | {"messages": [{"role": "tool", "content": "4"}]}, 400, "messages[0].role",
+     "role 'tool' is not supported; use system, user or assistant"),
+    ("/v1/chat/completions", CHAT | {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages[0].content", "only text content parts are supported"),
+    ("/v1/chat/completions", CHAT | {"model": "tiny"}, 400, "messages",
+     "the model has no chat template: send a `prompt` instead of `messages`"),
+])  # fmt: skip
+async def test_bad_requests_get_openais_error_shape_naming_the_field(client, path, body, status, param, message):
+    got, answer = await post(client, path, body)
+    assert got == status, answer
+    error = answer["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", param)
+    assert error["message"].startswith(message)
+
+
+async def test_malformed_json_and_wrong_methods(client):
+    response = await client.request("POST", "/v1/chat/completions", body=b'{"model": ')
+    assert response.status == 400 and response.json()["error"]["message"].startswith("malformed JSON: ")
+    response = await client.request("GET", "/v1/chat/completions")
+    assert (response.status, response.headers["allow"]) == (405, "POST")
+    response = await client.request("POST", "/v1/models")
+    assert (response.status, response.headers["allow"]) == (405, "GET")
+
+
+async def test_a_failure_before_any_output_is_an_http_error_not_a_stream(rbeed, client, tiny_model):
+    broken = rbeed.state_dir.parent / "broken.gguf"
+    broken.write_bytes(tiny_model.read_bytes())
+    await job_result(client, {"operation": "model_download", "model": str(broken)})
+    (rbeed.state_dir / "models" / "broken.gguf").write_bytes(b"<html>gone</html>")
+    for streamed in (False, True):
+        with trio.fail_after(30):
+            response = await client.request("POST", "/v1/completions", json=COMPLETION | {"model": "broken",
+                                                                                          "stream": streamed})
+        assert (response.status, response.headers["content-type"]) == (500, "application/json")
+        error = response.json()["error"]
+        assert error["type"] == "server_error" and "not a GGUF file" in error["message"], error
+    await job_result(client, {"operation": "model_delete", "id": "broken"})
+
+
+async def test_a_client_that_leaves_mid_stream_cancels_its_job(client):
+    long = COMPLETION | {"max_tokens": 500, "stream": True}
+    with trio.fail_after(30):
+        async with client.stream("POST", "/v1/completions", json=long) as response:
+            async for event in response.aiter_sse():
+                job_id = json.loads(event.data)["id"]
+                break  # leaving the block closes the connection
+        while (job := (await client.request("GET", f"/v1/jobs/{job_id}")).json())["state"] == "running":
+            await trio.sleep(0.02)  # bounded by fail_after: the daemon notices the close at once
+    assert job["state"] == "cancelled"
+    # The worker is free at once for the next request.
+    status, answer = await post(client, "/v1/completions", COMPLETION | {"max_tokens": 2})
+    assert status == 200 and answer["usage"]["completion_tokens"] == 2
+
+
+async def test_a_completion_cancelled_by_delete_is_answered_503(rbeed, client):
+    answers = []
+
+    async def complete() -> None:
+        async with rbeed.client() as own:
+            answers.append(await post(own, "/v1/completions", COMPLETION | {"max_tokens": 500}))
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(complete)
+            while not (running := (await client.request("GET", "/v1/jobs?state=running")).json()):
+                await trio.sleep(0.02)  # until the request has made its job
+            assert (await client.request("DELETE", f"/v1/jobs/{running[0]['job_id']}")).status == 200
+    [(status, answer)] = answers
+    assert (status, answer["error"]["message"], answer["error"]["type"]) == (503, "job cancelled", "server_error")
