@@ -149,8 +149,6 @@ async def follow(job: Job, handle: Callable[[str, bytes], Awaitable[None]]) -> N
                     await handle(*_parse(rendered))
 
 
-
-
 class _Reply:
     """One request's answer, translated from its job's events into OpenAI's objects."""
 
