@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import re
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import msgspec
 import trio
@@ -125,13 +126,7 @@ class JobAPI:
             finally:
                 job.readers -= 1
 
-        on_disconnect = None
-        if job.cancel_on_disconnect:
-
-            def on_disconnect() -> None:
-                if job.readers == 0 and not job.finished:
-                    self.registry.cancel(job)
-
+        on_disconnect = partial(self.registry.reader_left, job) if job.cancel_on_disconnect else None
         return StreamingResponse(200, produce, on_disconnect=on_disconnect)
 
     async def _follow(self, job: Job, feed: trio.MemoryReceiveChannel, send, after: int) -> int | None:

@@ -337,6 +337,11 @@ class JobRegistry:
         job._scope.cancel()
         return True
 
+    def reader_left(self, job: Job) -> None:
+        """Cancel a job whose output is all it is for (infer) once its last reader has gone."""
+        if job.readers == 0 and not job.finished:
+            self.cancel(job)
+
     def cancel_all(self, state: JobState, reason: str) -> None:
         for job in list(self._jobs.values()):
             self.cancel(job, state, reason)

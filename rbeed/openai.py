@@ -92,7 +92,8 @@ def _unsupported(body: _Completion | _Chat) -> str | None:
     return next((field for field, asked in asks.items() if asked), None)
 
 
-def _text_of(message: _Message, index: int) -> tuple[str, str]:
+def _text_of(message: _Message, index: int) -> dict[str, str]:
+    """The message as infer takes it: one of its roles, and the content as one string."""
     role = "system" if message.role == "developer" else message.role
     if role not in ("system", "user", "assistant"):
         raise _Invalid(f"role {message.role!r} is not supported; use system, user or assistant",
@@ -100,8 +101,8 @@ def _text_of(message: _Message, index: int) -> tuple[str, str]:
     if isinstance(message.content, list):
         if any(part.type != "text" or part.text is None for part in message.content):
             raise _Invalid("only text content parts are supported", f"messages[{index}].content")
-        return role, "".join(part.text for part in message.content)
-    return role, message.content or ""
+        return {"role": role, "content": "".join(part.text for part in message.content)}
+    return {"role": role, "content": message.content or ""}
 
 
 def _to_infer(body: _Completion | _Chat) -> Infer:
@@ -114,8 +115,7 @@ def _to_infer(body: _Completion | _Chat) -> Infer:
         "keep_alive": body.keep_alive, "stop": [body.stop] if isinstance(body.stop, str) else body.stop,
     }  # fmt: skip
     if isinstance(body, _Chat):
-        messages = [_text_of(message, i) for i, message in enumerate(body.messages)]
-        fields["messages"] = [{"role": role, "content": content} for role, content in messages]
+        fields["messages"] = [_text_of(message, i) for i, message in enumerate(body.messages)]
     elif isinstance(body.prompt, list) and len(body.prompt) != 1:
         raise _Invalid("give one prompt per request", "prompt")
     else:
@@ -152,20 +152,16 @@ async def follow(job: Job, handle: Callable[[str, bytes], Awaitable[None]]) -> N
 class _Reply:
     """One request's answer, translated from its job's events into OpenAI's objects."""
 
-    def __init__(self, job: Job, body: _Completion | _Chat, cancel: Callable[[Job], object]):
-        self.job, self.model, self.chat, self.cancel = job, body.model, isinstance(body, _Chat), cancel
+    def __init__(self, job: Job, body: _Completion | _Chat, registry: JobRegistry):
+        self.job, self.model, self.chat = job, body.model, isinstance(body, _Chat)
         self.usage_wanted = body.stream_options is not None and body.stream_options.include_usage
         self.created = int(time.time())
         self.started = False  # a streamed reply has sent its first chunk
         self.result: dict = {}
-        self.response = StreamingResponse(200, self._produce, on_disconnect=self._disconnected)
         self.stream = body.stream
-        if not body.stream:
-            self.response.content_type = "application/json"
-
-    def _disconnected(self) -> None:  # as for an SSE reader of an infer: nobody left to read it
-        if self.job.readers == 0 and not self.job.finished:
-            self.cancel(self.job)
+        # A client that goes away cancels its job, as an SSE reader of an infer does.
+        kind = "text/event-stream" if body.stream else "application/json"
+        self.response = StreamingResponse(200, self._produce, kind, on_disconnect=partial(registry.reader_left, job))
 
     def _object(self, choice: dict, usage: bool = False) -> dict:
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if self.stream and self.chat else "")
@@ -276,7 +272,7 @@ class OpenAIAPI:
         except RegistryFull as exc:
             return _error(503, str(exc), "server_error")
         self.registry.start(job)
-        return _Reply(job, body, self.registry.cancel).response
+        return _Reply(job, body, self.registry).response
 
 
 def _not_allowed(request: Request, method: str) -> Response:

@@ -368,6 +368,13 @@ def narrations(events) -> list[str]:
     return [json.loads(e.data)["message"] for e in events if e.event == "narration"]
 
 
+async def register_copy(daemon: Daemon, client: Client, model: Path, name: str) -> tuple[Path, Path]:
+    """Register a copy of `model` as model `name`: the copy, and the file installed in the models dir."""
+    source = shutil.copyfile(model, daemon.state_dir.parent / f"{name}.gguf")
+    await job_result(client, {"operation": "model_download", "model": str(source)})
+    return source, daemon.state_dir / "models" / f"{name}.gguf"
+
+
 def steady(record: dict) -> dict:
     """A worker record without its resident memory, which moves while the process runs."""
     return {key: value for key, value in record.items() if key != "rss"}

@@ -8,7 +8,7 @@ import pytest
 import trio
 
 import tinymodel
-from support import job_result, running_daemon
+from support import job_result, register_copy, running_daemon
 from test_infer import CHAT_TEMPLATE
 
 COMPLETION = {"model": "tiny", "prompt": "Once upon a time", "temperature": 0, "max_tokens": 12}
@@ -151,10 +151,8 @@ async def test_malformed_json_and_wrong_methods(client):
 
 
 async def test_a_failure_before_any_output_is_an_http_error_not_a_stream(rbeed, client, tiny_model):
-    broken = rbeed.state_dir.parent / "broken.gguf"
-    broken.write_bytes(tiny_model.read_bytes())
-    await job_result(client, {"operation": "model_download", "model": str(broken)})
-    (rbeed.state_dir / "models" / "broken.gguf").write_bytes(b"<html>gone</html>")
+    _, installed = await register_copy(rbeed, client, tiny_model, "broken")
+    installed.write_bytes(b"<html>gone</html>")
     for streamed in (False, True):
         with trio.fail_after(30):
             response = await client.request("POST", "/v1/completions", json=COMPLETION | {"model": "broken",
@@ -195,3 +193,15 @@ async def test_a_completion_cancelled_by_delete_is_answered_503(rbeed, client):
             assert (await client.request("DELETE", f"/v1/jobs/{running[0]['job_id']}")).status == 200
     [(status, answer)] = answers
     assert (status, answer["error"]["message"], answer["error"]["type"]) == (503, "job cancelled", "server_error")
+
+
+async def test_a_stream_cancelled_after_its_first_token_ends_with_an_error_event_and_no_done(client):
+    long = COMPLETION | {"max_tokens": 500, "stream": True}
+    with trio.fail_after(30):
+        async with client.stream("POST", "/v1/completions", json=long) as response:
+            events = response.aiter_sse()
+            first = json.loads((await events.__anext__()).data)
+            assert (await client.request("DELETE", f"/v1/jobs/{first['id']}")).status == 200
+            rest = [event.data async for event in events]
+    assert json.loads(rest[-1]) == {"error": {"message": "job cancelled", "type": "server_error"}}
+    assert "[DONE]" not in rest and all("choices" in json.loads(data) for data in rest[:-1])

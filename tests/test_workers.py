@@ -14,7 +14,7 @@ import trio
 
 from support import (
     end_marker, is_narration, is_token, job_error, job_events, job_result, narrations, pid_alive, read_events_until,
-    rest_of, result_of, run_job, running_daemon, short_base, start_daemon, steady, wait_pids_gone,
+    register_copy, rest_of, result_of, run_job, running_daemon, short_base, start_daemon, steady, wait_pids_gone,
 )  # fmt: skip
 
 # Each worker sleeps this long after every token, so a long generation can be hit mid-stream.
@@ -246,10 +246,7 @@ async def test_cuda_on_a_cpu_only_build_is_refused_before_any_worker_is_stopped(
 
 
 async def test_a_model_whose_file_was_removed_is_refused_before_any_worker_is_stopped(rbeed, client, tiny_model):
-    source = rbeed.state_dir.parent / "gone.gguf"
-    shutil.copyfile(tiny_model, source)
-    await job_result(client, {"operation": "model_download", "model": str(source)})
-    installed = rbeed.state_dir / "models" / "gone.gguf"
+    source, installed = await register_copy(rbeed, client, tiny_model, "gone")
     installed.unlink()
     await job_result(client, SHORT)  # an idle on-demand worker holds every thread
     [idle] = await job_result(client, {"operation": "worker_list"})
@@ -264,10 +261,7 @@ async def test_a_model_whose_file_was_removed_is_refused_before_any_worker_is_st
 
 
 async def test_a_bad_model_file_fails_the_spawn_with_the_reason(rbeed, client, tiny_model):
-    source = rbeed.state_dir.parent / "broken.gguf"
-    shutil.copyfile(tiny_model, source)
-    await job_result(client, {"operation": "model_download", "model": str(source)})
-    installed = rbeed.state_dir / "models" / "broken.gguf"
+    _, installed = await register_copy(rbeed, client, tiny_model, "broken")
     content = installed.read_bytes()
 
     installed.write_bytes(b"<html>gone</html>" * 100)
@@ -373,10 +367,7 @@ async def test_workers_exit_when_the_daemon_is_killed(tiny_model):
 
 
 async def test_a_worker_deleted_while_it_loads_fails_its_spawn(rbeed, client, tiny_model):
-    source = rbeed.state_dir.parent / "stuck.gguf"
-    shutil.copyfile(tiny_model, source)
-    await job_result(client, {"operation": "model_download", "model": str(source)})
-    installed = rbeed.state_dir / "models" / "stuck.gguf"
+    _, installed = await register_copy(rbeed, client, tiny_model, "stuck")
     installed.unlink()
     os.mkfifo(installed)  # the worker's open() blocks until someone writes: it loads forever
     try:
