@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import math
+import os
 import signal
 import socket
+from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 
@@ -45,6 +49,22 @@ def bind_sockets(config: Config) -> tuple[list[socket.socket], Path | None]:
     path = config.socket_path
     sockets.append(bind_unix(path, config.server.socket_mode))
     return sockets, path
+
+
+def claim(directory: Path, what: str) -> int:
+    """Lock `directory` for this daemon's life (the kernel drops the lock when it exits, however it
+    exits): a second daemon on the same catalog or worker sockets would corrupt both."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / "rbeed.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 16).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise OSError(errno.EBUSY, f"{what} {directory} is in use by another rbeed (pid {holder})") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, b"%d\n" % os.getpid())
+    return fd
 
 
 def choose_backend(config: Config):
@@ -234,11 +254,16 @@ class Daemon:
 
 
 async def serve(config: Config, config_path: Path | None = None, overrides: dict | None = None) -> None:
-    sockets, unix_path = bind_sockets(config)
-    try:
-        await Daemon(config, config_path, overrides).run(sockets)
-    finally:
-        for sock in sockets:
-            sock.close()
-        if unix_path is not None:
-            unix_path.unlink(missing_ok=True)
+    with ExitStack() as held:
+        # One lock per directory: the state and runtime dirs may be the same one.
+        dirs = {config.runtime_path.resolve(): "runtime dir", config.state_path.resolve(): "state dir"}
+        for directory, what in dirs.items():
+            held.callback(os.close, claim(directory, what))
+        sockets, unix_path = bind_sockets(config)
+        try:
+            await Daemon(config, config_path, overrides).run(sockets)
+        finally:
+            for sock in sockets:
+                sock.close()
+            if unix_path is not None:
+                unix_path.unlink(missing_ok=True)

@@ -60,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         trio.run(serve, config, args.config, flags)
-    except (OSError, ActivationError) as exc:
+    except OSError as exc:  # ours carry the whole message, the kernel's name their file
+        logger.error("%s", exc.strerror if exc.filename is None and exc.strerror else exc)
+        return 1
+    except ActivationError as exc:
         logger.error("%s", exc)
         return 1
     return 0

@@ -9,6 +9,7 @@ import os
 import socket
 import stat
 from collections.abc import Awaitable, Callable
+from contextlib import contextmanager
 from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import parse_qsl
@@ -371,9 +372,20 @@ def bind_tcp(address: str) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    with _naming(address, sock):
+        sock.bind((host, port))
     sock.listen(socket.SOMAXCONN)
     return sock
+
+
+@contextmanager
+def _naming(address: object, sock: socket.socket):
+    """A failed bind says which address it was (the kernel's error does not)."""
+    try:
+        yield
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
 
 
 def bind_unix(path: Path, mode: int) -> socket.socket:
@@ -394,7 +406,8 @@ def bind_unix(path: Path, mode: int) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o777 & ~mode)
     try:
-        sock.bind(str(path))
+        with _naming(path, sock):
+            sock.bind(str(path))
     finally:
         os.umask(old_umask)
     os.chmod(path, mode)

@@ -141,6 +141,28 @@ async def test_a_live_socket_is_an_error_and_stays_with_its_owner(shared_daemon,
     assert parse_response(await exchange(shared_daemon, b"GET /health HTTP/1.0\r\n\r\n", unix=True))[0] == 200
 
 
+@pytest.mark.parametrize("shared", ["--state-dir", "--runtime-dir"])
+async def test_a_second_daemon_on_the_same_directories_is_refused(shared_daemon, tmp_path, shared):
+    taken = {"--state-dir": shared_daemon.state_dir, "--runtime-dir": shared_daemon.runtime_dir}[shared]
+    result = run_daemon_to_exit(tmp_path, "--listen", "127.0.0.1:0", shared, str(taken))
+    what = shared.strip("-").replace("-", " ")
+    assert result.returncode == 1, result
+    assert f"{what} {taken.resolve()} is in use by another rbeed (pid {shared_daemon.proc.pid})" in result.stderr
+    assert "Traceback" not in result.stderr and "Errno" not in result.stderr
+    assert not (tmp_path / "rbeed.sock").exists()  # refused before binding anything
+    assert parse_response(await exchange(shared_daemon, b"GET /health HTTP/1.0\r\n\r\n", unix=True))[0] == 200
+
+
+def test_a_taken_tcp_port_is_named(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = "127.0.0.1:%d" % taken.getsockname()[1]
+        result = run_daemon_to_exit(tmp_path, "--listen", address)
+    assert result.returncode == 1, result
+    assert f"cannot listen on {address}: Address already in use" in result.stderr, result.stderr
+
+
 def test_a_file_in_the_way_of_the_socket_is_an_error(tmp_path):
     (tmp_path / "rbeed.sock").write_text("not a socket")
     result = run_daemon_to_exit(tmp_path, "--listen", "127.0.0.1:0")
