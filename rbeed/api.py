@@ -30,7 +30,8 @@ class JobAPI:
         self.registry = registry
         self.accepting = True
         self.api_key = api_key
-        self.routes: dict[str, Callable[[Request], Awaitable[Response | StreamingResponse]]] = {}  # e.g. OpenAI's
+        # Other APIs' routes (OpenAI's): an exact path, or a prefix ending in "/" for one more segment.
+        self.routes: dict[str, Callable[[Request], Awaitable[Response | StreamingResponse]]] = {}
 
     async def __call__(self, request: Request) -> Response | StreamingResponse:
         path = request.path
@@ -38,7 +39,7 @@ class JobAPI:
             return self._only(request, "GET") or json_response(200, {"status": "ok", "version": __version__})
         if self.api_key is not None and not request.local and (refusal := _unauthorized(request, self.api_key)):
             return refusal
-        if (route := self.routes.get(path)) is not None:
+        if (route := self.routes.get(path) or self.routes.get(path[: path.rfind("/") + 1])) is not None:
             return await route(request)
         if path == "/v1/jobs":
             if request.method == "POST":

@@ -11,7 +11,7 @@ import msgspec
 
 from . import wire
 from .jobs import Job, JobFailed, JobRegistry, RegistryFull
-from .models import Models
+from .models import Model, Models
 from .operations import Infer
 from .server import Request, Response, StreamingResponse, json_response
 
@@ -236,6 +236,7 @@ class OpenAIAPI:
         self.accepting = accepting
         self.routes = {
             "/v1/models": self._list_models,
+            "/v1/models/": self._get_model,
             "/v1/completions": partial(self._complete, _Completion),
             "/v1/chat/completions": partial(self._complete, _Chat),
         }
@@ -243,9 +244,16 @@ class OpenAIAPI:
     async def _list_models(self, request: Request) -> Response:
         if request.method not in ("GET", "HEAD"):
             return _not_allowed(request, "GET")
-        models = [{"id": model.id, "object": "model", "created": int(model.added_at), "owned_by": "rbeed"}
-                  for model in self.models.catalog.list()]  # fmt: skip
-        return json_response(200, {"object": "list", "data": models})
+        return json_response(200, {"object": "list", "data": [_model(m) for m in self.models.catalog.list()]})
+
+    async def _get_model(self, request: Request) -> Response:
+        if request.method not in ("GET", "HEAD"):
+            return _not_allowed(request, "GET")
+        try:
+            model = self.models.lookup(request.path.rpartition("/")[2])
+        except JobFailed as exc:
+            return _model_not_found(exc)
+        return json_response(200, _model(model))
 
     async def _complete(self, kind: type[_Completion | _Chat], request: Request) -> Response | StreamingResponse:
         if request.method != "POST":
@@ -257,7 +265,7 @@ class OpenAIAPI:
             model = self.models.lookup(body.model)  # first: `llama3:8b` is unknown here, not a bad id
             infer = _to_infer(body)
         except JobFailed as exc:
-            return _error(404, str(exc), "invalid_request_error", "model", "model_not_found")
+            return _model_not_found(exc)
         except _Invalid as exc:
             return _error(400, str(exc), "invalid_request_error", exc.param)
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
@@ -273,6 +281,14 @@ class OpenAIAPI:
             return _error(503, str(exc), "server_error")
         self.registry.start(job)
         return _Reply(job, body, self.registry).response
+
+
+def _model(model: Model) -> dict:
+    return {"id": model.id, "object": "model", "created": int(model.added_at), "owned_by": "rbeed"}
+
+
+def _model_not_found(exc: JobFailed) -> Response:
+    return _error(404, str(exc), "invalid_request_error", "model", "model_not_found")
 
 
 def _not_allowed(request: Request, method: str) -> Response:

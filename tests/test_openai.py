@@ -64,6 +64,13 @@ async def test_models_are_the_catalog(client):
         ("chatty", "model", "rbeed"), ("tiny", "model", "rbeed"),
     ]  # fmt: skip
     assert all(isinstance(m["created"], int) for m in listing["data"])
+    response = await client.request("GET", "/v1/models/tiny")  # what openai's models.retrieve asks
+    assert (response.status, response.json()) == (200, listing["data"][1])
+    for unknown in ("gone", "llama3:8b", ""):
+        response = await client.request("GET", f"/v1/models/{unknown}")
+        error = response.json()["error"]
+        assert (response.status, error["code"], error["param"]) == (404, "model_not_found", "model"), unknown
+        assert error["message"] == f"unknown model {unknown!r} (known: chatty, tiny)"
 
 
 async def test_a_completion_is_an_infer_job_with_its_text_and_usage(client):
@@ -146,8 +153,9 @@ async def test_malformed_json_and_wrong_methods(client):
     assert response.status == 400 and response.json()["error"]["message"].startswith("malformed JSON: ")
     response = await client.request("GET", "/v1/chat/completions")
     assert (response.status, response.headers["allow"]) == (405, "POST")
-    response = await client.request("POST", "/v1/models")
-    assert (response.status, response.headers["allow"]) == (405, "GET")
+    for path in ("/v1/models", "/v1/models/tiny"):
+        response = await client.request("POST", path)
+        assert (response.status, response.headers["allow"]) == (405, "GET")
 
 
 async def test_a_failure_before_any_output_is_an_http_error_not_a_stream(rbeed, client, tiny_model):
