@@ -376,6 +376,8 @@ def test_model_download_list_infer_and_worker_commands_on_a_real_model(daemon, t
     again = rbee(daemon, "infer", "Once upon a time", "--seed", "3", "--max-tokens", "6", "--no-stream",
                  env=cli_env(RBEE_MODEL="tiny"))  # fmt: skip
     assert again.stdout == inferred.stdout  # same seed, same text, whether streamed or not
+    short = rbee(daemon, "infer", "-m", "tiny", "-n", "6", "--seed", "3", "Once upon a time")  # llama-cli's flags
+    assert short.stdout == inferred.stdout, short.stderr
 
     [worker] = table_of(rbee(daemon, "worker", "list").stdout)
     assert (worker["MODEL"], worker["DEVICE"], worker["STATE"]) == ("tiny", "cpu", "ready")
