@@ -354,19 +354,35 @@ def decode_data(data: str) -> Any:
 
 
 class View:
-    """Receives a job's events one by one; `result` holds the operation's answer once seen."""
+    """Receives a job's events one by one; `result` holds the operation's answer once seen, and
+    `text` what an infer generated."""
 
     result: Any = None
 
+    def __init__(self) -> None:
+        self._pieces: list[str] = []
+
     def event(self, event: ServerSentEvent) -> None:
-        if event.event == "result":
+        if event.event == "token":
+            data = decode_data(event.data)
+            self._pieces.append(data.get("t", "") if isinstance(data, dict) else str(data))
+        elif event.event == "result":
             self.result = decode_data(event.data)
+
+    def interrupted(self) -> None:
+        """Ctrl-C stopped the following before the end event."""
+
+    @property
+    def text(self) -> str:
+        whole = self.result.get("text") if isinstance(self.result, dict) else None
+        return whole if isinstance(whole, str) else "".join(self._pieces)
 
 
 class JsonView(View):
     """Each event as one JSON line on stdout: {"id", "event", "data"} (data decoded when JSON)."""
 
     def __init__(self, console: Console):
+        super().__init__()
         self.console = console
 
     def event(self, event: ServerSentEvent) -> None:
@@ -380,6 +396,7 @@ class HumanView(View):
     """Narration and progress on stderr; tokens and the rendered result on stdout."""
 
     def __init__(self, console: Console, operation: str | None, clock: Callable[[], float] = time.monotonic):
+        super().__init__()
         self.console = console
         self.operation = operation
         self._clock = clock
@@ -411,6 +428,10 @@ class HumanView(View):
                     self._finish_infer(ok=event.data == "[DONE]")
             case _:
                 self.console.note(f"{event.event}: {format_value(data)}")
+
+    def interrupted(self) -> None:
+        if self._tokens:  # end the line of text, so that what follows starts on its own
+            self.console.out("\n")
 
     def _token(self, data: Any) -> None:
         now = self._clock()
@@ -518,7 +539,8 @@ class Session:
         except CliError as exc:
             console.error(f"could not cancel job {job_id}: {exc}")
             return
-        if response.status == 200:
+        # An infer whose stream we closed may be cancelled by the daemon before the DELETE lands.
+        if response.status == 200 or server_message(response) == f"job {job_id} already cancelled":
             console.error(f"cancelled job {job_id}")
         else:
             console.error(f"could not cancel job {job_id}: {server_message(response)}")
@@ -542,6 +564,7 @@ class Session:
                 except* CliError as group:  # the nursery is a detail: raise the error itself
                     raise _first_leaf(group) from None
             if following.cancelled_caught:
+                view.interrupted()
                 await on_interrupt()
                 return EXIT_CANCELLED
         if end == "[DONE]":
@@ -619,23 +642,115 @@ async def run_command(args: argparse.Namespace, console: Console) -> int:
             body = raw.encode()
         else:
             payload = build_payload(args)
-            if args.operation == "infer" and payload.get("prompt", "-") == "-":  # `rbee infer < notes.txt`
-                if sys.stdin.isatty():
-                    raise CliError("no PROMPT given: pass it as an argument, or pipe it on stdin", EXIT_USAGE)
-                payload["prompt"] = sys.stdin.read()
-            chat, system = payload.pop("chat", False), payload.pop("system", None)
-            if chat or system:
-                system_message = [{"role": "system", "content": system}] if system else []
-                payload["messages"] = [*system_message, {"role": "user", "content": payload.pop("prompt")}]
-            if args.operation == "infer" and "model" not in payload:
-                model = await choose_model(session, console)
-                if model is None:
+            if args.operation == "infer":
+                if payload.get("prompt", "-") == "-":  # `rbee infer < notes.txt`
+                    payload["prompt"] = sys.stdin.read()
+                if (payload := await infer_payload(session, payload, console)) is None:
                     return EXIT_CANCELLED
-                payload["model"] = model
             operation = args.operation
             body = msgspec.json.encode(payload)
-        view = JsonView(console) if args.json else HumanView(console, operation)
-        return await session.run(body, view, console)
+        return await session.run(body, make_view(args, console, operation), console)
+
+
+def make_view(args: argparse.Namespace, console: Console, operation: str | None) -> View:
+    return JsonView(console) if args.json else HumanView(console, operation)
+
+
+async def infer_payload(
+    session: Session, payload: dict, console: Console, history: Sequence[dict] = ()
+) -> dict | None:
+    """An infer's payload from rbee's options: --chat and --system make `messages` (after the
+    conversation so far), and a missing --model is chosen. None when that choice was interrupted."""
+    chat, system = payload.pop("chat", False), payload.pop("system", None)
+    if chat or system:
+        system_message = [{"role": "system", "content": system}] if system else []
+        payload["messages"] = [*system_message, *history, {"role": "user", "content": payload.pop("prompt")}]
+    if "model" not in payload:
+        if (model := await choose_model(session, console)) is None:
+            return None
+        payload["model"] = model
+    return payload
+
+
+# -- rbee infer on a terminal: one prompt after another ------------------------------------------
+
+
+BYE = ("/bye", "/exit")
+
+
+def read_prompt() -> str:
+    """One prompt typed at `>>> `; one that starts with \"\"\" goes on until a line ends with \"\"\"."""
+    text = input(">>> ")
+    if not text.startswith('"""'):
+        return text
+    text = text[3:]
+    while not text.endswith('"""'):
+        text += "\n" + input("... ")
+    return text[:-3]
+
+
+def interactive(args: argparse.Namespace, console: Console) -> int:
+    """`rbee infer` with no PROMPT on a terminal, as `ollama run` does: each prompt typed is a job;
+    with --chat or --system the conversation so far goes with it. Ctrl-C stops a generation (or
+    drops the line being typed); Ctrl-D or /bye ends."""
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  input() then edits lines and keeps a history
+
+    base = build_payload(args)
+    if "model" not in base:  # chosen once, not for each prompt
+        if (model := trio.run(_choose_model, args, console)) is None:
+            return EXIT_CANCELLED
+        base["model"] = model
+    chat = bool(base.get("chat") or base.get("system"))
+    history: list[dict] = []
+    console.note('one prompt per line; """ starts and ends several lines; /bye or Ctrl-D ends'
+                 + ("; the conversation goes with each prompt" if chat else ""))  # fmt: skip
+    while True:
+        try:
+            prompt = read_prompt()
+        except EOFError:
+            console.out("\n")
+            return EXIT_OK
+        except KeyboardInterrupt:
+            console.out("\n")
+            console.note("Ctrl-D or /bye ends")
+            continue
+        if prompt.strip() in BYE:
+            return EXIT_OK
+        if not prompt.strip():
+            continue
+        try:
+            status, payload, reply = trio.run(_turn, args, console, base | {"prompt": prompt}, history)
+        except (CliError, KeyboardInterrupt, BaseExceptionGroup) as exc:
+            error = _first_leaf(exc) if isinstance(exc, BaseExceptionGroup) else exc
+            if isinstance(error, KeyboardInterrupt):  # before the job's stream: the job stops unread
+                console.out("\n")
+                continue
+            if not isinstance(error, CliError):
+                raise
+            console.error(f"error: {error}")
+            if error.code not in (EXIT_FAILED, EXIT_USAGE):  # the daemon is gone: so is the session
+                return error.code
+            continue
+        if chat and status == EXIT_OK:
+            history += [payload["messages"][-1], {"role": "assistant", "content": reply}]
+
+
+async def _choose_model(args: argparse.Namespace, console: Console) -> str | None:
+    session = Session(daemon_address(args))
+    async with session.client:
+        return await choose_model(session, console)
+
+
+async def _turn(
+    args: argparse.Namespace, console: Console, payload: dict, history: list[dict]
+) -> tuple[int, dict, str]:
+    """One prompt of an interactive session: its exit status, its payload and the text generated."""
+    session = Session(daemon_address(args))
+    async with session.client:
+        payload = await infer_payload(session, payload, console, history)  # the model is known: never None
+        view = make_view(args, console, "infer")
+        return await session.run(msgspec.json.encode(payload), view, console), payload, view.text
 
 
 # -- rbee job: the registry's own requests, which create no job ----------------------------------
@@ -840,7 +955,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console.for_process()
     status = EXIT_FAILED
     try:
-        status = trio.run(run_command, args, console)
+        if getattr(args, "operation", None) == "infer" and args.prompt is None and sys.stdin.isatty():
+            status = interactive(args, console)
+        else:
+            status = trio.run(run_command, args, console)
     except* CliError as group:
         error = _first_leaf(group)
         console.progress.finish()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import io
 import json
@@ -494,12 +495,6 @@ async def test_infer_without_model_uses_rbee_model_or_the_only_listed_model():
         piped = ScriptedAPI(server, [answer])  # no PROMPT at all: a pipe is read, as `ollama run m < file` does
         done = await arbee("--url", server.base_url, "infer", "--model", "m", stdin=b"Piped.")
         assert (done.returncode, piped.payloads[0]["prompt"]) == (0, "Piped."), done.stderr
-        controller, terminal = pty.openpty()  # ... but a terminal is not waited on
-        with os.fdopen(controller, "rb"):
-            typed = subprocess.run(argv("--url", server.base_url, "infer", "--model", "m"), stdin=terminal,
-                                   capture_output=True, text=True, timeout=TIMEOUT, env=cli_env(), cwd=ROOT)  # fmt: skip
-            os.close(terminal)
-        assert typed.returncode == 2 and "no PROMPT given: pass it as an argument, or pipe it on stdin" in typed.stderr
 
         chats = ScriptedAPI(server, [answer, answer])
         for options in (["--chat"], ["--system", "Be brief."]):
@@ -516,6 +511,78 @@ async def test_infer_without_model_uses_rbee_model_or_the_only_listed_model():
         assert done.returncode == 2
         assert "the daemon has 2 models (a, b): pick one with --model" in done.stderr
         assert several.payloads == [{"operation": "model_list"}]
+
+
+async def test_a_conversation_on_the_real_daemon_survives_ctrl_c(tmp_path, tiny_model):
+    daemon = start_daemon(tmp_path / "d", env={"RBEED_WORKER_TOKEN_DELAY": "0.02"})  # a stream long enough to stop
+    try:
+        assert rbee(daemon, "model", "download", str(tiny_model)).returncode == 0
+        args = ("--socket", str(daemon.socket_path), "infer", "-n", "500", "--temperature", "0")
+        async with on_a_terminal(*args) as (process, terminal):
+            with trio.fail_after(TIMEOUT):
+                await read_until(terminal, PROMPTED.search)
+                await terminal.send_all(b"Once upon a time\n")
+                await read_until(terminal, lambda text: re.search(r"Once upon a time\r\n\S", text))  # a token
+                process.send_signal(signal.SIGINT)  # what Ctrl-C does
+                stopped = await read_until(terminal, PROMPTED.search)
+                assert re.search(r"(^|\n)rbee: cancelled job job-\S+\r\n>>> $", stopped), stopped
+                await terminal.send_all(b"Hello\n")  # the worker serves the next prompt at once
+                served = await read_until(terminal, PROMPTED.search)
+                assert re.search(r"\r\n· \d+ tokens, ttft \d+ ms.*, finish: (length|stop)\r\n>>> $", served), served
+                await terminal.send_all(b"\x04")  # Ctrl-D
+                assert await process.wait() == 0
+        jobs = json.loads(rbee(daemon, "--json", "job", "list").stdout)
+        assert [(job["operation"], job["state"]) for job in jobs] == [
+            ("infer", "completed"), ("infer", "cancelled"), ("model_list", "completed"), ("model_download", "completed")
+        ]  # fmt: skip
+    finally:
+        daemon.stop()
+
+
+@contextlib.asynccontextmanager
+async def on_a_terminal(*args: str, env: dict[str, str] | None = None):
+    """rbee with a pty as its stdin, stdout and stderr: the process, and the terminal's other end."""
+    main_fd, terminal_fd = pty.openpty()
+    process = await trio.lowlevel.open_process(argv(*args), stdin=terminal_fd, stdout=terminal_fd, stderr=terminal_fd,
+                                               env=cli_env(TERM="dumb", NO_COLOR="1", **(env or {})), cwd=ROOT)  # fmt: skip
+    os.close(terminal_fd)
+    terminal = trio.lowlevel.FdStream(main_fd)
+    try:
+        yield process, terminal
+    finally:
+        process.kill()
+        await terminal.aclose()
+
+
+PROMPTED = re.compile(r"(^|\n)>>> $")  # rbee waits for the next prompt
+
+
+async def test_infer_on_a_terminal_without_prompt_is_a_conversation():
+    replies = [play(sse(1, "token", {"t": text, "i": 0}), sse(2, "result", RESULT), sse(3, "end", end))
+               for text, end in [("Hello!", "[DONE]"), ("Oops", "[ERROR] worker w died"), ("Sure.", "[DONE]")]]  # fmt: skip
+    async with serve_files() as server:
+        api = ScriptedAPI(server, [play(sse(1, "result", [{"id": "solo"}]), sse(2, "end", "[DONE]")), *replies])
+        async with on_a_terminal("--url", server.base_url, "infer", "--system", "Be brief.") as (process, terminal):
+            with trio.fail_after(TIMEOUT):
+                await read_until(terminal, PROMPTED.search)
+                for typed, shown in [(b"Hi\n", "Hello!\r\n"), (b"again\n", "rbee: error: worker w died"),
+                                     (b'"""Two\nlines"""\n', "Sure.\r\n")]:  # fmt: skip
+                    await terminal.send_all(typed)
+                    seen = await read_until(terminal, PROMPTED.search)
+                    assert shown in seen, seen
+                await terminal.send_all(b"/bye\n")
+                assert await process.wait() == 0
+    system = {"role": "system", "content": "Be brief."}
+    assert api.payloads[0] == {"operation": "model_list"}  # chosen once, for the whole session
+    assert [payload.pop("messages") for payload in api.payloads[1:]] == [
+        [system, {"role": "user", "content": "Hi"}],
+        [system, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+         {"role": "user", "content": "again"}],
+        # The failed turn is not part of the conversation.
+        [system, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+         {"role": "user", "content": "Two\nlines"}],
+    ]  # fmt: skip
+    assert api.payloads[1:] == [{"operation": "infer", "model": "solo"}] * 3
 
 
 async def test_commands_send_the_payloads_of_their_operations():
