@@ -12,7 +12,7 @@ import msgspec
 from . import wire
 from .jobs import Job, JobFailed, JobRegistry, RegistryFull
 from .models import Model, Models
-from .operations import Infer
+from .operations import MAX_TOKENS, Infer
 from .server import Request, Response, StreamingResponse, json_response
 
 _encode = msgspec.json.Encoder().encode
@@ -110,7 +110,8 @@ def _to_infer(body: _Completion | _Chat) -> Infer:
         raise _Invalid(f"{field} is not supported by rbeed", field)
     fields = {
         "operation": "infer", "model": body.model, "stream": body.stream,
-        "max_tokens": body.max_tokens if body.max_tokens is not None else body.max_completion_tokens,
+        # Without a limit, llama-server and Ollama generate until the end of text or a full context.
+        "max_tokens": next((n for n in (body.max_tokens, body.max_completion_tokens) if n is not None), MAX_TOKENS),
         "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "seed": body.seed,
         "keep_alive": body.keep_alive, "stop": [body.stop] if isinstance(body.stop, str) else body.stop,
     }  # fmt: skip

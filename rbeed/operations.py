@@ -114,13 +114,16 @@ class ChatMessage(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     content: Annotated[str, msgspec.Meta(max_length=1 << 20)]
 
 
+MAX_TOKENS = 1 << 20  # more than any context holds: the worker stops where its context is full
+
+
 class Infer(Operation, tag="infer"):
     cancel_on_disconnect: ClassVar[bool] = True
     model: Id
     prompt: Annotated[str, msgspec.Meta(max_length=1 << 20)] | None = None  # text to continue, or ...
     messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1, max_length=1024)] | None = None  # a chat
     hive_id: HiveId = "localhost"
-    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] = 256
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS)] = 256
     temperature: Annotated[float, msgspec.Meta(ge=0, le=100)] = 0.8
     top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.95
     top_k: Annotated[int, msgspec.Meta(ge=0)] = 40

@@ -8,7 +8,7 @@ import pytest
 import trio
 
 import tinymodel
-from support import job_result, register_copy, running_daemon
+from support import job_result, logged, register_copy, running_daemon
 from test_infer import CHAT_TEMPLATE
 
 COMPLETION = {"model": "tiny", "prompt": "Once upon a time", "temperature": 0, "max_tokens": 12}
@@ -71,6 +71,16 @@ async def test_models_are_the_catalog(client):
         error = response.json()["error"]
         assert (response.status, error["code"], error["param"]) == (404, "model_not_found", "model"), unknown
         assert error["message"] == f"unknown model {unknown!r} (known: chatty, tiny)"
+
+
+async def test_without_max_tokens_a_completion_may_fill_the_context(rbeed, client):
+    """As with llama-server and Ollama: no limit but the end of text, or of the context (2048)."""
+    for path, body in [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)]:
+        body = {key: value for key, value in body.items() if key != "max_tokens"}
+        status, answer = await post(client, path, body)
+        assert status == 200, answer
+        prompt = answer["usage"]["prompt_tokens"]
+        await logged(rbeed, rf"{prompt} prompt tokens \(\d+ cached\), up to {2048 - prompt} new$")  # the worker's
 
 
 async def test_a_completion_is_an_infer_job_with_its_text_and_usage(client):
