@@ -914,7 +914,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     _command(commands, "infer", "infer", "generate text; tokens are printed as they arrive",
              _arg("prompt", metavar="PROMPT", nargs="?",
-                  help='the text to continue; "-" or none reads it from stdin'),
+                  help='the text to continue; "-" reads it from stdin, and so does none unless stdin is a '
+                       "terminal, where it starts a session (a prompt per line)"),
              _arg("-m", "--model", metavar="ID", help="model id (default: $RBEE_MODEL, else the only model)"),
              _arg("-n", "--max-tokens", dest="max_tokens", type=int, metavar="N",
                   help=f"tokens to generate at most {_default(Infer, 'max_tokens')}"),
