@@ -692,7 +692,7 @@ def read_prompt() -> str:
 def interactive(args: argparse.Namespace, console: Console) -> int:
     """`rbee infer` with no PROMPT on a terminal, as `ollama run` does: each prompt typed is a job;
     with --chat or --system the conversation so far goes with it. Ctrl-C stops a generation (or
-    drops the line being typed); Ctrl-D or /bye ends."""
+    drops the line being typed); /clear forgets the conversation; Ctrl-D or /bye ends."""
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  input() then edits lines and keeps a history
 
@@ -717,6 +717,10 @@ def interactive(args: argparse.Namespace, console: Console) -> int:
             continue
         if prompt.strip() in BYE:
             return EXIT_OK
+        if prompt.strip() == "/clear":
+            history.clear()
+            console.note("the conversation starts again")
+            continue
         if not prompt.strip():
             continue
         try:

@@ -559,14 +559,16 @@ PROMPTED = re.compile(r"(^|\n)>>> $")  # rbee waits for the next prompt
 
 async def test_infer_on_a_terminal_without_prompt_is_a_conversation():
     replies = [play(sse(1, "token", {"t": text, "i": 0}), sse(2, "result", RESULT), sse(3, "end", end))
-               for text, end in [("Hello!", "[DONE]"), ("Oops", "[ERROR] worker w died"), ("Sure.", "[DONE]")]]  # fmt: skip
+               for text, end in [("Hello!", "[DONE]"), ("Oops", "[ERROR] worker w died"), ("Sure.", "[DONE]"),
+                                 ("Hi.", "[DONE]")]]  # fmt: skip
     async with serve_files() as server:
         api = ScriptedAPI(server, [play(sse(1, "result", [{"id": "solo"}]), sse(2, "end", "[DONE]")), *replies])
         async with on_a_terminal("--url", server.base_url, "infer", "--system", "Be brief.") as (process, terminal):
             with trio.fail_after(TIMEOUT):
                 await read_until(terminal, PROMPTED.search)
                 for typed, shown in [(b"Hi\n", "Hello!\r\n"), (b"again\n", "rbee: error: worker w died"),
-                                     (b'"""Two\nlines"""\n', "Sure.\r\n")]:  # fmt: skip
+                                     (b'"""Two\nlines"""\n', "Sure.\r\n"),
+                                     (b"/clear\n", "the conversation starts again"), (b"Fresh\n", "Hi.\r\n")]:  # fmt: skip
                     await terminal.send_all(typed)
                     seen = await read_until(terminal, PROMPTED.search)
                     assert shown in seen, seen
@@ -581,8 +583,9 @@ async def test_infer_on_a_terminal_without_prompt_is_a_conversation():
         # The failed turn is not part of the conversation.
         [system, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
          {"role": "user", "content": "Two\nlines"}],
+        [system, {"role": "user", "content": "Fresh"}],  # after /clear
     ]  # fmt: skip
-    assert api.payloads[1:] == [{"operation": "infer", "model": "solo"}] * 3
+    assert api.payloads[1:] == [{"operation": "infer", "model": "solo"}] * 4
 
 
 async def test_commands_send_the_payloads_of_their_operations():
