@@ -104,8 +104,7 @@ class JobAPI:
 
         async def produce(send) -> None:
             after = first_after
-            job.readers += 1
-            try:
+            with job.reading():
                 while True:
                     backlog, gap, feed = job.subscribe(after)
                     pieces = [event for _, event in backlog]
@@ -124,8 +123,6 @@ class JobAPI:
                         after = await self._follow(job, feed, send, after)
                     if after is None:
                         return
-            finally:
-                job.readers -= 1
 
         on_disconnect = partial(self.registry.reader_left, job) if job.cancel_on_disconnect else None
         return StreamingResponse(200, produce, on_disconnect=on_disconnect)

@@ -539,9 +539,10 @@ class Session:
         except CliError as exc:
             console.error(f"could not cancel job {job_id}: {exc}")
             return
-        # An infer whose stream we closed may be cancelled by the daemon before the DELETE lands.
-        if response.status == 200 or server_message(response) == f"job {job_id} already cancelled":
+        if response.status == 200:
             console.error(f"cancelled job {job_id}")
+        elif response.status == 409:  # it ended first: an infer ends as soon as its stream is closed
+            console.error(server_message(response))
         else:
             console.error(f"could not cancel job {job_id}: {server_message(response)}")
 
@@ -645,8 +646,11 @@ async def run_command(args: argparse.Namespace, console: Console) -> int:
             if args.operation == "infer":
                 if payload.get("prompt", "-") == "-":  # `rbee infer < notes.txt`
                     payload["prompt"] = sys.stdin.read()
-                if (payload := await infer_payload(session, payload, console)) is None:
-                    return EXIT_CANCELLED
+                payload = infer_payload(payload)
+                if "model" not in payload:
+                    if (model := await choose_model(session, console)) is None:
+                        return EXIT_CANCELLED
+                    payload["model"] = model
             operation = args.operation
             body = msgspec.json.encode(payload)
         return await session.run(body, make_view(args, console, operation), console)
@@ -656,19 +660,13 @@ def make_view(args: argparse.Namespace, console: Console, operation: str | None)
     return JsonView(console) if args.json else HumanView(console, operation)
 
 
-async def infer_payload(
-    session: Session, payload: dict, console: Console, history: Sequence[dict] = ()
-) -> dict | None:
-    """An infer's payload from rbee's options: --chat and --system make `messages` (after the
-    conversation so far), and a missing --model is chosen. None when that choice was interrupted."""
+def infer_payload(payload: dict, history: Sequence[dict] = ()) -> dict:
+    """An infer's payload from rbee's options: --chat and --system make `messages`, after the
+    conversation so far."""
     chat, system = payload.pop("chat", False), payload.pop("system", None)
     if chat or system:
         system_message = [{"role": "system", "content": system}] if system else []
         payload["messages"] = [*system_message, *history, {"role": "user", "content": payload.pop("prompt")}]
-    if "model" not in payload:
-        if (model := await choose_model(session, console)) is None:
-            return None
-        payload["model"] = model
     return payload
 
 
@@ -750,9 +748,9 @@ async def _turn(
     args: argparse.Namespace, console: Console, payload: dict, history: list[dict]
 ) -> tuple[int, dict, str]:
     """One prompt of an interactive session: its exit status, its payload and the text generated."""
+    payload = infer_payload(payload, history)
     session = Session(daemon_address(args))
     async with session.client:
-        payload = await infer_payload(session, payload, console, history)  # the model is known: never None
         view = make_view(args, console, "infer")
         return await session.run(msgspec.json.encode(payload), view, console), payload, view.text
 
@@ -789,7 +787,7 @@ async def job_follow(session: Session, args: argparse.Namespace, console: Consol
     """Attach to a job's stream: replay what it kept, then follow it live, as its creator would."""
     status = await session.answer("GET", job_path(args.id))
     operation = status.get("operation") if isinstance(status, dict) else None
-    view = JsonView(console) if args.json else HumanView(console, operation)
+    view = make_view(args, console, operation)
 
     async def detach() -> None:  # the job goes on (an infer stops once it has no reader left)
         console.error(f"stopped following job {args.id}")

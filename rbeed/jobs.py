@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -120,6 +121,15 @@ class Job:
     @property
     def finished(self) -> bool:
         return self.state in FINISHED
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Count a client that relays this job's events while it does (see JobRegistry.reader_left)."""
+        self.readers += 1
+        try:
+            yield
+        finally:
+            self.readers -= 1
 
     def status(self) -> JobStatus:
         return JobStatus(

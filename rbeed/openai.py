@@ -183,11 +183,8 @@ class _Reply:
         return {"delta": delta | ({"content": text} if text is not None else {}), "finish_reason": finish}
 
     async def _produce(self, send) -> None:
-        self.job.readers += 1
-        try:
+        with self.job.reading():
             await follow(self.job, partial(self._handle, send))
-        finally:
-            self.job.readers -= 1
 
     async def _handle(self, send, name: str, data: bytes) -> None:
         if name == "token":
