@@ -28,6 +28,7 @@ class LaunchSpec(Protocol):
     model_path: Path
     device: str
     threads: int
+    n_ctx: int
     socket_path: Path
 
 
@@ -41,15 +42,15 @@ class Handle(Protocol):
     async def wait(self) -> str: ...  # returns once the worker has ended: how it ended
 
 
-def worker_options(config: WorkersConfig) -> list[str]:
-    """The worker flags that come from the config, the same for every worker and backend."""
-    options = ["--n-ctx", str(config.n_ctx), "--n-batch", str(config.n_batch)]
+def worker_options(spec: LaunchSpec, config: WorkersConfig) -> list[str]:
+    """The worker's llama.cpp flags, the same for every backend."""
+    options = ["--n-ctx", str(spec.n_ctx), "--n-batch", str(config.n_batch)]
     return options + (["--cpu-affinity", config.cpu_affinity] if config.cpu_affinity else [])
 
 
 def worker_args(spec: LaunchSpec, config: WorkersConfig) -> list[str]:
     return ["worker", "--id", spec.id, "--model", str(spec.model_path), "--socket", str(spec.socket_path),
-            "--device", spec.device, "--threads", str(spec.threads), *worker_options(config)]  # fmt: skip
+            "--device", spec.device, "--threads", str(spec.threads), *worker_options(spec, config)]  # fmt: skip
 
 
 # The daemon's own: its sockets (socket activation) and its secrets are not a worker's business.

@@ -162,6 +162,7 @@ TABLES: dict[str, list[Column]] = {
         Column("STATE", ("state",)),
         Column("PID", ("pid",)),
         Column("THREADS", ("threads",)),
+        Column("CTX", ("n_ctx",)),
         Column("MEMORY", ("rss",)),
         Column("UNTIL", ("stops_at",)),
     ],
@@ -909,6 +910,8 @@ def make_parser() -> argparse.ArgumentParser:
              _arg("--worker", choices=["cpu", "cuda", "metal"], help=f"backend {_default(WorkerSpawn, 'worker')}"),
              _arg("--device", type=int, metavar="N", help=f"device index {_default(WorkerSpawn, 'device')}"),
              _arg("--threads", type=int, metavar="N", help="CPU threads (default: the cores no other worker holds)"),
+             _arg("-c", "--ctx-size", dest="n_ctx", type=int, metavar="N",
+                  help="context in tokens, prompt plus text; 0 = the model's own (default: [workers] n_ctx)"),
              _HIVE)  # fmt: skip
     _command(worker, "list", "worker_list", "list workers", _HIVE)
     _command(worker, "get", "worker_get", "show one worker", by_id, _HIVE)
@@ -928,6 +931,8 @@ def make_parser() -> argparse.ArgumentParser:
              _arg("--stop", action="append", metavar="S", help="stop string (repeatable)"),
              _arg("--device", metavar="D", help="cpu, cuda, cuda:N or metal"),
              _arg("--worker-id", dest="worker_id", metavar="ID", help="use this worker"),
+             _arg("-c", "--ctx-size", dest="n_ctx", type=int, metavar="N",
+                  help="use (or load) a worker whose context holds N tokens; 0 = the model's own"),
              _arg("--chat", action="store_true",
                   help="send PROMPT as a user's message, through the model's chat template"),
              _arg("--system", metavar="TEXT", help="a system message before PROMPT (implies --chat)"),

@@ -18,8 +18,8 @@ class Inference:
     def _device(self, op: Infer) -> str:
         return "cuda:0" if op.device == "cuda" else op.device or "cpu"
 
-    def _matches(self, worker: Worker, op: Infer) -> bool:
-        if worker.model != op.model or not worker.accepting:
+    def _matches(self, worker: Worker, op: Infer, n_ctx: int) -> bool:
+        if worker.model != op.model or not worker.accepting or worker.n_ctx < n_ctx:
             return False
         if op.device is None:
             return True
@@ -27,19 +27,23 @@ class Inference:
 
     async def _worker_for(self, job: Job, op: Infer, generation: Generation) -> tuple[Worker, bool]:
         """The worker for the job, and whether it was loaded for it (it then serves `generation` first)."""
+        # A worker with a larger context than asked for serves the job as well.
+        n_ctx = 0 if op.n_ctx is None else self.supervisor.context(op.model, op.n_ctx)
         if op.worker_id is not None:
             worker = self.supervisor.lookup(op.worker_id)
             if worker.model != op.model:
                 raise JobFailed(f"worker {worker.id} serves {worker.model}, not {op.model}")
+            if worker.n_ctx < n_ctx:
+                raise JobFailed(f"worker {worker.id} has a context of {worker.n_ctx} tokens, not {n_ctx}")
             return worker, False
         # One load per model and device at a time: a second job waits for the first's worker.
         lock = self._loading.setdefault((op.model, self._device(op)), trio.Lock())
         async with lock:
-            candidates = [w for w in self.supervisor.workers.values() if self._matches(w, op)]
+            candidates = [w for w in self.supervisor.workers.values() if self._matches(w, op, n_ctx)]
             if candidates:
                 return min(candidates, key=lambda w: w.backlog), False
-            return await self.supervisor.spawn(op.model, self._device(op), on_demand=True, keep_alive=op.keep_alive,
-                                               job=job, first=generation), True  # fmt: skip
+            return await self.supervisor.spawn(op.model, self._device(op), n_ctx=op.n_ctx, on_demand=True,
+                                               keep_alive=op.keep_alive, job=job, first=generation), True  # fmt: skip
 
     async def infer(self, job: Job, op: Infer) -> None:
         if op.messages is not None and self.supervisor.models.lookup(op.model).metadata.get("chat_template") is False:

@@ -15,6 +15,8 @@ Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-fA-F]{64}$")]
 # A hive's API key goes in an HTTP header: visible ASCII only. "" in hive_update removes it.
 ApiKey = Annotated[str, msgspec.Meta(max_length=512, pattern=r"^[!-~]*$")]
 Device = Annotated[str, msgspec.Meta(pattern=r"^(cpu|cuda|cuda:[0-9]+|metal)$")]
+# A worker's context in tokens (prompt plus generated text); 0 = what the model was trained for.
+Context = Annotated[int, msgspec.Meta(ge=0, le=1 << 24)]
 
 
 class Operation(
@@ -73,6 +75,7 @@ class WorkerSpawn(Operation, tag="worker_spawn"):
     worker: Literal["cpu", "cuda", "metal"] = "cpu"
     device: Annotated[int, msgspec.Meta(ge=0, le=255)] = 0
     threads: Annotated[int, msgspec.Meta(ge=1, le=1024)] | None = None  # default: the free cores
+    n_ctx: Context | None = None  # default: [workers] n_ctx
 
 
 class WorkerList(Operation, tag="worker_list"):
@@ -129,6 +132,7 @@ class Infer(Operation, tag="infer"):
     top_k: Annotated[int, msgspec.Meta(ge=0)] = 40
     device: Device | None = None
     worker_id: Id | None = None
+    n_ctx: Context | None = None  # a worker with at least this context; default: any
     stream: bool = True
     seed: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)] | None = None
     stop: Annotated[list[Annotated[str, msgspec.Meta(min_length=1)]], msgspec.Meta(max_length=16)] = []

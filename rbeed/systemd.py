@@ -110,7 +110,7 @@ class SystemdBackend:
         self.config = config
 
     def _environment(self, spec: LaunchSpec) -> str:
-        options = " ".join(worker_options(self.config))
+        options = " ".join(worker_options(spec, self.config))
         values = {"RBEED_MODEL": spec.model_path, "RBEED_SOCKET": spec.socket_path, "RBEED_DEVICE": spec.device,
                   "RBEED_THREADS": spec.threads, "RBEED_WORKER_OPTS": options}  # fmt: skip
         return "".join(f"{key}={value}\n" for key, value in values.items())

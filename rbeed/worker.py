@@ -444,6 +444,7 @@ class _Worker:
 
         self.llm = llm
         self.n_ctx = llm.n_ctx()
+        self.n_ctx_train = llm._model.n_ctx_train()
         self.token_delay = token_delay
         self._vocab = llm._model.vocab
         self._is_eog = llama_cpp.llama_vocab_is_eog
@@ -599,6 +600,8 @@ class _Worker:
             return
         if n_prompt >= self.n_ctx:
             error = f"prompt is {n_prompt} tokens, the context holds {self.n_ctx}"
+            if self.n_ctx_train > self.n_ctx:
+                error += f"; the model's holds {self.n_ctx_train}: ask for a larger one with n_ctx"
             _log(f"generation {request.id} failed: {error}")
             connection.send(wire.Failed(request.id, error))
             return

@@ -42,6 +42,7 @@ class WorkerRecord(msgspec.Struct):
     pid: int | None
     state: str
     threads: int
+    n_ctx: int  # its context in tokens: prompt plus generated text
     started_at: float
     backend: str
     on_demand: bool
@@ -102,11 +103,11 @@ class Generation:
 class Worker:
     """One worker: its launch settings, its request queue, and the task that serves it."""
 
-    def __init__(self, id: str, model: str, model_path: Path, device: str, threads: int,
+    def __init__(self, id: str, model: str, model_path: Path, device: str, threads: int, n_ctx: int,
                  socket_path: Path, queue_size: int, on_demand: bool, keep_alive: float,
                  cancel_timeout: float):  # fmt: skip
         self.id, self.model, self.model_path, self.device = id, model, model_path, device
-        self.threads, self.socket_path = threads, socket_path
+        self.threads, self.n_ctx, self.socket_path = threads, n_ctx, socket_path
         self.on_demand, self.keep_alive, self.cancel_timeout = on_demand, keep_alive, cancel_timeout
         self.state = WorkerState.STARTING
         self.pid: int | None = None
@@ -140,7 +141,7 @@ class Worker:
 
     def record(self) -> WorkerRecord:
         return WorkerRecord(
-            self.id, self.model, self.device, self.pid, self.state.value, self.threads, self.started_at,
+            self.id, self.model, self.device, self.pid, self.state.value, self.threads, self.n_ctx, self.started_at,
             self.backend, self.on_demand, self.restarts, self.queue_out.statistics().current_buffer_used,
             self.error, self.keep_alive if self.on_demand else None, self.stops_at, resident_bytes(self.pid),
         )  # fmt: skip
@@ -324,8 +325,21 @@ class Supervisor:
             if not worker.stopped.is_set():  # this job went away: nobody wants the threads now
                 worker.draining = False
 
-    async def spawn(self, model_id: str, device: str, *, threads: int | None = None, on_demand: bool = False,
-                    keep_alive: float | None = None, job: Job | None = None,
+    def context(self, model_id: str, n_ctx: int | None) -> int:
+        """The context to load a model with: n_ctx (0: the model's own), else [workers] n_ctx.
+
+        The configured default is cut to what the model was trained for; more than that, asked
+        for, is refused: past it llama.cpp's output turns to garbage.
+        """
+        trained = self.models.lookup(model_id).metadata.get("context_length")
+        if n_ctx is None:
+            return min(self.config.n_ctx, trained or self.config.n_ctx)
+        if trained and n_ctx > trained:
+            raise JobFailed(f"n_ctx {n_ctx} is more than {model_id} was trained for ({trained} tokens)")
+        return n_ctx or trained or 0
+
+    async def spawn(self, model_id: str, device: str, *, threads: int | None = None, n_ctx: int | None = None,
+                    on_demand: bool = False, keep_alive: float | None = None, job: Job | None = None,
                     first: Generation | None = None) -> Worker:  # fmt: skip
         """Start a worker and return it once its model is loaded; JobFailed says why not.
 
@@ -337,6 +351,7 @@ class Supervisor:
         wanted = threads or 1
         with self.models.held(model_id, f"job {job.id}" if job else "a spawn") as model:
             path = self.models.path_of(model)
+            n_ctx = self.context(model_id, n_ctx)
             await self._check_device(device, job)
             async with self._placing:
                 await self._make_room(wanted, job, wait=on_demand)
@@ -349,7 +364,7 @@ class Supervisor:
                 serial = next(self._serial)
                 worker_id = f"{model.id[:48]}-{device.replace(':', '')}-{serial}"
                 worker = Worker(
-                    worker_id, model.id, path, device, threads, self.socket_dir / f"{serial}.sock",
+                    worker_id, model.id, path, device, threads, n_ctx, self.socket_dir / f"{serial}.sock",
                     self.config.queue_size, on_demand,
                     self.config.keep_alive if keep_alive is None else keep_alive, self.config.cancel_timeout,
                 )  # fmt: skip
@@ -359,7 +374,8 @@ class Supervisor:
                 self._nursery.start_soon(self._supervise, worker, name=f"worker {worker_id}")
         self._signal()
         if job is not None:
-            job.narrate(f"loading {model.id} on {device} with {threads} thread(s) as worker {worker_id}")
+            job.narrate(f"loading {model.id} on {device} with {threads} thread(s) and a context of "
+                        f"{n_ctx or 'its own'} tokens as worker {worker_id}")  # fmt: skip
         started = trio.current_time()
         with trio.fail_after(self.config.load_timeout + self.config.stop_grace + 5):
             await worker.wait_loaded()
@@ -484,7 +500,7 @@ class Supervisor:
 
     async def op_spawn(self, job: Job, op: WorkerSpawn) -> None:
         device = "cpu" if op.worker == "cpu" else "metal" if op.worker == "metal" else f"cuda:{op.device}"
-        worker = await self.spawn(op.model, device, threads=op.threads, job=job)
+        worker = await self.spawn(op.model, device, threads=op.threads, n_ctx=op.n_ctx, job=job)
         job.result(worker.record())
 
     async def op_list(self, job: Job, op: WorkerList) -> None:

@@ -338,7 +338,8 @@ async def read_until(stream: trio.abc.ReceiveStream, found: Callable[[str], obje
         (["model", "get", "nosuch"], "model_get", "unknown model 'nosuch'"),
         (["model", "delete", "nosuch"], "model_delete", "unknown model 'nosuch'"),
         (["model", "list", "--hive", "elsewhere"], "model_list", "unknown hive 'elsewhere'"),
-        (["worker", "spawn", "nosuch", "--worker", "cpu", "--device", "0"], "worker_spawn", "unknown model 'nosuch'"),
+        (["worker", "spawn", "nosuch", "--worker", "cpu", "--device", "0", "--ctx-size", "0"], "worker_spawn",
+         "unknown model 'nosuch'"),
         (["worker", "get", "nosuch"], "worker_get", "unknown worker 'nosuch'"),
         (["worker", "delete", "nosuch"], "worker_delete", "unknown worker 'nosuch'"),
         (["worker", "list", "--hive", "elsewhere"], "worker_list", "unknown hive 'elsewhere'"),
@@ -451,7 +452,7 @@ async def test_infer_prints_tokens_as_they_arrive_and_sends_every_option():
         process = await trio.lowlevel.open_process(
             argv("--url", api.url, "infer", "Say hi", "--model", "m", "--max-tokens", "3", "--temperature", "0",
                  "--top-p", "0.5", "--top-k", "2", "--seed", "9", "--stop", "\n", "--stop", "END", "--device",
-                 "cuda:1", "--worker-id", "w-1", "--keep-alive", "-1", "--hive", "localhost"),
+                 "cuda:1", "--worker-id", "w-1", "-c", "4096", "--keep-alive", "-1", "--hive", "localhost"),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), cwd=ROOT,
         )  # fmt: skip
         try:
@@ -468,7 +469,7 @@ async def test_infer_prints_tokens_as_they_arrive_and_sends_every_option():
     assert stderr == "· loading m\n· 2 tokens, ttft 12 ms, 40.0 tok/s, finish: stop\n"
     assert api.payloads == [{
         "operation": "infer", "prompt": "Say hi", "model": "m", "max_tokens": 3, "temperature": 0.0, "top_p": 0.5,
-        "top_k": 2, "seed": 9, "stop": ["\n", "END"], "device": "cuda:1", "worker_id": "w-1", "keep_alive": -1.0,
+        "top_k": 2, "seed": 9, "stop": ["\n", "END"], "device": "cuda:1", "worker_id": "w-1", "n_ctx": 4096, "keep_alive": -1.0,
         "hive_id": "localhost",
     }]  # fmt: skip
 
@@ -761,14 +762,15 @@ def test_tables_of_hives_workers_and_models():
         "gpu-box    10.0.0.7   8500  no      -"
     )
     workers = [{"id": "gemma-cpu-1", "model": "gemma", "device": "cpu", "state": "ready", "pid": 4242,
-                "threads": 1, "started_at": 1.0, "queued": 0, "stops_at": None, "rss": 384_827_392},
+                "threads": 1, "n_ctx": 2048, "started_at": 1.0, "queued": 0, "stops_at": None, "rss": 384_827_392},
                {"id": "gemma-cpu-2", "model": "gemma", "device": "cpu", "state": "ready", "pid": 4243,
-                "threads": 1, "started_at": 1.0, "queued": 0, "stops_at": 1_800_000_000.0, "rss": None}]  # fmt: skip
+                "threads": 1, "n_ctx": 32768, "started_at": 1.0, "queued": 0, "stops_at": 1_800_000_000.0,
+                "rss": None}]  # fmt: skip
     until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(1_800_000_000))
     assert cli.render_result("worker_list", workers) == (
-        "ID           MODEL  DEVICE  STATE  PID   THREADS  MEMORY     UNTIL\n"
-        "gemma-cpu-1  gemma  cpu     ready  4242  1        367.0 MiB  -\n"
-        f"gemma-cpu-2  gemma  cpu     ready  4243  1        -          {until}"
+        "ID           MODEL  DEVICE  STATE  PID   THREADS  CTX    MEMORY     UNTIL\n"
+        "gemma-cpu-1  gemma  cpu     ready  4242  1        2048   367.0 MiB  -\n"
+        f"gemma-cpu-2  gemma  cpu     ready  4243  1        32768  -          {until}"
     )
     models = [
         {"id": "gemma", "size": 253_114_368, "metadata": {"quantization": "Q4_K_M", "architecture": "gemma3",
@@ -785,7 +787,7 @@ def test_tables_of_hives_workers_and_models():
     )
     # Lists of other operations: every key, in first-seen order.
     assert cli.render_result(None, [{"a": 1}, {"b": [1, 2]}]) == "A  B\n1  -\n-  [1,2]"
-    assert cli.render_result("worker_list", []) == "ID  MODEL  DEVICE  STATE  PID  THREADS  MEMORY  UNTIL"
+    assert cli.render_result("worker_list", []) == "ID  MODEL  DEVICE  STATE  PID  THREADS  CTX  MEMORY  UNTIL"
 
 
 def test_objects_render_as_aligned_key_value_lines():

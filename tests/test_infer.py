@@ -195,7 +195,7 @@ async def test_load_on_demand_then_reuse_and_keep_alive(client):
     # The daemon's keep_alive is 0: loaded for the job, stopped right after it.
     events, result = await infer(client, GREEDY | {"model": "tiny2"})
     loaded = result["worker_id"]
-    assert narrations(events)[0] == f"loading tiny2 on cpu with 1 thread(s) as worker {loaded}"
+    assert narrations(events)[0] == f"loading tiny2 on cpu with 1 thread(s) and a context of 2048 tokens as worker {loaded}"
     assert narrations(events)[1].startswith(f"worker {loaded} ready in ")
     await wait_no_tiny2_worker(client)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import time
@@ -24,7 +25,7 @@ CONFIG = """
 threads = 2
 restart_backoff = 0.1
 """
-RECORD_FIELDS = {"id", "model", "device", "pid", "state", "threads", "started_at"}
+RECORD_FIELDS = {"id", "model", "device", "pid", "state", "threads", "n_ctx", "started_at"}
 # Greedy decoding of this prompt runs past 100 tokens without a sentence end: 5 s at SLOW_TOKENS.
 LONG = {"operation": "infer", "model": "tiny", "prompt": "Once upon a time", "temperature": 0, "max_tokens": 100}
 SHORT = LONG | {"max_tokens": 3}
@@ -86,7 +87,7 @@ async def test_spawn_narrates_loading_and_returns_the_record_that_list_and_get_s
     assert [e.event for e in events] == ["narration", "narration", "result", "end"]
     record = result_of(events)
     worker_id = record["id"]
-    assert narrations(events)[0] == f"loading tiny on cpu with 1 thread(s) as worker {worker_id}"
+    assert narrations(events)[0] == f"loading tiny on cpu with 1 thread(s) and a context of 2048 tokens as worker {worker_id}"
     assert narrations(events)[1].startswith(f"worker {worker_id} ready in ")
     assert RECORD_FIELDS <= record.keys()
     assert (record["model"], record["device"], record["state"], record["threads"]) == ("tiny", "cpu", "ready", 1)
@@ -106,6 +107,48 @@ async def test_spawn_narrates_loading_and_returns_the_record_that_list_and_get_s
     assert not pid_alive(record["pid"])  # stopped and reaped before the job ended
     assert await job_result(client, {"operation": "worker_list"}) == []
     assert await job_error(client, {"operation": "worker_get", "id": worker_id}) == f"unknown worker {worker_id!r}"
+
+
+async def test_a_worker_loads_the_context_asked_for_up_to_the_models_own(client):
+    default = await job_result(client, spawn(threads=1))
+    own = await job_result(client, spawn(threads=1, n_ctx=0))
+    # [workers] n_ctx by default; 0 asks for what the model was trained for (tinymodel's 32768).
+    assert (default["n_ctx"], own["n_ctx"]) == (2048, 32768)
+    for record in (default, own):
+        argv = cmdline(record["pid"])
+        assert int(argv[argv.index("--n-ctx") + 1]) == record["n_ctx"]
+    await job_result(client, {"operation": "worker_delete", "id": own["id"]})
+    assert await job_error(client, spawn(threads=1, n_ctx=32769)) == "n_ctx 32769 is more than tiny was trained for (32768 tokens)"
+    assert [w["id"] for w in await job_result(client, {"operation": "worker_list"})] == [default["id"]]
+
+
+async def test_infer_uses_or_loads_a_worker_whose_context_holds_its_n_ctx(client):
+    long = SHORT | {"prompt": "the cat and the dog " * 150}
+    error = await job_error(client, long)
+    prompt_tokens = int(re.fullmatch(
+        r"prompt is (\d+) tokens, the context holds 2048; the model's holds 32768: ask for a larger one with n_ctx",
+        error).group(1))  # fmt: skip
+    assert 2048 < prompt_tokens < 4000
+    [small] = await job_result(client, {"operation": "worker_list"})
+    assert (small["n_ctx"], small["on_demand"]) == (2048, True)
+
+    # As Ollama reloads a model for another num_ctx: the idle worker gives its threads to a new one.
+    events = await run_job(client, long | {"n_ctx": 4000})
+    assert end_marker(events) == "[DONE]"
+    assert f"stopping idle worker {small['id']} to free 2 thread(s)" in narrations(events)
+    large = result_of(events)["worker_id"]
+    assert result_of(events)["prompt_tokens"] == prompt_tokens
+    [record] = await job_result(client, {"operation": "worker_list"})
+    assert (record["id"], record["n_ctx"]) == (large, 4000)
+
+    # A larger context serves a smaller ask, and any ask at all.
+    for n_ctx in (3000, None, 0):
+        ask = {} if n_ctx is None else {"n_ctx": n_ctx}
+        if n_ctx == 0:
+            ask["worker_id"] = large
+            assert await job_error(client, SHORT | ask) == f"worker {large} has a context of 4000 tokens, not 32768"
+        else:
+            assert (await job_result(client, SHORT | ask))["worker_id"] == large
 
 
 async def test_worker_delete_ends_the_infer_running_on_it_with_an_error(client):
