@@ -13,7 +13,7 @@ import trio
 from . import __version__
 from .jobs import Job, JobRegistry, JobState, RegistryFull
 from .operations import PayloadError, decode
-from .server import Request, Response, StreamingResponse, error_response, json_response
+from .server import Request, Response, StreamingResponse, error_response, json_response, only
 
 _JOB_PATH = re.compile(r"^/v1/jobs/([^/]+)(/stream)?$")
 _STATES = ", ".join(state.value for state in JobState)
@@ -36,7 +36,7 @@ class JobAPI:
     async def __call__(self, request: Request) -> Response | StreamingResponse:
         path = request.path
         if path == "/health":
-            return self._only(request, "GET") or json_response(200, {"status": "ok", "version": __version__})
+            return only(request, "GET") or json_response(200, {"status": "ok", "version": __version__})
         if self.api_key is not None and not request.local and (refusal := _unauthorized(request, self.api_key)):
             return refusal
         if (route := self.routes.get(path) or self.routes.get(path[: path.rfind("/") + 1])) is not None:
@@ -44,13 +44,13 @@ class JobAPI:
         if path == "/v1/jobs":
             if request.method == "POST":
                 return self._create(request)
-            return self._only(request, "GET", "POST") or self._list(request)
+            return only(request, "GET", "POST") or self._list(request)
         match = _JOB_PATH.match(path)
         if match is None:
             return error_response(404, f"no such path: {path}")
         job_id, stream = match.groups()
         allowed = ("GET",) if stream else ("GET", "DELETE")
-        if refusal := self._only(request, *allowed):
+        if refusal := only(request, *allowed):
             return refusal
         job = self.registry.get(job_id)
         if job is None:
@@ -60,13 +60,6 @@ class JobAPI:
         if request.method == "DELETE":
             return self._cancel(job)
         return json_response(200, job.status())
-
-    @staticmethod
-    def _only(request: Request, *methods: str) -> Response | None:
-        if request.method in methods or (request.method == "HEAD" and "GET" in methods):
-            return None
-        allow = ", ".join(methods)
-        return error_response(405, f"method {request.method} not allowed; allowed: {allow}", [("allow", allow)])
 
     def _create(self, request: Request) -> Response:
         if not self.accepting:

@@ -21,7 +21,7 @@ import trio
 from . import __version__
 from .config import default_runtime_dir
 from .httpclient import Client, ConnectError, HTTPError, HTTPTimeout, ServerSentEvent
-from .jobclient import JobClient, Refused, StreamLost, job_path, server_message, status_end_marker
+from .jobclient import JobClient, Refused, StreamLost, job_path, server_message
 from .operations import HiveCreate, Infer, WorkerSpawn
 
 EXIT_OK = 0

@@ -25,6 +25,7 @@ from .hives import Hive, Hives
 from .inference import Inference
 from .jobs import Changed, JobRegistry, JobState
 from .models import Model, Models
+from .ollama import OllamaAPI
 from .openai import OpenAIAPI
 from .router import Router
 from .sdnotify import Notifier, extend_timeout
@@ -101,6 +102,7 @@ class Daemon:
         self.registry = JobRegistry(config.jobs, self.router, lambda: config.server.sse_keepalive)
         self.api = JobAPI(self.registry, api_key())
         self.api.routes.update(OpenAIAPI(self.registry, self.models, lambda: self.api.accepting).routes)
+        self.api.routes.update(OllamaAPI(self.registry, self.models, self.supervisor, lambda: self.api.accepting).routes)
         self.connections = 0
         self._poked = Changed()  # jobs, workers or connections changed
         self._reloaded = Changed()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import msgspec
-import trio
 
 from . import operations as ops
 from .hives import LOCAL, Hive

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from functools import partial
 
 import msgspec
 
-from . import wire
-from .jobs import Job, JobFailed, JobRegistry, RegistryFull
+from .compat import Refused, Reply, decode, start_infer
+from .jobs import Job, JobFailed, JobRegistry
 from .models import Model, Models
-from .operations import MAX_TOKENS, Infer
+from .operations import MAX_TOKENS
 from .server import Request, Response, StreamingResponse, json_response
 
 _encode = msgspec.json.Encoder().encode
-_FIELD = re.compile(r"at `\$\.([^`]*)`|missing required field `([^`]*)`")
 
 
 class _Part(msgspec.Struct):
@@ -66,12 +64,6 @@ class _Chat(_Request):
     response_format: dict | None = None
 
 
-class _Invalid(Exception):
-    def __init__(self, message: str, param: str | None):
-        super().__init__(message)
-        self.param = param
-
-
 def _error(status: int, message: str, kind: str, param: str | None = None, code: str | None = None) -> Response:
     """An error in OpenAI's shape, which its client libraries read."""
     error = {"message": message, "type": kind, "param": param, "code": code}
@@ -96,18 +88,18 @@ def _text_of(message: _Message, index: int) -> dict[str, str]:
     """The message as infer takes it: one of its roles, and the content as one string."""
     role = "system" if message.role == "developer" else message.role
     if role not in ("system", "user", "assistant"):
-        raise _Invalid(f"role {message.role!r} is not supported; use system, user or assistant",
-                       f"messages[{index}].role")  # fmt: skip
+        raise Refused(400, f"role {message.role!r} is not supported; use system, user or assistant",
+                      f"messages[{index}].role")  # fmt: skip
     if isinstance(message.content, list):
         if any(part.type != "text" or part.text is None for part in message.content):
-            raise _Invalid("only text content parts are supported", f"messages[{index}].content")
+            raise Refused(400, "only text content parts are supported", f"messages[{index}].content")
         return {"role": role, "content": "".join(part.text for part in message.content)}
     return {"role": role, "content": message.content or ""}
 
 
-def _to_infer(body: _Completion | _Chat) -> Infer:
+def _infer_fields(body: _Completion | _Chat, model: Model) -> dict:
     if field := _unsupported(body):
-        raise _Invalid(f"{field} is not supported by rbeed", field)
+        raise Refused(400, f"{field} is not supported by rbeed", field)
     fields = {
         "operation": "infer", "model": body.model, "stream": body.stream,
         # Without a limit, llama-server and Ollama generate until the end of text or a full context.
@@ -118,51 +110,20 @@ def _to_infer(body: _Completion | _Chat) -> Infer:
     if isinstance(body, _Chat):
         fields["messages"] = [_text_of(message, i) for i, message in enumerate(body.messages)]
     elif isinstance(body.prompt, list) and len(body.prompt) != 1:
-        raise _Invalid("give one prompt per request", "prompt")
+        raise Refused(400, "give one prompt per request", "prompt")
     else:
         fields["prompt"] = body.prompt[0] if isinstance(body.prompt, list) else body.prompt
-    return msgspec.convert({key: value for key, value in fields.items() if value is not None}, Infer)
+    return fields
 
 
-def _parse(rendered: bytes) -> tuple[str, bytes]:
-    """(name, data) of an event the registry rendered as `id: N\\nevent: NAME\\ndata: DATA\\n\\n`."""
-    _, name, data = rendered.split(b"\n", 3)[:3]
-    return name[7:].decode(), data[6:]
-
-
-async def follow(job: Job, handle: Callable[[str, bytes], Awaitable[None]]) -> None:
-    """Hand each of the job's events, from its first to its end, to `handle(name, data)`."""
-    after = 0
-    while True:
-        backlog, gap, feed = job.subscribe(after)
-        if gap is not None:  # this reader's client was too slow for the replay buffer
-            await handle("end", b"[ERROR] %d events were lost to a slow reader" % (gap[1] - gap[0] + 1))
-            return
-        for event_id, rendered in backlog:
-            after = event_id
-            await handle(*_parse(rendered))
-        if feed is None:
-            return
-        with feed:
-            async for event_id, rendered in feed:
-                if event_id:  # 0: a keep-alive or a nudge, which only SSE readers need
-                    after = event_id
-                    await handle(*_parse(rendered))
-
-
-class _Reply:
+class _Reply(Reply):
     """One request's answer, translated from its job's events into OpenAI's objects."""
 
     def __init__(self, job: Job, body: _Completion | _Chat, registry: JobRegistry):
-        self.job, self.model, self.chat = job, body.model, isinstance(body, _Chat)
+        super().__init__(job, registry, "text/event-stream" if body.stream else "application/json")
+        self.model, self.chat, self.stream = body.model, isinstance(body, _Chat), body.stream
         self.usage_wanted = body.stream_options is not None and body.stream_options.include_usage
         self.created = int(time.time())
-        self.started = False  # a streamed reply has sent its first chunk
-        self.result: dict = {}
-        self.stream = body.stream
-        # A client that goes away cancels its job, as an SSE reader of an infer does.
-        kind = "text/event-stream" if body.stream else "application/json"
-        self.response = StreamingResponse(200, self._produce, kind, on_disconnect=partial(registry.reader_left, job))
 
     def _object(self, choice: dict, usage: bool = False) -> dict:
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if self.stream and self.chat else "")
@@ -182,43 +143,22 @@ class _Reply:
         delta = {"role": "assistant", "content": ""} if not self.started else {}
         return {"delta": delta | ({"content": text} if text is not None else {}), "finish_reason": finish}
 
-    async def _produce(self, send) -> None:
-        with self.job.reading():
-            await follow(self.job, partial(self._handle, send))
+    def piece(self, text: str) -> bytes:
+        return b"data: %s\n\n" % _encode(self._object(self._choice(text, None)))
 
-    async def _handle(self, send, name: str, data: bytes) -> None:
-        if name == "token":
-            chunk = self._object(self._choice(msgspec.json.decode(data)["t"], None))
-            self.started = True
-            await send(b"data: %s\n\n" % _encode(chunk))
-        elif name == "result":
-            self.result = msgspec.json.decode(data)
-        elif name == "end":
-            await self._end(send, data.decode())
-
-    async def _end(self, send, marker: str) -> None:
-        if marker != "[DONE]":
-            cancelled = marker == "[CANCELLED]"  # by DELETE, or as the daemon shuts down
-            error = marker.removeprefix("[ERROR] ")
-            if cancelled:
-                error = "job cancelled" + (f": {self.job.error}" if self.job.error else "")
-            # 503 where trying again later may work: a full queue, a cancel; 500 for a failure.
-            status = 503 if cancelled or error.startswith("busy:") else 500
-            if self.started:  # the head went out with the first chunk: the error goes in the stream
-                await send(b"data: %s\n\n" % _encode({"error": {"message": error, "type": "server_error"}}), last=True)
-                return
-            failure = _error(status, error, "server_error")
-            self.response.status, self.response.content_type = failure.status, failure.content_type
-            await send(failure.body, last=True)
-            return
+    def finish(self) -> bytes:
         finish = self.result.get("finish_reason")
         if not self.stream:
-            await send(_encode(self._object(self._choice(self.result.get("text", ""), finish), usage=True)), last=True)
-            return
+            return _encode(self._object(self._choice(self.result.get("text", ""), finish), usage=True))
         pieces = [self._object(self._choice(None, finish))]
         if self.usage_wanted:
             pieces.append(self._object({}, usage=True) | {"choices": []})
-        await send(b"".join(b"data: %s\n\n" % _encode(piece) for piece in pieces) + b"data: [DONE]\n\n", last=True)
+        return b"".join(b"data: %s\n\n" % _encode(piece) for piece in pieces) + b"data: [DONE]\n\n"
+
+    def error(self, status: int, message: str) -> bytes:
+        if self.started:  # in the stream, with no [DONE] after it
+            return b"data: %s\n\n" % _encode({"error": {"message": message, "type": "server_error"}})
+        return _error(status, message, "server_error").body
 
 
 class OpenAIAPI:
@@ -259,25 +199,11 @@ class OpenAIAPI:
         if not self.accepting():
             return _error(503, "daemon shutting down", "server_error")
         try:
-            body = msgspec.json.decode(request.body, type=kind)
-            model = self.models.lookup(body.model)  # first: `llama3:8b` is unknown here, not a bad id
-            infer = _to_infer(body)
-        except JobFailed as exc:
-            return _model_not_found(exc)
-        except _Invalid as exc:
-            return _error(400, str(exc), "invalid_request_error", exc.param)
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            if not isinstance(exc, msgspec.ValidationError):
-                return _error(400, f"malformed JSON: {exc}", "invalid_request_error")
-            field = _FIELD.search(str(exc))
-            return _error(400, str(exc), "invalid_request_error", field and (field.group(1) or field.group(2)))
-        if infer.messages is not None and model.metadata.get("chat_template") is False:
-            return _error(400, wire.NO_CHAT_TEMPLATE, "invalid_request_error", "messages")
-        try:
-            job = self.registry.create(infer)
-        except RegistryFull as exc:
-            return _error(503, str(exc), "server_error")
-        self.registry.start(job)
+            body = decode(request.body, kind)
+            job = start_infer(self.registry, self.models, body.model, partial(_infer_fields, body))
+        except Refused as exc:
+            kind_ = "server_error" if exc.status >= 500 else "invalid_request_error"
+            return _error(exc.status, str(exc), kind_, exc.param, exc.code)
         return _Reply(job, body, self.registry).response
 
 

@@ -68,6 +68,14 @@ def error_response(status: int, message: str, headers: list[tuple[str, str]] | N
     return Response(status, _encode({"error": message}), headers=headers or [])
 
 
+def only(request: Request, *methods: str) -> Response | None:
+    """None when the request's method is one of `methods` (HEAD goes with GET), else a 405."""
+    if request.method in methods or (request.method == "HEAD" and "GET" in methods):
+        return None
+    allow = ", ".join(methods)
+    return error_response(405, f"method {request.method} not allowed; allowed: {allow}", [("allow", allow)])
+
+
 App = Callable[[Request], Awaitable[Response | StreamingResponse]]
 
 

@@ -30,6 +30,8 @@ async def test_tcp_requests_need_the_key_and_get_a_clear_401(keyed):
         listed = await client.request("GET", "/v1/jobs")  # every job path, not only creation
         models = await client.request("GET", "/v1/models")  # and the OpenAI-compatible routes,
         keyed_models = await client.request("GET", "/v1/models", headers={"authorization": f"Bearer {KEY}"})
+        tags = await client.request("GET", "/api/tags")  # and Ollama's
+        keyed_tags = await client.request("GET", "/api/tags", headers={"authorization": f"Bearer {KEY}"})
         health = await client.request("GET", "/health")  # probed by hives and load balancers
     assert (missing.status, missing.json()) == (401, {"error": "an API key is required over TCP: send it as "
                                                                "'Authorization: Bearer KEY'"})  # fmt: skip
@@ -37,6 +39,7 @@ async def test_tcp_requests_need_the_key_and_get_a_clear_401(keyed):
     assert (wrong.status, wrong.json()["error"]) == (401, "wrong API key: send it as 'Authorization: Bearer KEY'")
     assert listed.status == 401 and health.status == 200
     assert (models.status, keyed_models.status) == (401, 200)  # whose clients send the key as OpenAI's
+    assert (tags.status, keyed_tags.status) == (401, 200)
 
 
 async def test_with_the_key_over_tcp_and_without_it_over_the_unix_socket_jobs_run(keyed):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import zipfile
 
+import ollama
 import openai
 import pytest
 import trio
@@ -114,3 +115,35 @@ def test_openais_client_raises_our_errors_with_their_fields(smol):
     assert unknown.value.code == "model_not_found" and "unknown model 'llama3:8b'" in unknown.value.message
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("llama3:8b")
+
+
+def test_ollamas_client_lists_shows_loads_and_chats(smol):
+    daemon, _ = smol
+    client = ollama.Client(host=daemon.url, timeout=60)
+    assert MODEL in [model.model for model in client.list().models]
+    shown = client.show(f"{MODEL}:latest")
+    assert (shown.details.family, shown.details.quantization_level, shown.capabilities) == ("llama", "Q4_1", ["completion"])
+    assert shown.modelinfo["llama.context_length"] == 8192
+
+    assert client.generate(MODEL, keep_alive="10m").done_reason == "load"  # what `ollama run` sends first
+    [running] = [model for model in client.ps().models if model.model == MODEL]
+    assert running.expires_at is not None and running.size > 50 << 20
+
+    options = {"temperature": 0, "num_predict": 60}
+    whole = client.chat(MODEL, messages=CAPITAL, options=options)
+    assert "Paris" in whole.message.content and whole.message.role == "assistant"
+    assert (whole.done, whole.done_reason) == (True, "stop") and whole.eval_count > 0 and whole.prompt_eval_count > 0
+    pieces = list(client.chat(MODEL, messages=CAPITAL, options=options, stream=True))
+    assert "".join(piece.message.content for piece in pieces) == whole.message.content
+    assert pieces[-1].done and not any(piece.done for piece in pieces[:-1])
+
+    # /api/generate puts the prompt through the template, after the system message.
+    system, question = (message["content"] for message in CAPITAL)
+    assert client.generate(MODEL, question, system=system, options=options).response == whole.message.content
+
+    with pytest.raises(ollama.ResponseError) as unknown:
+        client.chat("llama3:8b", messages=CAPITAL)
+    assert unknown.value.status_code == 404 and "unknown model 'llama3:8b'" in unknown.value.error
+    with pytest.raises(ollama.ResponseError) as refused:
+        client.chat(MODEL, messages=CAPITAL, format="json")
+    assert refused.value.status_code == 400 and refused.value.error == "format is not supported by rbeed"

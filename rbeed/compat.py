@@ -1,0 +1,151 @@
+"""What the OpenAI and Ollama routes share: turning a request into an infer job, and following its events."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+import msgspec
+
+from . import wire
+from .jobs import Job, JobFailed, JobRegistry, RegistryFull
+from .models import Model, Models
+from .operations import Infer
+from .server import StreamingResponse
+
+_FIELD = re.compile(r"at `\$\.([^`]*)`|missing required field `([^`]*)`")
+
+
+class Refused(Exception):
+    """A request that cannot become a job: its HTTP status, and the field at fault if one is."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code
+
+
+def invalid(exc: msgspec.ValidationError, names: dict[str, str] | None = None) -> Refused:
+    """A 400 naming the field msgspec found at fault, by the name the client's API gives it."""
+    message, names = str(exc), names or {}
+    match = _FIELD.search(message)
+    field = match and (match.group(1) or match.group(2))
+    if field in names:
+        message, field = message.replace(f"`$.{field}`", f"`$.{names[field]}`"), names[field]
+    return Refused(400, message, field)
+
+
+def decode(body: bytes, kind: type):
+    """The request's JSON as a `kind`; Refused (400) naming the field at fault."""
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        raise invalid(exc) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise Refused(400, f"malformed JSON: {exc}") from None
+
+
+def start_infer(registry: JobRegistry, models: Models, model_id: str, fields_for: Callable[[Model], dict],
+                names: dict[str, str] | None = None) -> Job:  # fmt: skip
+    """Create and start the infer job that `fields_for(model)` describes (None values left out).
+
+    Refused says why not; `names` maps infer's field names to the request's, for a 400's message.
+    """
+    try:
+        model = models.lookup(model_id)  # first: `llama3:8b` is unknown here, not a bad request
+    except JobFailed as exc:
+        raise Refused(404, str(exc), "model", "model_not_found") from None
+    fields = fields_for(model)
+    try:
+        infer = msgspec.convert({key: value for key, value in fields.items() if value is not None}, Infer)
+    except msgspec.ValidationError as exc:
+        raise invalid(exc, names) from None
+    if infer.messages is not None and model.metadata.get("chat_template") is False:
+        raise Refused(400, wire.NO_CHAT_TEMPLATE, (names or {}).get("messages", "messages"))
+    try:
+        job = registry.create(infer)
+    except RegistryFull as exc:
+        raise Refused(503, str(exc)) from None
+    registry.start(job)
+    return job
+
+
+def failure(job: Job, marker: str) -> tuple[int, str]:
+    """The HTTP status and message of a job's end marker other than [DONE]."""
+    if marker == "[CANCELLED]":  # by DELETE, or as the daemon shuts down
+        return 503, "job cancelled" + (f": {job.error}" if job.error else "")
+    error = marker.removeprefix("[ERROR] ")
+    # 503 where trying again later may work: a full queue; 500 for a failure.
+    return (503 if error.startswith("busy:") else 500), error
+
+
+class Reply:
+    """One request's answer, written from its infer job's events in the encoding a subclass gives.
+
+    A failure before the first piece is an HTTP error; after it, the head is gone and the error
+    ends the body.
+    """
+
+    def __init__(self, job: Job, registry: JobRegistry, content_type: str):
+        self.job = job
+        self.started = False  # the first piece (and with it the head) went out
+        self.result: dict = {}
+        # A client that goes away cancels its job, as an SSE reader of an infer does.
+        self.response = StreamingResponse(200, self._produce, content_type, on_disconnect=partial(registry.reader_left, job))
+
+    def piece(self, text: str) -> bytes:
+        """A streamed token."""
+        raise NotImplementedError
+
+    def finish(self) -> bytes:
+        """What follows the last token, once the job is done: its result is in `self.result`."""
+        raise NotImplementedError
+
+    def error(self, status: int, message: str) -> bytes:
+        """The body of a failed job's answer, or while `self.started`, the last piece of the body."""
+        raise NotImplementedError
+
+    async def _produce(self, send) -> None:
+        with self.job.reading():
+            await follow(self.job, partial(self._handle, send))
+
+    async def _handle(self, send, name: str, data: bytes) -> None:
+        if name == "token":
+            piece = self.piece(msgspec.json.decode(data)["t"])
+            self.started = True
+            await send(piece)
+        elif name == "result":
+            self.result = msgspec.json.decode(data)
+        elif name == "end" and data == b"[DONE]":
+            await send(self.finish(), last=True)
+        elif name == "end":
+            status, message = failure(self.job, data.decode())
+            if not self.started:
+                self.response.status, self.response.content_type = status, "application/json"
+            await send(self.error(status, message), last=True)
+
+
+def _parse(rendered: bytes) -> tuple[str, bytes]:
+    """(name, data) of an event the registry rendered as `id: N\\nevent: NAME\\ndata: DATA\\n\\n`."""
+    _, name, data = rendered.split(b"\n", 3)[:3]
+    return name[7:].decode(), data[6:]
+
+
+async def follow(job: Job, handle: Callable[[str, bytes], Awaitable[None]]) -> None:
+    """Hand each of the job's events, from its first to its end, to `handle(name, data)`."""
+    after = 0
+    while True:
+        backlog, gap, feed = job.subscribe(after)
+        if gap is not None:  # this reader's client was too slow for the replay buffer
+            await handle("end", b"[ERROR] %d events were lost to a slow reader" % (gap[1] - gap[0] + 1))
+            return
+        for event_id, rendered in backlog:
+            after = event_id
+            await handle(*_parse(rendered))
+        if feed is None:
+            return
+        with feed:
+            async for event_id, rendered in feed:
+                if event_id:  # 0: a keep-alive or a nudge, which only SSE readers need
+                    after = event_id
+                    await handle(*_parse(rendered))

@@ -1,0 +1,295 @@
+"""Ollama-compatible routes (/api/generate, /api/chat, /api/tags, /api/show, /api/ps, /api/version)."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from functools import partial
+
+import msgspec
+
+from . import __version__
+from .compat import Refused, Reply, decode, start_infer
+from .jobs import Job, JobFailed, JobRegistry
+from .models import Model, Models
+from .operations import MAX_TOKENS
+from .server import Request, Response, StreamingResponse, error_response, json_response, only
+from .workers import Supervisor
+
+_encode = msgspec.json.Encoder().encode
+
+
+# Ollama warns of options it does not know and goes on; so does rbeed with those it does not
+# apply (repeat_penalty, num_thread, ...), which clients send with their defaults.
+class _Options(msgspec.Struct):
+    num_predict: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: list[str] | None = None
+    num_ctx: int | None = None
+
+
+class _Message(msgspec.Struct):
+    role: str
+    content: str = ""
+    images: list | None = None
+    tool_calls: list | None = None
+
+
+class _Request(msgspec.Struct, kw_only=True):
+    model: str
+    stream: bool = True
+    options: _Options = msgspec.field(default_factory=_Options)
+    keep_alive: float | str | None = None  # seconds, or a duration such as "5m"; negative: keep
+    format: str | dict | None = None
+    tools: list | None = None
+    think: bool | str | None = None
+
+
+class _Generate(_Request):
+    prompt: str = ""
+    system: str | None = None
+    raw: bool = False
+    images: list | None = None
+    suffix: str | None = None
+    template: str | None = None
+    context: list | None = None
+
+
+class _Chat(_Request):
+    messages: list[_Message] = []
+
+
+class _Show(msgspec.Struct):
+    model: str = ""
+    name: str = ""  # the older name of `model`
+
+
+# Infer's fields by the names an Ollama client gave them, for a 400's message.
+_NAMES = {"max_tokens": "options.num_predict", "temperature": "options.temperature", "top_p": "options.top_p",
+          "top_k": "options.top_k", "seed": "options.seed", "stop": "options.stop", "n_ctx": "options.num_ctx",
+          "prompt": "prompt", "messages": "messages"}  # fmt: skip
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive_seconds(value: float | str | None) -> float | None:
+    """Ollama's keep_alive (seconds, or a Go duration such as "5m" or "1h30m") as infer's: -1 keeps."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        sign, text = (-1, text[1:]) if text.startswith("-") else (1, text.removeprefix("+"))
+        if re.fullmatch(r"\d+(\.\d*)?", text):  # a bare number is seconds
+            value = sign * float(text)
+        elif text and _DURATION.sub("", text) == "":
+            value = sign * sum(float(n) * _UNITS[unit] for n, unit in _DURATION.findall(text))
+        else:
+            raise Refused(400, f"keep_alive {value!r} is not a duration such as 300, \"5m\" or \"1h\"", "keep_alive")
+    return -1.0 if value < 0 else float(value)
+
+
+def _unsupported(body: _Generate | _Chat) -> str | None:
+    """The first field asking for something rbeed does not do."""
+    asks = {"format": body.format not in (None, ""), "tools": bool(body.tools), "think": body.think not in (None, False)}
+    if isinstance(body, _Generate):
+        asks |= {"images": bool(body.images), "suffix": bool(body.suffix), "template": bool(body.template),
+                 "context": bool(body.context)}  # fmt: skip
+    else:
+        for i, message in enumerate(body.messages):
+            asks |= {f"messages[{i}].images": bool(message.images), f"messages[{i}].tool_calls": bool(message.tool_calls)}
+    return next((field for field, asked in asks.items() if asked), None)
+
+
+def _is_load(body: _Generate | _Chat) -> bool:
+    """A request with nothing to answer: Ollama loads the model (or with keep_alive 0, unloads it)."""
+    if isinstance(body, _Generate):
+        return not body.prompt and not body.system
+    return not body.messages
+
+
+def _infer_fields(body: _Generate | _Chat, model: Model) -> dict:
+    if field := _unsupported(body):
+        raise Refused(400, f"{field} is not supported by rbeed", field)
+    options = body.options
+    predict = options.num_predict
+    fields = {
+        "operation": "infer", "model": model.id, "stream": body.stream,
+        # Ollama's default, -1, and -2 go on until the end of text or a full context.
+        "max_tokens": MAX_TOKENS if predict is None or predict < 0 else predict,
+        "temperature": options.temperature, "top_p": options.top_p, "top_k": options.top_k, "seed": options.seed,
+        "stop": options.stop, "n_ctx": options.num_ctx, "keep_alive": keep_alive_seconds(body.keep_alive),
+    }  # fmt: skip
+    if _is_load(body):
+        # A load is an infer of one token, its text dropped: the worker is loaded as for any job.
+        # The prompt is a space, which every vocabulary has a token for ("" may have none).
+        return fields | {"prompt": " ", "max_tokens": 1, "stream": False}
+    if isinstance(body, _Chat):
+        for i, message in enumerate(body.messages):
+            if message.role not in ("system", "user", "assistant"):
+                raise Refused(400, f"role {message.role!r} is not supported; use system, user or assistant",
+                              f"messages[{i}].role")  # fmt: skip
+        return fields | {"messages": [{"role": m.role, "content": m.content} for m in body.messages]}
+    # As Ollama does, a prompt goes through the model's template unless raw; a model without
+    # one (a base model) continues the prompt as it is.
+    if body.raw or model.metadata.get("chat_template") is False:
+        if body.system and not body.raw:
+            raise Refused(400, "the model has no chat template to put `system` in", "system")
+        return fields | {"prompt": body.prompt}
+    system = [{"role": "system", "content": body.system}] if body.system else []
+    return fields | {"messages": [*system, {"role": "user", "content": body.prompt}]}
+
+
+def _timestamp(seconds: float | None = None) -> str:
+    moment = datetime.fromtimestamp(time.time() if seconds is None else seconds, timezone.utc)
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _parameter_size(count: int | None) -> str:
+    if not count:
+        return ""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= scale:
+            return f"{count / scale:.2f}".rstrip("0").rstrip(".") + suffix
+    return str(count)
+
+
+def _details(model: Model) -> dict:
+    meta = model.metadata
+    family = meta.get("architecture") or ""
+    return {"parent_model": "", "format": "gguf", "family": family, "families": [family] if family else None,
+            "parameter_size": _parameter_size(meta.get("parameters")),
+            "quantization_level": meta.get("quantization") or ""}  # fmt: skip
+
+
+def _tag(model: Model) -> dict:
+    return {"name": model.id, "model": model.id, "modified_at": _timestamp(model.added_at), "size": model.size,
+            "digest": model.sha256, "details": _details(model)}  # fmt: skip
+
+
+def _line(model: str, chat: bool, text: str, **more) -> dict:
+    """One object of a reply: a piece of the text, or with `done` its end."""
+    answer = {"model": model, "created_at": _timestamp()}
+    if chat:
+        answer["message"] = {"role": "assistant", "content": text}
+    else:
+        answer["response"] = text
+    return answer | {"done": False} | more
+
+
+class _Reply(Reply):
+    """One request's answer, translated from its job's events into Ollama's lines of JSON."""
+
+    def __init__(self, job: Job, body: _Generate | _Chat, registry: JobRegistry):
+        super().__init__(job, registry, "application/x-ndjson" if body.stream else "application/json")
+        self.model, self.chat, self.stream = body.model, isinstance(body, _Chat), body.stream
+        self.load = _is_load(body)
+        self.unload = self.load and keep_alive_seconds(body.keep_alive) == 0
+        self.began = time.perf_counter()
+
+    def _encode(self, line: dict) -> bytes:
+        return _encode(line) + (b"\n" if self.stream else b"")
+
+    def piece(self, text: str) -> bytes:
+        return self._encode(_line(self.model, self.chat, text))
+
+    def finish(self) -> bytes:
+        result = self.result
+        if self.load:
+            return self._encode(_line(self.model, self.chat, "", done=True, done_reason="unload" if self.unload else "load"))
+        completion, rate = result.get("completion_tokens", 0), result.get("tokens_per_s") or 0
+        return self._encode(_line(
+            self.model, self.chat, "" if self.stream else result.get("text", ""), done=True,
+            done_reason=result.get("finish_reason"), total_duration=int((time.perf_counter() - self.began) * 1e9),
+            prompt_eval_count=result.get("prompt_tokens", 0), prompt_eval_duration=int(result.get("ttft_ms", 0) * 1e6),
+            eval_count=completion, eval_duration=int((completion - 1) / rate * 1e9) if rate else 0,  # rate: per gap
+        ))  # fmt: skip
+
+    def error(self, status: int, message: str) -> bytes:
+        # A line of its own in a stream already begun; else the whole body.
+        return _encode({"error": message}) + (b"\n" if self.started else b"")
+
+
+class OllamaAPI:
+    """The routes that tools written for Ollama use (its client libraries, chat front ends).
+
+    Each generation is an `infer` job, listed and cancellable under /v1/jobs. Models are named by
+    their rbeed ids; `ID:latest` is taken for `ID`, as Ollama names an untagged model.
+    """
+
+    def __init__(self, registry: JobRegistry, models: Models, supervisor: Supervisor, accepting: Callable[[], bool]):
+        self.registry, self.models, self.supervisor, self.accepting = registry, models, supervisor, accepting
+        self.routes = {
+            "/api/version": partial(self._read, lambda: {"version": __version__}),
+            "/api/tags": partial(self._read, lambda: {"models": [_tag(m) for m in self.models.catalog.list()]}),
+            "/api/ps": partial(self._read, self._running),
+            "/api/show": self._show,
+            "/api/generate": partial(self._generate, _Generate),
+            "/api/chat": partial(self._generate, _Chat),
+        }
+
+    async def _read(self, answer: Callable[[], dict], request: Request) -> Response:
+        return only(request, "GET") or json_response(200, answer())
+
+    def _running(self) -> dict:
+        models = []
+        for worker in self._loaded():
+            if (model := self.models.catalog.get(worker.model)) is None:
+                continue
+            record = worker.record()
+            stops = record.stops_at or (time.time() + 10 * 365 * 86400 if record.keep_alive == -1 else None)
+            models.append(_tag(model) | {"size": record.rss or 0, "size_vram": 0, "context_length": worker.n_ctx,
+                                         "expires_at": _timestamp(stops) if stops else None})  # fmt: skip
+        return {"models": models}
+
+    def _loaded(self) -> list:
+        """The workers that hold their model: not those on their way out."""
+        return [w for w in self.supervisor.workers.values() if w.live and not w.closing]
+
+    @staticmethod
+    def _decode(request: Request, kind: type):
+        body = decode(request.body, kind)
+        if hasattr(body, "model"):
+            body.model = body.model.removesuffix(":latest")
+        return body
+
+    async def _show(self, request: Request) -> Response:
+        if refusal := only(request, "POST"):
+            return refusal
+        try:
+            body = self._decode(request, _Show)
+            model = self.models.lookup((body.model or body.name).removesuffix(":latest"))
+        except Refused as exc:
+            return error_response(exc.status, str(exc))
+        except JobFailed as exc:
+            return error_response(404, str(exc))
+        meta = model.metadata
+        info = {"general.architecture": meta.get("architecture"), "general.parameter_count": meta.get("parameters"),
+                "general.file_type": meta.get("file_type")}  # fmt: skip
+        if meta.get("architecture") and meta.get("context_length"):
+            info[f"{meta['architecture']}.context_length"] = meta["context_length"]
+        return json_response(200, {"modelfile": "", "parameters": "", "details": _details(model), "model_info": info,
+                                   "capabilities": ["completion"], "modified_at": _timestamp(model.added_at)})  # fmt: skip
+
+    async def _generate(self, kind: type[_Generate | _Chat], request: Request) -> Response | StreamingResponse:
+        if refusal := only(request, "POST"):
+            return refusal
+        if not self.accepting():
+            return error_response(503, "daemon shutting down")
+        try:
+            body = self._decode(request, kind)
+            if _is_load(body) and keep_alive_seconds(body.keep_alive) == 0 and not any(
+                    w.model == body.model for w in self._loaded()):  # fmt: skip
+                self.models.lookup(body.model)  # an unknown model is a 404 here too
+                line = _encode(_line(body.model, kind is _Chat, "", done=True, done_reason="unload"))
+                return Response(200, line + b"\n", "application/x-ndjson") if body.stream else Response(200, line)
+            job = start_infer(self.registry, self.models, body.model, partial(_infer_fields, body), _NAMES)
+        except Refused as exc:
+            return error_response(exc.status, str(exc))
+        except JobFailed as exc:
+            return error_response(404, str(exc))
+        return _Reply(job, body, self.registry).response

@@ -1,0 +1,208 @@
+"""The Ollama-compatible routes on the real daemon, with real workers running the tiny model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from datetime import datetime
+from unittest.mock import ANY
+
+import pytest
+import trio
+
+from rbeed import __version__
+from rbeed.compat import Refused
+from rbeed.ollama import keep_alive_seconds
+from support import job_result, register_copy
+from test_openai import client, rbeed  # noqa: F401 - the same daemon: "tiny" (no chat template) and "chatty"
+
+GENERATE = {"model": "tiny", "prompt": "Once upon a time", "options": {"temperature": 0, "num_predict": 12}}
+CHAT = {"model": "chatty:latest", "options": {"temperature": 0, "num_predict": 10},
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]}  # fmt: skip
+NATIVE = {"operation": "infer", "temperature": 0, "stream": False}
+
+
+async def post(client, path: str, body: dict | bytes) -> tuple[int, dict]:
+    with trio.fail_after(30):
+        response = await client.request("POST", path, **({"body": body} if isinstance(body, bytes) else {"json": body}))
+    assert response.headers["content-type"] == "application/json"
+    return response.status, response.json()
+
+
+async def lines(client, path: str, body: dict) -> list[dict]:
+    """The objects of a streamed reply: one JSON object per line."""
+    with trio.fail_after(30):
+        async with client.stream("POST", path, json=body) as response:
+            assert (response.status, response.headers["content-type"]) == (200, "application/x-ndjson")
+            data = b"".join([chunk async for chunk in response.aiter_bytes()])
+    assert data.endswith(b"\n")
+    return [json.loads(line) for line in data.splitlines()]
+
+
+async def get(client, path: str) -> dict:
+    response = await client.request("GET", path)
+    assert response.status == 200
+    return response.json()
+
+
+async def loaded(client) -> dict[str, dict]:
+    return {entry["name"]: entry for entry in (await get(client, "/api/ps"))["models"]}
+
+
+async def test_version_tags_and_show_describe_the_catalog(rbeed, client):
+    assert await get(client, "/api/version") == {"version": __version__}
+    tags = (await get(client, "/api/tags"))["models"]
+    assert [(m["name"], m["model"]) for m in tags] == [("chatty", "chatty"), ("tiny", "tiny")]
+    tiny = tags[1]
+    record = await job_result(client, {"operation": "model_get", "id": "tiny"})
+    data = (rbeed.state_dir / "models" / record["file"]).read_bytes()
+    assert (tiny["size"], tiny["digest"]) == (len(data), hashlib.sha256(data).hexdigest())
+    parameters = record["metadata"]["parameters"]
+    assert tiny["details"] == {"parent_model": "", "format": "gguf", "family": "llama", "families": ["llama"],
+                               "parameter_size": f"{parameters / 1000:.2f}K", "quantization_level": "ALL_F32"}  # fmt: skip
+    assert abs(datetime.fromisoformat(tiny["modified_at"]).timestamp() - record["added_at"]) < 1e-3
+
+    status, shown = await post(client, "/api/show", {"model": "tiny:latest"})  # Ollama's name for an untagged model
+    assert status == 200
+    assert shown["details"] == tiny["details"] and shown["capabilities"] == ["completion"]
+    assert shown["model_info"]["llama.context_length"] == 32768
+    assert shown["model_info"]["general.parameter_count"] == parameters
+    assert await post(client, "/api/show", {"name": "nope"}) == (404, {"error": "unknown model 'nope' (known: chatty, tiny)"})
+
+
+async def test_generate_streams_lines_then_a_done_line_with_counts(client):
+    native = await job_result(client, NATIVE | {"model": "tiny", "prompt": GENERATE["prompt"], "max_tokens": 12})
+    streamed = await lines(client, "/api/generate", GENERATE)
+    *pieces, done = streamed
+    assert len(pieces) == 12 and all(p.keys() == {"model", "created_at", "response", "done"} for p in pieces)
+    assert all(p["model"] == "tiny" and p["done"] is False for p in pieces)
+    assert "".join(p["response"] for p in pieces) == native["text"]
+    assert (done["done"], done["done_reason"], done["response"]) == (True, "length", "")
+    assert (done["prompt_eval_count"], done["eval_count"]) == (native["prompt_tokens"], 12)
+    assert 0 < done["prompt_eval_duration"] < done["total_duration"] and 0 < done["eval_duration"] < done["total_duration"]
+
+    status, whole = await post(client, "/api/generate", GENERATE | {"stream": False})
+    assert status == 200
+    assert (whole["response"], whole["done"], whole["done_reason"]) == (native["text"], True, "length")
+
+
+async def test_a_prompt_goes_through_the_template_unless_raw_and_chat_takes_messages(client):
+    messages = CHAT["messages"]
+    as_chat = await job_result(client, NATIVE | {"model": "chatty", "messages": messages, "max_tokens": 10})
+    as_text = await job_result(client, NATIVE | {"model": "chatty", "prompt": "Hi there", "max_tokens": 10})
+    assert as_chat["text"] != as_text["text"]
+
+    generate = CHAT | {"prompt": "Hi there", "system": "Be brief.", "stream": False}
+    del generate["messages"]
+    assert (await post(client, "/api/generate", generate))[1]["response"] == as_chat["text"]
+    assert (await post(client, "/api/generate", generate | {"raw": True}))[1]["response"] == as_text["text"]
+
+    *pieces, done = await lines(client, "/api/chat", CHAT)
+    assert all(p["message"]["role"] == "assistant" for p in pieces)
+    assert "".join(p["message"]["content"] for p in pieces) == as_chat["text"]
+    assert done["message"] == {"role": "assistant", "content": ""} and done["done_reason"] == as_chat["finish_reason"]
+    status, whole = await post(client, "/api/chat", CHAT | {"stream": False})
+    assert (status, whole["message"]) == (200, {"role": "assistant", "content": as_chat["text"]})
+
+
+async def test_an_empty_request_loads_the_model_and_keep_alive_zero_unloads_it(client):
+    status, answer = await post(client, "/api/chat", {"model": "chatty", "keep_alive": "1h", "stream": False})
+    assert (status, answer["done"], answer["done_reason"], answer["message"]) == (
+        200, True, "load", {"role": "assistant", "content": ""})  # fmt: skip
+    entry = (await loaded(client))["chatty"]
+    assert entry["context_length"] == 2048 and entry["size"] > 10 << 20  # the worker's resident memory
+    assert abs(datetime.fromisoformat(entry["expires_at"]).timestamp() - (time.time() + 3600)) < 60
+
+    done = await lines(client, "/api/generate", {"model": "chatty", "keep_alive": 0})
+    assert [(d["done"], d["done_reason"], d["response"]) for d in done] == [(True, "unload", "")]
+    with trio.fail_after(10):
+        while "chatty" in await loaded(client):
+            await trio.sleep(0.05)
+    # Not loaded: unloading again answers at once, and no job was made for it.
+    jobs = len(await get(client, "/v1/jobs"))
+    assert (await lines(client, "/api/generate", {"model": "chatty", "keep_alive": "0s"}))[0]["done_reason"] == "unload"
+    assert (await post(client, "/api/chat", {"model": "chatty", "keep_alive": 0, "stream": False}))[1] == {
+        "model": "chatty", "created_at": ANY, "message": {"role": "assistant", "content": ""}, "done": True,
+        "done_reason": "unload"}  # fmt: skip
+    assert len(await get(client, "/v1/jobs")) == jobs
+    assert (await post(client, "/api/generate", {"model": "nope", "keep_alive": 0}))[0] == 404
+
+
+async def test_options_reach_the_infer_job(client):
+    sampled = GENERATE | {"stream": False, "options": {"temperature": 1.0, "num_predict": 20, "num_ctx": 4096}}
+    texts = [(await post(client, "/api/generate", sampled | {"options": sampled["options"] | {"seed": seed}}))[1]
+             ["response"] for seed in (5, 5, 6)]  # fmt: skip
+    assert texts[0] == texts[1] != texts[2]
+    assert (await loaded(client))["tiny"]["context_length"] == 4096  # num_ctx: a worker with that context
+    word = texts[0][len(texts[0]) // 2 :][:3]
+    _, stopped = await post(client, "/api/generate", sampled | {"options": sampled["options"] | {"seed": 5, "stop": [word]}})
+    assert (stopped["response"], stopped["done_reason"]) == (texts[0].partition(word)[0], "stop")
+
+
+@pytest.mark.parametrize(("path", "body", "status", "message"), [
+    ("/api/generate", {"model": "nope", "prompt": "x"}, 404, "unknown model 'nope' (known: chatty, tiny)"),
+    ("/api/generate", {"prompt": "x"}, 400, "Object missing required field `model`"),
+    ("/api/generate", GENERATE | {"options": {"num_predict": "many"}}, 400,
+     "Expected `int | null`, got `str` - at `$.options.num_predict`"),
+    ("/api/generate", GENERATE | {"options": {"temperature": -1}}, 400, "Expected `float` >= 0.0 - at `$.options.temperature`"),
+    ("/api/generate", GENERATE | {"options": {"num_predict": 0}}, 400, "Expected `int` >= 1 - at `$.options.num_predict`"),
+    ("/api/generate", GENERATE | {"options": {"num_ctx": 40000}}, 500, "n_ctx 40000 is more than tiny was trained for"),
+    ("/api/generate", GENERATE | {"keep_alive": "5 minutes"}, 400, "keep_alive '5 minutes' is not a duration"),
+    ("/api/generate", GENERATE | {"format": "json"}, 400, "format is not supported by rbeed"),
+    ("/api/generate", GENERATE | {"images": ["aGk="]}, 400, "images is not supported by rbeed"),
+    ("/api/generate", GENERATE | {"system": "Be brief."}, 400, "the model has no chat template to put `system` in"),
+    ("/api/chat", CHAT | {"messages": [{"role": "tool", "content": "4"}]}, 400, "role 'tool' is not supported"),
+    ("/api/chat", CHAT | {"messages": [{"role": "user", "content": "?", "images": ["aGk="]}]}, 400,
+     "messages[0].images is not supported by rbeed"),
+    ("/api/chat", CHAT | {"tools": [{"type": "function"}]}, 400, "tools is not supported by rbeed"),
+    ("/api/chat", CHAT | {"model": "tiny"}, 400, "the model has no chat template"),
+    ("/api/chat", b'{"model": ', 400, "malformed JSON: "),
+])  # fmt: skip
+async def test_bad_requests_are_refused_with_a_message_naming_the_field(client, path, body, status, message):
+    got, answer = await post(client, path, body)
+    assert got == status, answer
+    assert answer.keys() == {"error"} and answer["error"].startswith(message), answer
+
+
+async def test_wrong_methods_are_405_with_allow(client):
+    for method, path, allowed in [("GET", "/api/generate", "POST"), ("GET", "/api/show", "POST"),
+                                  ("POST", "/api/tags", "GET"), ("DELETE", "/api/ps", "GET")]:  # fmt: skip
+        response = await client.request(method, path)
+        assert (response.status, response.headers["allow"]) == (405, allowed)
+    assert (await client.request("POST", "/api/pull", json={"model": "llama3"})).status == 404
+
+
+async def test_a_client_that_leaves_mid_stream_cancels_its_job(client):
+    with trio.fail_after(30):
+        async with client.stream("POST", "/api/generate", json=GENERATE | {"options": {"num_predict": 500}}) as response:
+            async for chunk in response.aiter_bytes():
+                assert json.loads(chunk.split(b"\n")[0])["done"] is False
+                break  # leaving the block closes the connection
+        job_id = (await get(client, "/v1/jobs"))[0]["job_id"]  # newest first
+        while (job := await get(client, f"/v1/jobs/{job_id}"))["state"] == "running":
+            await trio.sleep(0.02)  # bounded by fail_after: the daemon notices the close at once
+    assert (job["operation"], job["state"]) == ("infer", "cancelled")
+
+
+async def test_a_failure_before_any_output_is_an_http_error(rbeed, client, tiny_model):
+    _, installed = await register_copy(rbeed, client, tiny_model, "broken")
+    installed.write_bytes(b"<html>gone</html>")
+    for streamed in (False, True):
+        status, answer = await post(client, "/api/generate", GENERATE | {"model": "broken", "stream": streamed})
+        assert status == 500 and "not a GGUF file" in answer["error"], answer
+    await job_result(client, {"operation": "model_delete", "id": "broken"})
+
+
+@pytest.mark.parametrize(("given", "seconds"), [
+    (None, None), (300, 300.0), (0, 0.0), (-1, -1.0), (-30, -1.0), ("300", 300.0), ("5m", 300.0), ("1h30m", 5400.0),
+    ("250ms", 0.25), ("1.5h", 5400.0), ("-1", -1.0), ("-1m", -1.0), ("0s", 0.0),
+])  # fmt: skip
+def test_keep_alive_takes_seconds_or_go_durations(given, seconds):
+    assert keep_alive_seconds(given) == seconds
+
+
+@pytest.mark.parametrize("given", ["", "5 minutes", "m", "5d", "1h-3m"])
+def test_keep_alive_refuses_what_is_not_a_duration(given):
+    with pytest.raises(Refused, match="is not a duration"):
+        keep_alive_seconds(given)
