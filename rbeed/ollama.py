@@ -44,7 +44,7 @@ class _Request(msgspec.Struct, kw_only=True):
     model: str
     stream: bool = True
     options: _Options = msgspec.field(default_factory=_Options)
-    keep_alive: float | str | None = None  # seconds, or a duration such as "5m"; negative: keep
+    keep_alive: float | str | None = None  # seconds, or a duration such as "5m"; seconds once decoded
     format: str | dict | None = None
     tools: list | None = None
     think: bool | str | None = None
@@ -122,7 +122,7 @@ def _infer_fields(body: _Generate | _Chat, model: Model) -> dict:
         # Ollama's default, -1, and -2 go on until the end of text or a full context.
         "max_tokens": MAX_TOKENS if predict is None or predict < 0 else predict,
         "temperature": options.temperature, "top_p": options.top_p, "top_k": options.top_k, "seed": options.seed,
-        "stop": options.stop, "n_ctx": options.num_ctx, "keep_alive": keep_alive_seconds(body.keep_alive),
+        "stop": options.stop, "n_ctx": options.num_ctx, "keep_alive": body.keep_alive,
     }  # fmt: skip
     if _is_load(body):
         # A load is an infer of one token, its text dropped: the worker is loaded as for any job.
@@ -171,14 +171,14 @@ def _tag(model: Model) -> dict:
             "digest": model.sha256, "details": _details(model)}  # fmt: skip
 
 
-def _line(model: str, chat: bool, text: str, **more) -> dict:
-    """One object of a reply: a piece of the text, or with `done` its end."""
+def _line(model: str, chat: bool, stream: bool, text: str, **more) -> bytes:
+    """One object of a reply (a piece of the text, or with `done` its end); streamed, a line."""
     answer = {"model": model, "created_at": _timestamp()}
     if chat:
         answer["message"] = {"role": "assistant", "content": text}
     else:
         answer["response"] = text
-    return answer | {"done": False} | more
+    return _encode(answer | {"done": False} | more) + (b"\n" if stream else b"")
 
 
 class _Reply(Reply):
@@ -188,26 +188,23 @@ class _Reply(Reply):
         super().__init__(job, registry, "application/x-ndjson" if body.stream else "application/json")
         self.model, self.chat, self.stream = body.model, isinstance(body, _Chat), body.stream
         self.load = _is_load(body)
-        self.unload = self.load and keep_alive_seconds(body.keep_alive) == 0
+        self.unload = self.load and body.keep_alive == 0
         self.began = time.perf_counter()
 
-    def _encode(self, line: dict) -> bytes:
-        return _encode(line) + (b"\n" if self.stream else b"")
-
     def piece(self, text: str) -> bytes:
-        return self._encode(_line(self.model, self.chat, text))
+        return _line(self.model, self.chat, self.stream, text)
 
     def finish(self) -> bytes:
         result = self.result
         if self.load:
-            return self._encode(_line(self.model, self.chat, "", done=True, done_reason="unload" if self.unload else "load"))
+            return _line(self.model, self.chat, self.stream, "", done=True, done_reason="unload" if self.unload else "load")
         completion, rate = result.get("completion_tokens", 0), result.get("tokens_per_s") or 0
-        return self._encode(_line(
-            self.model, self.chat, "" if self.stream else result.get("text", ""), done=True,
+        return _line(
+            self.model, self.chat, self.stream, "" if self.stream else result.get("text", ""), done=True,
             done_reason=result.get("finish_reason"), total_duration=int((time.perf_counter() - self.began) * 1e9),
             prompt_eval_count=result.get("prompt_tokens", 0), prompt_eval_duration=int(result.get("ttft_ms", 0) * 1e6),
             eval_count=completion, eval_duration=int((completion - 1) / rate * 1e9) if rate else 0,  # rate: per gap
-        ))  # fmt: skip
+        )  # fmt: skip
 
     def error(self, status: int, message: str) -> bytes:
         # A line of its own in a stream already begun; else the whole body.
@@ -251,17 +248,17 @@ class OllamaAPI:
         return [w for w in self.supervisor.workers.values() if w.live and not w.closing]
 
     @staticmethod
-    def _decode(request: Request, kind: type):
+    def _decode(request: Request, kind: type[_Generate | _Chat]) -> _Generate | _Chat:
+        """The request, its model id without Ollama's `:latest` and its keep_alive in seconds."""
         body = decode(request.body, kind)
-        if hasattr(body, "model"):
-            body.model = body.model.removesuffix(":latest")
+        body.model, body.keep_alive = body.model.removesuffix(":latest"), keep_alive_seconds(body.keep_alive)
         return body
 
     async def _show(self, request: Request) -> Response:
         if refusal := only(request, "POST"):
             return refusal
         try:
-            body = self._decode(request, _Show)
+            body = decode(request.body, _Show)
             model = self.models.lookup((body.model or body.name).removesuffix(":latest"))
         except Refused as exc:
             return error_response(exc.status, str(exc))
@@ -282,11 +279,10 @@ class OllamaAPI:
             return error_response(503, "daemon shutting down")
         try:
             body = self._decode(request, kind)
-            if _is_load(body) and keep_alive_seconds(body.keep_alive) == 0 and not any(
-                    w.model == body.model for w in self._loaded()):  # fmt: skip
+            if _is_load(body) and body.keep_alive == 0 and not any(w.model == body.model for w in self._loaded()):
                 self.models.lookup(body.model)  # an unknown model is a 404 here too
-                line = _encode(_line(body.model, kind is _Chat, "", done=True, done_reason="unload"))
-                return Response(200, line + b"\n", "application/x-ndjson") if body.stream else Response(200, line)
+                line = _line(body.model, kind is _Chat, body.stream, "", done=True, done_reason="unload")
+                return Response(200, line, "application/x-ndjson" if body.stream else "application/json")
             job = start_infer(self.registry, self.models, body.model, partial(_infer_fields, body), _NAMES)
         except Refused as exc:
             return error_response(exc.status, str(exc))
