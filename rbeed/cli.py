@@ -608,28 +608,41 @@ def build_payload(args: argparse.Namespace) -> dict:
     return {"operation": args.operation, **fields}
 
 
-async def choose_model(session: Session, console: Console) -> str | None:
-    """For infer without --model: $RBEE_MODEL, else the only model the daemon has.
+async def settle_model(session: Session, console: Console, payload: dict) -> bool:
+    """Complete an infer's payload: its model (--model, else $RBEE_MODEL, else the daemon's only
+    model) and, unless --chat, --raw or --system said, whether PROMPT goes through the model's chat
+    template: it does when the model has one, as in `ollama run` and llama-cli.
 
-    None when the listing was interrupted (run() has cancelled it and said so).
+    False when a lookup was interrupted (run() has cancelled it and said so).
     """
-    if model := os.environ.get("RBEE_MODEL"):
-        return model
-    listing = View()
+    model = payload.get("model") or os.environ.get("RBEE_MODEL")
+    if model and (payload.get("chat") is not None or payload.get("system")):
+        payload["model"] = model
+        return True
+    hive = {"hive_id": payload["hive_id"]} if "hive_id" in payload else {}
+    lookup = {"operation": "model_get", "id": model} if model else {"operation": "model_list"}
+    found = View()
     try:
-        status = await session.run(b'{"operation":"model_list"}', listing, console)
+        status = await session.run(msgspec.json.encode(lookup | hive), found, console)
     except CliError as exc:
-        if exc.code != EXIT_FAILED:
+        if exc.code != EXIT_FAILED or model:
             raise
         raise CliError(f"no --model given and RBEE_MODEL is not set; listing the models failed: {exc}") from None
     if status != EXIT_OK:
-        return None
-    models = listing.result if isinstance(listing.result, list) else []
-    ids = [str(model.get("id")) for model in models if isinstance(model, dict)]
-    if len(ids) == 1:
-        return ids[0]
-    found = f"the daemon has {len(ids)} models" + (f" ({', '.join(ids)})" if ids else "")
-    raise CliError(f"no --model given and RBEE_MODEL is not set; {found}: pick one with --model", EXIT_USAGE)
+        return False
+    if model:
+        record = found.result
+    else:
+        models = [entry for entry in found.result if isinstance(entry, dict)] if isinstance(found.result, list) else []
+        if len(models) != 1:
+            ids = [str(entry.get("id")) for entry in models]
+            listed = f"the daemon has {len(ids)} models" + (f" ({', '.join(ids)})" if ids else "")
+            raise CliError(f"no --model given and RBEE_MODEL is not set; {listed}: pick one with --model", EXIT_USAGE)
+        record = models[0]
+    payload["model"] = model or str(record.get("id"))
+    if payload.get("chat") is None and not payload.get("system"):
+        payload["chat"] = bool(isinstance(record, dict) and (record.get("metadata") or {}).get("chat_template"))
+    return True
 
 
 async def run_command(args: argparse.Namespace, console: Console) -> int:
@@ -647,11 +660,9 @@ async def run_command(args: argparse.Namespace, console: Console) -> int:
             if args.operation == "infer":
                 if payload.get("prompt", "-") == "-":  # `rbee infer < notes.txt`
                     payload["prompt"] = sys.stdin.read()
+                if not await settle_model(session, console, payload):
+                    return EXIT_CANCELLED
                 payload = infer_payload(payload)
-                if "model" not in payload:
-                    if (model := await choose_model(session, console)) is None:
-                        return EXIT_CANCELLED
-                    payload["model"] = model
             operation = args.operation
             body = msgspec.json.encode(payload)
         return await session.run(body, make_view(args, console, operation), console)
@@ -662,8 +673,8 @@ def make_view(args: argparse.Namespace, console: Console, operation: str | None)
 
 
 def infer_payload(payload: dict, history: Sequence[dict] = ()) -> dict:
-    """An infer's payload from rbee's options: --chat and --system make `messages`, after the
-    conversation so far."""
+    """An infer's payload from rbee's options: chat (see settle_model) and --system make
+    `messages`, after the conversation so far."""
     chat, system = payload.pop("chat", False), payload.pop("system", None)
     if chat or system:
         system_message = [{"role": "system", "content": system}] if system else []
@@ -696,10 +707,8 @@ def interactive(args: argparse.Namespace, console: Console) -> int:
         import readline  # noqa: F401  input() then edits lines and keeps a history
 
     base = build_payload(args)
-    if "model" not in base:  # chosen once, not for each prompt
-        if (model := trio.run(_choose_model, args, console)) is None:
-            return EXIT_CANCELLED
-        base["model"] = model
+    if not trio.run(_settle_model, args, console, base):  # once, not for each prompt
+        return EXIT_CANCELLED
     chat = bool(base.get("chat") or base.get("system"))
     history: list[dict] = []
     console.note('one prompt per line; """ starts and ends several lines; /bye or Ctrl-D ends'
@@ -739,10 +748,10 @@ def interactive(args: argparse.Namespace, console: Console) -> int:
             history += [payload["messages"][-1], {"role": "assistant", "content": reply}]
 
 
-async def _choose_model(args: argparse.Namespace, console: Console) -> str | None:
+async def _settle_model(args: argparse.Namespace, console: Console, payload: dict) -> bool:
     session = Session(daemon_address(args))
     async with session.client:
-        return await choose_model(session, console)
+        return await settle_model(session, console, payload)
 
 
 async def _turn(
@@ -933,8 +942,11 @@ def make_parser() -> argparse.ArgumentParser:
              _arg("--worker-id", dest="worker_id", metavar="ID", help="use this worker"),
              _arg("-c", "--ctx-size", dest="n_ctx", type=int, metavar="N",
                   help="use (or load) a worker whose context holds N tokens; 0 = the model's own"),
-             _arg("--chat", action="store_true",
-                  help="send PROMPT as a user's message, through the model's chat template"),
+             _arg("--chat", action="store_const", const=True,
+                  help="send PROMPT as a user's message, through the model's chat template "
+                       "(the default when the model has one)"),
+             _arg("--raw", dest="chat", action="store_const", const=False,
+                  help="send PROMPT as text to continue, even when the model has a chat template"),
              _arg("--system", metavar="TEXT", help="a system message before PROMPT (implies --chat)"),
              _arg("--no-stream", dest="stream", action="store_const", const=False,
                   help="print the text only when it is complete"),

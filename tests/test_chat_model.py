@@ -3,6 +3,7 @@ job API, rbee and OpenAI's official client, on the real daemon and a real worker
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -71,15 +72,32 @@ async def test_a_conversation_goes_with_the_question(smol):
     assert "Ada" in answer["text"], answer
 
 
+def rbee_infer(daemon, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rbeed.cli", "--socket", str(daemon.socket_path), "infer", *args],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
+
+
 def test_rbee_system_asks_through_the_template(smol):
     daemon, _ = smol
-    done = subprocess.run(
-        [sys.executable, "-m", "rbeed.cli", "--socket", str(daemon.socket_path), "infer", "What is the capital of France?",
-         "--model", MODEL, "--system", "Answer in one word.", "--temperature", "0"],
-        capture_output=True, text=True, timeout=60, cwd=ROOT,
-    )  # fmt: skip
+    done = rbee_infer(daemon, "What is the capital of France?", "--model", MODEL, "--system", "Answer in one word.",
+                      "--temperature", "0")  # fmt: skip
     assert done.returncode == 0 and "Paris" in done.stdout, done
     assert done.stderr.rstrip().endswith("finish: stop"), done.stderr
+
+
+def test_rbee_chats_with_a_model_that_has_a_template_unless_told_raw(smol):
+    daemon, _ = smol
+    question = "Which city is the capital of France?"
+    chatted = rbee_infer(daemon, question, "--model", MODEL, "--temperature", "0")
+    assert chatted.returncode == 0 and "Paris" in chatted.stdout, chatted
+    assert chatted.stderr.rstrip().endswith("finish: stop"), chatted.stderr  # the template's end of turn
+    prompts = {}
+    for mode in ("--chat", "--raw"):
+        done = rbee_infer(daemon, question, "--model", MODEL, "--temperature", "0", "-n", "1", mode, "--json")
+        [result] = [line["data"] for line in map(json.loads, done.stdout.splitlines()) if line["event"] == "result"]
+        prompts[mode] = result["prompt_tokens"]
+    # SmolLM2's template wraps the question in a default system turn and a user turn (38 tokens against 8)
+    assert prompts["--raw"] < 12 < 30 < prompts["--chat"], prompts
 
 
 def test_openais_client_chats_streamed_or_not(smol):

@@ -345,7 +345,7 @@ async def read_until(stream: trio.abc.ReceiveStream, found: Callable[[str], obje
         (["worker", "list", "--hive", "elsewhere"], "worker_list", "unknown hive 'elsewhere'"),
         (["infer", "hi", "--model", "nosuch", "--max-tokens", "3", "--temperature", "0.5", "--top-p", "0.9",
           "--top-k", "5", "--seed", "7", "--stop", ".", "--stop", "!", "--device", "cpu", "--no-stream",
-          "--keep-alive", "0"], "infer", "unknown model 'nosuch'"),  # fmt: skip
+          "--keep-alive", "0", "--raw"], "infer", "unknown model 'nosuch'"),  # fmt: skip
     ],
 )
 def test_model_worker_and_infer_payloads_are_accepted_and_their_errors_reported(shared_daemon, args, operation, error):
@@ -452,7 +452,7 @@ async def test_infer_prints_tokens_as_they_arrive_and_sends_every_option():
         process = await trio.lowlevel.open_process(
             argv("--url", api.url, "infer", "Say hi", "--model", "m", "--max-tokens", "3", "--temperature", "0",
                  "--top-p", "0.5", "--top-k", "2", "--seed", "9", "--stop", "\n", "--stop", "END", "--device",
-                 "cuda:1", "--worker-id", "w-1", "-c", "4096", "--keep-alive", "-1", "--hive", "localhost"),
+                 "cuda:1", "--worker-id", "w-1", "-c", "4096", "--keep-alive", "-1", "--hive", "localhost", "--raw"),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), cwd=ROOT,
         )  # fmt: skip
         try:
@@ -474,27 +474,54 @@ async def test_infer_prints_tokens_as_they_arrive_and_sends_every_option():
     }]  # fmt: skip
 
 
-async def test_infer_without_model_uses_rbee_model_or_the_only_listed_model():
-    listing = lambda *ids: play(sse(1, "result", [{"id": i} for i in ids]), sse(2, "end", "[DONE]"))  # noqa: E731
+def model_record(model_id: str, template: bool = False) -> dict:
+    return {"id": model_id, "metadata": {"architecture": "llama", "chat_template": template}}
+
+
+async def test_infer_finds_its_model_and_whether_to_chat():
+    listing = lambda *records: play(sse(1, "result", list(records)), sse(2, "end", "[DONE]"))  # noqa: E731
+    found = lambda record: play(sse(1, "result", record), sse(2, "end", "[DONE]"))  # noqa: E731
     answer = play(sse(1, "result", RESULT | {"text": "whole text"}), sse(2, "end", "[DONE]"))
     async with serve_files() as server:
-        from_env = ScriptedAPI(server, [answer])
+        from_env = ScriptedAPI(server, [found(model_record("env-model")), answer])
         done = await arbee("--url", server.base_url, "infer", "p", "--no-stream", env=cli_env(RBEE_MODEL="env-model"))
         assert (done.returncode, done.stdout) == (0, "whole text\n"), done.stderr
-        assert from_env.payloads == [{"operation": "infer", "prompt": "p", "stream": False, "model": "env-model"}]
+        assert from_env.payloads == [{"operation": "model_get", "id": "env-model"},
+                                     {"operation": "infer", "prompt": "p", "stream": False, "model": "env-model"}]  # fmt: skip
 
-        only = ScriptedAPI(server, [listing("solo"), answer])
+        only = ScriptedAPI(server, [listing(model_record("solo")), answer])
         done = await arbee("--url", server.base_url, "infer", "p")
         assert done.returncode == 0, done.stderr
         assert only.payloads == [{"operation": "model_list"}, {"operation": "infer", "prompt": "p", "model": "solo"}]
 
+        # A model with a chat template gets PROMPT as a user's message, as `ollama run` sends it.
+        templated = ScriptedAPI(server, [found(model_record("m", template=True)), answer,
+                                         listing(model_record("solo", template=True)), answer])  # fmt: skip
+        done = await arbee("--url", server.base_url, "infer", "Hi!", "--model", "m", "--hive", "h")
+        assert done.returncode == 0, done.stderr
+        done = await arbee("--url", server.base_url, "infer", "Hi!", "--hive", "h")
+        assert done.returncode == 0, done.stderr
+        hi = [{"role": "user", "content": "Hi!"}]
+        assert templated.payloads == [
+            {"operation": "model_get", "id": "m", "hive_id": "h"},
+            {"operation": "infer", "messages": hi, "model": "m", "hive_id": "h"},
+            {"operation": "model_list", "hive_id": "h"},  # the models of the hive asked about
+            {"operation": "infer", "messages": hi, "model": "solo", "hive_id": "h"},
+        ]  # fmt: skip
+
+        missing = ScriptedAPI(server, [play(sse(1, "end", "[ERROR] unknown model 'm' (known: a)"))])
+        done = await arbee("--url", server.base_url, "infer", "p", "--model", "m")
+        assert (done.returncode, done.stderr) == (1, "rbee: error: unknown model 'm' (known: a)\n")
+        assert missing.payloads == [{"operation": "model_get", "id": "m"}]  # and no infer
+
+        # --raw, --chat and --system say it themselves: no lookup.
         from_stdin = ScriptedAPI(server, [answer])
-        done = await arbee("--url", server.base_url, "infer", "-", "--model", "m", stdin="Notes:\n- one\n".encode())
+        done = await arbee("--url", server.base_url, "infer", "-", "--model", "m", "--raw", stdin="Notes:\n- one\n".encode())
         assert (done.returncode, done.stdout) == (0, "whole text\n"), done.stderr
         assert from_stdin.payloads == [{"operation": "infer", "prompt": "Notes:\n- one\n", "model": "m"}]
 
         piped = ScriptedAPI(server, [answer])  # no PROMPT at all: a pipe is read, as `ollama run m < file` does
-        done = await arbee("--url", server.base_url, "infer", "--model", "m", stdin=b"Piped.")
+        done = await arbee("--url", server.base_url, "infer", "--model", "m", "--raw", stdin=b"Piped.")
         assert (done.returncode, piped.payloads[0]["prompt"]) == (0, "Piped."), done.stderr
 
         chats = ScriptedAPI(server, [answer, answer])
@@ -502,12 +529,11 @@ async def test_infer_without_model_uses_rbee_model_or_the_only_listed_model():
             done = await arbee("--url", server.base_url, "infer", "Hi!", "--model", "m", *options)
             assert done.returncode == 0, done.stderr
         assert [payload["messages"] for payload in chats.payloads] == [
-            [{"role": "user", "content": "Hi!"}],
-            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}],
+            hi, [{"role": "system", "content": "Be brief."}, *hi],
         ]
         assert all(payload.keys() == {"operation", "model", "messages"} for payload in chats.payloads)
 
-        several = ScriptedAPI(server, [listing("a", "b")])
+        several = ScriptedAPI(server, [listing(model_record("a"), model_record("b"))])
         done = await arbee("--url", server.base_url, "infer", "p")
         assert done.returncode == 2
         assert "the daemon has 2 models (a, b): pick one with --model" in done.stderr
