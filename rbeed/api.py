@@ -23,7 +23,8 @@ class JobAPI:
     """Turns requests into registry calls; `accepting` goes False while the daemon drains.
 
     With an `api_key`, a request that did not come over the Unix socket must carry it as a
-    bearer token, except /health (hives and load balancers probe it).
+    bearer token, except /health (hives and load balancers probe it) and `/` (Ollama's clients
+    probe it as Ollama answers it: "Ollama is running").
     """
 
     def __init__(self, registry: JobRegistry, api_key: str | None = None):
@@ -37,6 +38,8 @@ class JobAPI:
         path = request.path
         if path == "/health":
             return only(request, "GET") or json_response(200, {"status": "ok", "version": __version__})
+        if path == "/":
+            return only(request, "GET") or Response(200, b"rbeed is running", "text/plain; charset=utf-8")
         if self.api_key is not None and not request.local and (refusal := _unauthorized(request, self.api_key)):
             return refusal
         if (route := self.routes.get(path) or self.routes.get(path[: path.rfind("/") + 1])) is not None:

@@ -33,11 +33,12 @@ async def test_tcp_requests_need_the_key_and_get_a_clear_401(keyed):
         tags = await client.request("GET", "/api/tags")  # and Ollama's
         keyed_tags = await client.request("GET", "/api/tags", headers={"authorization": f"Bearer {KEY}"})
         health = await client.request("GET", "/health")  # probed by hives and load balancers
+        root = await client.request("HEAD", "/")  # and by Ollama's clients
     assert (missing.status, missing.json()) == (401, {"error": "an API key is required over TCP: send it as "
                                                                "'Authorization: Bearer KEY'"})  # fmt: skip
     assert missing.headers["www-authenticate"] == 'Bearer realm="rbeed"'
     assert (wrong.status, wrong.json()["error"]) == (401, "wrong API key: send it as 'Authorization: Bearer KEY'")
-    assert listed.status == 401 and health.status == 200
+    assert listed.status == 401 and health.status == 200 and root.status == 200
     assert (models.status, keyed_models.status) == (401, 200)  # whose clients send the key as OpenAI's
     assert (tags.status, keyed_tags.status) == (401, 200)
 

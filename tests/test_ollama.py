@@ -50,6 +50,16 @@ async def loaded(client) -> dict[str, dict]:
     return {entry["name"]: entry for entry in (await get(client, "/api/ps"))["models"]}
 
 
+async def test_the_root_says_the_daemon_is_running_as_ollama_answers_its_clients(client):
+    root = await client.request("GET", "/")
+    assert (root.status, root.headers["content-type"], root.content) == (200, "text/plain; charset=utf-8", b"rbeed is running")
+    head = await client.request("HEAD", "/")  # how Ollama's own CLI checks for a server
+    assert (head.status, head.content) == (200, b"")
+    posted = await client.request("POST", "/")
+    assert (posted.status, posted.headers["allow"]) == (405, "GET")
+    assert (await client.request("GET", "/nope")).status == 404  # `/` is no prefix
+
+
 async def test_version_tags_and_show_describe_the_catalog(rbeed, client):
     assert await get(client, "/api/version") == {"version": __version__}
     tags = (await get(client, "/api/tags"))["models"]
