@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import grp
 import math
 import os
 import signal
@@ -492,7 +493,10 @@ class Session:
 
     def unreachable(self, problem: Exception | str) -> CliError:
         reason = str(problem).removeprefix(f"cannot connect to {self.address}: ")
-        hint = "start it with `systemctl start rbeed` (or `systemctl --user start rbeed`), or run `rbeed serve`"
+        if reason == "permission denied" and self.address.startswith("unix:"):
+            hint = _members_only(self.address.removeprefix("unix:"))
+        else:
+            hint = "start it with `systemctl start rbeed` (or `systemctl --user start rbeed`), or run `rbeed serve`"
         return CliError(f"cannot reach the rbeed daemon at {self.address}: {reason}\n  hint: {hint}", EXIT_UNREACHABLE)
 
     @contextlib.contextmanager
@@ -575,6 +579,16 @@ class Session:
             console.error(f"job {job_id} was cancelled")
             return EXIT_CANCELLED
         raise CliError(end.removeprefix("[ERROR]").strip() or f"job {job_id} failed")
+
+
+def _members_only(socket_path: str) -> str:
+    """What to do about a daemon's socket that refused us: join its group (rbeed.socket's, and that
+    of its directory, is rbee)."""
+    for path in (socket_path, os.path.dirname(socket_path)):
+        with contextlib.suppress(OSError, KeyError):
+            group = grp.getgrgid(os.stat(path).st_gid).gr_name
+            return f"the socket is for group {group}: join it (`sudo usermod -aG {group} $USER`, then log in again), or use sudo"
+    return "the daemon's socket is not open to you: ask its administrator, or use sudo"
 
 
 async def _cancel_on_signal(interrupts, scope: trio.CancelScope) -> None:

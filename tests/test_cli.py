@@ -9,14 +9,17 @@ import json
 import os
 import pty
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import struct
 import sys
+import tempfile
 import termios
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 import trio
@@ -191,6 +194,32 @@ def test_unreachable_daemon_exits_3_naming_where_it_looked(tmp_path):
         refused = rbee(None, "--url", url, "hive", "list")
     assert refused.returncode == 3
     assert f"cannot reach the rbeed daemon at {url}" in refused.stderr and "connection refused" in refused.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to be another user whom the socket refuses")
+def test_a_socket_that_refuses_the_user_names_its_group():
+    # As rbeed.socket lays it out: a directory for the owner and group only (RuntimeDirectoryMode=0750),
+    # in one that all may look into, holding the socket (SocketMode=0660).
+    base = Path(tempfile.mkdtemp())  # under /tmp: pytest's own directories are closed to other users
+    try:
+        os.chmod(base, 0o755)
+        (base / "rbeed").mkdir(mode=0o750)
+        path = base / "rbeed" / "rbeed.sock"
+        with socket.socket(socket.AF_UNIX) as listening:
+            listening.bind(str(path))
+            listening.listen()
+            os.chmod(path, 0o660)
+            # rbee as `nobody`, its modules loaded first (the interpreter need not be open to that user).
+            code = ("import os, sys; from rbeed import cli; os.setgroups([]); os.setgid(65534); os.setuid(65534); "
+                    f"sys.exit(cli.main(['--socket', {str(path)!r}, 'model', 'list']))")  # fmt: skip
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(),
+                                  cwd=ROOT, timeout=60)  # fmt: skip
+    finally:
+        shutil.rmtree(base)
+    assert done.returncode == 3, done
+    assert done.stderr == (f"rbee: error: cannot reach the rbeed daemon at unix:{path}: permission denied\n"
+                           "  hint: the socket is for group root: join it (`sudo usermod -aG root $USER`, then log in "
+                           "again), or use sudo\n")  # fmt: skip
 
 
 @pytest.mark.parametrize(
