@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 import msgspec
 import trio
@@ -836,6 +837,11 @@ def _default(operation: type[msgspec.Struct], field: str) -> str:
 _HIVE = _arg("--hive", dest="hive_id", metavar="ID", help="the hive to act on (default: localhost)")
 
 
+def _source(text: str) -> str:
+    """A model source, with a relative path made absolute: the daemon does not share our working directory."""
+    return text if text.startswith("hf:") or urlsplit(text).scheme or os.path.isabs(text) else os.path.abspath(text)
+
+
 def _key_file(path: str) -> str:
     """The key in a file ("-": stdin), so that it shows in no process list."""
     try:
@@ -920,7 +926,7 @@ def make_parser() -> argparse.ArgumentParser:
         dest="action", required=True, metavar="ACTION"
     )
     _command(model, "download", "model_download", "download a GGUF model (path, URL or hf:owner/repo/file)",
-             _arg("model", metavar="SOURCE"), _arg("--sha256", metavar="HEX", help="expected sha256"), _HIVE)  # fmt: skip
+             _arg("model", metavar="SOURCE", type=_source), _arg("--sha256", metavar="HEX", help="expected sha256"), _HIVE)  # fmt: skip
     _command(model, "list", "model_list", "list models", _HIVE)
     _command(model, "get", "model_get", "show one model", by_id, _HIVE)
     _command(model, "delete", "model_delete", "delete a model", by_id, _HIVE)

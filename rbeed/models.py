@@ -51,13 +51,16 @@ def resolve_source(source: str, hf_base: str) -> tuple[str, str]:
             raise JobFailed(f"bad hf: source {source!r}; expected hf:owner/repo/path/file.gguf")
         owner, repo, path = match.groups()
         return hf_base.format(owner=owner, repo=repo, path=path), path.rsplit("/", 1)[-1]
-    scheme = urlsplit(source).scheme
-    if scheme in ("http", "https", "file"):
-        name = unquote(urlsplit(source).path.rsplit("/", 1)[-1])
-        return source, name
-    if scheme:
-        raise JobFailed(f"unsupported source scheme {scheme!r}; use a path, file://, http(s):// or hf:")
-    return source, Path(source).name
+    url = urlsplit(source)
+    if url.scheme in ("http", "https"):
+        return source, unquote(url.path.rsplit("/", 1)[-1])
+    if url.scheme not in ("", "file"):
+        raise JobFailed(f"unsupported source scheme {url.scheme!r}; use a path, file://, http(s):// or hf:")
+    path = unquote(url.path) if url.scheme else source
+    if not Path(path).is_absolute():  # the daemon's working directory is nobody's business
+        raise JobFailed(f"a local path must be absolute: {source!r} (rbee makes one so; the daemon does not "
+                        "know the working directory it was meant from)")  # fmt: skip
+    return source, Path(path).name
 
 
 def hf_token() -> str | None:

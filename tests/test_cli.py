@@ -395,6 +395,13 @@ def test_model_download_list_infer_and_worker_commands_on_a_real_model(daemon, t
     # stderr is no terminal: progress comes as plain lines
     assert re.search(r"^· 100%  0\.5/0\.5 MiB  [\d.]+ MiB/s  done$", downloaded.stderr, re.M), downloaded.stderr
 
+    # A relative path is the user's, not the daemon's: rbee sends it made absolute.
+    again = subprocess.run(argv("--socket", str(daemon.socket_path), "--json", "model", "download", "tiny.gguf"),
+                           capture_output=True, text=True, timeout=TIMEOUT, env=cli_env(), cwd=tmp_path)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    [result] = [line["data"] for line in json_lines(again.stdout) if line["event"] == "result"]
+    assert (result["id"], result["source"]) == ("tiny", str(model_path))
+
     listed = rbee(daemon, "model", "list").stdout.splitlines()
     assert listed[0].split() == ["ID", "SIZE", "QUANT", "ARCH", "PARAMS"]
     assert listed[1].split() == ["tiny", "475.0", "KiB", "ALL_F32", "llama", "118K"]

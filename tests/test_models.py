@@ -292,6 +292,8 @@ async def test_bad_hf_sources_are_refused(rbeed, client, source):
 
 async def test_unsupported_schemes_and_nameless_sources_are_refused(rbeed, client):
     assert "unsupported source scheme 'ftp'" in await job_error(client, download("ftp://127.0.0.1/x.gguf"))
+    for relative in ("tiny.gguf", "../models/tiny.gguf", "file:tiny.gguf"):  # relative to what? not the daemon's cwd
+        assert (await job_error(client, download(relative))).startswith(f"a local path must be absolute: {relative!r}")
     nameless = rbeed.state_dir.parent / "....gguf"
     nameless.write_bytes(b"GGUF")
     assert await job_error(client, download(str(nameless))) == "cannot derive a model id from '....gguf'"
