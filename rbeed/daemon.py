@@ -62,7 +62,9 @@ def claim(directory: Path, what: str) -> int:
     except BlockingIOError:
         holder = os.read(fd, 16).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise OSError(errno.EBUSY, f"{what} {directory} is in use by another rbeed (pid {holder})") from None
+        option = "--" + what.replace(" ", "-")  # --state-dir, --runtime-dir
+        raise OSError(errno.EBUSY, f"{what} {directory} is in use by another rbeed (pid {holder}): "
+                                   f"stop that one, or give this one its own with {option}") from None  # fmt: skip
     os.ftruncate(fd, 0)
     os.write(fd, b"%d\n" % os.getpid())
     return fd

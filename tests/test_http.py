@@ -147,7 +147,8 @@ async def test_a_second_daemon_on_the_same_directories_is_refused(shared_daemon,
     result = run_daemon_to_exit(tmp_path, "--listen", "127.0.0.1:0", shared, str(taken))
     what = shared.strip("-").replace("-", " ")
     assert result.returncode == 1, result
-    assert f"{what} {taken.resolve()} is in use by another rbeed (pid {shared_daemon.proc.pid})" in result.stderr
+    assert (f"{what} {taken.resolve()} is in use by another rbeed (pid {shared_daemon.proc.pid}): stop that one, "
+            f"or give this one its own with {shared}") in result.stderr
     assert "Traceback" not in result.stderr and "Errno" not in result.stderr
     assert not (tmp_path / "rbeed.sock").exists()  # refused before binding anything
     assert parse_response(await exchange(shared_daemon, b"GET /health HTTP/1.0\r\n\r\n", unix=True))[0] == 200
