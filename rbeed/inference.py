@@ -51,7 +51,9 @@ class Inference:
         messages = None if op.messages is None else [(m.role, m.content) for m in op.messages]
         generation = Generation(
             job, op.prompt or "", op.stream, max_tokens=op.max_tokens, temperature=op.temperature,
-            top_p=op.top_p, top_k=op.top_k, seed=op.seed, stop=list(op.stop), messages=messages,
+            top_p=op.top_p, top_k=op.top_k, seed=op.seed, stop=list(op.stop), messages=messages, min_p=op.min_p,
+            repeat_penalty=op.repeat_penalty, presence_penalty=op.presence_penalty,
+            frequency_penalty=op.frequency_penalty,
         )  # fmt: skip
         worker: Worker | None = None
         try:

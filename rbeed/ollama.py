@@ -22,12 +22,16 @@ _encode = msgspec.json.Encoder().encode
 
 
 # Ollama warns of options it does not know and goes on; so does rbeed with those it does not
-# apply (repeat_penalty, num_thread, ...), which clients send with their defaults.
+# apply (num_thread, repeat_last_n, ...), which clients send with their defaults.
 class _Options(msgspec.Struct):
     num_predict: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     seed: int | None = None
     stop: list[str] | None = None
     num_ctx: int | None = None
@@ -70,9 +74,9 @@ class _Show(msgspec.Struct):
 
 
 # Infer's fields by the names an Ollama client gave them, for a 400's message.
-_NAMES = {"max_tokens": "options.num_predict", "temperature": "options.temperature", "top_p": "options.top_p",
-          "top_k": "options.top_k", "seed": "options.seed", "stop": "options.stop", "n_ctx": "options.num_ctx",
-          "prompt": "prompt", "messages": "messages"}  # fmt: skip
+_NAMES = {"max_tokens": "options.num_predict", "n_ctx": "options.num_ctx", "prompt": "prompt", "messages": "messages"}
+_NAMES |= {name: f"options.{name}" for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty",
+                                                "presence_penalty", "frequency_penalty", "seed", "stop")}  # fmt: skip
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -121,8 +125,10 @@ def _infer_fields(body: _Generate | _Chat, model: Model) -> dict:
         "operation": "infer", "model": model.id, "stream": body.stream,
         # Ollama's default, -1, and -2 go on until the end of text or a full context.
         "max_tokens": MAX_TOKENS if predict is None or predict < 0 else predict,
-        "temperature": options.temperature, "top_p": options.top_p, "top_k": options.top_k, "seed": options.seed,
-        "stop": options.stop, "n_ctx": options.num_ctx, "keep_alive": body.keep_alive,
+        "temperature": options.temperature, "top_p": options.top_p, "top_k": options.top_k, "min_p": options.min_p,
+        "repeat_penalty": options.repeat_penalty, "presence_penalty": options.presence_penalty,
+        "frequency_penalty": options.frequency_penalty, "seed": options.seed, "stop": options.stop,
+        "n_ctx": options.num_ctx, "keep_alive": body.keep_alive,
     }  # fmt: skip
     if _is_load(body):
         # A load is an infer of one token, its text dropped: the worker is loaded as for any job.

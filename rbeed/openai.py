@@ -46,8 +46,10 @@ class _Request(msgspec.Struct, kw_only=True):
     stream_options: _StreamOptions | None = None
     keep_alive: float | None = None  # Ollama's extension, in seconds here
     n: int = 1
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    repeat_penalty: float | None = None  # llama-server's extensions
+    min_p: float | None = None
     logit_bias: dict[str, float] | None = None
     logprobs: bool | int | None = None
     tools: list | None = None
@@ -73,8 +75,7 @@ def _error(status: int, message: str, kind: str, param: str | None = None, code:
 def _unsupported(body: _Completion | _Chat) -> str | None:
     """The first field asking for something rbeed does not do."""
     asks = {
-        "n": body.n != 1, "frequency_penalty": body.frequency_penalty != 0,
-        "presence_penalty": body.presence_penalty != 0, "logit_bias": bool(body.logit_bias),
+        "n": body.n != 1, "logit_bias": bool(body.logit_bias),
         "logprobs": body.logprobs not in (None, False), "tools": bool(body.tools),
     }  # fmt: skip
     if isinstance(body, _Completion):
@@ -104,8 +105,9 @@ def _infer_fields(body: _Completion | _Chat, model: Model) -> dict:
         "operation": "infer", "model": body.model, "stream": body.stream,
         # Without a limit, llama-server and Ollama generate until the end of text or a full context.
         "max_tokens": next((n for n in (body.max_tokens, body.max_completion_tokens) if n is not None), MAX_TOKENS),
-        "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "seed": body.seed,
-        "keep_alive": body.keep_alive, "stop": [body.stop] if isinstance(body.stop, str) else body.stop,
+        "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "min_p": body.min_p,
+        "repeat_penalty": body.repeat_penalty, "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty, "seed": body.seed, "keep_alive": body.keep_alive, "stop": [body.stop] if isinstance(body.stop, str) else body.stop,
     }  # fmt: skip
     if isinstance(body, _Chat):
         fields["messages"] = [_text_of(message, i) for i, message in enumerate(body.messages)]

@@ -17,6 +17,8 @@ ApiKey = Annotated[str, msgspec.Meta(max_length=512, pattern=r"^[!-~]*$")]
 Device = Annotated[str, msgspec.Meta(pattern=r"^(cpu|cuda|cuda:[0-9]+|metal)$")]
 # A worker's context in tokens (prompt plus generated text); 0 = what the model was trained for.
 Context = Annotated[int, msgspec.Meta(ge=0, le=1 << 24)]
+# OpenAI's presence and frequency penalties: subtracted from the logits of tokens already seen.
+Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
 
 
 class Operation(
@@ -130,6 +132,10 @@ class Infer(Operation, tag="infer"):
     temperature: Annotated[float, msgspec.Meta(ge=0, le=100)] = 0.8
     top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.95
     top_k: Annotated[int, msgspec.Meta(ge=0)] = 40
+    min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.05
+    repeat_penalty: Annotated[float, msgspec.Meta(gt=0, le=100)] = 1.0  # 1: off
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
     device: Device | None = None
     worker_id: Id | None = None
     n_ctx: Context | None = None  # a worker with at least this context; default: any

@@ -54,10 +54,7 @@ EXIT_FAILED = 3
 
 _F_SETOWN_EX, _F_OWNER_TID = 15, 0  # Linux: direct SIGIO to one thread (fcntl has no names for them)
 _BACKEND_NAMES = {"cuda": "CUDA", "metal": "MTL"}  # as llama_print_system_info() names them
-# llama-cpp-python's create_completion defaults, kept so results match it.
-_MIN_P = 0.05
-_TYPICAL_P = 1.0
-_REPEAT_PENALTY = 1.0
+_TYPICAL_P = 1.0  # llama-cpp-python's create_completion default, kept so results match it
 
 
 def _log(message: str) -> None:
@@ -634,10 +631,12 @@ class _Worker:
             reset=False,
             top_k=request.top_k,
             top_p=request.top_p,
-            min_p=_MIN_P,
+            min_p=request.min_p,
             typical_p=_TYPICAL_P,
             temp=max(request.temperature, 0.0),
-            repeat_penalty=_REPEAT_PENALTY,
+            repeat_penalty=request.repeat_penalty,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
         )
         # The outer try also catches a _PromptCancelled raised in the inner finally clause
         # before it clears in_prompt.

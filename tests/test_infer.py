@@ -95,6 +95,22 @@ async def test_the_same_seed_gives_the_same_text_and_another_seed_another(client
     assert texts[0] != texts[2]
 
 
+async def test_repeat_presence_and_frequency_penalties_keep_greedy_text_from_repeating(client):
+    long = GREEDY | {"max_tokens": 64, "stream": False}
+    words = {}
+    for name, penalty in [("none", {}), ("repeat", {"repeat_penalty": 1.5}), ("presence", {"presence_penalty": 1.5}),
+                          ("frequency", {"frequency_penalty": 1.5}), ("min_p", {"min_p": 0.5})]:  # fmt: skip
+        _, result = await infer(client, long | penalty)
+        words[name] = result["text"].split()
+    # The tiny model's greedy text comes back to the same words: 64 of them, ~36 distinct. Penalised,
+    # it finds new ones (a repeat or two at most) until it ends its sentence.
+    assert len(words["none"]) == 64 and len(set(words["none"])) < 45, words["none"]
+    for name in ("repeat", "presence", "frequency"):
+        assert len(words[name]) > 30 and len(set(words[name])) >= len(words[name]) - 2, (name, words[name])
+        assert words[name][:30] == words["none"][:30]  # the same text until it would repeat
+    assert words["min_p"] == words["none"]  # at temperature 0 only the likeliest token counts anyway
+
+
 async def test_finish_reasons_length_end_of_sentence_and_stop_string(client):
     _, result = await infer(client, ENDS | {"stream": False})
     assert result["finish_reason"] == "stop"

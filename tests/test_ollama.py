@@ -145,6 +145,13 @@ async def test_options_reach_the_infer_job(client):
              ["response"] for seed in (5, 5, 6)]  # fmt: skip
     assert texts[0] == texts[1] != texts[2]
     assert (await loaded(client))["tiny"]["context_length"] == 4096  # num_ctx: a worker with that context
+    long = GENERATE | {"stream": False, "options": {"temperature": 0, "num_predict": 64}}
+    plain = (await post(client, "/api/generate", long))[1]["response"]
+    penalised = {"repeat_penalty": 1.5, "presence_penalty": 0.5, "frequency_penalty": 0.5, "min_p": 0.1}
+    answer = (await post(client, "/api/generate", long | {"options": long["options"] | penalised}))[1]["response"]
+    native = await job_result(client, {"operation": "infer", "model": "tiny", "prompt": GENERATE["prompt"],
+                                       "temperature": 0, "max_tokens": 64, "stream": False, **penalised})  # fmt: skip
+    assert answer == native["text"] != plain
     word = texts[0][len(texts[0]) // 2 :][:3]
     _, stopped = await post(client, "/api/generate", sampled | {"options": sampled["options"] | {"seed": 5, "stop": [word]}})
     assert (stopped["response"], stopped["done_reason"]) == (texts[0].partition(word)[0], "stop")
@@ -157,6 +164,8 @@ async def test_options_reach_the_infer_job(client):
      "Expected `int | null`, got `str` - at `$.options.num_predict`"),
     ("/api/generate", GENERATE | {"options": {"temperature": -1}}, 400, "Expected `float` >= 0.0 - at `$.options.temperature`"),
     ("/api/generate", GENERATE | {"options": {"num_predict": 0}}, 400, "Expected `int` >= 1 - at `$.options.num_predict`"),
+    ("/api/generate", GENERATE | {"options": {"repeat_penalty": 0}}, 400,
+     "Expected `float` > 0.0 - at `$.options.repeat_penalty`"),
     ("/api/generate", GENERATE | {"options": {"num_ctx": 40000}}, 500, "n_ctx 40000 is more than tiny was trained for"),
     ("/api/generate", GENERATE | {"keep_alive": "5 minutes"}, 400, "keep_alive '5 minutes' is not a duration"),
     ("/api/generate", GENERATE | {"format": "json"}, 400, "format is not supported by rbeed"),

@@ -101,6 +101,16 @@ async def test_a_completion_is_an_infer_job_with_its_text_and_usage(client):
     assert (stopped["text"], stopped["finish_reason"]) == (choice["text"].partition(word)[0], "stop")
 
 
+async def test_penalties_and_min_p_reach_the_infer_job(client):
+    long = COMPLETION | {"max_tokens": 64}
+    plain = (await post(client, "/v1/completions", long))[1]["choices"][0]["text"]
+    # OpenAI's two penalties, and llama-server's repeat_penalty and min_p.
+    for penalty in ({"frequency_penalty": 1.5}, {"presence_penalty": 1.5}, {"repeat_penalty": 1.5, "min_p": 0.1}):
+        answer = (await post(client, "/v1/completions", long | penalty))[1]["choices"][0]["text"]
+        native = await job_result(client, {"operation": "infer", "stream": False, **long, **penalty})
+        assert answer == native["text"] != plain, penalty
+
+
 async def test_a_streamed_completion_sends_chunks_then_usage_then_done(client):
     _, whole = await post(client, "/v1/completions", COMPLETION)
     chunks = await stream(client, "/v1/completions", COMPLETION | {"stream_options": {"include_usage": True}})
@@ -141,6 +151,8 @@ async def test_a_chat_goes_through_the_models_template(client):
     ("/v1/completions", COMPLETION | {"temperature": "hot"}, 400, "temperature", "Expected `float | null`, got `str`"),
     ("/v1/completions", COMPLETION | {"prompt": ["a", "b"]}, 400, "prompt", "give one prompt per request"),
     ("/v1/completions", COMPLETION | {"n": 2}, 400, "n", "n is not supported by rbeed"),
+    ("/v1/completions", COMPLETION | {"presence_penalty": 2.5}, 400, "presence_penalty",
+     "Expected `float` <= 2.0 - at `$.presence_penalty`"),
     ("/v1/completions", COMPLETION | {"echo": True}, 400, "echo", "echo is not supported by rbeed"),
     ("/v1/chat/completions", CHAT | {"tools": [{"type": "function"}]}, 400, "tools", "tools is not supported"),
     ("/v1/chat/completions", CHAT | {"messages": [{"role": "tool", "content": "4"}]}, 400, "messages[0].role",
