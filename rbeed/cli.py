@@ -588,7 +588,8 @@ def _members_only(socket_path: str) -> str:
     for path in (socket_path, os.path.dirname(socket_path)):
         with contextlib.suppress(OSError, KeyError):
             group = grp.getgrgid(os.stat(path).st_gid).gr_name
-            return f"the socket is for group {group}: join it (`sudo usermod -aG {group} $USER`, then log in again), or use sudo"
+            join = f"`sudo usermod -aG {group} $USER`, then log in again"
+            return f"the socket is for group {group}: join it ({join}), or use sudo"
     return "the daemon's socket is not open to you: ask its administrator, or use sudo"
 
 
@@ -926,7 +927,8 @@ def make_parser() -> argparse.ArgumentParser:
         dest="action", required=True, metavar="ACTION"
     )
     _command(model, "download", "model_download", "download a GGUF model (path, URL or hf:owner/repo/file)",
-             _arg("model", metavar="SOURCE", type=_source), _arg("--sha256", metavar="HEX", help="expected sha256"), _HIVE)  # fmt: skip
+             _arg("model", metavar="SOURCE", type=_source), _arg("--sha256", metavar="HEX", help="expected sha256"),
+             _HIVE)  # fmt: skip
     _command(model, "list", "model_list", "list models", _HIVE)
     _command(model, "get", "model_get", "show one model", by_id, _HIVE)
     _command(model, "delete", "model_delete", "delete a model", by_id, _HIVE)

@@ -107,7 +107,8 @@ def _infer_fields(body: _Completion | _Chat, model: Model) -> dict:
         "max_tokens": next((n for n in (body.max_tokens, body.max_completion_tokens) if n is not None), MAX_TOKENS),
         "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "min_p": body.min_p,
         "repeat_penalty": body.repeat_penalty, "presence_penalty": body.presence_penalty,
-        "frequency_penalty": body.frequency_penalty, "seed": body.seed, "keep_alive": body.keep_alive, "stop": [body.stop] if isinstance(body.stop, str) else body.stop,
+        "frequency_penalty": body.frequency_penalty, "seed": body.seed, "keep_alive": body.keep_alive,
+        "stop": [body.stop] if isinstance(body.stop, str) else body.stop,
     }  # fmt: skip
     if isinstance(body, _Chat):
         fields["messages"] = [_text_of(message, i) for i, message in enumerate(body.messages)]

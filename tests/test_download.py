@@ -10,7 +10,6 @@ import re
 import sys
 import threading
 from functools import partial
-from functools import partial
 
 import pytest
 import trio
