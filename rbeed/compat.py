@@ -14,6 +14,16 @@ from .models import Model, Models
 from .operations import Infer
 from .server import StreamingResponse
 
+# Infer's sampling fields that OpenAI's requests (with llama-server's extensions) and Ollama's
+# options name as infer does.
+SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty", "seed")
+
+
+def sampling(source) -> dict:
+    """The sampling fields a request gave, None for those it left to infer's defaults."""
+    return {name: getattr(source, name) for name in SAMPLING}
+
+
 _FIELD = re.compile(r"at `\$\.([^`]*)`|missing required field `([^`]*)`")
 
 
@@ -60,7 +70,7 @@ def start_infer(registry: JobRegistry, models: Models, model_id: str, fields_for
         infer = msgspec.convert({key: value for key, value in fields.items() if value is not None}, Infer)
     except msgspec.ValidationError as exc:
         raise invalid(exc, names) from None
-    if infer.messages is not None and model.metadata.get("chat_template") is False:
+    if infer.messages is not None and model.without_chat_template:
         raise Refused(400, wire.NO_CHAT_TEMPLATE, (names or {}).get("messages", "messages"))
     try:
         job = registry.create(infer)

@@ -46,7 +46,7 @@ class Inference:
                                                keep_alive=op.keep_alive, job=job, first=generation), True  # fmt: skip
 
     async def infer(self, job: Job, op: Infer) -> None:
-        if op.messages is not None and self.supervisor.models.lookup(op.model).metadata.get("chat_template") is False:
+        if op.messages is not None and self.supervisor.models.lookup(op.model).without_chat_template:
             raise JobFailed(wire.NO_CHAT_TEMPLATE)  # known from the catalog: no worker need load it
         messages = None if op.messages is None else [(m.role, m.content) for m in op.messages]
         generation = Generation(

@@ -33,6 +33,11 @@ class Model(msgspec.Struct):
     added_at: float
     metadata: dict = {}
 
+    @property
+    def without_chat_template(self) -> bool:
+        """Its GGUF is known to carry no chat template (a record without metadata does not say)."""
+        return self.metadata.get("chat_template") is False
+
 
 def model_id(file_name: str) -> str:
     """A slug from a file name: `Gemma-3 270M.Q4_K_M.gguf` → `gemma-3-270m.q4_k_m`."""

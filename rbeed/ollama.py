@@ -11,7 +11,7 @@ from functools import partial
 import msgspec
 
 from . import __version__
-from .compat import Refused, Reply, decode, start_infer
+from .compat import SAMPLING, Refused, Reply, decode, sampling, start_infer
 from .jobs import Job, JobFailed, JobRegistry
 from .models import Model, Models
 from .operations import MAX_TOKENS
@@ -75,8 +75,7 @@ class _Show(msgspec.Struct):
 
 # Infer's fields by the names an Ollama client gave them, for a 400's message.
 _NAMES = {"max_tokens": "options.num_predict", "n_ctx": "options.num_ctx", "prompt": "prompt", "messages": "messages"}
-_NAMES |= {name: f"options.{name}" for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty",
-                                                "presence_penalty", "frequency_penalty", "seed", "stop")}  # fmt: skip
+_NAMES |= {name: f"options.{name}" for name in (*SAMPLING, "stop")}
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -125,10 +124,7 @@ def _infer_fields(body: _Generate | _Chat, model: Model) -> dict:
         "operation": "infer", "model": model.id, "stream": body.stream,
         # Ollama's default, -1, and -2 go on until the end of text or a full context.
         "max_tokens": MAX_TOKENS if predict is None or predict < 0 else predict,
-        "temperature": options.temperature, "top_p": options.top_p, "top_k": options.top_k, "min_p": options.min_p,
-        "repeat_penalty": options.repeat_penalty, "presence_penalty": options.presence_penalty,
-        "frequency_penalty": options.frequency_penalty, "seed": options.seed, "stop": options.stop,
-        "n_ctx": options.num_ctx, "keep_alive": body.keep_alive,
+        **sampling(options), "stop": options.stop, "n_ctx": options.num_ctx, "keep_alive": body.keep_alive,
     }  # fmt: skip
     if _is_load(body):
         # A load is an infer of one token, its text dropped: the worker is loaded as for any job.
@@ -142,7 +138,7 @@ def _infer_fields(body: _Generate | _Chat, model: Model) -> dict:
         return fields | {"messages": [{"role": m.role, "content": m.content} for m in body.messages]}
     # As Ollama does, a prompt goes through the model's template unless raw; a model without
     # one (a base model) continues the prompt as it is.
-    if body.raw or model.metadata.get("chat_template") is False:
+    if body.raw or model.without_chat_template:
         if body.system and not body.raw:
             raise Refused(400, "the model has no chat template to put `system` in", "system")
         return fields | {"prompt": body.prompt}

@@ -8,7 +8,7 @@ from functools import partial
 
 import msgspec
 
-from .compat import Refused, Reply, decode, start_infer
+from .compat import Refused, Reply, decode, sampling, start_infer
 from .jobs import Job, JobFailed, JobRegistry
 from .models import Model, Models
 from .operations import MAX_TOKENS
@@ -105,9 +105,7 @@ def _infer_fields(body: _Completion | _Chat, model: Model) -> dict:
         "operation": "infer", "model": body.model, "stream": body.stream,
         # Without a limit, llama-server and Ollama generate until the end of text or a full context.
         "max_tokens": next((n for n in (body.max_tokens, body.max_completion_tokens) if n is not None), MAX_TOKENS),
-        "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "min_p": body.min_p,
-        "repeat_penalty": body.repeat_penalty, "presence_penalty": body.presence_penalty,
-        "frequency_penalty": body.frequency_penalty, "seed": body.seed, "keep_alive": body.keep_alive,
+        **sampling(body), "keep_alive": body.keep_alive,
         "stop": [body.stop] if isinstance(body.stop, str) else body.stop,
     }  # fmt: skip
     if isinstance(body, _Chat):

@@ -41,13 +41,13 @@ class Generate(_Frame, tag="Generate"):
     temperature: float
     top_p: float
     top_k: int
+    min_p: float
+    repeat_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
     seed: int | None = None
     stop: list[str] = []
     messages: list[tuple[str, str]] | None = None  # (role, content): the worker applies the chat template
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
 
 
 class Cancel(_Frame, tag="Cancel"):

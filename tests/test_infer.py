@@ -99,7 +99,7 @@ async def test_repeat_presence_and_frequency_penalties_keep_greedy_text_from_rep
     long = GREEDY | {"max_tokens": 64, "stream": False}
     words = {}
     for name, penalty in [("none", {}), ("repeat", {"repeat_penalty": 1.5}), ("presence", {"presence_penalty": 1.5}),
-                          ("frequency", {"frequency_penalty": 1.5}), ("min_p", {"min_p": 0.5})]:  # fmt: skip
+                          ("frequency", {"frequency_penalty": 1.5})]:  # fmt: skip
         _, result = await infer(client, long | penalty)
         words[name] = result["text"].split()
     # The tiny model's greedy text comes back to the same words: 64 of them, ~36 distinct. Penalised,
@@ -108,7 +108,14 @@ async def test_repeat_presence_and_frequency_penalties_keep_greedy_text_from_rep
     for name in ("repeat", "presence", "frequency"):
         assert len(words[name]) > 30 and len(set(words[name])) >= len(words[name]) - 2, (name, words[name])
         assert words[name][:30] == words["none"][:30]  # the same text until it would repeat
-    assert words["min_p"] == words["none"]  # at temperature 0 only the likeliest token counts anyway
+
+
+async def test_min_p_of_one_leaves_only_the_likeliest_token_to_sample(client):
+    greedy = (await infer(client, GREEDY | {"max_tokens": 30, "stream": False}))[1]["text"]
+    sampled = GREEDY | {"temperature": 1.0, "max_tokens": 30, "stream": False, "seed": 7}
+    narrowed = (await infer(client, sampled | {"min_p": 1.0}))[1]["text"]
+    free = (await infer(client, sampled | {"min_p": 0.0}))[1]["text"]
+    assert narrowed == greedy != free
 
 
 async def test_finish_reasons_length_end_of_sentence_and_stop_string(client):

@@ -9,8 +9,8 @@ import pytest
 from rbeed import wire
 
 MESSAGES: list[wire.Message] = [
-    wire.Generate(1, "Once upon a time", 64, 0.8, 0.95, 40),
-    wire.Generate(2, "zwölf €", 0, 0.0, 1.0, 0, seed=2**40, stop=["\n", "."]),
+    wire.Generate(1, "Once upon a time", 64, 0.8, 0.95, 40, 0.05, 1.0, 0.0, 0.0),
+    wire.Generate(2, "zwölf €", 0, 0.0, 1.0, 0, 0.0, 1.3, -0.5, 2.0, seed=2**40, stop=["\n", "."]),
     wire.Cancel(1),
     wire.Token(1, " cat"),
     wire.Token(1, "€"),

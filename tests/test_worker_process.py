@@ -98,7 +98,8 @@ class Client:
 
 
 def request(job_id: int, prompt: str = PROMPT, **params) -> wire.Generate:
-    params = {"max_tokens": 40, "temperature": 0.8, "top_p": 0.95, "top_k": 40} | params
+    params = {"max_tokens": 40, "temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.0,
+              "presence_penalty": 0.0, "frequency_penalty": 0.0} | params  # infer's defaults
     return wire.Generate(id=job_id, prompt=prompt, **params)
 
 
