@@ -404,20 +404,20 @@ class HumanView(View):
         self.operation = operation
         self._clock = clock
         self._started = clock()
-        self._tokens = 0
         self._first_token_at: float | None = None
         self._last_token_at: float | None = None
 
     def event(self, event: ServerSentEvent) -> None:
         super().event(event)
+        if event.event == "token":  # its text is the piece View.event kept
+            self._token()
+            return
         data = decode_data(event.data)
         match event.event:
             case "narration":
                 self.console.note(str(data.get("message", "")) if isinstance(data, dict) else str(data))
             case "progress":
                 self.console.progress.update(data if isinstance(data, dict) else {"status": data})
-            case "token":
-                self._token(data)
             case "result":
                 self.console.progress.finish()
                 if self.operation != "infer":
@@ -433,36 +433,36 @@ class HumanView(View):
                 self.console.note(f"{event.event}: {format_value(data)}")
 
     def interrupted(self) -> None:
-        if self._tokens:  # end the line of text, so that what follows starts on its own
+        if self._pieces:  # end the line of text, so that what follows starts on its own
             self.console.out("\n")
 
-    def _token(self, data: Any) -> None:
+    def _token(self) -> None:
         now = self._clock()
         if self._first_token_at is None:
             self._first_token_at = now
         self._last_token_at = now
-        self._tokens += 1
-        self.console.out(data.get("t", "") if isinstance(data, dict) else str(data))
+        self.console.out(self._pieces[-1])
 
     def _finish_infer(self, ok: bool) -> None:
         answer = self.result if isinstance(self.result, dict) else {}
-        text = answer.get("text") if not self._tokens else None
+        text = answer.get("text") if not self._pieces else None
         if isinstance(text, str):
             self.console.out(text)
-        if self._tokens or isinstance(text, str):
+        if self._pieces or isinstance(text, str):
             self.console.out("\n")
         if ok:
             self.console.note(self.infer_stats(answer))
 
     def infer_stats(self, answer: dict) -> str:
         """One line: tokens, time to first token, tokens/s; the daemon's figures where it gave them."""
-        tokens = answer.get("completion_tokens", self._tokens)
+        streamed = len(self._pieces)
+        tokens = answer.get("completion_tokens", streamed)
         ttft_ms = answer.get("ttft_ms")
         if ttft_ms is None and self._first_token_at is not None:
             ttft_ms = (self._first_token_at - self._started) * 1000
         rate = answer.get("tokens_per_s")
-        if rate is None and self._tokens > 1 and self._last_token_at > self._first_token_at:
-            rate = (self._tokens - 1) / (self._last_token_at - self._first_token_at)
+        if rate is None and streamed > 1 and self._last_token_at > self._first_token_at:
+            rate = (streamed - 1) / (self._last_token_at - self._first_token_at)
         parts = [f"{tokens} tokens"]
         if ttft_ms is not None:
             cached = answer.get("cached_tokens")
@@ -631,8 +631,12 @@ async def settle_model(session: Session, console: Console, payload: dict) -> boo
 
     False when a lookup was interrupted (run() has cancelled it and said so).
     """
+    if payload.get("system"):
+        if payload.get("chat") is False:
+            raise CliError("--system goes through the chat template: it cannot go with --raw", EXIT_USAGE)
+        payload["chat"] = True
     model = payload.get("model") or os.environ.get("RBEE_MODEL")
-    if model and (payload.get("chat") is not None or payload.get("system")):
+    if model and payload.get("chat") is not None:
         payload["model"] = model
         return True
     hive = {"hive_id": payload["hive_id"]} if "hive_id" in payload else {}
@@ -656,7 +660,7 @@ async def settle_model(session: Session, console: Console, payload: dict) -> boo
             raise CliError(f"no --model given and RBEE_MODEL is not set; {listed}: pick one with --model", EXIT_USAGE)
         record = models[0]
     payload["model"] = model or str(record.get("id"))
-    if payload.get("chat") is None and not payload.get("system"):
+    if payload.get("chat") is None:
         payload["chat"] = bool(isinstance(record, dict) and (record.get("metadata") or {}).get("chat_template"))
     return True
 
@@ -689,10 +693,10 @@ def make_view(args: argparse.Namespace, console: Console, operation: str | None)
 
 
 def infer_payload(payload: dict, history: Sequence[dict] = ()) -> dict:
-    """An infer's payload from rbee's options: chat (see settle_model) and --system make
-    `messages`, after the conversation so far."""
+    """An infer's payload from rbee's options, once settle_model() has decided on chat: a chat
+    makes `messages` (with --system first), after the conversation so far."""
     chat, system = payload.pop("chat", False), payload.pop("system", None)
-    if chat or system:
+    if chat:
         system_message = [{"role": "system", "content": system}] if system else []
         payload["messages"] = [*system_message, *history, {"role": "user", "content": payload.pop("prompt")}]
     return payload
@@ -725,7 +729,7 @@ def interactive(args: argparse.Namespace, console: Console) -> int:
     base = build_payload(args)
     if not trio.run(_settle_model, args, console, base):  # once, not for each prompt
         return EXIT_CANCELLED
-    chat = bool(base.get("chat") or base.get("system"))
+    chat = base["chat"]
     history: list[dict] = []
     console.note('one prompt per line; """ starts and ends several lines; /bye or Ctrl-D ends'
                  + ("; the conversation goes with each prompt" if chat else ""))  # fmt: skip
@@ -840,7 +844,7 @@ _HIVE = _arg("--hive", dest="hive_id", metavar="ID", help="the hive to act on (d
 
 def _source(text: str) -> str:
     """A model source, with a relative path made absolute: the daemon does not share our working directory."""
-    return text if text.startswith("hf:") or urlsplit(text).scheme or os.path.isabs(text) else os.path.abspath(text)
+    return text if urlsplit(text).scheme or os.path.isabs(text) else os.path.abspath(text)  # hf: is a scheme too
 
 
 def _key_file(path: str) -> str:

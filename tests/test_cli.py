@@ -569,6 +569,11 @@ async def test_infer_finds_its_model_and_whether_to_chat():
             hi, [{"role": "system", "content": "Be brief."}, *hi],
         ]
         assert all(payload.keys() == {"operation", "model", "messages"} for payload in chats.payloads)
+        contradicted = ScriptedAPI(server, [])
+        done = await arbee("--url", server.base_url, "infer", "Hi!", "--model", "m", "--raw", "--system", "Be brief.")
+        assert (done.returncode, done.stderr) == (
+            2, "rbee: error: --system goes through the chat template: it cannot go with --raw\n")  # fmt: skip
+        assert contradicted.payloads == []
 
         several = ScriptedAPI(server, [listing(model_record("a"), model_record("b"))])
         done = await arbee("--url", server.base_url, "infer", "p")
