@@ -12,7 +12,7 @@ from .compat import Refused, Reply, decode, sampling, start_infer
 from .jobs import Job, JobFailed, JobRegistry
 from .models import Model, Models
 from .operations import MAX_TOKENS
-from .server import Request, Response, StreamingResponse, json_response
+from .server import Request, Response, StreamingResponse, json_response, only
 
 _encode = msgspec.json.Encoder().encode
 
@@ -181,13 +181,13 @@ class OpenAIAPI:
         }
 
     async def _list_models(self, request: Request) -> Response:
-        if request.method not in ("GET", "HEAD"):
-            return _not_allowed(request, "GET")
+        if refusal := _not_allowed(request, "GET"):
+            return refusal
         return json_response(200, {"object": "list", "data": [_model(m) for m in self.models.catalog.list()]})
 
     async def _get_model(self, request: Request) -> Response:
-        if request.method not in ("GET", "HEAD"):
-            return _not_allowed(request, "GET")
+        if refusal := _not_allowed(request, "GET"):
+            return refusal
         try:
             model = self.models.lookup(request.path.rpartition("/")[2])
         except JobFailed as exc:
@@ -195,8 +195,8 @@ class OpenAIAPI:
         return json_response(200, _model(model))
 
     async def _complete(self, kind: type[_Completion | _Chat], request: Request) -> Response | StreamingResponse:
-        if request.method != "POST":
-            return _not_allowed(request, "POST")
+        if refusal := _not_allowed(request, "POST"):
+            return refusal
         if not self.accepting():
             return _error(503, "daemon shutting down", "server_error")
         try:
@@ -216,7 +216,10 @@ def _model_not_found(exc: JobFailed) -> Response:
     return _error(404, str(exc), "invalid_request_error", "model", "model_not_found")
 
 
-def _not_allowed(request: Request, method: str) -> Response:
-    failure = _error(405, f"method {request.method} not allowed; allowed: {method}", "invalid_request_error")
-    failure.headers = [("allow", method)]
+def _not_allowed(request: Request, method: str) -> Response | None:
+    """server.only()'s 405, in OpenAI's error shape."""
+    if (refusal := only(request, method)) is None:
+        return None
+    failure = _error(405, msgspec.json.decode(refusal.body)["error"], "invalid_request_error")
+    failure.headers = refusal.headers
     return failure

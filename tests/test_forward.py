@@ -87,7 +87,7 @@ async def test_operations_run_on_the_hive_and_relay_its_events(daemons, tiny_mod
     assert result["worker_id"] == worker["id"] and result["completion_tokens"] == 12
 
 
-async def test_failures_there_and_on_the_way_name_the_hive(daemons, tiny_model):
+async def test_failures_there_and_on_the_way_name_the_hive(daemons):
     queen, hive = daemons
     await register(queen, hive)
     async with queen.client() as client:

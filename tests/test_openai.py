@@ -175,9 +175,12 @@ async def test_malformed_json_and_wrong_methods(client):
     assert response.status == 400 and response.json()["error"]["message"].startswith("malformed JSON: ")
     response = await client.request("GET", "/v1/chat/completions")
     assert (response.status, response.headers["allow"]) == (405, "POST")
+    assert response.json()["error"] == {"message": "method GET not allowed; allowed: POST",
+                                        "type": "invalid_request_error", "param": None, "code": None}  # fmt: skip
     for path in ("/v1/models", "/v1/models/tiny"):
         response = await client.request("POST", path)
         assert (response.status, response.headers["allow"]) == (405, "GET")
+        assert (await client.request("HEAD", path)).status == 200  # HEAD goes with GET
 
 
 async def test_a_failure_before_any_output_is_an_http_error_not_a_stream(rbeed, client, tiny_model):
