@@ -1,4 +1,4 @@
-"""What the OpenAI and Ollama routes share: turning a request into an infer job, and following its events."""
+"""What the OpenAI and Ollama routes share: turning a request into a job, and following its events."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import msgspec
 from . import wire
 from .jobs import Job, JobFailed, JobRegistry, RegistryFull
 from .models import Model, Models
-from .operations import Infer
+from .operations import AnyOperation, Infer
 from .server import StreamingResponse
 
 # Infer's sampling fields that OpenAI's requests (with llama-server's extensions) and Ollama's
@@ -72,8 +72,13 @@ def start_infer(registry: JobRegistry, models: Models, model_id: str, fields_for
         raise invalid(exc, names) from None
     if infer.messages is not None and model.without_chat_template:
         raise Refused(400, wire.NO_CHAT_TEMPLATE, (names or {}).get("messages", "messages"))
+    return start_job(registry, infer)
+
+
+def start_job(registry: JobRegistry, operation: AnyOperation) -> Job:
+    """Create and start a job for `operation`; Refused (503) while the registry is full."""
     try:
-        job = registry.create(infer)
+        job = registry.create(operation)
     except RegistryFull as exc:
         raise Refused(503, str(exc)) from None
     registry.start(job)
@@ -90,7 +95,7 @@ def failure(job: Job, marker: str) -> tuple[int, str]:
 
 
 class Reply:
-    """One request's answer, written from its infer job's events in the encoding a subclass gives.
+    """One request's answer, written from its job's events in the encoding a subclass gives.
 
     A failure before the first piece is an HTTP error; after it, the head is gone and the error
     ends the body.
@@ -100,12 +105,17 @@ class Reply:
         self.job = job
         self.started = False  # the first piece (and with it the head) went out
         self.result: dict = {}
-        # A client that goes away cancels its job, as an SSE reader of an infer does.
-        self.response = StreamingResponse(200, self._produce, content_type, on_disconnect=partial(registry.reader_left, job))
+        # A client that goes away cancels an infer, as an SSE reader's does; a download goes on.
+        on_disconnect = partial(registry.reader_left, job) if job.cancel_on_disconnect else None
+        self.response = StreamingResponse(200, self._produce, content_type, on_disconnect=on_disconnect)
 
     def piece(self, text: str) -> bytes:
         """A streamed token."""
         raise NotImplementedError
+
+    def other(self, name: str, data: bytes) -> bytes | None:
+        """What to send for an event that is not a token, a result or the end, if anything."""
+        return None
 
     def finish(self) -> bytes:
         """What follows the last token, once the job is done: its result is in `self.result`."""
@@ -133,6 +143,9 @@ class Reply:
             if not self.started:
                 self.response.status, self.response.content_type = status, "application/json"
             await send(self.error(status, message), last=True)
+        elif (piece := self.other(name, data)) is not None:
+            self.started = True
+            await send(piece)
 
 
 def _parse(rendered: bytes) -> tuple[str, bytes]:
@@ -159,3 +172,16 @@ async def follow(job: Job, handle: Callable[[str, bytes], Awaitable[None]]) -> N
                 if event_id:  # 0: a keep-alive or a nudge, which only SSE readers need
                     after = event_id
                     await handle(*_parse(rendered))
+
+
+async def end_of(job: Job) -> str:
+    """The job's end marker, once it has ended."""
+    marker = ""
+
+    async def keep(name: str, data: bytes) -> None:
+        nonlocal marker
+        if name == "end":
+            marker = data.decode()
+
+    await follow(job, keep)
+    return marker

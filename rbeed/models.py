@@ -7,7 +7,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -87,6 +87,7 @@ class Models:
         self.dir = models_dir
         self.config = config
         self.in_use: Callable[[str], list[str]] = lambda model_id: []
+        self.released: Callable[[str], Awaitable[None]] = _nothing_to_wait_for  # its workers on their way out, gone
         self._placing: dict[str, list[str]] = {}  # model id -> jobs placing a worker for it, not yet listed
         self._fetching: dict[str, tuple[str, trio.Event]] = {}  # model id -> the job downloading it, its end
         self._deleting: dict[str, trio.Event] = {}  # model id -> the end of its model_delete
@@ -198,6 +199,7 @@ class Models:
 
     async def delete(self, job: Job, op: ModelDelete) -> None:
         model = self.lookup(op.id)
+        await self.released(model.id)  # not in use, only slow to go: stop_grace bounds the wait
         if users := self.in_use(model.id):
             raise JobFailed(f"model {model.id} is in use by worker(s) {', '.join(users)}; delete them first")
         if holders := self._placing.get(model.id):
@@ -211,6 +213,10 @@ class Models:
             self._deleting.pop(model.id).set()
         job.narrate(f"model {model.id} deleted ({model.size} bytes freed)")
         job.result({"id": model.id, "deleted": True})
+
+
+async def _nothing_to_wait_for(model_id: str) -> None:
+    pass
 
 
 def _origin(url: str) -> tuple[str, str]:

@@ -1,4 +1,4 @@
-"""Ollama-compatible routes (/api/generate, /api/chat, /api/tags, /api/show, /api/ps, /api/version)."""
+"""Ollama-compatible routes (/api/generate, /api/chat, /api/tags, /api/show, /api/ps, /api/pull, /api/delete, ...)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from functools import partial
 import msgspec
 
 from . import __version__
-from .compat import SAMPLING, Refused, Reply, decode, sampling, start_infer
+from .compat import SAMPLING, Refused, Reply, decode, end_of, failure, sampling, start_infer, start_job
 from .jobs import Job, JobFailed, JobRegistry
-from .models import Model, Models
-from .operations import MAX_TOKENS
+from .models import Model, Models, model_id, resolve_source
+from .operations import MAX_TOKENS, ModelDelete, ModelDownload
 from .server import Request, Response, StreamingResponse, error_response, json_response, only
 from .workers import Supervisor
 
@@ -68,9 +68,24 @@ class _Chat(_Request):
     messages: list[_Message] = []
 
 
-class _Show(msgspec.Struct):
+class _Named(msgspec.Struct):
     model: str = ""
     name: str = ""  # the older name of `model`
+
+    @property
+    def given(self) -> str:
+        if not (self.model or self.name):
+            raise Refused(400, "model is required", "model")
+        return self.model or self.name
+
+
+class _Pull(_Named):
+    stream: bool = True
+    insecure: bool = False  # rbeed's downloads check certificates always
+
+
+# What /api/pull takes as a model to fetch, besides the id of one it has.
+_SOURCES = ("hf:", "http://", "https://", "file:", "/")
 
 
 # Infer's fields by the names an Ollama client gave them, for a 400's message.
@@ -183,12 +198,24 @@ def _line(model: str, chat: bool, stream: bool, text: str, **more) -> bytes:
     return _encode(answer | {"done": False} | more) + (b"\n" if stream else b"")
 
 
-class _Reply(Reply):
-    """One request's answer, translated from its job's events into Ollama's lines of JSON."""
+class _Lines(Reply):
+    """A reply in Ollama's encoding: streamed, a line of JSON per piece; else one object."""
+
+    def __init__(self, job: Job, stream: bool, registry: JobRegistry):
+        super().__init__(job, registry, "application/x-ndjson" if stream else "application/json")
+        self.stream = stream
+
+    def error(self, status: int, message: str) -> bytes:
+        # A line of its own in a stream already begun; else the whole body.
+        return _encode({"error": message}) + (b"\n" if self.started else b"")
+
+
+class _Reply(_Lines):
+    """A generation's answer, translated from its infer job's events."""
 
     def __init__(self, job: Job, body: _Generate | _Chat, registry: JobRegistry):
-        super().__init__(job, registry, "application/x-ndjson" if body.stream else "application/json")
-        self.model, self.chat, self.stream = body.model, isinstance(body, _Chat), body.stream
+        super().__init__(job, body.stream, registry)
+        self.model, self.chat = body.model, isinstance(body, _Chat)
         self.load = _is_load(body)
         self.unload = self.load and body.keep_alive == 0
         self.began = time.perf_counter()
@@ -208,9 +235,28 @@ class _Reply(Reply):
             eval_count=completion, eval_duration=int((completion - 1) / rate * 1e9) if rate else 0,  # rate: per gap
         )  # fmt: skip
 
-    def error(self, status: int, message: str) -> bytes:
-        # A line of its own in a stream already begun; else the whole body.
-        return _encode({"error": message}) + (b"\n" if self.started else b"")
+
+class _PullReply(_Lines):
+    """A pull's answer, from its model_download job: Ollama's status lines, progress as `completed` of `total`."""
+
+    def __init__(self, job: Job, stream: bool, registry: JobRegistry, model: str):
+        super().__init__(job, stream, registry)
+        self.model = model
+
+    def _status(self, **fields) -> bytes:
+        line = _encode({key: value for key, value in fields.items() if value is not None})
+        return line + (b"\n" if self.stream else b"")
+
+    def other(self, name: str, data: bytes) -> bytes | None:
+        if not self.stream:
+            return None
+        event = msgspec.json.decode(data)
+        if name == "progress":
+            return self._status(status=f"pulling {self.model}", total=event.get("total"), completed=event["done"])
+        return self._status(status=event["message"]) if name == "narration" else None
+
+    def finish(self) -> bytes:
+        return self._status(status="success")
 
 
 class OllamaAPI:
@@ -227,6 +273,8 @@ class OllamaAPI:
             "/api/tags": partial(self._read, lambda: {"models": [_tag(m) for m in self.models.catalog.list()]}),
             "/api/ps": partial(self._read, self._running),
             "/api/show": self._show,
+            "/api/pull": self._pull,
+            "/api/delete": self._delete,
             "/api/generate": partial(self._generate, _Generate),
             "/api/chat": partial(self._generate, _Chat),
         }
@@ -256,16 +304,20 @@ class OllamaAPI:
         body.model, body.keep_alive = body.model.removesuffix(":latest"), keep_alive_seconds(body.keep_alive)
         return body
 
+    def _named_model(self, request: Request) -> Model:
+        """The model that the request's `model` (or `name`) names; Refused (404) when unknown."""
+        try:
+            return self.models.lookup(decode(request.body, _Named).given.removesuffix(":latest"))
+        except JobFailed as exc:
+            raise Refused(404, str(exc), "model") from None
+
     async def _show(self, request: Request) -> Response:
         if refusal := only(request, "POST"):
             return refusal
         try:
-            body = decode(request.body, _Show)
-            model = self.models.lookup((body.model or body.name).removesuffix(":latest"))
+            model = self._named_model(request)
         except Refused as exc:
             return error_response(exc.status, str(exc))
-        except JobFailed as exc:
-            return error_response(404, str(exc))
         meta = model.metadata
         info = {"general.architecture": meta.get("architecture"), "general.parameter_count": meta.get("parameters"),
                 "general.file_type": meta.get("file_type")}  # fmt: skip
@@ -275,10 +327,8 @@ class OllamaAPI:
                                    "capabilities": ["completion"], "modified_at": _timestamp(model.added_at)})  # fmt: skip
 
     async def _generate(self, kind: type[_Generate | _Chat], request: Request) -> Response | StreamingResponse:
-        if refusal := only(request, "POST"):
+        if refusal := only(request, "POST") or self._closed():
             return refusal
-        if not self.accepting():
-            return error_response(503, "daemon shutting down")
         try:
             body = self._decode(request, kind)
             if _is_load(body) and body.keep_alive == 0 and not any(w.model == body.model for w in self._loaded()):
@@ -291,3 +341,46 @@ class OllamaAPI:
         except JobFailed as exc:
             return error_response(404, str(exc))
         return _Reply(job, body, self.registry).response
+
+    async def _pull(self, request: Request) -> Response | StreamingResponse:
+        if refusal := only(request, "POST") or self._closed():
+            return refusal
+        try:
+            body = decode(request.body, _Pull)
+            source, model = self._source(body.given)
+            job = start_job(self.registry, ModelDownload(model=source))
+        except Refused as exc:
+            return error_response(exc.status, str(exc))
+        return _PullReply(job, body.stream, self.registry, model).response
+
+    def _source(self, name: str) -> tuple[str, str]:
+        """What model_download fetches for a pull of `name`, and the id of the model it makes.
+
+        A model rbeed has is fetched again from its source if its file is gone, as a pull
+        repairs what Ollama has; other names are sources (Ollama's registry is not one).
+        """
+        if (model := self.models.catalog.get(name.removesuffix(":latest"))) is not None:
+            return model.source, model.id
+        if not name.startswith(_SOURCES):
+            raise Refused(404, f"model {name!r} not found; rbeed pulls hf:owner/repo/path/file.gguf, "
+                               "an http(s):// or file:// URL, or an absolute path", "model")  # fmt: skip
+        try:
+            return name, model_id(resolve_source(name, self.models.config.hf_base)[1])
+        except JobFailed as exc:
+            raise Refused(400, str(exc), "model") from None
+
+    async def _delete(self, request: Request) -> Response:
+        if refusal := only(request, "DELETE") or self._closed():
+            return refusal
+        try:
+            job = start_job(self.registry, ModelDelete(id=self._named_model(request).id))
+        except Refused as exc:
+            return error_response(exc.status, str(exc))
+        if (marker := await end_of(job)) == "[DONE]":
+            return Response(200)
+        status, message = failure(job, marker)
+        # It fails for what holds the model (a worker, a load under way): a conflict.
+        return error_response(409 if status == 500 else status, message)
+
+    def _closed(self) -> Response | None:
+        return None if self.accepting() else error_response(503, "daemon shutting down")

@@ -261,6 +261,12 @@ class Supervisor:
         self._placing = trio.Lock()  # one placement at a time, in arrival order (trio's Lock is fair)
         self._usable_backends = {"cpu"}  # those the llama.cpp build supports, once probed
         models.in_use = lambda model_id: [w.id for w in self.workers.values() if w.model == model_id and w.live]
+        models.released = self._released
+
+    async def _released(self, model_id: str) -> None:
+        """Return once no worker of the model is on its way out (unloaded, idle, deleted)."""
+        while leaving := [w for w in self.workers.values() if w.model == model_id and w.live and w.closing]:
+            await leaving[0].stopped.wait()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Own every worker's task; when cancelled, each worker is stopped before this returns."""

@@ -8,12 +8,14 @@ import time
 from datetime import datetime
 from unittest.mock import ANY
 
+import ollama
 import pytest
 import trio
 
 from rbeed import __version__
 from rbeed.compat import Refused
 from rbeed.ollama import keep_alive_seconds
+from httpfixture import serve_files
 from support import job_result, register_copy
 from test_openai import client, rbeed  # noqa: F401 - the same daemon: "tiny" (no chat template) and "chatty"
 
@@ -177,6 +179,12 @@ async def test_options_reach_the_infer_job(client):
     ("/api/chat", CHAT | {"tools": [{"type": "function"}]}, 400, "tools is not supported by rbeed"),
     ("/api/chat", CHAT | {"model": "tiny"}, 400, "the model has no chat template"),
     ("/api/chat", b'{"model": ', 400, "malformed JSON: "),
+    ("/api/pull", {"model": "llama3.2"}, 404, "model 'llama3.2' not found; rbeed pulls hf:owner/repo/path/file.gguf, "
+                                              "an http(s):// or file:// URL, or an absolute path"),
+    ("/api/pull", {"model": "hf:owner/model.gguf"}, 400, "bad hf: source 'hf:owner/model.gguf'"),
+    ("/api/pull", {"model": "file:models/x.gguf"}, 400, "a local path must be absolute"),
+    ("/api/pull", {"stream": False}, 400, "model is required"),
+    ("/api/show", {"model": "nope"}, 404, "unknown model 'nope'"),
 ])  # fmt: skip
 async def test_bad_requests_are_refused_with_a_message_naming_the_field(client, path, body, status, message):
     got, answer = await post(client, path, body)
@@ -186,10 +194,11 @@ async def test_bad_requests_are_refused_with_a_message_naming_the_field(client, 
 
 async def test_wrong_methods_are_405_with_allow(client):
     for method, path, allowed in [("GET", "/api/generate", "POST"), ("GET", "/api/show", "POST"),
-                                  ("POST", "/api/tags", "GET"), ("DELETE", "/api/ps", "GET")]:  # fmt: skip
+                                  ("POST", "/api/tags", "GET"), ("DELETE", "/api/ps", "GET"),
+                                  ("GET", "/api/pull", "POST"), ("POST", "/api/delete", "DELETE")]:  # fmt: skip
         response = await client.request(method, path)
         assert (response.status, response.headers["allow"]) == (405, allowed)
-    assert (await client.request("POST", "/api/pull", json={"model": "llama3"})).status == 404
+    assert (await client.request("POST", "/api/create", json={"model": "x"})).status == 404
 
 
 async def test_a_client_that_leaves_mid_stream_cancels_its_job(client):
@@ -211,6 +220,65 @@ async def test_a_failure_before_any_output_is_an_http_error(rbeed, client, tiny_
         status, answer = await post(client, "/api/generate", GENERATE | {"model": "broken", "stream": streamed})
         assert status == 500 and "not a GGUF file" in answer["error"], answer
     await job_result(client, {"operation": "model_delete", "id": "broken"})
+
+
+async def test_pull_downloads_a_source_with_progress_and_fetches_a_lost_file_again(rbeed, client, tiny_model):
+    data = tiny_model.read_bytes()
+    async with serve_files({"pulled.gguf": data}) as server:
+        url = f"{server.base_url}/pulled.gguf"
+        streamed = await lines(client, "/api/pull", {"model": url})
+        assert streamed[0] == {"status": f"downloading {url} as model pulled"}
+        progress = [line for line in streamed if "completed" in line]
+        assert progress and all(line["status"] == "pulling pulled" and line["total"] == len(data) for line in progress)
+        assert [line["completed"] for line in progress] == sorted(line["completed"] for line in progress)
+        assert progress[-1]["completed"] == len(data) and streamed[-1] == {"status": "success"}
+        installed = rbeed.state_dir / "models" / "pulled.gguf"
+        assert installed.read_bytes() == data
+        assert "pulled" in [tag["name"] for tag in (await get(client, "/api/tags"))["models"]]
+
+        # A model rbeed has, by its id: present, at once; its file gone, fetched from its source again.
+        assert await lines(client, "/api/pull", {"model": "pulled:latest"}) == [
+            {"status": "model pulled is already present"}, {"status": "success"}]  # fmt: skip
+        installed.unlink()
+        assert await post(client, "/api/pull", {"model": "pulled", "stream": False}) == (200, {"status": "success"})
+        assert installed.read_bytes() == data
+
+        # Ollama's own client reads the same lines.
+        client_of_ollama = ollama.Client(host=rbeed.url, timeout=30)
+        again = await trio.to_thread.run_sync(lambda: list(client_of_ollama.pull(url, stream=True)))
+        assert [(line.status, line.completed) for line in again] == [
+            ("model pulled is already present", None), ("success", None)]  # fmt: skip
+    await job_result(client, {"operation": "model_delete", "id": "pulled"})
+
+
+async def test_a_pull_that_fails_says_why_in_the_stream_or_as_an_http_error(client):
+    async with serve_files({}) as server:
+        url = f"{server.base_url}/gone.gguf"
+        streamed = await lines(client, "/api/pull", {"model": url})
+        status, answer = await post(client, "/api/pull", {"model": url, "stream": False})
+    assert streamed[0] == {"status": f"downloading {url} as model gone"}
+    assert streamed[-1].keys() == {"error"} and streamed[-1]["error"].endswith("404 Not Found"), streamed
+    assert (status, answer) == (500, streamed[-1])
+
+
+async def test_delete_removes_a_model_not_in_use_and_waits_for_one_unloading(rbeed, client, tiny_model):
+    _, installed = await register_copy(rbeed, client, tiny_model, "doomed")
+    client_of_ollama = ollama.Client(host=rbeed.url, timeout=30)
+    await post(client, "/api/generate", GENERATE | {"model": "doomed", "stream": False})
+    with pytest.raises(ollama.ResponseError) as refused:
+        await trio.to_thread.run_sync(client_of_ollama.delete, "doomed")
+    assert refused.value.status_code == 409 and "model doomed is in use by worker(s) doomed-cpu-" in refused.value.error
+    assert installed.exists()
+
+    # `ollama stop` then `ollama rm`: the worker is still on its way out when the delete comes.
+    unload = {"model": "doomed", "keep_alive": 0, "stream": False}
+    assert (await post(client, "/api/generate", unload))[1]["done_reason"] == "unload"
+    deleted = await client.request("DELETE", "/api/delete", json={"model": "doomed:latest"})
+    assert (deleted.status, deleted.content) == (200, b"")
+    assert not installed.exists() and "doomed" not in await loaded(client)
+    assert "doomed" not in [tag["name"] for tag in (await get(client, "/api/tags"))["models"]]
+    again = await client.request("DELETE", "/api/delete", json={"name": "doomed"})
+    assert (again.status, again.json()) == (404, {"error": "unknown model 'doomed' (known: chatty, tiny)"})
 
 
 @pytest.mark.parametrize(("given", "seconds"), [
