@@ -847,6 +847,19 @@ def _source(text: str) -> str:
     return text if urlsplit(text).scheme or os.path.isabs(text) else os.path.abspath(text)  # hf: is a scheme too
 
 
+def _format(text: str) -> str | dict:
+    """infer's `format`: json, or a JSON Schema given inline or as @FILE."""
+    if text == "json":
+        return text
+    try:
+        schema = msgspec.json.decode(Path(text[1:]).read_bytes() if text.startswith("@") else text)
+    except (OSError, msgspec.DecodeError) as exc:
+        raise argparse.ArgumentTypeError(f"not json, a JSON Schema or @FILE holding one: {exc}") from None
+    if not isinstance(schema, dict):
+        raise argparse.ArgumentTypeError("a JSON Schema is an object")
+    return schema
+
+
 def _key_file(path: str) -> str:
     """The key in a file ("-": stdin), so that it shows in no process list."""
     try:
@@ -972,6 +985,8 @@ def make_parser() -> argparse.ArgumentParser:
                   help=f"subtract F per occurrence among the last 64 tokens, -2 to 2 {_default(Infer, 'frequency_penalty')}"),
              _arg("--seed", type=int, metavar="N", help="sampling seed (default: random)"),
              _arg("--stop", action="append", metavar="S", help="stop string (repeatable)"),
+             _arg("--format", type=_format, metavar="FORMAT",
+                  help="hold the output to JSON: json (an object), or a JSON Schema, inline or as @FILE"),
              _arg("--device", metavar="D", help="cpu, cuda, cuda:N or metal"),
              _arg("--worker-id", dest="worker_id", metavar="ID", help="use this worker"),
              _arg("-c", "--ctx-size", dest="n_ctx", type=int, metavar="N",

@@ -24,7 +24,8 @@ def sampling(source) -> dict:
     return {name: getattr(source, name) for name in SAMPLING}
 
 
-_FIELD = re.compile(r"at `\$\.([^`]*)`|missing required field `([^`]*)`")
+# Where msgspec's messages name a field, and infer's own checks (`format`: ...).
+_FIELD = re.compile(r"at `\$\.([^`]*)`|missing required field `([^`]*)`|^`(\w+)`: ")
 
 
 class Refused(Exception):
@@ -39,9 +40,10 @@ def invalid(exc: msgspec.ValidationError, names: dict[str, str] | None = None) -
     """A 400 naming the field msgspec found at fault, by the name the client's API gives it."""
     message, names = str(exc), names or {}
     match = _FIELD.search(message)
-    field = match and (match.group(1) or match.group(2))
+    field = match and (match.group(1) or match.group(2) or match.group(3))
     if field in names:
-        message, field = message.replace(f"`$.{field}`", f"`$.{names[field]}`"), names[field]
+        message = message.replace(f"`$.{field}`", f"`$.{names[field]}`").replace(f"`{field}`: ", f"`{names[field]}`: ", 1)
+        field = names[field]
     return Refused(400, message, field)
 
 

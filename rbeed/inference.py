@@ -5,6 +5,7 @@ from __future__ import annotations
 import trio
 
 from . import wire
+from .grammar import gbnf
 from .jobs import Job, JobFailed
 from .operations import Infer
 from .workers import Generation, Supervisor, Worker
@@ -53,7 +54,7 @@ class Inference:
             job, op.prompt or "", op.stream, max_tokens=op.max_tokens, temperature=op.temperature,
             top_p=op.top_p, top_k=op.top_k, seed=op.seed, stop=list(op.stop), messages=messages, min_p=op.min_p,
             repeat_penalty=op.repeat_penalty, presence_penalty=op.presence_penalty,
-            frequency_penalty=op.frequency_penalty,
+            frequency_penalty=op.frequency_penalty, grammar=None if op.format is None else gbnf(op.format),
         )  # fmt: skip
         worker: Worker | None = None
         try:

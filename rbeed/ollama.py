@@ -113,7 +113,7 @@ def keep_alive_seconds(value: float | str | None) -> float | None:
 
 def _unsupported(body: _Generate | _Chat) -> str | None:
     """The first field asking for something rbeed does not do."""
-    asks = {"format": body.format not in (None, ""), "tools": bool(body.tools), "think": body.think not in (None, False)}
+    asks = {"tools": bool(body.tools), "think": body.think not in (None, False)}
     if isinstance(body, _Generate):
         asks |= {"images": bool(body.images), "suffix": bool(body.suffix), "template": bool(body.template),
                  "context": bool(body.context)}  # fmt: skip
@@ -140,6 +140,7 @@ def _infer_fields(body: _Generate | _Chat, model: Model) -> dict:
         # Ollama's default, -1, and -2 go on until the end of text or a full context.
         "max_tokens": MAX_TOKENS if predict is None or predict < 0 else predict,
         **sampling(options), "stop": options.stop, "n_ctx": options.num_ctx, "keep_alive": body.keep_alive,
+        "format": body.format or None,  # "" is Ollama's none
     }  # fmt: skip
     if _is_load(body):
         # A load is an infer of one token, its text dropped: the worker is loaded as for any job.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import Literal
 
 import msgspec
 
@@ -29,6 +30,27 @@ class _Message(msgspec.Struct):
 
 class _StreamOptions(msgspec.Struct):
     include_usage: bool = False
+
+
+class _JsonSchema(msgspec.Struct):
+    name: str = ""
+    schema: dict | None = None
+    strict: bool | None = None  # rbeed's grammar holds the output to the schema either way
+    description: str | None = None
+
+
+class _ResponseFormat(msgspec.Struct):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: _JsonSchema | None = None
+
+    @property
+    def format(self) -> str | dict | None:
+        """As infer's `format`."""
+        if self.type != "json_schema":
+            return "json" if self.type == "json_object" else None
+        if self.json_schema is None or self.json_schema.schema is None:
+            raise Refused(400, "response_format of type json_schema needs json_schema.schema", "response_format")
+        return self.json_schema.schema
 
 
 # Clients send many fields (user, metadata, ...): unknown ones are ignored, as OpenAI's server does;
@@ -63,7 +85,11 @@ class _Completion(_Request):
 
 class _Chat(_Request):
     messages: list[_Message]
-    response_format: dict | None = None
+    response_format: _ResponseFormat | None = None
+
+
+# Infer's fields by the names an OpenAI client gave them, where they differ, for a 400's message.
+_NAMES = {"format": "response_format"}
 
 
 def _error(status: int, message: str, kind: str, param: str | None = None, code: str | None = None) -> Response:
@@ -80,8 +106,6 @@ def _unsupported(body: _Completion | _Chat) -> str | None:
     }  # fmt: skip
     if isinstance(body, _Completion):
         asks |= {"echo": body.echo, "suffix": bool(body.suffix)}
-    else:
-        asks["response_format"] = body.response_format not in (None, {"type": "text"})
     return next((field for field, asked in asks.items() if asked), None)
 
 
@@ -110,6 +134,7 @@ def _infer_fields(body: _Completion | _Chat, model: Model) -> dict:
     }  # fmt: skip
     if isinstance(body, _Chat):
         fields["messages"] = [_text_of(message, i) for i, message in enumerate(body.messages)]
+        fields["format"] = body.response_format and body.response_format.format
     elif isinstance(body.prompt, list) and len(body.prompt) != 1:
         raise Refused(400, "give one prompt per request", "prompt")
     else:
@@ -201,7 +226,7 @@ class OpenAIAPI:
             return _error(503, "daemon shutting down", "server_error")
         try:
             body = decode(request.body, kind)
-            job = start_infer(self.registry, self.models, body.model, partial(_infer_fields, body))
+            job = start_infer(self.registry, self.models, body.model, partial(_infer_fields, body), _NAMES)
         except Refused as exc:
             kind_ = "server_error" if exc.status >= 500 else "invalid_request_error"
             return _error(exc.status, str(exc), kind_, exc.param, exc.code)

@@ -6,6 +6,8 @@ from typing import Annotated, ClassVar, Literal, Union
 
 import msgspec
 
+from . import grammar
+
 # Ids become file names and URL parts: keep them to a safe, boring alphabet.
 Id = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 HiveId = Id
@@ -143,12 +145,15 @@ class Infer(Operation, tag="infer"):
     seed: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)] | None = None
     stop: Annotated[list[Annotated[str, msgspec.Meta(min_length=1)]], msgspec.Meta(max_length=16)] = []
     keep_alive: Annotated[float, msgspec.Meta(ge=-1)] | None = None  # seconds; 0 unload after, -1 keep
+    format: Literal["json"] | dict | None = None  # output held to a JSON object, or to a JSON Schema
 
     def __post_init__(self) -> None:
         if self.prompt is None and self.messages is None:
             raise ValueError("give `prompt` (text to continue) or `messages` (a chat)")
         if self.prompt is not None and self.messages is not None:
             raise ValueError("give `prompt` or `messages`, not both")
+        if isinstance(self.format, dict):
+            grammar.gbnf(self.format)  # a schema that makes no grammar is a bad request, not a failed job
 
 
 AnyOperation = Union[

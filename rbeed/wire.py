@@ -48,6 +48,7 @@ class Generate(_Frame, tag="Generate"):
     seed: int | None = None
     stop: list[str] = []
     messages: list[tuple[str, str]] | None = None  # (role, content): the worker applies the chat template
+    grammar: str | None = None  # GBNF that the output must follow
 
 
 class Cancel(_Frame, tag="Cancel"):

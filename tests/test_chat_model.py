@@ -162,6 +162,11 @@ def test_ollamas_client_lists_shows_loads_and_chats(smol):
     with pytest.raises(ollama.ResponseError) as unknown:
         client.chat("llama3:8b", messages=CAPITAL)
     assert unknown.value.status_code == 404 and "unknown model 'llama3:8b'" in unknown.value.error
+    # Structured output: the answer held to a JSON Schema, as Ollama's `format` does.
+    schema = {"type": "object", "properties": {"country": {"type": "string"}, "capital": {"type": "string"}},
+              "required": ["country", "capital"]}  # fmt: skip
+    held = client.chat(MODEL, messages=CAPITAL, format=schema, options=options)
+    assert held.done_reason == "stop" and json.loads(held.message.content) == {"country": "France", "capital": "Paris"}
     with pytest.raises(ollama.ResponseError) as refused:
-        client.chat(MODEL, messages=CAPITAL, format="json")
-    assert refused.value.status_code == 400 and refused.value.error == "format is not supported by rbeed"
+        client.chat(MODEL, messages=CAPITAL, format={"type": "object", "minProperties": 1})
+    assert refused.value.status_code == 400 and "cannot hold the output to 'minProperties'" in refused.value.error

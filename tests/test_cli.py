@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import io
@@ -489,7 +490,8 @@ async def test_infer_prints_tokens_as_they_arrive_and_sends_every_option():
             argv("--url", api.url, "infer", "Say hi", "--model", "m", "--max-tokens", "3", "--temperature", "0",
                  "--top-p", "0.5", "--top-k", "2", "--min-p", "0.1", "--repeat-penalty", "1.1", "--presence-penalty",
                  "0.5", "--frequency-penalty", "-0.5", "--seed", "9", "--stop", "\n", "--stop", "END", "--device",
-                 "cuda:1", "--worker-id", "w-1", "-c", "4096", "--keep-alive", "-1", "--hive", "localhost", "--raw"),
+                 "cuda:1", "--worker-id", "w-1", "-c", "4096", "--keep-alive", "-1", "--hive", "localhost", "--raw",
+                 "--format", '{"enum": ["Hello"]}'),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), cwd=ROOT,
         )  # fmt: skip
         try:
@@ -507,8 +509,19 @@ async def test_infer_prints_tokens_as_they_arrive_and_sends_every_option():
     assert api.payloads == [{
         "operation": "infer", "prompt": "Say hi", "model": "m", "max_tokens": 3, "temperature": 0.0, "top_p": 0.5,
         "top_k": 2, "min_p": 0.1, "repeat_penalty": 1.1, "presence_penalty": 0.5, "frequency_penalty": -0.5, "seed": 9, "stop": ["\n", "END"], "device": "cuda:1", "worker_id": "w-1", "n_ctx": 4096, "keep_alive": -1.0,
-        "hive_id": "localhost",
+        "hive_id": "localhost", "format": {"enum": ["Hello"]},
     }]  # fmt: skip
+
+
+def test_format_is_json_or_a_schema_inline_or_from_a_file(tmp_path):
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "boolean"}')
+    assert [cli._format(given) for given in ("json", '{"enum": [1]}', f"@{schema}")] == [
+        "json", {"enum": [1]}, {"type": "boolean"}]  # fmt: skip
+    for given, error in [("xml", "not json, a JSON Schema or @FILE holding one: "), ("[1]", "a JSON Schema is an object"),
+                         (f"@{tmp_path}/none.json", "No such file or directory")]:  # fmt: skip
+        with pytest.raises(argparse.ArgumentTypeError, match=error):
+            cli._format(given)
 
 
 def model_record(model_id: str, template: bool = False) -> dict:

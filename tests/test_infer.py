@@ -118,6 +118,26 @@ async def test_min_p_of_one_leaves_only_the_likeliest_token_to_sample(client):
     assert narrowed == greedy != free
 
 
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "likes"], "properties": {
+    "name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"},
+    "likes": {"type": "array", "items": {"enum": ["tea", "cake"]}, "maxItems": 3}}}  # fmt: skip
+
+
+async def test_format_holds_the_output_to_a_json_schema_or_to_a_json_object(client):
+    with pytest.raises(ValueError):  # the tiny model's own text is words
+        json.loads((await infer(client, GREEDY | {"stream": False}))[1]["text"])
+    for seed in (1, 2, 3):
+        events, result = await infer(client, GREEDY | {"temperature": 1.0, "seed": seed, "max_tokens": 200, "format": PERSON})
+        person = json.loads(text_of(events))
+        assert result["finish_reason"] == "stop", person  # the grammar ends where the value does
+        assert list(person) == PERSON["required"] and len(person["name"]) <= 20, person
+        assert type(person["age"]) is int and set(person["likes"]) <= {"tea", "cake"} and len(person["likes"]) <= 3
+    _, answer = await infer(client, ENDS | {"format": {"enum": ["yes", "no"]}, "stream": False})
+    assert (answer["text"], answer["finish_reason"]) in [('"yes"', "stop"), ('"no"', "stop")]
+    _, anything = await infer(client, ENDS | {"format": "json", "stream": False})
+    assert anything["finish_reason"] == "stop" and isinstance(json.loads(anything["text"]), dict)
+
+
 async def test_finish_reasons_length_end_of_sentence_and_stop_string(client):
     _, result = await infer(client, ENDS | {"stream": False})
     assert result["finish_reason"] == "stop"

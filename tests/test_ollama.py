@@ -159,6 +159,22 @@ async def test_options_reach_the_infer_job(client):
     assert (stopped["response"], stopped["done_reason"]) == (texts[0].partition(word)[0], "stop")
 
 
+async def test_format_holds_the_answer_to_json_or_a_schema_as_infers_does(client):
+    schema = {"type": "array", "items": {"type": "boolean"}, "minItems": 2, "maxItems": 4}
+    greedy = GENERATE | {"stream": False, "options": {"temperature": 0, "num_predict": 40}}
+    native = NATIVE | {"model": "tiny", "prompt": GENERATE["prompt"], "max_tokens": 40}
+    answers = {}
+    for given, format in [(schema, schema), ("json", "json"), ("", None)]:  # "": Ollama's none
+        _, answer = await post(client, "/api/generate", greedy | {"format": given})
+        assert answer["response"] == (await job_result(client, native | {"format": format}))["text"], given
+        answers[format and str(format)] = answer["response"]
+    values = json.loads(answers[str(schema)])
+    assert 2 <= len(values) <= 4 and all(type(value) is bool for value in values), values
+    assert isinstance(json.loads(answers["json"]), dict)
+    with pytest.raises(ValueError):
+        json.loads(answers[None])
+
+
 @pytest.mark.parametrize(("path", "body", "status", "message"), [
     ("/api/generate", {"model": "nope", "prompt": "x"}, 404, "unknown model 'nope' (known: chatty, tiny)"),
     ("/api/generate", {"prompt": "x"}, 400, "Object missing required field `model`"),
@@ -170,7 +186,9 @@ async def test_options_reach_the_infer_job(client):
      "Expected `float` > 0.0 - at `$.options.repeat_penalty`"),
     ("/api/generate", GENERATE | {"options": {"num_ctx": 40000}}, 500, "n_ctx 40000 is more than tiny was trained for"),
     ("/api/generate", GENERATE | {"keep_alive": "5 minutes"}, 400, "keep_alive '5 minutes' is not a duration"),
-    ("/api/generate", GENERATE | {"format": "json"}, 400, "format is not supported by rbeed"),
+    ("/api/generate", GENERATE | {"format": "xml"}, 400, "Invalid enum value 'xml' - at `$.format`"),
+    ("/api/generate", GENERATE | {"format": {"type": "integer", "maximum": 9}}, 400,
+     "`format`: rbeed's grammar cannot hold the output to 'maximum'"),
     ("/api/generate", GENERATE | {"images": ["aGk="]}, 400, "images is not supported by rbeed"),
     ("/api/generate", GENERATE | {"system": "Be brief."}, 400, "the model has no chat template to put `system` in"),
     ("/api/chat", CHAT | {"messages": [{"role": "tool", "content": "4"}]}, 400, "role 'tool' is not supported"),

@@ -143,6 +143,26 @@ async def test_a_chat_goes_through_the_models_template(client):
     assert deltas[-1] == {} and chunks[-2]["choices"][0]["finish_reason"] == native["finish_reason"]
 
 
+async def test_response_format_holds_a_chat_to_json_as_infers_format_does(client):
+    schema = {"type": "object", "properties": {"mood": {"enum": ["glad", "sad"]}, "words": {"type": "integer"}},
+              "required": ["mood", "words"]}  # fmt: skip
+    answers = {}
+    for name, response_format, format in [
+        ("schema", {"type": "json_schema", "json_schema": {"name": "mood", "schema": schema, "strict": True}}, schema),
+        ("object", {"type": "json_object"}, "json"), ("text", {"type": "text"}, None),
+    ]:  # fmt: skip
+        _, answer = await post(client, "/v1/chat/completions", CHAT | {"max_tokens": 60, "response_format": response_format})
+        text = answer["choices"][0]["message"]["content"]
+        native = await job_result(client, {"operation": "infer", "stream": False, **CHAT, "max_tokens": 60,
+                                           "messages": CHAT_MESSAGES, "format": format})  # fmt: skip
+        assert text == native["text"], name
+        answers[name] = text
+    assert list(json.loads(answers["schema"])) == ["mood", "words"] and json.loads(answers["schema"])["mood"] in ("glad", "sad")
+    assert isinstance(json.loads(answers["object"]), dict)
+    with pytest.raises(ValueError):
+        json.loads(answers["text"])  # the tiny model's own words
+
+
 @pytest.mark.parametrize(("path", "body", "status", "param", "message"), [
     ("/v1/completions", {"model": "nope", "prompt": "x"}, 404, "model", "unknown model 'nope' (known: chatty, tiny)"),
     ("/v1/completions", {"model": "llama3:8b", "prompt": "x"}, 404, "model", "unknown model 'llama3:8b'"),
@@ -161,6 +181,12 @@ async def test_a_chat_goes_through_the_models_template(client):
      "messages[0].content", "only text content parts are supported"),
     ("/v1/chat/completions", CHAT | {"model": "tiny"}, 400, "messages",
      "the model has no chat template: send a `prompt` instead of `messages`"),
+    ("/v1/chat/completions", CHAT | {"response_format": {"type": "yaml"}}, 400, "response_format.type",
+     "Invalid enum value 'yaml' - at `$.response_format.type`"),
+    ("/v1/chat/completions", CHAT | {"response_format": {"type": "json_schema"}}, 400, "response_format",
+     "response_format of type json_schema needs json_schema.schema"),
+    ("/v1/chat/completions", CHAT | {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "x"}}}},
+     400, "response_format", "`response_format`: cannot make a grammar of this JSON Schema: Unrecognized schema"),
 ])  # fmt: skip
 async def test_bad_requests_get_openais_error_shape_naming_the_field(client, path, body, status, param, message):
     got, answer = await post(client, path, body)

@@ -313,6 +313,18 @@ async def test_messages_for_a_model_without_a_chat_template_fail_and_worker_goes
     assert isinstance(after.end, wire.Done) and after.text
 
 
+async def test_a_grammar_holds_the_text_and_one_that_does_not_parse_fails_without_a_crash(start_worker):
+    with trio.fail_after(10):
+        _, client = await ready_client(start_worker)
+        held = await client.generate(1, seed=1, grammar='root ::= "yes" | "no"')
+        broken = await client.generate(2, grammar='root ::= "yes" (')  # llama-cpp-python would segfault on it
+        after = await client.generate(3, seed=1)
+
+    assert held.text in ("yes", "no") and held.end.finish_reason == "stop"
+    assert broken.end.error == "the output's grammar does not parse; the worker's log says why" and not broken.pieces
+    assert isinstance(after.end, wire.Done) and after.text
+
+
 async def test_cancel_mid_stream_then_next_generation(start_worker, long_seed):
     seed = long_seed
     with trio.fail_after(10):

@@ -1,0 +1,91 @@
+"""Grammars that hold infer's output to JSON: a JSON object, or a value of a given JSON Schema."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import re
+from types import ModuleType
+
+# A schema's length and count bounds become that many nested rules, which llama.cpp parses by
+# recursion in the worker: unbounded, one request could exhaust its stack or the daemon's memory.
+LARGEST_BOUND = 1000
+_BOUNDS = ("minItems", "maxItems", "minLength", "maxLength")
+_QUANTIFIER = re.compile(r"\{(\d+)(?:,(\d*))?\}")
+# Constraints that llama-cpp-python's converter leaves out of the grammar: refused rather than
+# ignored, so that no client takes for checked what is not.
+_UNENFORCED = frozenset({
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "uniqueItems", "minProperties",
+    "maxProperties", "patternProperties", "propertyNames", "dependentRequired", "dependentSchemas", "contains",
+    "not", "if", "then", "else", "unevaluatedItems", "unevaluatedProperties",
+})  # fmt: skip
+# Where a schema holds schemas: by name, in a list, or as one (`items` as a list: an older prefixItems).
+_SCHEMA_MAPS = ("properties", "$defs", "definitions")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_ONE = ("items", "additionalProperties")
+
+
+class _Refused(ValueError):
+    """A schema refused before it reaches the converter, with a message of rbeed's."""
+
+
+@functools.cache
+def _llama_grammar() -> ModuleType:
+    """llama-cpp-python's grammar module, loaded on its own: it is pure Python, while importing
+    the package loads libllama, which the daemon otherwise never needs."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("`format` needs llama-cpp-python, which is not installed")
+    path = f"{spec.submodule_search_locations[0]}/llama_grammar.py"
+    module_spec = importlib.util.spec_from_file_location("rbeed._llama_grammar", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def gbnf(format: str | dict) -> str:
+    """The GBNF grammar for infer's `format`: "json" (a JSON object) or a JSON Schema.
+
+    ValueError, with a message naming `format`, for a schema that cannot be made into one.
+    """
+    module = _llama_grammar()
+    if format == "json":
+        return module.JSON_GBNF
+    try:
+        _check(format)
+        return module.json_schema_to_gbnf(json.dumps(format))
+    except _Refused:
+        raise
+    except (AssertionError, ValueError, TypeError, AttributeError, KeyError, IndexError, RecursionError) as exc:
+        raise ValueError(f"`format`: cannot make a grammar of this JSON Schema: {exc}") from None
+
+
+def _check(schema: object) -> None:
+    """Refuse what the grammar would not hold the output to, or could not hold at all."""
+    if not isinstance(schema, dict):
+        return  # true, false or not a schema: the converter judges
+    if unenforced := sorted(schema.keys() & _UNENFORCED):
+        raise _Refused(f"`format`: rbeed's grammar cannot hold the output to {unenforced[0]!r}; leave it out")
+    if isinstance(ref := schema.get("$ref"), str) and not ref.startswith("#"):
+        raise _Refused(f"`format`: $ref {ref!r} is not in the schema; rbeed fetches none")
+    for key in _BOUNDS:
+        if isinstance(bound := schema.get(key), int) and bound > LARGEST_BOUND:
+            raise _Refused(f"`format`: {key} {bound} goes beyond {LARGEST_BOUND}, the largest bound rbeed takes")
+    if isinstance(pattern := schema.get("pattern"), str):
+        if any(int(n) > LARGEST_BOUND for bounds in _QUANTIFIER.findall(pattern) for n in bounds if n):
+            raise _Refused(f"`format`: pattern {pattern!r} repeats beyond {LARGEST_BOUND}, the largest bound rbeed takes")
+    for subschema in _subschemas(schema):
+        _check(subschema)
+
+
+def _subschemas(schema: dict) -> list:
+    found = []
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            found += value.values()
+        elif key in _SCHEMA_LISTS + _SCHEMA_ONE and isinstance(value, list):
+            found += value
+        elif key in _SCHEMA_ONE:
+            found.append(value)
+    return found

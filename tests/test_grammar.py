@@ -1,0 +1,56 @@
+"""Infer's `format` as a grammar: what is refused, and what the daemon loads to make one."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from rbeed.grammar import LARGEST_BOUND, gbnf
+
+
+def test_json_is_llamacpps_grammar_of_an_object_and_a_schema_becomes_rules_for_its_fields():
+    assert gbnf("json").lstrip().startswith("root   ::= object")
+    rules = gbnf({"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]})
+    assert '"\\"city\\""' in rules and '"\\"Paris\\""' in rules and '"\\"Rome\\""' in rules
+
+
+def test_annotations_and_fields_named_like_constraints_are_taken():
+    # Only a schema's own keywords are constraints: `minimum` here is a property's name.
+    gbnf({"title": "T", "description": "d", "$schema": "https://json-schema.org/draft/2020-12/schema",
+          "type": "object", "properties": {"minimum": {"type": "number", "description": "lowest"}},
+          "$defs": {"when": {"type": "string", "format": "date"}}})  # fmt: skip
+
+
+@pytest.mark.parametrize(("schema", "message"), [
+    ({"type": "integer", "minimum": 0}, "cannot hold the output to 'minimum'"),
+    ({"properties": {"tags": {"type": "array", "uniqueItems": True}}}, "cannot hold the output to 'uniqueItems'"),
+    ({"anyOf": [{"type": "string"}, {"not": {"type": "null"}}]}, "cannot hold the output to 'not'"),
+    ({"$defs": {"n": {"type": "number", "multipleOf": 5}}}, "cannot hold the output to 'multipleOf'"),
+    ({"items": {"type": "string", "maxLength": LARGEST_BOUND + 1}}, f"maxLength {LARGEST_BOUND + 1} goes beyond"),
+    ({"prefixItems": [{"type": "array", "minItems": 10**9}]}, "minItems 1000000000 goes beyond"),
+    ({"type": "string", "pattern": "^x{3,5000}$"}, "repeats beyond"),
+    ({"type": "quaternion"}, "cannot make a grammar of this JSON Schema: Unrecognized schema"),
+    ({"$ref": "https://example.com/schema.json"}, "$ref 'https://example.com/schema.json' is not in the schema"),
+])  # fmt: skip
+def test_a_schema_the_grammar_cannot_hold_is_refused_naming_format(schema, message):
+    with pytest.raises(ValueError, match="^`format`: ") as refused:
+        gbnf(schema)
+    assert message in str(refused.value)
+
+
+def test_a_schema_too_deep_to_convert_is_refused_not_a_crash():
+    schema: dict = {}
+    inner = schema
+    for _ in range(5000):
+        inner["items"] = {}
+        inner = inner["items"]
+    with pytest.raises(ValueError, match="cannot make a grammar of this JSON Schema: maximum recursion depth"):
+        gbnf(schema)
+
+
+def test_making_a_grammar_does_not_load_libllama_into_the_daemon():
+    code = ("import sys; from rbeed.grammar import gbnf; gbnf({'type': 'boolean'}); gbnf('json'); "
+            "print(sorted(name for name in sys.modules if name.startswith('llama_cpp')))")  # fmt: skip
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
