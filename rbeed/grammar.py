@@ -11,6 +11,10 @@ from types import ModuleType
 # A schema's length and count bounds become that many nested rules, which llama.cpp parses by
 # recursion in the worker: unbounded, one request could exhaust its stack or the daemon's memory.
 LARGEST_BOUND = 1000
+# The converter's work grows with the square of an object's optional properties (it writes out
+# which may follow which), and a grammar goes to the worker in one frame: both are kept small.
+MOST_OPTIONAL = 100
+LARGEST_GRAMMAR = 1 << 20
 _BOUNDS = ("minItems", "maxItems", "minLength", "maxLength")
 _QUANTIFIER = re.compile(r"\{(\d+)(?:,(\d*))?\}")
 # Constraints that llama-cpp-python's converter leaves out of the grammar: refused rather than
@@ -53,18 +57,25 @@ def gbnf(format: str | dict) -> str:
     if format == "json":
         return module.JSON_GBNF
     try:
-        _check(format)
-        return module.json_schema_to_gbnf(json.dumps(format))
+        if (optional := _check(format)) > MOST_OPTIONAL:
+            raise _Refused(f"`format`: {optional} optional properties, more than the {MOST_OPTIONAL} rbeed takes; "
+                           "list more of them in `required`")  # fmt: skip
+        grammar = module.json_schema_to_gbnf(json.dumps(format))
     except _Refused:
         raise
     except (AssertionError, ValueError, TypeError, AttributeError, KeyError, IndexError, RecursionError) as exc:
         raise ValueError(f"`format`: cannot make a grammar of this JSON Schema: {exc}") from None
+    if len(grammar) > LARGEST_GRAMMAR:
+        raise ValueError(f"`format`: the schema makes a grammar of {len(grammar)} bytes, more than the "
+                         f"{LARGEST_GRAMMAR} rbeed takes; lower its length and count bounds")  # fmt: skip
+    return grammar
 
 
-def _check(schema: object) -> None:
-    """Refuse what the grammar would not hold the output to, or could not hold at all."""
+def _check(schema: object) -> int:
+    """Refuse what the grammar would not hold the output to, or could not hold at all; the
+    number of optional properties the schema has."""
     if not isinstance(schema, dict):
-        return  # true, false or not a schema: the converter judges
+        return 0  # true, false or not a schema: the converter judges
     if unenforced := sorted(schema.keys() & _UNENFORCED):
         raise _Refused(f"`format`: rbeed's grammar cannot hold the output to {unenforced[0]!r}; leave it out")
     if isinstance(ref := schema.get("$ref"), str) and not ref.startswith("#"):
@@ -75,8 +86,11 @@ def _check(schema: object) -> None:
     if isinstance(pattern := schema.get("pattern"), str):
         if any(int(n) > LARGEST_BOUND for bounds in _QUANTIFIER.findall(pattern) for n in bounds if n):
             raise _Refused(f"`format`: pattern {pattern!r} repeats beyond {LARGEST_BOUND}, the largest bound rbeed takes")
-    for subschema in _subschemas(schema):
-        _check(subschema)
+    properties, required = schema.get("properties"), schema.get("required")
+    optional = 0
+    if isinstance(properties, dict):
+        optional = len(properties.keys() - set(required if isinstance(required, list) else []))
+    return optional + sum(_check(subschema) for subschema in _subschemas(schema))
 
 
 def _subschemas(schema: dict) -> list:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from rbeed.grammar import LARGEST_BOUND, gbnf
+from rbeed.grammar import LARGEST_BOUND, MOST_OPTIONAL, gbnf
 
 
 def test_json_is_llamacpps_grammar_of_an_object_and_a_schema_becomes_rules_for_its_fields():
@@ -32,12 +32,21 @@ def test_annotations_and_fields_named_like_constraints_are_taken():
     ({"prefixItems": [{"type": "array", "minItems": 10**9}]}, "minItems 1000000000 goes beyond"),
     ({"type": "string", "pattern": "^x{3,5000}$"}, "repeats beyond"),
     ({"type": "quaternion"}, "cannot make a grammar of this JSON Schema: Unrecognized schema"),
+    ({"properties": {"a": {"properties": dict.fromkeys(map(str, range(60)), {})},
+                     "b": {"properties": dict.fromkeys(map(str, range(40)), {})}}},
+     "102 optional properties, more than the 100 rbeed takes; list more of them in `required`"),
+    ({"prefixItems": [{"type": "string", "maxLength": LARGEST_BOUND}] * 200}, "the schema makes a grammar of "),
     ({"$ref": "https://example.com/schema.json"}, "$ref 'https://example.com/schema.json' is not in the schema"),
 ])  # fmt: skip
 def test_a_schema_the_grammar_cannot_hold_is_refused_naming_format(schema, message):
     with pytest.raises(ValueError, match="^`format`: ") as refused:
         gbnf(schema)
     assert message in str(refused.value)
+
+
+def test_up_to_the_most_optional_properties_are_taken():
+    properties = {f"p{i}": {"type": "integer"} for i in range(MOST_OPTIONAL + 20)}
+    gbnf({"type": "object", "properties": properties, "required": list(properties)[:20]})
 
 
 def test_a_schema_too_deep_to_convert_is_refused_not_a_crash():
