@@ -251,10 +251,12 @@ def _load_model(args: argparse.Namespace, n_gpu_layers: int) -> Any:
     _check_gpu(args.device, n_gpu_layers)
     import llama_cpp
 
+    from rbeed.llama import Llama
+
     global _llama_errors
     errors = _llama_errors = _LlamaErrors(llama_cpp)
     try:
-        return llama_cpp.Llama(
+        return Llama(
             model_path=args.model,
             n_ctx=args.n_ctx,
             n_threads=args.threads,

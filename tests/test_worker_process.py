@@ -22,6 +22,7 @@ import trio
 
 import tinymodel
 from rbeed import wire
+from rbeed.grammar import gbnf
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PROMPT = "Once upon a time"
@@ -323,6 +324,24 @@ async def test_a_grammar_holds_the_text_and_one_that_does_not_parse_fails_withou
     assert held.text in ("yes", "no") and held.end.finish_reason == "stop"
     assert broken.end.error == "the output's grammar does not parse; the worker's log says why" and not broken.pieces
     assert isinstance(after.end, wire.Done) and after.text
+
+
+async def test_greedy_text_under_a_grammar_is_llama_cpp_pythons_with_the_grammar_in_its_chain(start_worker, in_process):
+    # The worker lets the grammar check only the token it picked, and filters all the logits
+    # through it only when it refuses that one: greedy, that picks the same tokens.
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "n": {"type": "integer"},
+                                               "ok": {"type": "boolean"}}, "required": ["name", "n", "ok"]}  # fmt: skip
+    grammars = [gbnf("json"), gbnf(schema), gbnf({"type": "array", "items": {"enum": ["tea", "cake"]}, "maxItems": 4})]
+    prompts = ["Once upon a time", "Hello", "The quick brown fox"]
+    with trio.fail_after(20):
+        _, client = await ready_client(start_worker)
+        results = [await client.generate(i, prompt=prompt, grammar=grammar, temperature=0.0, max_tokens=60)
+                   for i, (prompt, grammar) in enumerate(itertools.product(prompts, grammars))]  # fmt: skip
+    for result, (prompt, grammar) in zip(results, itertools.product(prompts, grammars)):
+        choice = in_process.create_completion(prompt, max_tokens=60, temperature=0.0,
+                                              grammar=llama_cpp.LlamaGrammar.from_string(grammar))["choices"][0]  # fmt: skip
+        assert (result.text, result.end.finish_reason) == (choice["text"], choice["finish_reason"]), (prompt, grammar)
+    assert any(result.end.finish_reason == "stop" for result in results)
 
 
 async def test_cancel_mid_stream_then_next_generation(start_worker, long_seed):
