@@ -75,6 +75,7 @@ class _Request(msgspec.Struct, kw_only=True):
     logit_bias: dict[str, float] | None = None
     logprobs: bool | int | None = None
     tools: list | None = None
+    response_format: _ResponseFormat | None = None  # for completions too, as llama-server takes it
 
 
 class _Completion(_Request):
@@ -85,7 +86,6 @@ class _Completion(_Request):
 
 class _Chat(_Request):
     messages: list[_Message]
-    response_format: _ResponseFormat | None = None
 
 
 # Infer's fields by the names an OpenAI client gave them, where they differ, for a 400's message.
@@ -130,11 +130,11 @@ def _infer_fields(body: _Completion | _Chat, model: Model) -> dict:
         # Without a limit, llama-server and Ollama generate until the end of text or a full context.
         "max_tokens": next((n for n in (body.max_tokens, body.max_completion_tokens) if n is not None), MAX_TOKENS),
         **sampling(body), "keep_alive": body.keep_alive,
+        "format": body.response_format and body.response_format.format,
         "stop": [body.stop] if isinstance(body.stop, str) else body.stop,
     }  # fmt: skip
     if isinstance(body, _Chat):
         fields["messages"] = [_text_of(message, i) for i, message in enumerate(body.messages)]
-        fields["format"] = body.response_format and body.response_format.format
     elif isinstance(body.prompt, list) and len(body.prompt) != 1:
         raise Refused(400, "give one prompt per request", "prompt")
     else:

@@ -159,6 +159,10 @@ async def test_response_format_holds_a_chat_to_json_as_infers_format_does(client
         answers[name] = text
     assert list(json.loads(answers["schema"])) == ["mood", "words"] and json.loads(answers["schema"])["mood"] in ("glad", "sad")
     assert isinstance(json.loads(answers["object"]), dict)
+    # A completion takes it too, as llama-server's does.
+    completion = COMPLETION | {"max_tokens": 60, "response_format": {"type": "json_object"}}
+    text = (await post(client, "/v1/completions", completion))[1]["choices"][0]["text"]
+    assert isinstance(json.loads(text), dict)
     with pytest.raises(ValueError):
         json.loads(answers["text"])  # the tiny model's own words
 
