@@ -26,10 +26,15 @@ CANCEL_TIMEOUT = 5.0
 RELAYED = frozenset({"narration", "progress", "token", "result", "gap"})
 
 
+def remote_payload(operation: ops.AnyOperation) -> bytes:
+    """The operation as the hive takes it: its own (localhost), with only the fields given."""
+    return msgspec.json.encode(msgspec.structs.replace(operation, hive_id=LOCAL))
+
+
 async def forward(job: Job, operation: ops.AnyOperation, hive: Hive) -> None:
     """Create the operation as a job on `hive`, where it is that daemon's own (hive_id
     localhost); relay its events to `job` and end as it ends. Cancelling `job` cancels it there."""
-    payload = msgspec.json.encode(msgspec.structs.replace(operation, hive_id=LOCAL))
+    payload = remote_payload(operation)
     async with Client(hive.url, connect_timeout=CONNECT_TIMEOUT, read_timeout=STREAM_READ_TIMEOUT,
                       headers=hive.headers) as client:
         jobs = JobClient(client, request_timeout=REQUEST_TIMEOUT, reconnect_delay=RECONNECT_DELAY,

@@ -24,9 +24,13 @@ Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
 
 
 class Operation(
-    msgspec.Struct, tag_field="operation", forbid_unknown_fields=True, kw_only=True, frozen=True
+    msgspec.Struct, tag_field="operation", forbid_unknown_fields=True, kw_only=True, frozen=True, omit_defaults=True
 ):
-    """Base of every payload; `name` is the wire tag."""
+    """Base of every payload; `name` is the wire tag.
+
+    Encoded (to forward it to another hive), it leaves out the fields not given: a hive of an
+    older rbeed, which refuses fields it does not know, takes every job that sets none of them.
+    """
 
     # A job whose only use is its live output (infer) is cancelled when its last reader leaves;
     # the others (downloads, spawns) go on for a later reader.

@@ -10,6 +10,8 @@ import pytest
 import trio
 
 from httpfixture import serve_files
+from rbeed import operations
+from rbeed.forward import remote_payload
 from support import (
     end_marker,
     job_error,
@@ -85,6 +87,16 @@ async def test_operations_run_on_the_hive_and_relay_its_events(daemons, tiny_mod
     assert text and text == "".join(json.loads(e.data)["t"] for e in local if e.event == "token")
     result = json.loads(next(e.data for e in forwarded if e.event == "result"))
     assert result["worker_id"] == worker["id"] and result["completion_tokens"] == 12
+
+
+def test_a_forwarded_payload_holds_only_the_fields_given():
+    # A hive of an older rbeed refuses fields it does not know (format, the penalties ...): it
+    # takes every job that sets none of them.
+    given = {"operation": "infer", "model": "m", "prompt": "p", "hive_id": "h2", "temperature": 0.8, "seed": 1}
+    sent = json.loads(remote_payload(operations.decode(json.dumps(given).encode())))
+    assert sent == {"operation": "infer", "model": "m", "prompt": "p", "temperature": 0.8, "seed": 1}
+    listing = operations.decode(b'{"operation": "model_list", "hive_id": "h2"}')
+    assert json.loads(remote_payload(listing)) == {"operation": "model_list"}  # the hive's own: localhost
 
 
 async def test_failures_there_and_on_the_way_name_the_hive(daemons):
