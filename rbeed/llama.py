@@ -15,14 +15,18 @@ from llama_cpp._internals import LlamaSampler, LlamaTokenDataArray
 
 
 class Llama(llama_cpp.Llama):
-    """llama_cpp.Llama whose generate() with a grammar samples through a _GrammarChecked."""
+    """llama_cpp.Llama whose generate() takes `grammar` as GBNF text, and samples under it
+    through a _GrammarChecked."""
 
-    def _init_sampler(self, grammar: llama_cpp.LlamaGrammar | None = None, **params: Any) -> Any:
+    def _init_sampler(self, grammar: str | None = None, **params: Any) -> Any:
         chain = super()._init_sampler(**params)
         if grammar is None:
             return chain
+        parsed = llama_cpp.llama_sampler_init_grammar(self._model.vocab, grammar.encode(), b"root")
+        if not parsed:  # LlamaSampler.add_grammar would put NULL in its chain: a segfault at the first token
+            raise ValueError("the output's grammar does not parse; the worker's log says why")  # llama.cpp wrote it
         checker = LlamaSampler()
-        checker.add_grammar(self._model, grammar)
+        llama_cpp.llama_sampler_chain_add(checker.sampler, parsed)  # the chain owns it from here
         return _GrammarChecked(chain, checker, self.n_vocab())
 
 

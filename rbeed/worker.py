@@ -80,9 +80,8 @@ class _StartupError(Exception):
     """A reason the worker cannot serve, reported as STATUS=failed."""
 
 
-class _RequestError(Exception):
-    """Why a request cannot be served: its chat has no template or the template refused it, or its
-    grammar does not parse."""
+class _ChatError(Exception):
+    """Why a chat's messages cannot become a prompt: no chat template, or the template refused them."""
 
 
 class _Terminated(BaseException):
@@ -459,8 +458,6 @@ class _Worker:
         )
         self.connection: _Connection | None = None
         self._set_abort_callback = llama_cpp.llama_set_abort_callback
-        self._grammar_sampler, self._free_sampler = llama_cpp.llama_sampler_init_grammar, llama_cpp.llama_sampler_free
-        self._grammar_of = llama_cpp.LlamaGrammar.from_string
         self._ctx = llm._ctx.ctx
         self._prompt_job: _Job | None = None
         self._terminating = False  # SIGTERM came where a raise is dropped: exit at the next token
@@ -542,7 +539,7 @@ class _Worker:
 
     def _prompt_tokens(self, request: wire.Generate) -> list[int]:
         """The request's prompt as tokens: its text after a BOS, or its messages through the model's
-        chat template. Raises _RequestError, or RuntimeError when the text cannot be tokenized."""
+        chat template. Raises _ChatError, or RuntimeError when the text cannot be tokenized."""
         llm = self.llm
         if request.messages is None:
             return llm.tokenize(request.prompt.encode(), add_bos=True, special=True)
@@ -550,7 +547,7 @@ class _Worker:
         try:
             text = self._chat_template()(messages=messages).prompt
         except (ValueError, jinja2.TemplateError) as exc:  # the template's raise_exception, or its bugs
-            raise _RequestError(f"the model's chat template refused the messages: {exc}") from None
+            raise _ChatError(f"the model's chat template refused the messages: {exc}") from None
         tokens = llm.tokenize(text.encode(), add_bos=False, special=True)
         bos = llm.token_bos()
         if self._add_bos and bos != -1 and tokens[:1] != [bos]:  # most templates write the BOS themselves
@@ -564,7 +561,7 @@ class _Worker:
             llm = self.llm
             template = llm.metadata.get("tokenizer.chat_template")
             if not template:
-                raise _RequestError(wire.NO_CHAT_TEMPLATE)
+                raise _ChatError(wire.NO_CHAT_TEMPLATE)
 
             def text(token: int) -> str:
                 return "" if token == -1 else llm.detokenize([token], special=True).decode(errors="replace")
@@ -572,7 +569,7 @@ class _Worker:
             try:
                 self._chat_formatter = Jinja2ChatFormatter(template, text(llm.token_eos()), text(llm.token_bos()))
             except jinja2.TemplateError as exc:
-                raise _RequestError(f"the model's chat template is not valid Jinja: {exc}") from None
+                raise _ChatError(f"the model's chat template is not valid Jinja: {exc}") from None
         return self._chat_formatter
 
     def _cached_prefix(self, prompt_tokens: list[int]) -> int:
@@ -583,15 +580,6 @@ class _Worker:
         mismatches = numpy.flatnonzero(held != numpy.asarray(prompt_tokens[: len(held)]))
         return int(mismatches[0]) if len(mismatches) else len(held)
 
-    def _grammar(self, text: str) -> Any:
-        """The LlamaGrammar of GBNF `text`, parsed here first: llama-cpp-python puts one that
-        llama.cpp cannot parse into its sampler chain as NULL, and sampling then segfaults."""
-        sampler = self._grammar_sampler(self._vocab, text.encode(), b"root")
-        if not sampler:  # llama.cpp writes why to stderr: the worker's log
-            raise _RequestError("the output's grammar does not parse; the worker's log says why")
-        self._free_sampler(sampler)
-        return self._grammar_of(text)
-
     def _generate(
         self, request: wire.Generate, received: float, job: _Job, connection: _Connection
     ) -> None:
@@ -599,8 +587,7 @@ class _Worker:
         llm = self.llm
         try:
             prompt_tokens = self._prompt_tokens(request)
-            grammar = None if request.grammar is None else self._grammar(request.grammar)
-        except _RequestError as exc:
+        except _ChatError as exc:
             connection.send(wire.Failed(request.id, str(exc)))
             return
         except RuntimeError as exc:
@@ -652,7 +639,7 @@ class _Worker:
             repeat_penalty=request.repeat_penalty,
             presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty,
-            grammar=grammar,
+            grammar=request.grammar,  # GBNF: rbeed.llama.Llama parses it
         )
         # The outer try also catches a _PromptCancelled raised in the inner finally clause
         # before it clears in_prompt.

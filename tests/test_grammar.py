@@ -18,9 +18,10 @@ def test_json_is_llamacpps_grammar_of_an_object_and_a_schema_becomes_rules_for_i
 
 def test_annotations_and_fields_named_like_constraints_are_taken():
     # Only a schema's own keywords are constraints: `minimum` here is a property's name.
-    gbnf({"title": "T", "description": "d", "$schema": "https://json-schema.org/draft/2020-12/schema",
-          "type": "object", "properties": {"minimum": {"type": "number", "description": "lowest"}},
-          "$defs": {"when": {"type": "string", "format": "date"}}})  # fmt: skip
+    rules = gbnf({"title": "T", "description": "d", "$schema": "https://json-schema.org/draft/2020-12/schema",
+                  "type": "object", "properties": {"minimum": {"type": "number", "description": "lowest"}},
+                  "$defs": {"when": {"type": "string", "format": "date"}}})  # fmt: skip
+    assert '"\\"minimum\\""' in rules and "number" in rules
 
 
 @pytest.mark.parametrize(("schema", "message"), [
@@ -46,7 +47,8 @@ def test_a_schema_the_grammar_cannot_hold_is_refused_naming_format(schema, messa
 
 def test_up_to_the_most_optional_properties_are_taken():
     properties = {f"p{i}": {"type": "integer"} for i in range(MOST_OPTIONAL + 20)}
-    gbnf({"type": "object", "properties": properties, "required": list(properties)[:20]})
+    rules = gbnf({"type": "object", "properties": properties, "required": list(properties)[:20]})
+    assert all(f'"\\"p{i}\\""' in rules for i in range(MOST_OPTIONAL + 20))
 
 
 def test_a_schema_too_deep_to_convert_is_refused_not_a_crash():
