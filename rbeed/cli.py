@@ -420,7 +420,9 @@ class HumanView(View):
                 self.console.progress.update(data if isinstance(data, dict) else {"status": data})
             case "result":
                 self.console.progress.finish()
-                if self.operation != "infer":
+                if self.operation == "embed" and isinstance(data, dict):
+                    self._embeddings(data)
+                elif self.operation != "infer":
                     self.console.out(render_result(self.operation, data) + "\n")
             case "gap":
                 missed = f" (ids {data['missed_from']}-{data['missed_to']})" if isinstance(data, dict) else ""
@@ -431,6 +433,14 @@ class HumanView(View):
                     self._finish_infer(ok=event.data == "[DONE]")
             case _:
                 self.console.note(f"{event.event}: {format_value(data)}")
+
+    def _embeddings(self, answer: dict) -> None:
+        """Each vector as a line of JSON on stdout, in the order of the inputs; a summary on stderr."""
+        vectors = answer.get("embeddings") or []
+        for vector in vectors:
+            self.console.out(msgspec.json.encode(vector).decode() + "\n")
+        size = f" of {len(vectors[0])} dimensions" if vectors else ""
+        self.console.note(f"{len(vectors)} vector(s){size}, {answer.get('prompt_tokens', 0)} tokens")
 
     def interrupted(self) -> None:
         if self._pieces:  # end the line of text, so that what follows starts on its own
@@ -624,10 +634,11 @@ def build_payload(args: argparse.Namespace) -> dict:
     return {"operation": args.operation, **fields}
 
 
-async def settle_model(session: Session, console: Console, payload: dict) -> bool:
+async def settle_model(session: Session, console: Console, payload: dict, template: bool = True) -> bool:
     """Complete an infer's payload: its model (--model, else $RBEE_MODEL, else the daemon's only
-    model) and, unless --chat, --raw or --system said, whether PROMPT goes through the model's chat
-    template: it does when the model has one, as in `ollama run` and llama-cli.
+    model) and, unless --chat, --raw or --system said (or `template` is false: an embed), whether
+    PROMPT goes through the model's chat template: it does when the model has one, as in
+    `ollama run` and llama-cli.
 
     False when a lookup was interrupted (run() has cancelled it and said so).
     """
@@ -636,7 +647,7 @@ async def settle_model(session: Session, console: Console, payload: dict) -> boo
             raise CliError("--system goes through the chat template: it cannot go with --raw", EXIT_USAGE)
         payload["chat"] = True
     model = payload.get("model") or os.environ.get("RBEE_MODEL")
-    if model and payload.get("chat") is not None:
+    if model and (payload.get("chat") is not None or not template):
         payload["model"] = model
         return True
     hive = {"hive_id": payload["hive_id"]} if "hive_id" in payload else {}
@@ -660,7 +671,7 @@ async def settle_model(session: Session, console: Console, payload: dict) -> boo
             raise CliError(f"no --model given and RBEE_MODEL is not set; {listed}: pick one with --model", EXIT_USAGE)
         record = models[0]
     payload["model"] = model or str(record.get("id"))
-    if payload.get("chat") is None:
+    if template and payload.get("chat") is None:
         payload["chat"] = bool(isinstance(record, dict) and (record.get("metadata") or {}).get("chat_template"))
     return True
 
@@ -683,6 +694,10 @@ async def run_command(args: argparse.Namespace, console: Console) -> int:
                 if not await settle_model(session, console, payload):
                     return EXIT_CANCELLED
                 payload = infer_payload(payload)
+            elif args.operation == "embed":
+                payload["input"] = embed_inputs(payload.get("input") or [])
+                if not await settle_model(session, console, payload, template=False):
+                    return EXIT_CANCELLED
             operation = args.operation
             body = msgspec.json.encode(payload)
         return await session.run(body, make_view(args, console, operation), console)
@@ -700,6 +715,13 @@ def infer_payload(payload: dict, history: Sequence[dict] = ()) -> dict:
         system_message = [{"role": "system", "content": system}] if system else []
         payload["messages"] = [*system_message, *history, {"role": "user", "content": payload.pop("prompt")}]
     return payload
+
+
+def embed_inputs(texts: list[str]) -> list[str]:
+    """embed's inputs: the TEXTs, "-" standing for all of stdin; with none, each line of stdin."""
+    if not texts:
+        return [line for line in sys.stdin.read().splitlines() if line.strip()]
+    return [sys.stdin.read() if text == "-" else text for text in texts]
 
 
 # -- rbee infer on a terminal: one prompt after another ------------------------------------------
@@ -999,6 +1021,23 @@ def make_parser() -> argparse.ArgumentParser:
              _arg("--system", metavar="TEXT", help="a system message before PROMPT (implies --chat)"),
              _arg("--no-stream", dest="stream", action="store_const", const=False,
                   help="print the text only when it is complete"),
+             _arg("--keep-alive", dest="keep_alive", type=float, metavar="SECONDS",
+                  help="keep the worker this long after the job (0 unload, -1 forever)"),
+             _HIVE)  # fmt: skip
+
+    _command(commands, "embed", "embed", "print a vector per text, a line of JSON each",
+             _arg("input", metavar="TEXT", nargs="*",
+                  help='a text to embed; "-" reads one from stdin; with none, each line of stdin is one'),
+             _arg("-m", "--model", metavar="ID", help="model id (default: $RBEE_MODEL, else the only model)"),
+             _arg("--dimensions", type=int, metavar="N", help="keep the first N dimensions (default: all)"),
+             _arg("--no-truncate", dest="truncate", action="store_const", const=False,
+                  help="fail on a text longer than the context, rather than cut it"),
+             _arg("--no-normalize", dest="normalize", action="store_const", const=False,
+                  help="print the vectors as pooled, not scaled to unit length"),
+             _arg("--device", metavar="D", help="cpu, cuda, cuda:N or metal"),
+             _arg("--worker-id", dest="worker_id", metavar="ID", help="use this worker"),
+             _arg("-c", "--ctx-size", dest="n_ctx", type=int, metavar="N",
+                  help="use (or load) a worker whose context holds N tokens; 0 = the model's own"),
              _arg("--keep-alive", dest="keep_alive", type=float, metavar="SECONDS",
                   help="keep the worker this long after the job (0 unload, -1 forever)"),
              _HIVE)  # fmt: skip

@@ -11,7 +11,7 @@ import msgspec
 from . import wire
 from .jobs import Job, JobFailed, JobRegistry, RegistryFull
 from .models import Model, Models
-from .operations import AnyOperation, Infer
+from .operations import AnyOperation, Embed, Infer
 from .server import StreamingResponse
 
 # Infer's sampling fields that OpenAI's requests (with llama-server's extensions) and Ollama's
@@ -57,11 +57,13 @@ def decode(body: bytes, kind: type):
         raise Refused(400, f"malformed JSON: {exc}") from None
 
 
-def start_infer(registry: JobRegistry, models: Models, model_id: str, fields_for: Callable[[Model], dict],
-                names: dict[str, str] | None = None) -> Job:  # fmt: skip
-    """Create and start the infer job that `fields_for(model)` describes (None values left out).
+def start_model_job(registry: JobRegistry, models: Models, model_id: str, fields_for: Callable[[Model], dict],
+                    names: dict[str, str] | None = None, kind: type[Infer | Embed] = Infer) -> Job:  # fmt: skip
+    """Create and start the infer (or embed) job that `fields_for(model)` describes (None values
+    left out).
 
-    Refused says why not; `names` maps infer's field names to the request's, for a 400's message.
+    Refused says why not; `names` maps the operation's field names to the request's, for a 400's
+    message.
     """
     try:
         model = models.lookup(model_id)  # first: `llama3:8b` is unknown here, not a bad request
@@ -69,12 +71,14 @@ def start_infer(registry: JobRegistry, models: Models, model_id: str, fields_for
         raise Refused(404, str(exc), "model", "model_not_found") from None
     fields = fields_for(model)
     try:
-        infer = msgspec.convert({key: value for key, value in fields.items() if value is not None}, Infer)
+        operation = msgspec.convert({key: value for key, value in fields.items() if value is not None}, kind)
     except msgspec.ValidationError as exc:
         raise invalid(exc, names) from None
-    if infer.messages is not None and model.without_chat_template:
+    if isinstance(operation, Infer) and operation.messages is not None and model.without_chat_template:
         raise Refused(400, wire.NO_CHAT_TEMPLATE, (names or {}).get("messages", "messages"))
-    return start_job(registry, infer)
+    if isinstance(operation, Embed) and (why := model.too_many_dimensions(operation.dimensions)):
+        raise Refused(400, why, (names or {}).get("dimensions", "dimensions"))
+    return start_job(registry, operation)
 
 
 def start_job(registry: JobRegistry, operation: AnyOperation) -> Job:

@@ -91,6 +91,7 @@ def read(path: str) -> dict:
         "file_type": file_type,
         "quantization": quantization,
         "context_length": fields.get(f"{architecture}.context_length"),
+        "embedding_length": fields.get(f"{architecture}.embedding_length"),
         "chat_template": "tokenizer.chat_template" in fields,
         "gguf_version": version,
     }

@@ -1,4 +1,4 @@
-"""The infer operation: pick (or load) a worker for the model, queue the prompt, stream tokens."""
+"""The infer and embed operations: pick (or load) a worker for the model, queue the request, stream its answer."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import trio
 from . import wire
 from .grammar import gbnf
 from .jobs import Job, JobFailed
-from .operations import Infer
+from .operations import Embed, Infer
 from .workers import Generation, Supervisor, Worker
 
 
@@ -16,17 +16,17 @@ class Inference:
         self.supervisor = supervisor
         self._loading: dict[tuple[str, str], trio.Lock] = {}
 
-    def _device(self, op: Infer) -> str:
+    def _device(self, op: Infer | Embed) -> str:
         return "cuda:0" if op.device == "cuda" else op.device or "cpu"
 
-    def _matches(self, worker: Worker, op: Infer, n_ctx: int) -> bool:
+    def _matches(self, worker: Worker, op: Infer | Embed, n_ctx: int) -> bool:
         if worker.model != op.model or not worker.accepting or worker.n_ctx < n_ctx:
             return False
         if op.device is None:
             return True
         return worker.device.startswith("cuda") if op.device == "cuda" else worker.device == op.device
 
-    async def _worker_for(self, job: Job, op: Infer, generation: Generation) -> tuple[Worker, bool]:
+    async def _worker_for(self, job: Job, op: Infer | Embed, generation: Generation) -> tuple[Worker, bool]:
         """The worker for the job, and whether it was loaded for it (it then serves `generation` first)."""
         # A worker with a larger context than asked for serves the job as well.
         n_ctx = 0 if op.n_ctx is None else self.supervisor.context(op.model, op.n_ctx)
@@ -51,11 +51,37 @@ class Inference:
             raise JobFailed(wire.NO_CHAT_TEMPLATE)  # known from the catalog: no worker need load it
         messages = None if op.messages is None else [(m.role, m.content) for m in op.messages]
         generation = Generation(
-            job, op.prompt or "", op.stream, max_tokens=op.max_tokens, temperature=op.temperature,
+            job, op.stream, prompt=op.prompt or "", max_tokens=op.max_tokens, temperature=op.temperature,
             top_p=op.top_p, top_k=op.top_k, seed=op.seed, stop=list(op.stop), messages=messages, min_p=op.min_p,
             repeat_penalty=op.repeat_penalty, presence_penalty=op.presence_penalty,
             frequency_penalty=op.frequency_penalty, grammar=None if op.format is None else gbnf(op.format),
         )  # fmt: skip
+        worker, outcome = await self._run(job, op, generation)
+        if not isinstance(outcome, wire.Done):
+            raise JobFailed(outcome)
+        result = {
+            "model": op.model, "worker_id": worker.id, "prompt_tokens": outcome.prompt_tokens,
+            "cached_tokens": outcome.cached_tokens, "completion_tokens": outcome.completion_tokens,
+            "finish_reason": outcome.finish_reason, "ttft_ms": round(outcome.ttft_ms, 2),
+            "tokens_per_s": round(outcome.tokens_per_s, 1),
+        }  # fmt: skip
+        if not op.stream:
+            result["text"] = "".join(generation.pieces)
+        job.result(result)
+
+    async def embed(self, job: Job, op: Embed) -> None:
+        if why := self.supervisor.models.lookup(op.model).too_many_dimensions(op.dimensions):
+            raise JobFailed(why)  # known from the catalog: no worker need load it
+        generation = Generation(job, False, wire.Embed, inputs=op.inputs, truncate=op.truncate,
+                                normalize=op.normalize, dimensions=op.dimensions)  # fmt: skip
+        worker, outcome = await self._run(job, op, generation)
+        if not isinstance(outcome, wire.Embeddings):
+            raise JobFailed(outcome if isinstance(outcome, str) else "cancelled")
+        job.result({"model": op.model, "worker_id": worker.id, "prompt_tokens": outcome.prompt_tokens,
+                    "embeddings": outcome.vectors})  # fmt: skip
+
+    async def _run(self, job: Job, op: Infer | Embed, generation: Generation) -> tuple[Worker, wire.Done | wire.Embeddings | str]:
+        """Serve `generation` on a worker for `op`; the worker and what it answered."""
         worker: Worker | None = None
         try:
             worker, loaded_for_us = await self._worker_for(job, op, generation)
@@ -74,15 +100,4 @@ class Inference:
                 if worker is not None:
                     with trio.CancelScope(shield=True):
                         await worker.abandon(generation)
-        outcome = generation.outcome
-        if not isinstance(outcome, wire.Done):
-            raise JobFailed(outcome)
-        result = {
-            "model": op.model, "worker_id": worker.id, "prompt_tokens": outcome.prompt_tokens,
-            "cached_tokens": outcome.cached_tokens, "completion_tokens": outcome.completion_tokens,
-            "finish_reason": outcome.finish_reason, "ttft_ms": round(outcome.ttft_ms, 2),
-            "tokens_per_s": round(outcome.tokens_per_s, 1),
-        }  # fmt: skip
-        if not op.stream:
-            result["text"] = "".join(generation.pieces)
-        job.result(result)
+        return worker, generation.outcome

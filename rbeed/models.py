@@ -38,6 +38,13 @@ class Model(msgspec.Struct):
         """Its GGUF is known to carry no chat template (a record without metadata does not say)."""
         return self.metadata.get("chat_template") is False
 
+    def too_many_dimensions(self, dimensions: int | None) -> str | None:
+        """Why an embedding cannot keep `dimensions` of the model's, if its GGUF says so."""
+        size = self.metadata.get("embedding_length")
+        if dimensions is not None and size and dimensions > size:
+            return f"dimensions {dimensions} is more than {self.id} has ({size})"
+        return None
+
 
 def model_id(file_name: str) -> str:
     """A slug from a file name: `Gemma-3 270M.Q4_K_M.gguf` → `gemma-3-270m.q4_k_m`."""

@@ -1,4 +1,4 @@
-"""Ollama-compatible routes (/api/generate, /api/chat, /api/tags, /api/show, /api/ps, /api/pull, /api/delete, ...)."""
+"""Ollama-compatible routes (/api/generate, /api/chat, /api/embed, /api/tags, /api/show, /api/ps, /api/pull, ...)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from functools import partial
 import msgspec
 
 from . import __version__
-from .compat import SAMPLING, Refused, Reply, decode, end_of, failure, sampling, start_infer, start_job
+from .compat import SAMPLING, Refused, Reply, decode, end_of, failure, sampling, start_model_job, start_job
 from .jobs import Job, JobFailed, JobRegistry
 from .models import Model, Models, model_id, resolve_source
-from .operations import MAX_TOKENS, ModelDelete, ModelDownload
+from .operations import MAX_TOKENS, Embed, ModelDelete, ModelDownload
 from .server import Request, Response, StreamingResponse, error_response, json_response, only
 from .workers import Supervisor
 
@@ -44,11 +44,14 @@ class _Message(msgspec.Struct):
     tool_calls: list | None = None
 
 
-class _Request(msgspec.Struct, kw_only=True):
+class _ModelRequest(msgspec.Struct, kw_only=True):
     model: str
-    stream: bool = True
     options: _Options = msgspec.field(default_factory=_Options)
     keep_alive: float | str | None = None  # seconds, or a duration such as "5m"; seconds once decoded
+
+
+class _Request(_ModelRequest):
+    stream: bool = True
     format: str | dict | None = None
     tools: list | None = None
     think: bool | str | None = None
@@ -66,6 +69,18 @@ class _Generate(_Request):
 
 class _Chat(_Request):
     messages: list[_Message] = []
+
+
+class _Embed(_ModelRequest):
+    input: str | list[str] = ""  # "" or []: only load the model
+    truncate: bool = True
+    dimensions: int | None = None
+
+
+class _Embeddings(_ModelRequest):
+    """The older /api/embeddings: one prompt, its vector as pooled (not unit length)."""
+
+    prompt: str = ""
 
 
 class _Named(msgspec.Struct):
@@ -91,6 +106,7 @@ _SOURCES = ("hf:", "http://", "https://", "file:", "/")
 # Infer's fields by the names an Ollama client gave them, for a 400's message.
 _NAMES = {"max_tokens": "options.num_predict", "n_ctx": "options.num_ctx", "prompt": "prompt", "messages": "messages"}
 _NAMES |= {name: f"options.{name}" for name in (*SAMPLING, "stop")}
+_EMBED_NAMES = {"n_ctx": "options.num_ctx"}
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -160,6 +176,16 @@ def _infer_fields(body: _Generate | _Chat, model: Model) -> dict:
         return fields | {"prompt": body.prompt}
     system = [{"role": "system", "content": body.system}] if body.system else []
     return fields | {"messages": [*system, {"role": "user", "content": body.prompt}]}
+
+
+def _embed_fields(body: _Embed | _Embeddings, model: Model) -> dict:
+    if isinstance(body, _Embeddings):
+        inputs, more = [body.prompt] if body.prompt else [], {"normalize": False}
+    else:
+        inputs = ([body.input] if body.input else []) if isinstance(body.input, str) else body.input
+        more = {"truncate": body.truncate, "dimensions": body.dimensions}
+    return {"operation": "embed", "model": model.id, "input": inputs, "n_ctx": body.options.num_ctx,
+            "keep_alive": body.keep_alive, **more}  # fmt: skip
 
 
 def _timestamp(seconds: float | None = None) -> str:
@@ -237,6 +263,22 @@ class _Reply(_Lines):
         )  # fmt: skip
 
 
+class _EmbedReply(_Lines):
+    """An embedding's answer, from its embed job: /api/embed's object, or /api/embeddings' older one."""
+
+    def __init__(self, job: Job, registry: JobRegistry, model: str, older: bool):
+        super().__init__(job, False, registry)
+        self.model, self.older = model, older
+        self.began = time.perf_counter()
+
+    def finish(self) -> bytes:
+        vectors = self.result.get("embeddings", [])
+        if self.older:
+            return _encode({"embedding": vectors[0] if vectors else []})
+        return _encode({"model": self.model, "embeddings": vectors, "total_duration": int((time.perf_counter() - self.began) * 1e9),
+                        "prompt_eval_count": self.result.get("prompt_tokens", 0)})  # fmt: skip
+
+
 class _PullReply(_Lines):
     """A pull's answer, from its model_download job: Ollama's status lines, progress as `completed` of `total`."""
 
@@ -278,6 +320,8 @@ class OllamaAPI:
             "/api/delete": self._delete,
             "/api/generate": partial(self._generate, _Generate),
             "/api/chat": partial(self._generate, _Chat),
+            "/api/embed": partial(self._embed, _Embed),
+            "/api/embeddings": partial(self._embed, _Embeddings),
         }
 
     async def _read(self, answer: Callable[[], dict], request: Request) -> Response:
@@ -299,7 +343,7 @@ class OllamaAPI:
         return [w for w in self.supervisor.workers.values() if w.live and not w.closing]
 
     @staticmethod
-    def _decode(request: Request, kind: type[_Generate | _Chat]) -> _Generate | _Chat:
+    def _decode(request: Request, kind: type[_ModelRequest]) -> _ModelRequest:
         """The request, its model id without Ollama's `:latest` and its keep_alive in seconds."""
         body = decode(request.body, kind)
         body.model, body.keep_alive = body.model.removesuffix(":latest"), keep_alive_seconds(body.keep_alive)
@@ -336,12 +380,23 @@ class OllamaAPI:
                 self.models.lookup(body.model)  # an unknown model is a 404 here too
                 line = _line(body.model, kind is _Chat, body.stream, "", done=True, done_reason="unload")
                 return Response(200, line, "application/x-ndjson" if body.stream else "application/json")
-            job = start_infer(self.registry, self.models, body.model, partial(_infer_fields, body), _NAMES)
+            job = start_model_job(self.registry, self.models, body.model, partial(_infer_fields, body), _NAMES)
         except Refused as exc:
             return error_response(exc.status, str(exc))
         except JobFailed as exc:
             return error_response(404, str(exc))
         return _Reply(job, body, self.registry).response
+
+    async def _embed(self, kind: type[_Embed | _Embeddings], request: Request) -> Response | StreamingResponse:
+        if refusal := only(request, "POST") or self._closed():
+            return refusal
+        try:
+            body = self._decode(request, kind)
+            names = _EMBED_NAMES | ({"input": "prompt"} if kind is _Embeddings else {})
+            job = start_model_job(self.registry, self.models, body.model, partial(_embed_fields, body), names, Embed)
+        except Refused as exc:
+            return error_response(exc.status, str(exc))
+        return _EmbedReply(job, self.registry, body.model, kind is _Embeddings).response
 
     async def _pull(self, request: Request) -> Response | StreamingResponse:
         if refusal := only(request, "POST") or self._closed():

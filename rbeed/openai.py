@@ -1,7 +1,10 @@
-"""OpenAI-compatible routes (/v1/models, /v1/completions, /v1/chat/completions), each request an infer job."""
+"""OpenAI-compatible routes (/v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings), each request a job."""
 
 from __future__ import annotations
 
+import array
+import base64
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -9,10 +12,10 @@ from typing import Literal
 
 import msgspec
 
-from .compat import Refused, Reply, decode, sampling, start_infer
+from .compat import Refused, Reply, decode, sampling, start_model_job
 from .jobs import Job, JobFailed, JobRegistry
 from .models import Model, Models
-from .operations import MAX_TOKENS
+from .operations import MAX_TOKENS, Embed, Infer
 from .server import Request, Response, StreamingResponse, json_response, only
 
 _encode = msgspec.json.Encoder().encode
@@ -86,6 +89,28 @@ class _Completion(_Request):
 
 class _Chat(_Request):
     messages: list[_Message]
+
+
+class _Embedding(msgspec.Struct, kw_only=True):
+    model: str
+    input: str | list  # text, or texts; OpenAI's token arrays are refused
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+
+
+def _embed_fields(body: _Embedding, model: Model) -> dict:
+    inputs = [body.input] if isinstance(body.input, str) else body.input
+    if not all(isinstance(text, str) for text in inputs):
+        raise Refused(400, "input must be text or a list of texts; token arrays are not supported", "input")
+    return {"operation": "embed", "model": body.model, "input": inputs, "dimensions": body.dimensions}
+
+
+def _base64(vector: list[float]) -> str:
+    """As OpenAI's base64 encoding: the float32s, little-endian."""
+    floats = array.array("f", vector)
+    if sys.byteorder == "big":
+        floats.byteswap()
+    return base64.b64encode(floats.tobytes()).decode()
 
 
 # Infer's fields by the names an OpenAI client gave them, where they differ, for a 400's message.
@@ -187,6 +212,24 @@ class _Reply(Reply):
         return _error(status, message, "server_error").body
 
 
+class _EmbeddingReply(Reply):
+    """An embed job's answer as OpenAI's list of embeddings."""
+
+    def __init__(self, job: Job, body: _Embedding, registry: JobRegistry):
+        super().__init__(job, registry, "application/json")
+        self.model, self.encoding = body.model, body.encoding_format
+
+    def finish(self) -> bytes:
+        vectors, tokens = self.result.get("embeddings", []), self.result.get("prompt_tokens", 0)
+        data = [{"object": "embedding", "index": i, "embedding": _base64(v) if self.encoding == "base64" else v}
+                for i, v in enumerate(vectors)]  # fmt: skip
+        return _encode({"object": "list", "data": data, "model": self.model,
+                        "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})  # fmt: skip
+
+    def error(self, status: int, message: str) -> bytes:
+        return _error(status, message, "server_error").body
+
+
 class OpenAIAPI:
     """The routes that clients of OpenAI's API (and of llama-server, Ollama's /v1) expect.
 
@@ -203,6 +246,7 @@ class OpenAIAPI:
             "/v1/models/": self._get_model,
             "/v1/completions": partial(self._complete, _Completion),
             "/v1/chat/completions": partial(self._complete, _Chat),
+            "/v1/embeddings": self._embed,
         }
 
     async def _list_models(self, request: Request) -> Response:
@@ -220,17 +264,25 @@ class OpenAIAPI:
         return json_response(200, _model(model))
 
     async def _complete(self, kind: type[_Completion | _Chat], request: Request) -> Response | StreamingResponse:
+        return await self._start(request, kind, _infer_fields, _Reply)
+
+    async def _embed(self, request: Request) -> Response | StreamingResponse:
+        return await self._start(request, _Embedding, _embed_fields, _EmbeddingReply, Embed)
+
+    async def _start(self, request: Request, kind: type, fields_for, reply: type[Reply],
+                     operation: type = Infer) -> Response | StreamingResponse:  # fmt: skip
+        """The job that a POST of a `kind` asks for, answered by a `reply`; OpenAI's error else."""
         if refusal := _not_allowed(request, "POST"):
             return refusal
         if not self.accepting():
             return _error(503, "daemon shutting down", "server_error")
         try:
             body = decode(request.body, kind)
-            job = start_infer(self.registry, self.models, body.model, partial(_infer_fields, body), _NAMES)
+            job = start_model_job(self.registry, self.models, body.model, partial(fields_for, body), _NAMES, operation)
         except Refused as exc:
             kind_ = "server_error" if exc.status >= 500 else "invalid_request_error"
             return _error(exc.status, str(exc), kind_, exc.param, exc.code)
-        return _Reply(job, body, self.registry).response
+        return reply(job, body, self.registry).response
 
 
 def _model(model: Model) -> dict:

@@ -160,11 +160,34 @@ class Infer(Operation, tag="infer"):
             grammar.gbnf(self.format)  # a schema that makes no grammar is a bad request, not a failed job
 
 
+Text = Annotated[str, msgspec.Meta(min_length=1, max_length=1 << 20)]
+
+
+class Embed(Operation, tag="embed"):
+    """A vector per input text, from the model's last hidden states (pooled, then unit length)."""
+
+    cancel_on_disconnect: ClassVar[bool] = True
+    model: Id
+    input: Text | Annotated[list[Text], msgspec.Meta(max_length=2048)]  # [] only loads the model
+    hive_id: HiveId = "localhost"
+    truncate: bool = True  # an input longer than the context is cut to it; false: the job fails
+    normalize: bool = True  # false: as pooled (Ollama's older /api/embeddings)
+    dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None  # keep the first N, as Matryoshka models allow
+    device: Device | None = None
+    worker_id: Id | None = None
+    n_ctx: Context | None = None
+    keep_alive: Annotated[float, msgspec.Meta(ge=-1)] | None = None
+
+    @property
+    def inputs(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
 AnyOperation = Union[
     HiveStart, HiveStop, HiveList, HiveGet, HiveCreate, HiveUpdate, HiveDelete,
     WorkerSpawn, WorkerList, WorkerGet, WorkerDelete,
     ModelDownload, ModelList, ModelGet, ModelDelete,
-    Infer,
+    Infer, Embed,
 ]  # fmt: skip
 
 NAMES = tuple(cls.__struct_config__.tag for cls in AnyOperation.__args__)

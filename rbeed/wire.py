@@ -11,6 +11,8 @@ __all__ = [
     "NO_CHAT_TEMPLATE",
     "Cancel",
     "Done",
+    "Embed",
+    "Embeddings",
     "Failed",
     "FrameDecoder",
     "Generate",
@@ -51,6 +53,16 @@ class Generate(_Frame, tag="Generate"):
     grammar: str | None = None  # GBNF that the output must follow
 
 
+class Embed(_Frame, tag="Embed"):
+    """Embed each input: the mean (or the model's own pooling) of its tokens' last hidden states."""
+
+    id: int
+    inputs: list[str]
+    truncate: bool = True  # an input longer than the context is cut to it; else it fails
+    normalize: bool = True  # to unit length (after `dimensions`)
+    dimensions: int | None = None  # keep the first N
+
+
 class Cancel(_Frame, tag="Cancel"):
     id: int
 
@@ -75,12 +87,20 @@ class Done(_Frame, tag="Done"):
     cached_tokens: int = 0  # prompt tokens the context held from the previous job, not evaluated again
 
 
+class Embeddings(_Frame, tag="Embeddings"):
+    """An Embed's answer: a vector per input, in order."""
+
+    id: int
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+
 class Failed(_Frame, tag="Failed"):
     id: int
     error: str
 
 
-Message = Generate | Cancel | Token | Done | Failed
+Message = Generate | Embed | Cancel | Token | Done | Embeddings | Failed
 
 _encoder = msgspec.msgpack.Encoder()
 

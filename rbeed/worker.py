@@ -3,8 +3,8 @@
 Invoked as `rbeed worker --id ID --model PATH --socket PATH --device cpu|cuda:N|metal
 --threads N [--n-ctx 2048] [--n-batch 32]`, or as `rbeed worker --probe DEVICE` to check a
 device without loading a model. Protocol: rbeed.wire frames on one daemon connection at a time;
-generations run one at a time in the main thread, which also reads the connection: while idle it
-blocks in recv, so a request wakes the thread that will run it.
+requests (generations, embeddings) run one at a time in the main thread, which also reads the
+connection: while idle it blocks in recv, so a request wakes the thread that will run it.
 
 Readiness follows the sd_notify protocol when NOTIFY_SOCKET is set: "STATUS=loading <model>",
 then "READY=1" once the model is loaded and the socket listens, or "STATUS=failed: <reason>"
@@ -55,6 +55,7 @@ EXIT_FAILED = 3
 _F_SETOWN_EX, _F_OWNER_TID = 15, 0  # Linux: direct SIGIO to one thread (fcntl has no names for them)
 _BACKEND_NAMES = {"cuda": "CUDA", "metal": "MTL"}  # as llama_print_system_info() names them
 _TYPICAL_P = 1.0  # llama-cpp-python's create_completion default, kept so results match it
+_POOLING_CLS, _POOLING_LAST, _POOLING_RANK = 2, 3, 4  # enum llama_pooling_type (0 none, 1 mean)
 
 
 def _log(message: str) -> None:
@@ -82,6 +83,10 @@ class _StartupError(Exception):
 
 class _ChatError(Exception):
     """Why a chat's messages cannot become a prompt: no chat template, or the template refused them."""
+
+
+class _InputError(Exception):
+    """An embedding's input that cannot be embedded: why, for Failed."""
 
 
 class _Terminated(BaseException):
@@ -263,6 +268,9 @@ def _load_model(args: argparse.Namespace, n_gpu_layers: int) -> Any:
             n_batch=args.n_batch,
             n_gpu_layers=n_gpu_layers,
             logits_all=False,
+            # Every token's hidden state, not one pooled by llama.cpp: its pooling covers one
+            # n_batch batch, not a whole input; _Worker._embed pools across batches itself.
+            pooling_type=llama_cpp.LLAMA_POOLING_TYPE_NONE,
             verbose=False,
         )
     except (ValueError, RuntimeError, OSError, MemoryError) as exc:
@@ -323,7 +331,7 @@ class _Connection:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.pending: collections.deque[tuple[wire.Generate, float]] = collections.deque()  # with arrival time
+        self.pending: collections.deque[tuple[wire.Generate | wire.Embed, float]] = collections.deque()  # with arrival time
         self.running: _Job | None = None
         self.closed = False  # the daemon hung up, or sent garbage: no more requests
         self.broken = False  # a send failed; stop generating and sending
@@ -348,7 +356,7 @@ class _Connection:
             if self.running is not None:
                 self.running.cancelled = True
 
-    def begin_next(self) -> tuple[wire.Generate, float, _Job | None] | None:
+    def begin_next(self) -> tuple[wire.Generate | wire.Embed, float, _Job | None] | None:
         """Wait for the next request and make it the running generation: (request, when it
         arrived, its job, None if it was cancelled while queued); None once the connection closed.
         """
@@ -413,7 +421,7 @@ class _Connection:
                 self._close()
                 return
             for msg in messages:
-                if type(msg) is wire.Generate:
+                if type(msg) is wire.Generate or type(msg) is wire.Embed:
                     self.pending.append((msg, arrived))
                 elif type(msg) is wire.Cancel:
                     self._cancel(msg.id)
@@ -456,6 +464,12 @@ class _Worker:
         self._reuses_prefix = not (
             llama_cpp.llama_model_is_recurrent(llm.model) or llama_cpp.llama_model_is_hybrid(llm.model)
         )
+        metadata = llm.metadata
+        # How the model's own pooling, if it has one, makes one vector of its tokens' (llama.cpp's
+        # enum llama_pooling_type); a generative model has none, and its tokens are averaged.
+        self._pooling = int(metadata.get(f"{metadata.get('general.architecture')}.pooling_type", 0))
+        self._set_embeddings = llama_cpp.llama_set_embeddings
+        self._embedding_of = llama_cpp.llama_get_embeddings_ith
         self.connection: _Connection | None = None
         self._set_abort_callback = llama_cpp.llama_set_abort_callback
         self._ctx = llm._ctx.ctx
@@ -518,7 +532,11 @@ class _Worker:
                     try:
                         if job is None:
                             connection.send(wire.Done(request.id, 0, 0, "cancelled", 0.0, 0.0))
-                        elif not connection.broken:
+                        elif connection.broken:
+                            pass
+                        elif type(request) is wire.Embed:
+                            self._embed(request, job, connection)
+                        else:
                             self._generate(request, received, job, connection)
                     finally:
                         connection.end()
@@ -704,6 +722,87 @@ class _Worker:
             f"generation {request.id}: {finish}, {completion} tokens,"
             f" ttft {ttft_ms:.1f} ms, {rate:.1f} tok/s"
         )
+
+    def _embed(self, request: wire.Embed, job: _Job, connection: _Connection) -> None:
+        """Answer an Embed: one vector per input (Embeddings), or Failed.
+
+        The context's tokens are replaced by each input's in turn, so the next generation finds no
+        prefix of its prompt cached.
+        """
+        llm, vectors, prompt_tokens = self.llm, [], 0
+        _log(f"embedding {request.id}: {len(request.inputs)} input(s)")
+        if self._pooling == _POOLING_RANK:
+            connection.send(wire.Failed(request.id, "the model ranks documents (a reranker): it makes no embeddings"))
+            return
+        if request.dimensions is not None and request.dimensions > llm.n_embd():
+            connection.send(wire.Failed(request.id, f"dimensions {request.dimensions} is more than the model's "
+                                                    f"{llm.n_embd()}"))  # fmt: skip
+            return
+        try:
+            for index, text in enumerate(request.inputs):
+                tokens = llm.tokenize(text.encode(), add_bos=True, special=True)  # BOS and EOS as the vocab says
+                if not tokens:
+                    raise _InputError(f"input {index} makes no tokens")
+                if len(tokens) > self.n_ctx:
+                    if not request.truncate:
+                        raise _InputError(f"input {index} is {len(tokens)} tokens, the context holds {self.n_ctx}; "
+                                          "truncate it, or ask for a larger n_ctx")  # fmt: skip
+                    tokens = tokens[: self.n_ctx]
+                vectors.append(self._pooled(tokens, job))
+                prompt_tokens += len(tokens)
+        except (_InputError, _PromptCancelled, RuntimeError) as exc:
+            # RuntimeError: llama_decode failed, or returned 2 as its abort callback stopped it
+            if self._terminating:
+                raise _Terminated from None
+            if isinstance(exc, _PromptCancelled) or job.cancelled:
+                error = "cancelled"
+            else:
+                error = str(exc) if isinstance(exc, _InputError) else f"embedding failed: {exc}"
+            _log(f"embedding {request.id}: {error}")
+            connection.send(wire.Failed(request.id, error))
+            return
+        finally:
+            self._prompt_phase(job, False)
+            self._set_embeddings(self._ctx, False)
+            llm.reset()
+            llm._ctx.kv_cache_clear()
+        matrix = numpy.asarray(vectors, dtype=numpy.float64).reshape(len(vectors), llm.n_embd())
+        matrix = matrix[:, : request.dimensions]  # [:, :None] keeps them all
+        if request.normalize:
+            norms = numpy.linalg.norm(matrix, axis=1, keepdims=True)
+            matrix = matrix / numpy.where(norms > 0, norms, 1.0)
+        # As float32, written the shortest way that reads back the same: 0.0123 not 0.012300000526
+        vectors = matrix.astype(numpy.float32).astype(str).astype(numpy.float64).tolist()
+        connection.send(wire.Embeddings(request.id, vectors, prompt_tokens))
+        _log(f"embedding {request.id}: done, {prompt_tokens} tokens")
+
+    def _pooled(self, tokens: list[int], job: _Job) -> numpy.ndarray:
+        """One input's vector: its tokens' last hidden states, pooled as the model says."""
+        llm = self.llm
+        n_embd, n_batch = llm.n_embd(), llm.n_batch
+        llm._ctx.kv_cache_clear()
+        self._set_embeddings(self._ctx, True)
+        total = numpy.zeros(n_embd, dtype=numpy.float64)
+        first = last = None
+        self._prompt_phase(job, True)
+        if job.cancelled:  # before in_prompt was set: no signal was sent
+            raise _PromptCancelled
+        for start in range(0, len(tokens), n_batch):
+            chunk = tokens[start : start + n_batch]
+            llm._batch.set_batch(chunk, n_past=start, logits_all=True)  # every token an output
+            llm._ctx.decode(llm._batch)
+            if job.cancelled:
+                raise _PromptCancelled
+            states = [numpy.ctypeslib.as_array(self._embedding_of(self._ctx, i), shape=(n_embd,))
+                      for i in range(len(chunk))]  # fmt: skip
+            total += numpy.sum(states, axis=0)
+            first = states[0].copy() if first is None else first
+            last = states[-1]
+        if self._pooling == _POOLING_CLS:
+            return first
+        if self._pooling == _POOLING_LAST:
+            return last.copy()
+        return total / len(tokens)
 
 
 def _token_delay() -> float:

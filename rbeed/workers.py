@@ -73,17 +73,18 @@ class WorkerDied(Exception):
 
 
 class Generation:
-    """One infer request on its way through a worker: the frame to send and where the answer goes."""
+    """One request (a generation, or embeddings) on its way through a worker: the frame to send
+    and where the answer goes."""
 
     _ids = itertools.count(1)
 
-    def __init__(self, job: Job, prompt: str, stream: bool, **sampling):
+    def __init__(self, job: Job, stream: bool, kind: type[wire.Generate | wire.Embed] = wire.Generate, **fields):
         self.job = job
-        self.request = wire.Generate(id=next(self._ids), prompt=prompt, **sampling)
+        self.request = kind(id=next(self._ids), **fields)
         self.stream = stream
         self.pieces: list[str] = []
         self.done = trio.Event()
-        self.outcome: wire.Done | str | None = None  # Done, or why it failed
+        self.outcome: wire.Done | wire.Embeddings | str | None = None  # Done or Embeddings, or why it failed
         self.sent = False
         self.abandoned = False  # its job went away: skip it if still queued, drop its tokens
 
@@ -94,7 +95,7 @@ class Generation:
             self.job.emit("token", {"t": text, "i": len(self.pieces)})
         self.pieces.append(text)
 
-    def finish(self, outcome: wire.Done | str) -> None:
+    def finish(self, outcome: wire.Done | wire.Embeddings | str) -> None:
         if self.outcome is None:
             self.outcome = outcome
             self.done.set()
@@ -236,7 +237,7 @@ class Worker:
                     for message in decoder.feed(data):
                         if type(message) is wire.Token:
                             generation.token(message.text)
-                        elif type(message) is wire.Done:
+                        elif type(message) is wire.Done or type(message) is wire.Embeddings:
                             generation.finish(message)
                         elif type(message) is wire.Failed:
                             generation.finish(message.error)

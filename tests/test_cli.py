@@ -392,7 +392,7 @@ def test_model_download_list_infer_and_worker_commands_on_a_real_model(daemon, t
     assert downloaded.returncode == 0, downloaded.stderr
     fields = stripped(fields_of(downloaded.stdout))
     assert (fields["id"], fields["size"]) == ("tiny", "475.0 KiB")
-    assert "  architecture:   llama\n" in downloaded.stdout  # metadata, indented under its key
+    assert "  architecture:     llama\n" in downloaded.stdout  # metadata, indented under its key
     # stderr is no terminal: progress comes as plain lines
     assert re.search(r"^· 100%  0\.5/0\.5 MiB  [\d.]+ MiB/s  done$", downloaded.stderr, re.M), downloaded.stderr
 

@@ -25,6 +25,8 @@ def reference(path) -> dict:
         "parameters": sum(int(tensor.n_elements) for tensor in reader.tensors),
         "file_type": reader.fields["general.file_type"].contents(),
         "context_length": reader.fields[f"{architecture}.context_length"].contents(),
+        "embedding_length": reader.fields[f"{architecture}.embedding_length"].contents()
+        if f"{architecture}.embedding_length" in reader.fields else None,
         "chat_template": "tokenizer.chat_template" in reader.fields,
         "gguf_version": reader.fields["GGUF.version"].contents(),
     }
@@ -43,6 +45,7 @@ def templated_model(tmp_path_factory):
     writer.add_name("templated")
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
     writer.add_context_length(4096)
+    writer.add_embedding_length(32)
     writer.add_chat_template("{% for m in messages %}{{ m.content }}{% endfor %}")
     writer.add_token_list(["<s>", "a", "b"])  # array of strings
     writer.add_token_scores([0.0, -1.0, -2.0])  # array of float32
@@ -63,7 +66,7 @@ def test_tiny_model_agrees_with_gguf_reader(tiny_model):
     expected = reference(tiny_model)
     assert {key: info[key] for key in expected} == expected
     assert info["architecture"] == "llama"
-    assert info["context_length"] == 32768
+    assert (info["context_length"], info["embedding_length"]) == (32768, 64)
     assert info["parameters"] > 100_000
     assert (info["file_type"], info["quantization"]) == (gguf.LlamaFileType.ALL_F32, "ALL_F32")
     assert info["chat_template"] is False
@@ -75,6 +78,7 @@ def test_chat_template_and_nested_arrays_agree_with_gguf_reader(templated_model)
     assert {key: info[key] for key in expected} == expected
     assert (info["architecture"], info["name"], info["context_length"]) == ("qwen2", "templated", 4096)
     assert info["parameters"] == 4 * 32 + 96
+    assert info["embedding_length"] == 32
     assert info["quantization"] == "Q8_0"
     assert info["chat_template"] is True
 

@@ -51,6 +51,7 @@ OPERATIONS = {
     "model_get": {"id": "m"},
     "model_delete": {"id": "m"},
     "infer": {"model": "m", "prompt": "hi"},
+    "embed": {"model": "m", "input": "hi"},  # beyond the seed's 16: Ollama's and OpenAI's embeddings
 }
 
 
@@ -110,7 +111,7 @@ async def test_create_answers_201_with_a_uuid4_job_id_and_its_stream_url_whateve
         assert (await status_of(client, job_id))["operation"] == "hive_list"
 
 
-def test_there_are_the_16_operations_and_hive_id_defaults_to_localhost():
+def test_there_are_the_16_operations_and_embed_and_hive_id_defaults_to_localhost():
     assert sorted(ops.NAMES) == sorted(OPERATIONS)
     for name, fields in OPERATIONS.items():
         operation = ops.decode(json.dumps({"operation": name, **fields}).encode())
@@ -167,6 +168,11 @@ BAD_PAYLOADS = [
     (_infer(prompt=None, messages=[{"role": "user"}]), ["missing required field `content`", "at `$.messages[0]`"]),
     (_infer(prompt=None, messages=[{"role": "user", "content": "x", "name": "n"}]), ["unknown field `name`"]),
     ({"operation": "infer", "prompt": "p"}, ["missing required field `model`"]),
+    ({"operation": "embed", "model": "m"}, ["missing required field `input`"]),
+    ({"operation": "embed", "model": "m", "input": ["a", ""]}, ["length >= 1", "at `$.input[1]`"]),
+    ({"operation": "embed", "model": "m", "input": ["a", 5]}, ["Expected `str`, got `int`", "at `$.input[1]`"]),
+    ({"operation": "embed", "model": "m", "input": "a", "dimensions": 0}, [">= 1", "at `$.dimensions`"]),
+    ({"operation": "embed", "model": "m", "input": ["a"] * 2049}, ["length <= 2048", "at `$.input`"]),
     ({"operation": "hive_list", "bogus": 1}, ["unknown field `bogus`"]),
     (_infer(options={"x": 1}), ["unknown field `options`"]),
     ({"operation": "hive_get", "id": "../x"}, ["at `$.id`"]),

@@ -78,9 +78,11 @@ def write_tiny_model(
     n_ff: int = 128,
     context_length: int = 32768,
     chat_template: str | None = None,
+    pooling_type: gguf.PoolingType | None = None,
 ) -> pathlib.Path:
     """Write the model to `path` (deterministic for a given seed) and return the path; with
-    `chat_template`, the model carries that Jinja template as tokenizer.chat_template."""
+    `chat_template`, the model carries that Jinja template as tokenizer.chat_template, and with
+    `pooling_type`, the pooling of an embedding model as llama.pooling_type."""
     path = pathlib.Path(path)
     rng = np.random.default_rng(seed)
     n_vocab = len(VOCAB)
@@ -127,6 +129,8 @@ def write_tiny_model(
     writer.add_add_bos_token(True)
     if chat_template is not None:
         writer.add_chat_template(chat_template)
+    if pooling_type is not None:
+        writer.add_pooling_type(pooling_type)
 
     writer.add_tensor("token_embd.weight", token_embd)
     writer.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
