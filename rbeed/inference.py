@@ -75,12 +75,14 @@ class Inference:
         generation = Generation(job, False, wire.Embed, inputs=op.inputs, truncate=op.truncate,
                                 normalize=op.normalize, dimensions=op.dimensions)  # fmt: skip
         worker, outcome = await self._run(job, op, generation)
-        if not isinstance(outcome, wire.Embeddings):
+        if not isinstance(outcome, wire.Embedded):
             raise JobFailed(outcome if isinstance(outcome, str) else "cancelled")
         job.result({"model": op.model, "worker_id": worker.id, "prompt_tokens": outcome.prompt_tokens,
-                    "embeddings": outcome.vectors})  # fmt: skip
+                    "embeddings": generation.vectors})  # fmt: skip
 
-    async def _run(self, job: Job, op: Infer | Embed, generation: Generation) -> tuple[Worker, wire.Done | wire.Embeddings | str]:
+    async def _run(
+        self, job: Job, op: Infer | Embed, generation: Generation
+    ) -> tuple[Worker, wire.Done | wire.Embedded | str]:
         """Serve `generation` on a worker for `op`; the worker and what it answered."""
         worker: Worker | None = None
         try:

@@ -275,7 +275,8 @@ class _EmbedReply(_Lines):
         vectors = self.result.get("embeddings", [])
         if self.older:
             return _encode({"embedding": vectors[0] if vectors else []})
-        return _encode({"model": self.model, "embeddings": vectors, "total_duration": int((time.perf_counter() - self.began) * 1e9),
+        took = int((time.perf_counter() - self.began) * 1e9)
+        return _encode({"model": self.model, "embeddings": vectors, "total_duration": took,
                         "prompt_eval_count": self.result.get("prompt_tokens", 0)})  # fmt: skip
 
 

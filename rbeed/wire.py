@@ -12,7 +12,8 @@ __all__ = [
     "Cancel",
     "Done",
     "Embed",
-    "Embeddings",
+    "Embedded",
+    "Embedding",
     "Failed",
     "FrameDecoder",
     "Generate",
@@ -87,11 +88,17 @@ class Done(_Frame, tag="Done"):
     cached_tokens: int = 0  # prompt tokens the context held from the previous job, not evaluated again
 
 
-class Embeddings(_Frame, tag="Embeddings"):
-    """An Embed's answer: a vector per input, in order."""
+class Embedding(_Frame, tag="Embedding"):
+    """One input's vector, in the order of the inputs: a frame each keeps frames small."""
 
     id: int
-    vectors: list[list[float]]
+    vector: list[float]
+
+
+class Embedded(_Frame, tag="Embedded"):
+    """The end of an Embed: every input's Embedding was sent."""
+
+    id: int
     prompt_tokens: int
 
 
@@ -100,7 +107,7 @@ class Failed(_Frame, tag="Failed"):
     error: str
 
 
-Message = Generate | Embed | Cancel | Token | Done | Embeddings | Failed
+Message = Generate | Embed | Cancel | Token | Done | Embedding | Embedded | Failed
 
 _encoder = msgspec.msgpack.Encoder()
 

@@ -724,32 +724,22 @@ class _Worker:
         )
 
     def _embed(self, request: wire.Embed, job: _Job, connection: _Connection) -> None:
-        """Answer an Embed: one vector per input (Embeddings), or Failed.
+        """Answer an Embed: an Embedding per input, in order, then Embedded; or Failed.
 
         The context's tokens are replaced by each input's in turn, so the next generation finds no
         prefix of its prompt cached.
         """
-        llm, vectors, prompt_tokens = self.llm, [], 0
+        llm = self.llm
         _log(f"embedding {request.id}: {len(request.inputs)} input(s)")
-        if self._pooling == _POOLING_RANK:
-            connection.send(wire.Failed(request.id, "the model ranks documents (a reranker): it makes no embeddings"))
-            return
-        if request.dimensions is not None and request.dimensions > llm.n_embd():
-            connection.send(wire.Failed(request.id, f"dimensions {request.dimensions} is more than the model's "
-                                                    f"{llm.n_embd()}"))  # fmt: skip
-            return
         try:
-            for index, text in enumerate(request.inputs):
-                tokens = llm.tokenize(text.encode(), add_bos=True, special=True)  # BOS and EOS as the vocab says
-                if not tokens:
-                    raise _InputError(f"input {index} makes no tokens")
-                if len(tokens) > self.n_ctx:
-                    if not request.truncate:
-                        raise _InputError(f"input {index} is {len(tokens)} tokens, the context holds {self.n_ctx}; "
-                                          "truncate it, or ask for a larger n_ctx")  # fmt: skip
-                    tokens = tokens[: self.n_ctx]
-                vectors.append(self._pooled(tokens, job))
-                prompt_tokens += len(tokens)
+            inputs = [self._embedding_tokens(request, index, text) for index, text in enumerate(request.inputs)]
+            for tokens in inputs:
+                vector = self._pooled(tokens, job)[: request.dimensions]  # [:None] keeps them all
+                if request.normalize and (norm := numpy.linalg.norm(vector)) > 0:
+                    vector = vector / norm
+                # As float32, written the shortest way that reads back the same: 0.0123, not 0.012300000526
+                shortest = vector.astype(numpy.float32).astype(str).astype(float)
+                connection.send(wire.Embedding(request.id, shortest.tolist()))
         except (_InputError, _PromptCancelled, RuntimeError) as exc:
             # RuntimeError: llama_decode failed, or returned 2 as its abort callback stopped it
             if self._terminating:
@@ -766,15 +756,25 @@ class _Worker:
             self._set_embeddings(self._ctx, False)
             llm.reset()
             llm._ctx.kv_cache_clear()
-        matrix = numpy.asarray(vectors, dtype=numpy.float64).reshape(len(vectors), llm.n_embd())
-        matrix = matrix[:, : request.dimensions]  # [:, :None] keeps them all
-        if request.normalize:
-            norms = numpy.linalg.norm(matrix, axis=1, keepdims=True)
-            matrix = matrix / numpy.where(norms > 0, norms, 1.0)
-        # As float32, written the shortest way that reads back the same: 0.0123 not 0.012300000526
-        vectors = matrix.astype(numpy.float32).astype(str).astype(numpy.float64).tolist()
-        connection.send(wire.Embeddings(request.id, vectors, prompt_tokens))
+        prompt_tokens = sum(map(len, inputs))
+        connection.send(wire.Embedded(request.id, prompt_tokens))
         _log(f"embedding {request.id}: done, {prompt_tokens} tokens")
+
+    def _embedding_tokens(self, request: wire.Embed, index: int, text: str) -> list[int]:
+        """An input's tokens, cut to the context if the request allows; _InputError says why not."""
+        if self._pooling == _POOLING_RANK:
+            raise _InputError("the model ranks documents (a reranker): it makes no embeddings")
+        if request.dimensions is not None and request.dimensions > self.llm.n_embd():
+            raise _InputError(f"dimensions {request.dimensions} is more than the model's {self.llm.n_embd()}")
+        tokens = self.llm.tokenize(text.encode(), add_bos=True, special=True)  # BOS and EOS as the vocab says
+        if not tokens:
+            raise _InputError(f"input {index} makes no tokens")
+        if len(tokens) > self.n_ctx:
+            if not request.truncate:
+                raise _InputError(f"input {index} is {len(tokens)} tokens, the context holds {self.n_ctx}; "
+                                  "truncate it, or ask for a larger n_ctx")  # fmt: skip
+            tokens = tokens[: self.n_ctx]
+        return tokens
 
     def _pooled(self, tokens: list[int], job: _Job) -> numpy.ndarray:
         """One input's vector: its tokens' last hidden states, pooled as the model says."""

@@ -83,8 +83,9 @@ class Generation:
         self.request = kind(id=next(self._ids), **fields)
         self.stream = stream
         self.pieces: list[str] = []
+        self.vectors: list[list[float]] = []
         self.done = trio.Event()
-        self.outcome: wire.Done | wire.Embeddings | str | None = None  # Done or Embeddings, or why it failed
+        self.outcome: wire.Done | wire.Embedded | str | None = None  # Done or Embedded, or why it failed
         self.sent = False
         self.abandoned = False  # its job went away: skip it if still queued, drop its tokens
 
@@ -95,7 +96,7 @@ class Generation:
             self.job.emit("token", {"t": text, "i": len(self.pieces)})
         self.pieces.append(text)
 
-    def finish(self, outcome: wire.Done | wire.Embeddings | str) -> None:
+    def finish(self, outcome: wire.Done | wire.Embedded | str) -> None:
         if self.outcome is None:
             self.outcome = outcome
             self.done.set()
@@ -237,7 +238,9 @@ class Worker:
                     for message in decoder.feed(data):
                         if type(message) is wire.Token:
                             generation.token(message.text)
-                        elif type(message) is wire.Done or type(message) is wire.Embeddings:
+                        elif type(message) is wire.Embedding:
+                            generation.vectors.append(message.vector)
+                        elif type(message) is wire.Done or type(message) is wire.Embedded:
                             generation.finish(message)
                         elif type(message) is wire.Failed:
                             generation.finish(message.error)
