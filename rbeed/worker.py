@@ -331,7 +331,8 @@ class _Connection:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.pending: collections.deque[tuple[wire.Generate | wire.Embed, float]] = collections.deque()  # with arrival time
+        # Requests with their arrival times.
+        self.pending: collections.deque[tuple[wire.Generate | wire.Embed, float]] = collections.deque()
         self.running: _Job | None = None
         self.closed = False  # the daemon hung up, or sent garbage: no more requests
         self.broken = False  # a send failed; stop generating and sending
@@ -732,7 +733,13 @@ class _Worker:
         llm = self.llm
         _log(f"embedding {request.id}: {len(request.inputs)} input(s)")
         try:
+            if self._pooling == _POOLING_RANK:
+                raise _InputError("the model ranks documents (a reranker): it makes no embeddings")
+            if request.dimensions is not None and request.dimensions > llm.n_embd():
+                raise _InputError(f"dimensions {request.dimensions} is more than the model's {llm.n_embd()}")
+            # Every input is checked before any runs.
             inputs = [self._embedding_tokens(request, index, text) for index, text in enumerate(request.inputs)]
+            self._set_embeddings(self._ctx, True)
             for tokens in inputs:
                 vector = self._pooled(tokens, job)[: request.dimensions]  # [:None] keeps them all
                 if request.normalize and (norm := numpy.linalg.norm(vector)) > 0:
@@ -762,10 +769,6 @@ class _Worker:
 
     def _embedding_tokens(self, request: wire.Embed, index: int, text: str) -> list[int]:
         """An input's tokens, cut to the context if the request allows; _InputError says why not."""
-        if self._pooling == _POOLING_RANK:
-            raise _InputError("the model ranks documents (a reranker): it makes no embeddings")
-        if request.dimensions is not None and request.dimensions > self.llm.n_embd():
-            raise _InputError(f"dimensions {request.dimensions} is more than the model's {self.llm.n_embd()}")
         tokens = self.llm.tokenize(text.encode(), add_bos=True, special=True)  # BOS and EOS as the vocab says
         if not tokens:
             raise _InputError(f"input {index} makes no tokens")
@@ -780,8 +783,7 @@ class _Worker:
         """One input's vector: its tokens' last hidden states, pooled as the model says."""
         llm = self.llm
         n_embd, n_batch = llm.n_embd(), llm.n_batch
-        llm._ctx.kv_cache_clear()
-        self._set_embeddings(self._ctx, True)
+        llm._ctx.kv_cache_clear()  # each input from position 0
         total = numpy.zeros(n_embd, dtype=numpy.float64)
         first = last = None
         self._prompt_phase(job, True)
