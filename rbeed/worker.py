@@ -45,8 +45,10 @@ import time
 from typing import Any
 
 import jinja2
-import numpy
 
+# llama_cpp is imported once the device is known (it reads CUDA_VISIBLE_DEVICES), and numpy only
+# after llama_cpp: imported before a CUDA build's llama.cpp, numpy (2.4.6 and 2.5.2) made its model
+# load crash (SIGSEGV) on an H100 machine, on the cpu device and on cuda alike.
 from rbeed import wire
 from rbeed.config import parse_cpu_list
 
@@ -594,6 +596,8 @@ class _Worker:
     def _cached_prefix(self, prompt_tokens: list[int]) -> int:
         """How many leading prompt tokens the context holds already: the last job's prompt and
         text are still there. At least one token is left to evaluate, for fresh logits."""
+        import numpy  # after llama_cpp: see the imports above
+
         llm = self.llm
         held = llm.input_ids[: min(llm.n_tokens, len(prompt_tokens) - 1)]
         mismatches = numpy.flatnonzero(held != numpy.asarray(prompt_tokens[: len(held)]))
@@ -730,6 +734,8 @@ class _Worker:
         The context's tokens are replaced by each input's in turn, so the next generation finds no
         prefix of its prompt cached.
         """
+        import numpy  # after llama_cpp: see the imports above
+
         llm = self.llm
         _log(f"embedding {request.id}: {len(request.inputs)} input(s)")
         try:
@@ -779,8 +785,10 @@ class _Worker:
             tokens = tokens[: self.n_ctx]
         return tokens
 
-    def _pooled(self, tokens: list[int], job: _Job) -> numpy.ndarray:
-        """One input's vector: its tokens' last hidden states, pooled as the model says."""
+    def _pooled(self, tokens: list[int], job: _Job) -> Any:
+        """One input's vector (a numpy array): its tokens' last hidden states, pooled as the model says."""
+        import numpy  # after llama_cpp: see the imports above
+
         llm = self.llm
         n_embd, n_batch = llm.n_embd(), llm.n_batch
         llm._ctx.kv_cache_clear()  # each input from position 0

@@ -642,6 +642,14 @@ async def test_unusable_device_fails_clearly(start_worker, device, reason):
     assert worker.stderr.splitlines()[-1] == f"rbeed-worker: failed: {reason}"
 
 
+def test_the_worker_module_leaves_llama_cpp_and_numpy_unloaded():
+    # llama_cpp must wait for --device (CUDA_VISIBLE_DEVICES), and numpy for llama_cpp: numpy loaded
+    # first made a CUDA build's model load crash with SIGSEGV, on cpu and cuda alike.
+    code = "import sys, rbeed.worker; print(sorted({'llama_cpp', 'numpy', 'gguf'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert done.stdout == "[]\n"
+
+
 # Forks the worker from a thread that exits at once (as trio.open_process does from its thread
 # cache), prints the worker's pid, and exits when its stdin closes.
 SPAWNER = """
