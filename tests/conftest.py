@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import llama_cpp  # noqa: F401 -- before numpy (test modules, gguf): see the imports of rbeed/worker.py
 import pytest
 
 from support import start_daemon

@@ -64,8 +64,7 @@ async def client(gpu_daemon):
         yield client
 
 
-# In a fresh process: llama.cpp's CUDA build must load before numpy (see rbeed/worker.py), and
-# pytest has imported numpy already.
+# In a process of its own, so that its GPU memory is freed when it exits.
 REFERENCE = """
 import json, sys
 import llama_cpp
