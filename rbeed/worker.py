@@ -46,9 +46,9 @@ from typing import Any
 
 import jinja2
 
-# llama_cpp is imported once the device is known (it reads CUDA_VISIBLE_DEVICES), and numpy only
-# after llama_cpp: imported before a CUDA build's llama.cpp, numpy (2.4.6 and 2.5.2) made its model
-# load crash (SIGSEGV) on an H100 machine, on the cpu device and on cuda alike.
+# Not imported here: llama_cpp, until the device is known (it reads CUDA_VISIBLE_DEVICES); numpy,
+# until after llama_cpp: imported before a CUDA build's llama.cpp, numpy (2.4.6 and 2.5.2) made its
+# model load crash (SIGSEGV) on an H100 machine, on the cpu device and on cuda alike.
 from rbeed import wire
 from rbeed.config import parse_cpu_list
 

@@ -368,6 +368,13 @@ def narrations(events) -> list[str]:
     return [json.loads(e.data)["message"] for e in events if e.event == "narration"]
 
 
+async def register(daemon: Daemon, *sources: Path | str) -> None:
+    """Register each model source (model_download) in `daemon`."""
+    async with daemon.client() as client:
+        for source in sources:
+            await job_result(client, {"operation": "model_download", "model": str(source)})
+
+
 async def register_copy(daemon: Daemon, client: Client, model: Path, name: str) -> tuple[Path, Path]:
     """Register a copy of `model` as model `name`: the copy, and the file installed in the models dir."""
     source = shutil.copyfile(model, daemon.state_dir.parent / f"{name}.gguf")

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 import tinymodel
-from support import end_marker, job_error, job_events, job_result, logged, rest_of, running_daemon
+from support import end_marker, job_error, job_events, job_result, logged, register, rest_of, running_daemon
 from test_cli import cli_env, rbee
 
 # The last is longer than a worker's batch (32 tokens): its mean is taken across batches.
@@ -25,12 +25,7 @@ N_EMBD = 64  # the tiny model's
 @pytest.fixture(scope="module")
 def embedder(tiny_model):
     with running_daemon("[workers]\nthreads = 2\n") as daemon:
-
-        async def register() -> None:
-            async with daemon.client() as client:
-                await job_result(client, {"operation": "model_download", "model": str(tiny_model)})
-
-        trio.run(register)
+        trio.run(register, daemon, tiny_model)
         yield daemon
 
 
@@ -41,13 +36,7 @@ def pooling_models(embedder, tmp_path_factory) -> dict[str, str]:
     made = {name: tinymodel.write_tiny_model(tmp_path_factory.mktemp(name) / f"tiny-{name}.gguf", pooling_type=kind)
             for name, kind in (("last", gguf.PoolingType.LAST), ("cls", gguf.PoolingType.CLS),
                                ("rank", gguf.PoolingType.RANK))}  # fmt: skip
-
-    async def register() -> None:
-        async with embedder.client() as client:
-            for path in made.values():
-                await job_result(client, {"operation": "model_download", "model": str(path)})
-
-    trio.run(register)
+    trio.run(register, embedder, *made.values())
     return {name: str(path) for name, path in made.items()}
 
 

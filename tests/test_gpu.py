@@ -15,7 +15,8 @@ import pytest
 import trio
 
 from support import (
-    end_marker, is_token, job_error, job_events, job_result, read_events_until, rest_of, running_daemon, wait_pids_gone,
+    end_marker, is_token, job_error, job_events, job_result, read_events_until, register, rest_of, running_daemon,
+    wait_pids_gone,
 )  # fmt: skip
 from test_embed import TEXTS
 from test_infer import GREEDY, infer, text_of, tokens
@@ -49,12 +50,7 @@ def gpu_memory_of(pid: int) -> int:
 @pytest.fixture(scope="module")
 def gpu_daemon(tiny_model):
     with running_daemon("[workers]\nthreads = 4\n") as daemon:
-
-        async def register() -> None:
-            async with daemon.client() as client:
-                await job_result(client, {"operation": "model_download", "model": str(tiny_model)})
-
-        trio.run(register)
+        trio.run(register, daemon, tiny_model)
         yield daemon
 
 
@@ -133,12 +129,12 @@ async def test_a_gpu_that_is_not_there_fails_the_spawn_clearly(client):
 def slow_gpu_daemon(tiny_model):
     """Workers that pause 50 ms after each token, for a cancel to land mid-generation."""
     with running_daemon("[workers]\nthreads = 2\n", {"RBEED_WORKER_TOKEN_DELAY": "0.05"}) as daemon:
+        trio.run(register, daemon, tiny_model)
         yield daemon
 
 
-async def test_deleting_an_infer_mid_generation_on_a_gpu_stops_it_within_a_token(slow_gpu_daemon, tiny_model):
+async def test_deleting_an_infer_mid_generation_on_a_gpu_stops_it_within_a_token(slow_gpu_daemon):
     async with slow_gpu_daemon.client() as client:
-        await job_result(client, {"operation": "model_download", "model": str(tiny_model)})
         worker = await spawn(client, "cuda:0")
         on_worker = GREEDY | {"worker_id": worker["id"]}
         async with job_events(client, on_worker | {"max_tokens": 100}) as (job_id, events):  # 5 s unless cancelled

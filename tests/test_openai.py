@@ -8,7 +8,7 @@ import pytest
 import trio
 
 import tinymodel
-from support import job_result, logged, register_copy, running_daemon
+from support import job_result, logged, register, register_copy, running_daemon
 from test_infer import CHAT_TEMPLATE
 
 COMPLETION = {"model": "tiny", "prompt": "Once upon a time", "temperature": 0, "max_tokens": 12}
@@ -24,13 +24,7 @@ def rbeed(tiny_model, tmp_path_factory):
     chatty = tinymodel.write_tiny_model(tmp_path_factory.mktemp("chatty") / "chatty.gguf", chat_template=CHAT_TEMPLATE)
     # A small delay per token, so that a stream can be left while it runs.
     with running_daemon("[workers]\nthreads = 2\n", {"RBEED_WORKER_TOKEN_DELAY": "0.02"}) as daemon:
-
-        async def register() -> None:
-            async with daemon.client() as client:
-                for source in (tiny_model, chatty):
-                    await job_result(client, {"operation": "model_download", "model": str(source)})
-
-        trio.run(register)
+        trio.run(register, daemon, tiny_model, chatty)
         yield daemon
 
 

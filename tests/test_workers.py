@@ -15,7 +15,8 @@ import trio
 
 from support import (
     end_marker, is_narration, is_token, job_error, job_events, job_result, narrations, pid_alive, read_events_until,
-    register_copy, rest_of, result_of, run_job, running_daemon, short_base, start_daemon, steady, wait_pids_gone,
+    register, register_copy, rest_of, result_of, run_job, running_daemon, short_base, start_daemon, steady,
+    wait_pids_gone,
 )  # fmt: skip
 
 # Each worker sleeps this long after every token, so a long generation can be hit mid-stream.
@@ -33,11 +34,6 @@ SHORT = LONG | {"max_tokens": 3}
 
 def spawn(threads: int | None = None, **fields) -> dict:
     return {"operation": "worker_spawn", "model": "tiny", **({"threads": threads} if threads else {}), **fields}
-
-
-async def register(daemon, tiny_model) -> None:
-    async with daemon.client() as client:
-        await job_result(client, {"operation": "model_download", "model": str(tiny_model)})
 
 
 @asynccontextmanager
