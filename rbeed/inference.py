@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+import msgspec
 import trio
 
 from . import wire
 from .grammar import gbnf
 from .jobs import Job, JobFailed
+from .models import Model
 from .operations import Embed, Infer
 from .workers import Generation, Supervisor, Worker
+
+OpT = TypeVar("OpT", Infer, Embed)
 
 
 class Inference:
@@ -46,8 +52,14 @@ class Inference:
             return await self.supervisor.spawn(op.model, self._device(op), n_ctx=op.n_ctx, on_demand=True,
                                                keep_alive=op.keep_alive, job=job, first=generation), True  # fmt: skip
 
+    def _named(self, op: OpT) -> tuple[OpT, Model]:
+        """The operation with its model as the catalog's id, which workers are matched by, and that model."""
+        model = self.supervisor.models.lookup(op.model)
+        return op if model.id == op.model else msgspec.structs.replace(op, model=model.id), model
+
     async def infer(self, job: Job, op: Infer) -> None:
-        if op.messages is not None and self.supervisor.models.lookup(op.model).without_chat_template:
+        op, model = self._named(op)
+        if op.messages is not None and model.without_chat_template:
             raise JobFailed(wire.NO_CHAT_TEMPLATE)  # known from the catalog: no worker need load it
         messages = None if op.messages is None else [(m.role, m.content) for m in op.messages]
         generation = Generation(
@@ -70,7 +82,8 @@ class Inference:
         job.result(result)
 
     async def embed(self, job: Job, op: Embed) -> None:
-        if why := self.supervisor.models.lookup(op.model).too_many_dimensions(op.dimensions):
+        op, model = self._named(op)
+        if why := model.too_many_dimensions(op.dimensions):
             raise JobFailed(why)  # known from the catalog: no worker need load it
         generation = Generation(job, False, wire.Embed, inputs=op.inputs, truncate=op.truncate,
                                 normalize=op.normalize, dimensions=op.dimensions)  # fmt: skip

@@ -105,13 +105,17 @@ class Models:
             raise JobFailed(f"model {model.id!r} points outside the models directory")
         return path
 
-    def lookup(self, model_id: str) -> Model:
-        if model_id in self._deleting:
-            raise JobFailed(f"model {model_id!r} is being deleted")
-        model = self.catalog.get(model_id)
+    def lookup(self, name: str) -> Model:
+        """The model `name` names: its id, or what the id derives from (`Gemma-3.Q4_K_M.gguf`, any case)."""
+        model = self.catalog.get(name)
+        if model is None and name:
+            with contextlib.suppress(JobFailed):
+                model = self.catalog.get(model_id(name))
         if model is None:
             known = ", ".join(m.id for m in self.catalog.list()) or "none"
-            raise JobFailed(f"unknown model {model_id!r} (known: {known})")
+            raise JobFailed(f"unknown model {name!r} (known: {known})")
+        if model.id in self._deleting:
+            raise JobFailed(f"model {model.id!r} is being deleted")
         return model
 
     @contextlib.contextmanager

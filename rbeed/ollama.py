@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Callable
@@ -377,10 +378,11 @@ class OllamaAPI:
             return refusal
         try:
             body = self._decode(request, kind)
-            if _is_load(body) and body.keep_alive == 0 and not any(w.model == body.model for w in self._loaded()):
-                self.models.lookup(body.model)  # an unknown model is a 404 here too
-                line = _line(body.model, kind is _Chat, body.stream, "", done=True, done_reason="unload")
-                return Response(200, line, "application/x-ndjson" if body.stream else "application/json")
+            if _is_load(body) and body.keep_alive == 0:
+                model_id = self.models.lookup(body.model).id  # an unknown model is a 404 here too
+                if not any(w.model == model_id for w in self._loaded()):
+                    line = _line(body.model, kind is _Chat, body.stream, "", done=True, done_reason="unload")
+                    return Response(200, line, "application/x-ndjson" if body.stream else "application/json")
             job = start_model_job(self.registry, self.models, body.model, partial(_infer_fields, body), _NAMES)
         except Refused as exc:
             return error_response(exc.status, str(exc))
@@ -416,7 +418,8 @@ class OllamaAPI:
         A model rbeed has is fetched again from its source if its file is gone, as a pull
         repairs what Ollama has; other names are sources (Ollama's registry is not one).
         """
-        if (model := self.models.catalog.get(name.removesuffix(":latest"))) is not None:
+        with contextlib.suppress(JobFailed):
+            model = self.models.lookup(name.removesuffix(":latest"))
             return model.source, model.id
         if not name.startswith(_SOURCES):
             raise Refused(404, f"model {name!r} not found; rbeed pulls hf:owner/repo/path/file.gguf, "

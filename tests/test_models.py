@@ -116,6 +116,31 @@ async def test_file_url_with_an_odd_name_gets_a_slug_id(rbeed, client, tiny_mode
     assert (rbeed.state_dir / "models" / "my-model-q8_0.gguf").read_bytes() == tiny[0]
 
 
+async def test_a_model_is_named_by_its_id_or_by_its_file_name_in_any_case(rbeed, client, tiny_model):
+    source = rbeed.state_dir.parent / "Named-Model.Q8_0.gguf"
+    shutil.copyfile(tiny_model, source)
+    record = await job_result(client, download(str(source)))
+    assert record["id"] == "named-model.q8_0"
+    for name in ("named-model.q8_0", "Named-Model.Q8_0", "Named-Model.Q8_0.gguf", "NAMED-MODEL.Q8_0.GGUF"):
+        assert await job_result(client, {"operation": "model_get", "id": name}) == record
+    worker = await job_result(client, {"operation": "worker_spawn", "model": "Named-Model.Q8_0.gguf", "threads": 1})
+    try:
+        assert worker["model"] == "named-model.q8_0"
+        prompt = {"operation": "infer", "prompt": "Hi", "max_tokens": 2, "stream": False}
+        for named in ({"model": "NAMED-MODEL.Q8_0"}, {"model": "Named-Model.Q8_0.gguf", "worker_id": worker["id"]}):
+            result = await job_result(client, prompt | named)
+            assert (result["model"], result["worker_id"]) == ("named-model.q8_0", worker["id"])  # no second load
+        assert [w["id"] for w in await job_result(client, {"operation": "worker_list"})] == [worker["id"]]
+        error = await job_error(client, {"operation": "model_delete", "id": "NAMED-MODEL.Q8_0"})
+        assert error == f"model named-model.q8_0 is in use by worker(s) {worker['id']}; delete them first"
+    finally:
+        await job_result(client, {"operation": "worker_delete", "id": worker["id"]})
+    assert (await job_result(client, {"operation": "model_delete", "id": "Named-Model.Q8_0.gguf"}))["id"] == record["id"]
+    await assert_unknown(client, "named-model.q8_0")
+    assert (await job_error(client, {"operation": "model_get", "id": "Named-Model.Q8_0"})).startswith(
+        "unknown model 'Named-Model.Q8_0' (known: ")
+
+
 async def test_http_download_is_verified_against_the_announced_sha256_and_recorded(rbeed, client, tiny):
     content, sha256, metadata = tiny
     async with serve_files({"web.gguf": content}, digest_header="x-linked-etag") as server:

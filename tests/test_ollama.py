@@ -77,6 +77,7 @@ async def test_version_tags_and_show_describe_the_catalog(rbeed, client):
 
     status, shown = await post(client, "/api/show", {"model": "tiny:latest"})  # Ollama's name for an untagged model
     assert status == 200
+    assert await post(client, "/api/show", {"model": "TINY:latest"}) == (200, shown)
     assert shown["details"] == tiny["details"] and shown["capabilities"] == ["completion"]
     assert shown["model_info"]["llama.context_length"] == 32768
     assert shown["model_info"]["general.parameter_count"] == parameters
@@ -126,7 +127,7 @@ async def test_an_empty_request_loads_the_model_and_keep_alive_zero_unloads_it(c
     assert entry["context_length"] == 2048 and entry["size"] > 10 << 20  # the worker's resident memory
     assert abs(datetime.fromisoformat(entry["expires_at"]).timestamp() - (time.time() + 3600)) < 60
 
-    done = await lines(client, "/api/generate", {"model": "chatty", "keep_alive": 0})
+    done = await lines(client, "/api/generate", {"model": "Chatty:latest", "keep_alive": 0})  # names are any case
     assert [(d["done"], d["done_reason"], d["response"]) for d in done] == [(True, "unload", "")]
     with trio.fail_after(10):
         while "chatty" in await loaded(client):
