@@ -882,6 +882,14 @@ def _format(text: str) -> str | dict:
     return schema
 
 
+def _grammar(text: str) -> str:
+    """infer's `grammar`: GBNF given inline or as @FILE."""
+    try:
+        return Path(text[1:]).read_text() if text.startswith("@") else text
+    except (OSError, UnicodeDecodeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {text[1:]}: {exc}") from None
+
+
 def _key_file(path: str) -> str:
     """The key in a file ("-": stdin), so that it shows in no process list."""
     try:
@@ -1009,6 +1017,8 @@ def make_parser() -> argparse.ArgumentParser:
              _arg("--stop", action="append", metavar="S", help="stop string (repeatable)"),
              _arg("--format", type=_format, metavar="FORMAT",
                   help="hold the output to JSON: json (an object), or a JSON Schema, inline or as @FILE"),
+             _arg("--grammar", type=_grammar, metavar="GBNF",
+                  help="hold the output to a GBNF grammar (llama.cpp's), inline or as @FILE"),
              _arg("--device", metavar="D", help="cpu, cuda, cuda:N or metal"),
              _arg("--worker-id", dest="worker_id", metavar="ID", help="use this worker"),
              _arg("-c", "--ctx-size", dest="n_ctx", type=int, metavar="N",

@@ -66,7 +66,8 @@ class Inference:
             job, op.stream, prompt=op.prompt or "", max_tokens=op.max_tokens, temperature=op.temperature,
             top_p=op.top_p, top_k=op.top_k, seed=op.seed, stop=list(op.stop), messages=messages, min_p=op.min_p,
             repeat_penalty=op.repeat_penalty, presence_penalty=op.presence_penalty,
-            frequency_penalty=op.frequency_penalty, grammar=None if op.format is None else gbnf(op.format),
+            frequency_penalty=op.frequency_penalty,
+            grammar=op.grammar if op.format is None else gbnf(op.format),
         )  # fmt: skip
         worker, outcome = await self._run(job, op, generation)
         if not isinstance(outcome, wire.Done):

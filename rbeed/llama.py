@@ -24,7 +24,8 @@ class Llama(llama_cpp.Llama):
             return chain
         parsed = llama_cpp.llama_sampler_init_grammar(self._model.vocab, grammar.encode(), b"root")
         if not parsed:  # LlamaSampler.add_grammar would put NULL in its chain: a segfault at the first token
-            raise ValueError("the output's grammar does not parse; the worker's log says why")  # llama.cpp wrote it
+            raise ValueError("the output's grammar does not parse (is each <token> in it one of the model's?); "
+                             "the worker's log says why")  # llama.cpp wrote it
         checker = LlamaSampler()
         llama_cpp.llama_sampler_chain_add(checker.sampler, parsed)  # the chain owns it from here
         return _GrammarChecked(chain, checker, self.n_vocab())

@@ -79,6 +79,7 @@ class _Request(msgspec.Struct, kw_only=True):
     logprobs: bool | int | None = None
     tools: list | None = None
     response_format: _ResponseFormat | None = None  # for completions too, as llama-server takes it
+    grammar: str | None = None  # GBNF: llama-server's extension
 
 
 class _Completion(_Request):
@@ -155,7 +156,7 @@ def _infer_fields(body: _Completion | _Chat, model: Model) -> dict:
         # Without a limit, llama-server and Ollama generate until the end of text or a full context.
         "max_tokens": next((n for n in (body.max_tokens, body.max_completion_tokens) if n is not None), MAX_TOKENS),
         **sampling(body), "keep_alive": body.keep_alive,
-        "format": body.response_format and body.response_format.format,
+        "format": body.response_format and body.response_format.format, "grammar": body.grammar,
         "stop": [body.stop] if isinstance(body.stop, str) else body.stop,
     }  # fmt: skip
     if isinstance(body, _Chat):

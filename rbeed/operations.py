@@ -6,7 +6,7 @@ from typing import Annotated, ClassVar, Literal, Union
 
 import msgspec
 
-from . import grammar
+from . import gbnf, grammar
 
 # Ids become file names and URL parts: keep them to a safe, boring alphabet.
 Id = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
@@ -150,14 +150,22 @@ class Infer(Operation, tag="infer"):
     stop: Annotated[list[Annotated[str, msgspec.Meta(min_length=1)]], msgspec.Meta(max_length=16)] = []
     keep_alive: Annotated[float, msgspec.Meta(ge=-1)] | None = None  # seconds; 0 unload after, -1 keep
     format: Literal["json"] | dict | None = None  # output held to a JSON object, or to a JSON Schema
+    grammar: Annotated[str, msgspec.Meta(min_length=1)] | None = None  # ... or to GBNF, as llama-server's `grammar`
 
     def __post_init__(self) -> None:
         if self.prompt is None and self.messages is None:
             raise ValueError("give `prompt` (text to continue) or `messages` (a chat)")
         if self.prompt is not None and self.messages is not None:
             raise ValueError("give `prompt` or `messages`, not both")
+        if self.format is not None and self.grammar is not None:
+            raise ValueError("give `format` or `grammar`, not both")
         if isinstance(self.format, dict):
             grammar.gbnf(self.format)  # a schema that makes no grammar is a bad request, not a failed job
+        if self.grammar is not None:
+            try:
+                gbnf.check(self.grammar)
+            except gbnf.GrammarError as exc:
+                raise ValueError(f"`grammar`: {exc}") from None
 
 
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=1 << 20)]

@@ -524,6 +524,20 @@ def test_format_is_json_or_a_schema_inline_or_from_a_file(tmp_path):
             cli._format(given)
 
 
+async def test_grammar_is_gbnf_given_inline_or_from_a_file(tmp_path):
+    source = tmp_path / "answer.gbnf"
+    source.write_text('root ::= "yes" | "no"\n')
+    with pytest.raises(argparse.ArgumentTypeError, match="No such file or directory"):
+        cli._grammar(f"@{tmp_path}/none.gbnf")
+    answer = play(sse(1, "result", RESULT | {"text": "yes"}), sse(2, "end", "[DONE]"))
+    async with serve_files() as server:
+        api = ScriptedAPI(server, [answer, answer])
+        for given in (f"@{source}", 'root ::= "yes"'):
+            done = await arbee("--url", server.base_url, "infer", "p", "-m", "m", "--raw", "--grammar", given)
+            assert (done.returncode, done.stdout) == (0, "yes\n"), done.stderr
+    assert [payload["grammar"] for payload in api.payloads] == ['root ::= "yes" | "no"\n', 'root ::= "yes"']
+
+
 def model_record(model_id: str, template: bool = False) -> dict:
     return {"id": model_id, "metadata": {"architecture": "llama", "chat_template": template}}
 

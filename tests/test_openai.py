@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import trio
@@ -159,6 +160,21 @@ async def test_response_format_holds_a_chat_to_json_as_infers_format_does(client
     assert isinstance(json.loads(text), dict)
     with pytest.raises(ValueError):
         json.loads(answers["text"])  # the tiny model's own words
+
+
+async def test_grammar_holds_completions_and_chats_to_gbnf_as_llama_servers_does(client):
+    grammar = 'root ::= ("yes" | "no") (", " [a-z]{1,8}){1,3} "."'
+    for path, body in [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)]:
+        for seed in (1, 2):
+            status, answer = await post(client, path, body | {"temperature": 1.0, "seed": seed, "max_tokens": 60,
+                                                               "grammar": grammar})  # fmt: skip
+            assert status == 200, answer
+            choice = answer["choices"][0]
+            text = choice["text"] if "text" in choice else choice["message"]["content"]
+            assert re.fullmatch(r"(yes|no)(, [a-z]{1,8}){1,3}\.", text) and choice["finish_reason"] == "stop", text
+    status, answer = await post(client, "/v1/completions", COMPLETION | {"grammar": 'root ::= "a" | b'})
+    assert (status, answer["error"]["param"]) == (400, "grammar")
+    assert answer["error"]["message"] == "`grammar`: Undefined rule identifier 'b'"
 
 
 @pytest.mark.parametrize(("path", "body", "status", "param", "message"), [

@@ -322,7 +322,8 @@ async def test_a_grammar_holds_the_text_and_one_that_does_not_parse_fails_withou
         after = await client.generate(3, seed=1)
 
     assert held.text in ("yes", "no") and held.end.finish_reason == "stop"
-    assert broken.end.error == "generation failed: the output's grammar does not parse; the worker's log says why"
+    assert broken.end.error == ("generation failed: the output's grammar does not parse (is each <token> in it one of the "
+                                  "model's?); the worker's log says why")
     assert not broken.pieces
     assert isinstance(after.end, wire.Done) and after.text
 
