@@ -63,8 +63,7 @@ class _Parser:
             raise GrammarError("the grammar has no rules")
         for kind, value in (element for rule in self.rules.values() for element in rule):
             if kind == _REF and value not in self.rules:
-                name = next(name for name, id in self.symbols.items() if id == value)
-                raise GrammarError(f"Undefined rule identifier '{name}'")
+                raise GrammarError(f"Undefined rule identifier '{self._name_of(value)}'")
 
     def check_left_recursion(self) -> None:
         """Refuse a rule that can reach itself before it matches anything, as llama.cpp does, and
@@ -208,7 +207,8 @@ class _Parser:
         return self.symbols.setdefault(name, len(self.symbols))
 
     def _new_symbol(self, base: str) -> int:
-        id = self.symbols[f"{base}_{len(self.symbols)}"] = len(self.symbols)
+        id = len(self.symbols)  # as llama.cpp numbers it, even where the name is already taken
+        self.symbols[f"{base}_{id}"] = id
         return id
 
     def _add(self, id: int, rule: list) -> None:

@@ -53,21 +53,26 @@ def gbnf(format: str | dict) -> str:
 
     ValueError, with a message naming `format`, for a schema that cannot be made into one.
     """
-    module = _llama_grammar()
     if format == "json":
-        return module.JSON_GBNF
+        return _llama_grammar().JSON_GBNF
     try:
-        if (optional := _check(format)) > MOST_OPTIONAL:
-            raise _Refused(f"`format`: {optional} optional properties, more than the {MOST_OPTIONAL} rbeed takes; "
-                           "list more of them in `required`")  # fmt: skip
-        grammar = module.json_schema_to_gbnf(json.dumps(format))
+        return _from_schema(json.dumps(format))
     except _Refused:
         raise
     except (AssertionError, ValueError, TypeError, AttributeError, KeyError, IndexError, RecursionError) as exc:
         raise ValueError(f"`format`: cannot make a grammar of this JSON Schema: {exc}") from None
+
+
+# Infer's check when it is decoded and the job that runs it want the same grammar: made once.
+@functools.lru_cache(maxsize=4)
+def _from_schema(text: str) -> str:
+    if (optional := _check(json.loads(text))) > MOST_OPTIONAL:
+        raise _Refused(f"`format`: {optional} optional properties, more than the {MOST_OPTIONAL} rbeed takes; "
+                       "list more of them in `required`")  # fmt: skip
+    grammar = _llama_grammar().json_schema_to_gbnf(text)
     if len(grammar) > LARGEST_GRAMMAR:
-        raise ValueError(f"`format`: the schema makes a grammar of {len(grammar)} bytes, more than the "
-                         f"{LARGEST_GRAMMAR} rbeed takes; lower its length and count bounds")  # fmt: skip
+        raise _Refused(f"`format`: the schema makes a grammar of {len(grammar)} bytes, more than the "
+                       f"{LARGEST_GRAMMAR} rbeed takes; lower its length and count bounds")  # fmt: skip
     return grammar
 
 

@@ -136,7 +136,7 @@ def test_random_grammars_are_taken_and_refused_as_llama_cpp_takes_and_refuses_th
     ('root ::= "a\0"', "NUL"),
 ])  # fmt: skip
 def test_grammars_that_would_crash_or_hang_llama_cpp_are_refused_with_rbeeds_bounds(text, message):
-    with pytest.raises(gbnf.Beyond, match=message.replace("(", r"\(").replace("{", r"\{").replace("*", r"\*")):
+    with pytest.raises(gbnf.Beyond, match=re.escape(message)):
         gbnf.check(text)
 
 

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from rbeed import grammar
 from rbeed.grammar import LARGEST_BOUND, MOST_OPTIONAL, gbnf
 
 
@@ -59,6 +60,16 @@ def test_a_schema_too_deep_to_convert_is_refused_not_a_crash():
         inner = inner["items"]
     with pytest.raises(ValueError, match="cannot make a grammar of this JSON Schema: maximum recursion depth"):
         gbnf(schema)
+
+
+def test_a_schema_made_into_a_grammar_again_is_not_converted_again(monkeypatch):
+    module = grammar._llama_grammar()
+    conversions = []
+    convert = module.json_schema_to_gbnf
+    monkeypatch.setattr(module, "json_schema_to_gbnf", lambda text: conversions.append(text) or convert(text))
+    schema = {"type": "object", "properties": {"again": {"type": "integer"}}, "required": ["again"]}
+    assert gbnf(schema) == gbnf(dict(schema)) and '"\\"again\\""' in gbnf(schema)
+    assert len(conversions) == 1  # as when infer is decoded, then run
 
 
 def test_making_a_grammar_does_not_load_libllama_into_the_daemon():
