@@ -978,6 +978,8 @@ def make_parser() -> argparse.ArgumentParser:
              _HIVE)  # fmt: skip
     _command(model, "list", "model_list", "list models", _HIVE)
     _command(model, "get", "model_get", "show one model", by_id, _HIVE)
+    _command(model, "copy", "model_copy", "name a model by a new id too (a hard link to its file: no space used)",
+             by_id, _arg("to", metavar="NEW_ID"), _HIVE)  # fmt: skip
     _command(model, "delete", "model_delete", "delete a model", by_id, _HIVE)
 
     worker = commands.add_parser("worker", help="manage workers on a hive").add_subparsers(

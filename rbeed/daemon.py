@@ -98,7 +98,7 @@ class Daemon:
             ops.WorkerSpawn: self.supervisor.op_spawn, ops.WorkerList: self.supervisor.op_list,
             ops.WorkerGet: self.supervisor.op_get, ops.WorkerDelete: self.supervisor.op_delete,
             ops.ModelDownload: self.models.download, ops.ModelList: self.models.list,
-            ops.ModelGet: self.models.get, ops.ModelDelete: self.models.delete,
+            ops.ModelGet: self.models.get, ops.ModelCopy: self.models.copy, ops.ModelDelete: self.models.delete,
             ops.Infer: inference.infer, ops.Embed: inference.embed,
         })  # fmt: skip
         self.registry = JobRegistry(config.jobs, self.router, lambda: config.server.sse_keepalive)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import sys
 import time
@@ -19,7 +20,7 @@ from .config import ModelsConfig, read_secret
 from .download import DownloadError, download
 from .httpclient import Client, StatusError
 from .jobs import Job, JobFailed
-from .operations import ModelDelete, ModelDownload, ModelGet, ModelList
+from .operations import ModelCopy, ModelDelete, ModelDownload, ModelGet, ModelList
 
 _HF = re.compile(r"^hf:([A-Za-z0-9][\w.-]*)/([A-Za-z0-9][\w.-]*)/((?:[\w.-]+/)*[\w.-]+\.gguf)$")
 
@@ -96,13 +97,20 @@ class Models:
         self.in_use: Callable[[str], list[str]] = lambda model_id: []
         self.released: Callable[[str], Awaitable[None]] = _nothing_to_wait_for  # its workers on their way out, gone
         self._placing: dict[str, list[str]] = {}  # model id -> jobs placing a worker for it, not yet listed
-        self._fetching: dict[str, tuple[str, trio.Event]] = {}  # model id -> the job downloading it, its end
+        self._fetching: dict[str, tuple[str, trio.Event]] = {}  # model id -> the job writing its file, its end
         self._deleting: dict[str, trio.Event] = {}  # model id -> the end of its model_delete
 
     def path_of(self, model: Model) -> Path:
         path = (self.dir / model.file).resolve()
         if path.parent != self.dir.resolve():  # defence in depth: ids are already slugs
             raise JobFailed(f"model {model.id!r} points outside the models directory")
+        return path
+
+    def file_of(self, model: Model) -> Path:
+        """Its file, which must be there."""
+        if not (path := self.path_of(model)).exists():  # removed by hand
+            raise JobFailed(f"model {model.id}'s file {path} is missing; "
+                            f"model_download {model.source} again, or model_delete {model.id}")  # fmt: skip
         return path
 
     def lookup(self, name: str) -> Model:
@@ -126,9 +134,7 @@ class Models:
         `in_use` covers it.
         """
         model = self.lookup(model_id)
-        if not (path := self.path_of(model)).exists():  # removed by hand: fail before any worker makes room
-            raise JobFailed(f"model {model.id}'s file {path} is missing; "
-                            f"model_download {model.source} again, or model_delete {model.id}")  # fmt: skip
+        self.file_of(model)  # removed by hand: fail before any worker makes room
         holders = self._placing.setdefault(model.id, [])
         holders.append(holder)
         try:
@@ -208,6 +214,38 @@ class Models:
     async def get(self, job: Job, op: ModelGet) -> None:
         job.result(self.lookup(op.id))
 
+    async def copy(self, job: Job, op: ModelCopy) -> None:
+        model, to = self.lookup(op.id), model_id(op.to)
+        if to == model.id:
+            raise JobFailed(f"{op.to!r} names model {model.id} itself; give another id")
+        existing = self.catalog.get(to)
+        if existing is not None and existing.sha256 == model.sha256 and self.path_of(existing).exists():
+            job.narrate(f"model {to} is already a copy of {model.id}")
+            job.result(existing)
+            return
+        if existing is not None:
+            raise JobFailed(f"model {to} already exists (sha256 {existing.sha256}); model_delete it first")
+        if to in self._fetching or to in self._deleting:
+            raise JobFailed(f"model {to} is being {'deleted' if to in self._deleting else 'written'}; try again later")
+        source, dest = self.file_of(model), self.dir / f"{to}.gguf"
+        self._fetching[to] = (job.id, trio.Event())
+        try:
+            # Beside it, then renamed: a file left at dest (a crash's) is replaced, never half-made.
+            link = dest.with_name(f".{to}.{job.id}.link")
+            try:
+                await trio.to_thread.run_sync(os.link, source, link)
+                await trio.to_thread.run_sync(os.replace, link, dest)
+            except OSError as exc:
+                link.unlink(missing_ok=True)
+                raise JobFailed(f"cannot link {source} as {dest}: {exc.strerror} (a copy is a hard link: "
+                                "the models directory's file system must have them)") from None  # fmt: skip
+            copy = msgspec.structs.replace(model, id=to, file=dest.name, added_at=time.time())
+            await self.catalog.put(to, copy)
+        finally:
+            self._fetching.pop(to)[1].set()
+        job.narrate(f"model {model.id} copied as {to} (a hard link to its file: no space used)")
+        job.result(copy)
+
     async def delete(self, job: Job, op: ModelDelete) -> None:
         model = self.lookup(op.id)
         await self.released(model.id)  # not in use, only slow to go: stop_grace bounds the wait
@@ -219,10 +257,13 @@ class Models:
         self._deleting[model.id] = trio.Event()  # no worker may start on it while the catalog write is awaited
         try:
             await self.catalog.delete(model.id)
-            self.path_of(model).unlink(missing_ok=True)
+            path = self.path_of(model)
+            shared = path.exists() and path.stat().st_nlink > 1  # a copy's, or the original of one
+            path.unlink(missing_ok=True)
         finally:
             self._deleting.pop(model.id).set()
-        job.narrate(f"model {model.id} deleted ({model.size} bytes freed)")
+        freed = "its file has other links, so no space was freed" if shared else f"{model.size} bytes freed"
+        job.narrate(f"model {model.id} deleted ({freed})")
         job.result({"id": model.id, "deleted": True})
 
 

@@ -15,7 +15,7 @@ from . import __version__
 from .compat import SAMPLING, Refused, Reply, decode, end_of, failure, sampling, start_model_job, start_job
 from .jobs import Job, JobFailed, JobRegistry
 from .models import Model, Models, model_id, resolve_source
-from .operations import MAX_TOKENS, Embed, ModelDelete, ModelDownload
+from .operations import MAX_TOKENS, Embed, ModelCopy, ModelDelete, ModelDownload
 from .server import Request, Response, StreamingResponse, error_response, json_response, only
 from .workers import Supervisor
 
@@ -93,6 +93,11 @@ class _Named(msgspec.Struct):
         if not (self.model or self.name):
             raise Refused(400, "model is required", "model")
         return self.model or self.name
+
+
+class _Copy(msgspec.Struct):
+    source: str
+    destination: str
 
 
 class _Pull(_Named):
@@ -320,6 +325,7 @@ class OllamaAPI:
             "/api/show": self._show,
             "/api/pull": self._pull,
             "/api/delete": self._delete,
+            "/api/copy": self._copy,
             "/api/generate": partial(self._generate, _Generate),
             "/api/chat": partial(self._generate, _Chat),
             "/api/embed": partial(self._embed, _Embed),
@@ -353,10 +359,13 @@ class OllamaAPI:
 
     def _named_model(self, request: Request) -> Model:
         """The model that the request's `model` (or `name`) names; Refused (404) when unknown."""
+        return self._model(decode(request.body, _Named).given, "model")
+
+    def _model(self, name: str, field: str) -> Model:
         try:
-            return self.models.lookup(decode(request.body, _Named).given.removesuffix(":latest"))
+            return self.models.lookup(name.removesuffix(":latest"))
         except JobFailed as exc:
-            raise Refused(404, str(exc), "model") from None
+            raise Refused(404, str(exc), field) from None
 
     async def _show(self, request: Request) -> Response:
         if refusal := only(request, "POST"):
@@ -436,10 +445,31 @@ class OllamaAPI:
             job = start_job(self.registry, ModelDelete(id=self._named_model(request).id))
         except Refused as exc:
             return error_response(exc.status, str(exc))
+        return await self._answer(job)
+
+    async def _copy(self, request: Request) -> Response:
+        """`ollama cp`: the destination is named as any model, its id the slug (`mine:v2` → `mine-v2`)."""
+        if refusal := only(request, "POST") or self._closed():
+            return refusal
+        try:
+            body = decode(request.body, _Copy)
+            source = self._model(body.source, "source")
+            try:
+                destination = model_id(body.destination.removesuffix(":latest"))
+            except JobFailed as exc:
+                raise Refused(400, str(exc), "destination") from None
+            job = start_job(self.registry, ModelCopy(id=source.id, to=destination))
+        except Refused as exc:
+            return error_response(exc.status, str(exc))
+        return await self._answer(job)
+
+    @staticmethod
+    async def _answer(job: Job) -> Response:
+        """An empty 200 once the job is done, as Ollama answers a delete or a copy."""
         if (marker := await end_of(job)) == "[DONE]":
             return Response(200)
         status, message = failure(job, marker)
-        # It fails for what holds the model (a worker, a load under way): a conflict.
+        # It fails for what holds the model (a worker, a load under way) or takes its id: a conflict.
         return error_response(409 if status == 500 else status, message)
 
     def _closed(self) -> Response | None:

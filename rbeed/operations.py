@@ -115,6 +115,14 @@ class ModelGet(Operation, tag="model_get"):
     hive_id: HiveId = "localhost"
 
 
+class ModelCopy(Operation, tag="model_copy"):
+    """The model under a second id too (as `ollama cp`): a hard link to its file, with its record."""
+
+    id: Id
+    to: Id
+    hive_id: HiveId = "localhost"
+
+
 class ModelDelete(Operation, tag="model_delete"):
     id: Id
     hive_id: HiveId = "localhost"
@@ -194,7 +202,7 @@ class Embed(Operation, tag="embed"):
 AnyOperation = Union[
     HiveStart, HiveStop, HiveList, HiveGet, HiveCreate, HiveUpdate, HiveDelete,
     WorkerSpawn, WorkerList, WorkerGet, WorkerDelete,
-    ModelDownload, ModelList, ModelGet, ModelDelete,
+    ModelDownload, ModelList, ModelGet, ModelCopy, ModelDelete,
     Infer, Embed,
 ]  # fmt: skip
 

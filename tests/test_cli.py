@@ -422,6 +422,11 @@ def test_model_download_list_infer_and_worker_commands_on_a_real_model(daemon, t
     assert (worker["MODEL"], worker["DEVICE"], worker["STATE"]) == ("tiny", "cpu", "ready")
     deleted = rbee(daemon, "worker", "delete", worker["ID"])
     assert deleted.returncode == 0 and stripped(fields_of(deleted.stdout))["id"] == worker["ID"]
+    copied = rbee(daemon, "model", "copy", "tiny", "Tiny.Two")
+    assert copied.returncode == 0 and stripped(fields_of(copied.stdout))["id"] == "tiny.two", copied.stderr
+    assert copied.stderr == "· model tiny copied as tiny.two (a hard link to its file: no space used)\n"
+    assert [line.split()[0] for line in rbee(daemon, "model", "list").stdout.splitlines()] == ["ID", "tiny", "tiny.two"]
+    assert rbee(daemon, "model", "delete", "tiny.two").returncode == 0
     removed = rbee(daemon, "model", "delete", "tiny")
     assert removed.returncode == 0 and stripped(fields_of(removed.stdout)) == {"id": "tiny", "deleted": "yes"}
 
@@ -696,6 +701,7 @@ async def test_commands_send_the_payloads_of_their_operations():
         (["model", "download", "hf:o/r/m.gguf", "--sha256", "AB" * 32, "--hive", "h"],
          {"operation": "model_download", "model": "hf:o/r/m.gguf", "sha256": "AB" * 32, "hive_id": "h"}),
         (["model", "get", "m"], {"operation": "model_get", "id": "m"}),
+        (["model", "copy", "m", "n", "--hive", "h"], {"operation": "model_copy", "id": "m", "to": "n", "hive_id": "h"}),
         (["worker", "spawn", "m", "--worker", "cuda", "--device", "1"],
          {"operation": "worker_spawn", "model": "m", "worker": "cuda", "device": 1}),
         (["worker", "delete", "w", "--hive", "h"], {"operation": "worker_delete", "id": "w", "hive_id": "h"}),

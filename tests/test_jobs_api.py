@@ -49,6 +49,7 @@ OPERATIONS = {
     "model_download": {"model": "hf:owner/repo/file.gguf"},
     "model_list": {},
     "model_get": {"id": "m"},
+    "model_copy": {"id": "m", "to": "n"},
     "model_delete": {"id": "m"},
     "infer": {"model": "m", "prompt": "hi"},
     "embed": {"model": "m", "input": "hi"},  # beyond the seed's 16: Ollama's and OpenAI's embeddings
@@ -182,6 +183,8 @@ BAD_PAYLOADS = [
     ({"operation": "hive_get", "id": "../x"}, ["at `$.id`"]),
     ({"operation": "model_get", "id": "../../etc/passwd"}, ["at `$.id`"]),
     ({"operation": "model_delete", "id": "a/b"}, ["at `$.id`"]),
+    ({"operation": "model_copy", "id": "m", "to": "../m"}, ["at `$.to`"]),
+    ({"operation": "model_copy", "id": "m"}, ["missing required field `to`"]),
     ({"operation": "hive_create", "host": "h", "id": ".hidden"}, ["at `$.id`"]),
     ({"operation": "hive_create", "host": "h/../x"}, ["at `$.host`"]),
     ({"operation": "hive_create", "host": "h", "port": 70000}, ["<= 65535", "at `$.port`"]),

@@ -354,6 +354,46 @@ async def test_model_delete_refuses_while_a_worker_uses_it_then_removes_file_and
     assert (await job_error(client, {"operation": "model_delete", "id": "doomed"})).startswith("unknown model 'doomed'")
 
 
+async def test_model_copy_names_the_file_by_a_second_id_without_copying_it(rbeed, client, tiny_model, tmp_path):
+    import tinymodel
+
+    original = await job_result(client, download(str(shutil.copyfile(tiny_model, tmp_path / "Original.gguf"))))
+    models = rbeed.state_dir / "models"
+    (models / "second.name.gguf").write_bytes(b"left by a crash")  # replaced, not an obstacle
+    events = await run_job(client, {"operation": "model_copy", "id": "ORIGINAL", "to": "Second.Name"})
+    copy = result_of(events)
+    assert narrations(events) == ["model original copied as second.name (a hard link to its file: no space used)"]
+    assert copy == original | {"id": "second.name", "file": "second.name.gguf", "added_at": copy["added_at"]}
+    assert copy["added_at"] >= original["added_at"]
+    linked = (models / "original.gguf").stat()
+    assert (models / "second.name.gguf").stat().st_ino == linked.st_ino and linked.st_nlink == 2
+    assert sorted(p.name for p in models.iterdir() if "name" in p.name or "original" in p.name) == [
+        "original.gguf", "second.name.gguf"]  # fmt: skip
+    assert await job_result(client, {"operation": "model_get", "id": "second.name"}) == copy
+
+    again = await run_job(client, {"operation": "model_copy", "id": "original", "to": "second.name"})
+    assert (result_of(again), narrations(again)) == (copy, ["model second.name is already a copy of original"])
+    other = await job_result(client, download(str(tinymodel.write_tiny_model(tmp_path / "other.gguf", seed=1))))
+    assert await job_error(client, {"operation": "model_copy", "id": "original", "to": "other"}) == (
+        f"model other already exists (sha256 {other['sha256']}); model_delete it first")
+    assert await job_error(client, {"operation": "model_copy", "id": "original", "to": "Original.gguf"}) == (
+        "'Original.gguf' names model original itself; give another id")
+    assert (await job_error(client, {"operation": "model_copy", "id": "nosuch", "to": "x"})).startswith(
+        "unknown model 'nosuch'")
+    assert not (models / "x.gguf").exists()
+
+    # The copy outlives the original: deleting one frees nothing while the other holds the file.
+    deleted = await run_job(client, {"operation": "model_delete", "id": "original"})
+    assert narrations(deleted) == ["model original deleted (its file has other links, so no space was freed)"]
+    prompt = {"operation": "infer", "model": "second.name", "prompt": "Hi", "max_tokens": 3, "stream": False}
+    answer = await job_result(client, prompt | {"keep_alive": 0, "seed": 1})
+    assert (answer["model"], answer["completion_tokens"]) == ("second.name", 3)
+    deleted = await run_job(client, {"operation": "model_delete", "id": "second.name"})
+    assert narrations(deleted) == [f"model second.name deleted ({copy['size']} bytes freed)"]
+    assert not (models / "second.name.gguf").exists()
+    await job_result(client, {"operation": "model_delete", "id": "other"})
+
+
 async def test_hf_sources_resolve_against_hf_base_and_the_catalog_survives_a_restart(tiny):
     content, sha256, metadata = tiny
     base = short_base()

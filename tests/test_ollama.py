@@ -300,6 +300,32 @@ async def test_delete_removes_a_model_not_in_use_and_waits_for_one_unloading(rbe
     assert (again.status, again.json()) == (404, {"error": "unknown model 'doomed' (known: chatty, tiny)"})
 
 
+async def test_copy_names_a_model_anew_as_ollama_cp_does(rbeed, client):
+    client_of_ollama = ollama.Client(host=rbeed.url, timeout=30)
+    await trio.to_thread.run_sync(client_of_ollama.copy, "tiny:latest", "mine/tiny:v2")  # the id: its slug
+    tags = {tag["name"]: tag for tag in (await get(client, "/api/tags"))["models"]}
+    assert tags["mine-tiny-v2"] | {"name": "", "model": "", "modified_at": ""} == tags["tiny"] | {
+        "name": "", "model": "", "modified_at": ""}  # fmt: skip
+    models = rbeed.state_dir / "models"
+    assert (models / "mine-tiny-v2.gguf").stat().st_ino == (models / "tiny.gguf").stat().st_ino
+    copied = await post(client, "/api/generate", GENERATE | {"model": "mine/tiny:v2", "stream": False, "keep_alive": 0})
+    original = await post(client, "/api/generate", GENERATE | {"stream": False})
+    assert copied[0] == 200 and copied[1]["response"] == original[1]["response"] != ""
+
+    refusals = [
+        ({"source": "nope", "destination": "x"}, 404, "unknown model 'nope' (known: chatty, mine-tiny-v2, tiny)"),
+        ({"source": "tiny", "destination": "chatty"}, 409, "model chatty already exists (sha256 "),
+        ({"source": "tiny", "destination": ":::"}, 400, "cannot derive a model id from ':::'"),
+        ({"source": "tiny"}, 400, "Object missing required field `destination`"),
+    ]
+    for body, status, message in refusals:
+        answer = await post(client, "/api/copy", body)
+        assert answer[0] == status and answer[1]["error"].startswith(message), answer
+    assert (await client.request("GET", "/api/copy")).headers["allow"] == "POST"
+    await trio.to_thread.run_sync(client_of_ollama.delete, "mine/tiny:v2")
+    assert not (models / "mine-tiny-v2.gguf").exists() and (models / "tiny.gguf").stat().st_nlink == 1
+
+
 @pytest.mark.parametrize(("given", "seconds"), [
     (None, None), (300, 300.0), (0, 0.0), (-1, -1.0), (-30, -1.0), ("300", 300.0), ("5m", 300.0), ("1h30m", 5400.0),
     ("250ms", 0.25), ("1.5h", 5400.0), ("-1", -1.0), ("-1m", -1.0), ("0s", 0.0),
