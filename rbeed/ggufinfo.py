@@ -14,6 +14,10 @@ import struct
 import sys
 
 
+# llama.cpp's enum llama_pooling_type: how an embedding model makes one vector of its tokens'.
+_POOLING = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
+
+
 def read(path: str) -> dict:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType as T, LlamaFileType
 
@@ -80,6 +84,7 @@ def read(path: str) -> dict:
 
     architecture = fields.get("general.architecture")
     file_type = fields.get("general.file_type")
+    pooling = fields.get(f"{architecture}.pooling_type")
     try:
         quantization = LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else None
     except ValueError:
@@ -93,6 +98,7 @@ def read(path: str) -> dict:
         "context_length": fields.get(f"{architecture}.context_length"),
         "embedding_length": fields.get(f"{architecture}.embedding_length"),
         "chat_template": "tokenizer.chat_template" in fields,
+        "pooling": None if pooling is None else _POOLING.get(pooling, str(pooling)),  # set: an embedding model
         "gguf_version": version,
     }
 

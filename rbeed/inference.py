@@ -69,11 +69,11 @@ class Inference:
             frequency_penalty=op.frequency_penalty,
             grammar=op.grammar if op.format is None else gbnf(op.format),
         )  # fmt: skip
-        worker, outcome = await self._run(job, op, generation)
+        worker, outcome, load_ms = await self._run(job, op, generation)
         if not isinstance(outcome, wire.Done):
             raise JobFailed(outcome)
         result = {
-            "model": op.model, "worker_id": worker.id, "prompt_tokens": outcome.prompt_tokens,
+            "model": op.model, "worker_id": worker.id, "load_ms": load_ms, "prompt_tokens": outcome.prompt_tokens,
             "cached_tokens": outcome.cached_tokens, "completion_tokens": outcome.completion_tokens,
             "finish_reason": outcome.finish_reason, "ttft_ms": round(outcome.ttft_ms, 2),
             "tokens_per_s": round(outcome.tokens_per_s, 1),
@@ -88,20 +88,23 @@ class Inference:
             raise JobFailed(why)  # known from the catalog: no worker need load it
         generation = Generation(job, False, wire.Embed, inputs=op.inputs, truncate=op.truncate,
                                 normalize=op.normalize, dimensions=op.dimensions)  # fmt: skip
-        worker, outcome = await self._run(job, op, generation)
+        worker, outcome, load_ms = await self._run(job, op, generation)
         if not isinstance(outcome, wire.Embedded):
             raise JobFailed(outcome if isinstance(outcome, str) else "cancelled")
-        job.result({"model": op.model, "worker_id": worker.id, "prompt_tokens": outcome.prompt_tokens,
+        job.result({"model": op.model, "worker_id": worker.id, "load_ms": load_ms, "prompt_tokens": outcome.prompt_tokens,
                     "embeddings": generation.vectors})  # fmt: skip
 
     async def _run(
         self, job: Job, op: Infer | Embed, generation: Generation
-    ) -> tuple[Worker, wire.Done | wire.Embedded | str]:
-        """Serve `generation` on a worker for `op`; the worker and what it answered."""
+    ) -> tuple[Worker, wire.Done | wire.Embedded | str, float]:
+        """Serve `generation` on a worker for `op`; the worker, what it answered, and the
+        milliseconds until it was there to take the job (a load, or another job's load, waited for)."""
         worker: Worker | None = None
+        began = trio.current_time()
         try:
             worker, loaded_for_us = await self._worker_for(job, op, generation)
             await worker.wait_loaded()
+            load_ms = round((trio.current_time() - began) * 1000, 2)
             if op.keep_alive is not None and worker.on_demand:
                 worker.keep_alive = op.keep_alive
             if not loaded_for_us:
@@ -116,4 +119,4 @@ class Inference:
                 if worker is not None:
                     with trio.CancelScope(shield=True):
                         await worker.abandon(generation)
-        return worker, generation.outcome
+        return worker, generation.outcome, load_ms

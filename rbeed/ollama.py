@@ -264,7 +264,7 @@ class _Reply(_Lines):
         return _line(
             self.model, self.chat, self.stream, "" if self.stream else result.get("text", ""), done=True,
             done_reason=result.get("finish_reason"), total_duration=int((time.perf_counter() - self.began) * 1e9),
-            prompt_eval_count=result.get("prompt_tokens", 0), prompt_eval_duration=int(result.get("ttft_ms", 0) * 1e6),
+            load_duration=int(result.get("load_ms", 0) * 1e6), prompt_eval_count=result.get("prompt_tokens", 0), prompt_eval_duration=int(result.get("ttft_ms", 0) * 1e6),
             eval_count=completion, eval_duration=int((completion - 1) / rate * 1e9) if rate else 0,  # rate: per gap
         )  # fmt: skip
 
@@ -283,6 +283,7 @@ class _EmbedReply(_Lines):
             return _encode({"embedding": vectors[0] if vectors else []})
         took = int((time.perf_counter() - self.began) * 1e9)
         return _encode({"model": self.model, "embeddings": vectors, "total_duration": took,
+                        "load_duration": int(self.result.get("load_ms", 0) * 1e6),
                         "prompt_eval_count": self.result.get("prompt_tokens", 0)})  # fmt: skip
 
 
@@ -377,10 +378,14 @@ class OllamaAPI:
         meta = model.metadata
         info = {"general.architecture": meta.get("architecture"), "general.parameter_count": meta.get("parameters"),
                 "general.file_type": meta.get("file_type")}  # fmt: skip
-        if meta.get("architecture") and meta.get("context_length"):
-            info[f"{meta['architecture']}.context_length"] = meta["context_length"]
+        for key in ("context_length", "embedding_length"):
+            if meta.get("architecture") and meta.get(key):
+                info[f"{meta['architecture']}.{key}"] = meta[key]
+        # As Ollama tells them apart: a model whose GGUF sets a pooling is for embeddings.
+        embedder = meta.get("pooling") not in (None, "none")
         return json_response(200, {"modelfile": "", "parameters": "", "details": _details(model), "model_info": info,
-                                   "capabilities": ["completion"], "modified_at": _timestamp(model.added_at)})  # fmt: skip
+                                   "capabilities": ["embedding" if embedder else "completion"],
+                                   "modified_at": _timestamp(model.added_at)})  # fmt: skip
 
     async def _generate(self, kind: type[_Generate | _Chat], request: Request) -> Response | StreamingResponse:
         if refusal := only(request, "POST") or self._closed():

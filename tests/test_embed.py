@@ -76,7 +76,7 @@ def unit(vectors) -> numpy.ndarray:
 
 async def test_vectors_are_llama_cpps_mean_pooling_even_across_batches(client, reference):
     result = await embed(client, input=TEXTS)
-    assert result.keys() == {"model", "worker_id", "prompt_tokens", "embeddings"}
+    assert result.keys() == {"model", "worker_id", "load_ms", "prompt_tokens", "embeddings"}
     vectors = numpy.array(result["embeddings"])
     assert vectors.shape == (3, N_EMBD)
     assert numpy.allclose(numpy.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
@@ -184,7 +184,7 @@ async def test_ollamas_client_gets_the_vectors(embedder, reference):
     answer = await trio.to_thread.run_sync(lambda: client.embed(model="tiny:latest", input=TEXTS))
     assert answer.model == "tiny"
     assert numpy.abs(numpy.array(answer.embeddings) - reference).max() < 1e-5
-    assert answer.prompt_eval_count > 32 and answer.total_duration > 0
+    assert answer.prompt_eval_count > 32 and 0 < answer.load_duration < answer.total_duration
     loaded = await trio.to_thread.run_sync(lambda: client.embed(model="tiny", input=""))
     assert loaded.embeddings == []
     # The older route: one prompt, its vector as pooled (not unit length).

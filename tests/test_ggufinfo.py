@@ -28,6 +28,8 @@ def reference(path) -> dict:
         "embedding_length": reader.fields[f"{architecture}.embedding_length"].contents()
         if f"{architecture}.embedding_length" in reader.fields else None,
         "chat_template": "tokenizer.chat_template" in reader.fields,
+        "pooling": {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}[reader.fields[pooling].contents()]
+        if (pooling := f"{architecture}.pooling_type") in reader.fields else None,
         "gguf_version": reader.fields["GGUF.version"].contents(),
     }
 
@@ -70,6 +72,7 @@ def test_tiny_model_agrees_with_gguf_reader(tiny_model):
     assert info["parameters"] > 100_000
     assert (info["file_type"], info["quantization"]) == (gguf.LlamaFileType.ALL_F32, "ALL_F32")
     assert info["chat_template"] is False
+    assert info["pooling"] is None  # a generative model
 
 
 def test_chat_template_and_nested_arrays_agree_with_gguf_reader(templated_model):
@@ -81,6 +84,17 @@ def test_chat_template_and_nested_arrays_agree_with_gguf_reader(templated_model)
     assert info["embedding_length"] == 32
     assert info["quantization"] == "Q8_0"
     assert info["chat_template"] is True
+
+
+@pytest.mark.parametrize("kind", [gguf.PoolingType.MEAN, gguf.PoolingType.CLS, gguf.PoolingType.LAST])
+def test_an_embedding_models_pooling_is_named(tmp_path, kind):
+    import tinymodel
+
+    path = tinymodel.write_tiny_model(tmp_path / "embedder.gguf", pooling_type=kind)
+    info = ggufinfo.read(str(path))
+    expected = reference(path)
+    assert {key: info[key] for key in expected} == expected
+    assert info["pooling"] == kind.name.lower()
 
 
 def test_command_prints_one_json_object(tiny_model):

@@ -18,7 +18,7 @@ from support import (
     rest_of, result_of, run_job, running_daemon,
 )  # fmt: skip
 
-RESULT_FIELDS = {"model", "worker_id", "prompt_tokens", "cached_tokens", "completion_tokens", "finish_reason", "ttft_ms",
+RESULT_FIELDS = {"model", "worker_id", "load_ms", "prompt_tokens", "cached_tokens", "completion_tokens", "finish_reason", "ttft_ms",
                  "tokens_per_s"}  # fmt: skip
 # Greedy decoding of this prompt runs past 100 tokens without ending a sentence ...
 GREEDY = {"operation": "infer", "model": "tiny", "prompt": "Once upon a time", "temperature": 0, "max_tokens": 20}
@@ -240,6 +240,8 @@ async def test_load_on_demand_then_reuse_and_keep_alive(client):
     loaded = result["worker_id"]
     assert narrations(events)[0] == f"loading tiny2 on cpu with 1 thread(s) and a context of 2048 tokens as worker {loaded}"
     assert narrations(events)[1].startswith(f"worker {loaded} ready in ")
+    ready_in = float(narrations(events)[1].split(" ready in ")[1].removesuffix(" s"))
+    assert result["load_ms"] >= ready_in * 1000 - 5 > 0  # the load's time, from the job's start
     await wait_no_tiny2_worker(client)
 
     # keep_alive -1: loaded once and kept; the next job reuses it without a word about loading.
@@ -248,6 +250,7 @@ async def test_load_on_demand_then_reuse_and_keep_alive(client):
     assert kept != loaded and narrations(events)[0].startswith("loading tiny2 ")
     events, result = await infer(client, GREEDY | {"model": "tiny2"})
     assert result["worker_id"] == kept and narrations(events) == []
+    assert result["load_ms"] < ready_in * 1000 / 2  # none: the worker was there
     [worker] = await tiny2_workers(client)
     assert (worker["id"], worker["on_demand"], worker["state"]) == (kept, True, "ready") and pid_alive(worker["pid"])
     assert (worker["keep_alive"], worker["stops_at"]) == (-1, None)

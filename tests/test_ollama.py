@@ -8,6 +8,7 @@ import time
 from datetime import datetime
 from unittest.mock import ANY
 
+import gguf
 import ollama
 import pytest
 import trio
@@ -79,9 +80,21 @@ async def test_version_tags_and_show_describe_the_catalog(rbeed, client):
     assert status == 200
     assert await post(client, "/api/show", {"model": "TINY:latest"}) == (200, shown)
     assert shown["details"] == tiny["details"] and shown["capabilities"] == ["completion"]
-    assert shown["model_info"]["llama.context_length"] == 32768
+    assert (shown["model_info"]["llama.context_length"], shown["model_info"]["llama.embedding_length"]) == (32768, 64)
     assert shown["model_info"]["general.parameter_count"] == parameters
     assert await post(client, "/api/show", {"name": "nope"}) == (404, {"error": "unknown model 'nope' (known: chatty, tiny)"})
+
+
+async def test_show_tells_an_embedding_model_by_its_pooling(rbeed, client, tmp_path):
+    import tinymodel
+
+    path = tinymodel.write_tiny_model(tmp_path / "embedder.gguf", pooling_type=gguf.PoolingType.CLS)
+    await job_result(client, {"operation": "model_download", "model": str(path)})
+    try:
+        status, shown = await post(client, "/api/show", {"model": "embedder"})
+        assert (status, shown["capabilities"], shown["model_info"]["llama.embedding_length"]) == (200, ["embedding"], 64)
+    finally:
+        await job_result(client, {"operation": "model_delete", "id": "embedder"})
 
 
 async def test_generate_streams_lines_then_a_done_line_with_counts(client):
@@ -94,6 +107,7 @@ async def test_generate_streams_lines_then_a_done_line_with_counts(client):
     assert (done["done"], done["done_reason"], done["response"]) == (True, "length", "")
     assert (done["prompt_eval_count"], done["eval_count"]) == (native["prompt_tokens"], 12)
     assert 0 < done["prompt_eval_duration"] < done["total_duration"] and 0 < done["eval_duration"] < done["total_duration"]
+    assert 0 < done["load_duration"] < done["total_duration"]
 
     status, whole = await post(client, "/api/generate", GENERATE | {"stream": False})
     assert status == 200
