@@ -91,8 +91,8 @@ class Inference:
         worker, outcome, load_ms = await self._run(job, op, generation)
         if not isinstance(outcome, wire.Embedded):
             raise JobFailed(outcome if isinstance(outcome, str) else "cancelled")
-        job.result({"model": op.model, "worker_id": worker.id, "load_ms": load_ms, "prompt_tokens": outcome.prompt_tokens,
-                    "embeddings": generation.vectors})  # fmt: skip
+        job.result({"model": op.model, "worker_id": worker.id, "load_ms": load_ms,
+                    "prompt_tokens": outcome.prompt_tokens, "embeddings": generation.vectors})  # fmt: skip
 
     async def _run(
         self, job: Job, op: Infer | Embed, generation: Generation

@@ -264,7 +264,8 @@ class _Reply(_Lines):
         return _line(
             self.model, self.chat, self.stream, "" if self.stream else result.get("text", ""), done=True,
             done_reason=result.get("finish_reason"), total_duration=int((time.perf_counter() - self.began) * 1e9),
-            load_duration=int(result.get("load_ms", 0) * 1e6), prompt_eval_count=result.get("prompt_tokens", 0), prompt_eval_duration=int(result.get("ttft_ms", 0) * 1e6),
+            load_duration=int(result.get("load_ms", 0) * 1e6),
+            prompt_eval_count=result.get("prompt_tokens", 0), prompt_eval_duration=int(result.get("ttft_ms", 0) * 1e6),
             eval_count=completion, eval_duration=int((completion - 1) / rate * 1e9) if rate else 0,  # rate: per gap
         )  # fmt: skip
 
