@@ -24,7 +24,7 @@ from . import __version__
 from .config import default_runtime_dir
 from .httpclient import Client, ConnectError, HTTPError, HTTPTimeout, ServerSentEvent
 from .jobclient import JobClient, Refused, StreamLost, job_path, server_message
-from .operations import HiveCreate, Infer, WorkerSpawn
+from .operations import DEFAULTS, HiveCreate, Infer, Settings, WorkerSpawn
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the job ended with [ERROR], or the daemon answered something unusable
@@ -694,6 +694,8 @@ async def run_command(args: argparse.Namespace, console: Console) -> int:
                 if not await settle_model(session, console, payload):
                     return EXIT_CANCELLED
                 payload = infer_payload(payload)
+            elif args.operation == "model_copy":
+                payload = copy_payload(payload)
             elif args.operation == "embed":
                 payload["input"] = embed_inputs(payload.get("input") or [])
                 if not await settle_model(session, console, payload, template=False):
@@ -715,6 +717,12 @@ def infer_payload(payload: dict, history: Sequence[dict] = ()) -> dict:
         system_message = [{"role": "system", "content": system}] if system else []
         payload["messages"] = [*system_message, *history, {"role": "user", "content": payload.pop("prompt")}]
     return payload
+
+
+def copy_payload(payload: dict) -> dict:
+    """model_copy's payload from rbee's options: infer's among them are the copy's defaults."""
+    defaults = {name: payload.pop(name) for name in Settings.__struct_fields__ if name in payload}
+    return payload | ({"defaults": defaults} if defaults else {})
 
 
 def embed_inputs(texts: list[str]) -> list[str]:
@@ -858,7 +866,35 @@ def _arg(*flags: str, **options: Any) -> Argument:
 def _default(operation: type[msgspec.Struct], field: str) -> str:
     """`(default X)` from the payload struct, so that help shows what the daemon will use."""
     [default] = [f.default for f in msgspec.structs.fields(operation) if f.name == field]
+    if operation is Infer and field in Settings.__struct_fields__:
+        default = getattr(DEFAULTS, field)
+        shown = format_value(default) if default not in (None, []) else {"seed": "random", "n_ctx": "any worker's"}.get(field, "none")
+        return f"(default: the model's, else {shown})"
     return f"(default {format_value(default)})"
+
+
+def _settings(default: Callable[[str], str]) -> tuple[Argument, ...]:
+    """infer's options that a model can set defaults for; `default(field)` ends each help."""
+    return (
+        _arg("-n", "--max-tokens", dest="max_tokens", type=int, metavar="N",
+             help=f"tokens to generate at most {default('max_tokens')}"),
+        _arg("--temperature", type=float, metavar="F", help=f"sampling temperature {default('temperature')}"),
+        _arg("--top-p", dest="top_p", type=float, metavar="F", help=f"nucleus sampling mass {default('top_p')}"),
+        _arg("--top-k", dest="top_k", type=int, metavar="N",
+             help=f"sample among the K likeliest tokens, 0 = all {default('top_k')}"),
+        _arg("--min-p", dest="min_p", type=float, metavar="F",
+             help=f"drop tokens less likely than F times the likeliest {default('min_p')}"),
+        _arg("--repeat-penalty", dest="repeat_penalty", type=float, metavar="F",
+             help=f"scale down the logits of the last 64 tokens by F, 1 = off {default('repeat_penalty')}"),
+        _arg("--presence-penalty", dest="presence_penalty", type=float, metavar="F",
+             help=f"subtract F from the logits of the last 64 tokens, -2 to 2 {default('presence_penalty')}"),
+        _arg("--frequency-penalty", dest="frequency_penalty", type=float, metavar="F",
+             help=f"subtract F per occurrence among the last 64 tokens, -2 to 2 {default('frequency_penalty')}"),
+        _arg("--seed", type=int, metavar="N", help=f"sampling seed {default('seed')}"),
+        _arg("--stop", action="append", metavar="S", help=f"stop string (repeatable) {default('stop')}"),
+        _arg("-c", "--ctx-size", dest="n_ctx", type=int, metavar="N",
+             help=f"use (or load) a worker whose context holds N tokens; 0 = the model's own {default('n_ctx')}"),
+    )  # fmt: skip
 
 
 _HIVE = _arg("--hive", dest="hive_id", metavar="ID", help="the hive to act on (default: localhost)")
@@ -882,8 +918,8 @@ def _format(text: str) -> str | dict:
     return schema
 
 
-def _grammar(text: str) -> str:
-    """infer's `grammar`: GBNF given inline or as @FILE."""
+def _text(text: str) -> str:
+    """Text given inline or as @FILE (infer's `grammar`, a model's `system`)."""
     try:
         return Path(text[1:]).read_text() if text.startswith("@") else text
     except (OSError, UnicodeDecodeError) as exc:
@@ -978,8 +1014,13 @@ def make_parser() -> argparse.ArgumentParser:
              _HIVE)  # fmt: skip
     _command(model, "list", "model_list", "list models", _HIVE)
     _command(model, "get", "model_get", "show one model", by_id, _HIVE)
-    _command(model, "copy", "model_copy", "name a model by a new id too (a hard link to its file: no space used)",
-             by_id, _arg("to", metavar="NEW_ID"), _HIVE)  # fmt: skip
+    _command(model, "copy", "model_copy",
+             "name a model by a new id too (a hard link to its file: no space used), with its own system message "
+             "and defaults for infer's options (over ID's; NEW_ID may be ID to change them)",
+             by_id, _arg("to", metavar="NEW_ID"),
+             _arg("--system", type=_text, metavar="TEXT",
+                  help="the system message of its chats that have none, inline or as @FILE ('' removes it)"),
+             *_settings(lambda field: "(default: ID's)"), _HIVE)  # fmt: skip
     _command(model, "delete", "model_delete", "delete a model", by_id, _HIVE)
 
     worker = commands.add_parser("worker", help="manage workers on a hive").add_subparsers(
@@ -1002,29 +1043,13 @@ def make_parser() -> argparse.ArgumentParser:
                   help='the text to continue; "-" reads it from stdin, and so does none unless stdin is a '
                        "terminal, where it starts a session (a prompt per line)"),
              _arg("-m", "--model", metavar="ID", help="model id (default: $RBEE_MODEL, else the only model)"),
-             _arg("-n", "--max-tokens", dest="max_tokens", type=int, metavar="N",
-                  help=f"tokens to generate at most {_default(Infer, 'max_tokens')}"),
-             _arg("--temperature", type=float, metavar="F", help=f"sampling temperature {_default(Infer, 'temperature')}"),
-             _arg("--top-p", dest="top_p", type=float, metavar="F", help=f"nucleus sampling mass {_default(Infer, 'top_p')}"),
-             _arg("--top-k", dest="top_k", type=int, metavar="N", help=f"sample among the K likeliest tokens, 0 = all {_default(Infer, 'top_k')}"),
-             _arg("--min-p", dest="min_p", type=float, metavar="F",
-                  help=f"drop tokens less likely than F times the likeliest {_default(Infer, 'min_p')}"),
-             _arg("--repeat-penalty", dest="repeat_penalty", type=float, metavar="F",
-                  help=f"scale down the logits of the last 64 tokens by F, 1 = off {_default(Infer, 'repeat_penalty')}"),
-             _arg("--presence-penalty", dest="presence_penalty", type=float, metavar="F",
-                  help=f"subtract F from the logits of the last 64 tokens, -2 to 2 {_default(Infer, 'presence_penalty')}"),
-             _arg("--frequency-penalty", dest="frequency_penalty", type=float, metavar="F",
-                  help=f"subtract F per occurrence among the last 64 tokens, -2 to 2 {_default(Infer, 'frequency_penalty')}"),
-             _arg("--seed", type=int, metavar="N", help="sampling seed (default: random)"),
-             _arg("--stop", action="append", metavar="S", help="stop string (repeatable)"),
+             *_settings(lambda field: _default(Infer, field)),
              _arg("--format", type=_format, metavar="FORMAT",
                   help="hold the output to JSON: json (an object), or a JSON Schema, inline or as @FILE"),
-             _arg("--grammar", type=_grammar, metavar="GBNF",
+             _arg("--grammar", type=_text, metavar="GBNF",
                   help="hold the output to a GBNF grammar (llama.cpp's), inline or as @FILE"),
              _arg("--device", metavar="D", help="cpu, cuda, cuda:N or metal"),
              _arg("--worker-id", dest="worker_id", metavar="ID", help="use this worker"),
-             _arg("-c", "--ctx-size", dest="n_ctx", type=int, metavar="N",
-                  help="use (or load) a worker whose context holds N tokens; 0 = the model's own"),
              _arg("--chat", action="store_const", const=True,
                   help="send PROMPT as a user's message, through the model's chat template "
                        "(the default when the model has one)"),

@@ -11,12 +11,18 @@ import msgspec
 from . import wire
 from .jobs import Job, JobFailed, JobRegistry, RegistryFull
 from .models import Model, Models
-from .operations import AnyOperation, Embed, Infer
+from .operations import MAX_TOKENS, AnyOperation, Embed, Infer
 from .server import StreamingResponse
 
 # Infer's sampling fields that OpenAI's requests (with llama-server's extensions) and Ollama's
 # options name as infer does.
 SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty", "seed")
+
+
+def no_limit(model: Model) -> int | None:
+    """max_tokens for a request that gives none: none, as llama-server's and Ollama's, unless the
+    model's defaults set one (None: infer takes it from them)."""
+    return None if model.defaults.max_tokens is not None else MAX_TOKENS
 
 
 def sampling(source) -> dict:

@@ -11,7 +11,7 @@ from . import wire
 from .grammar import gbnf
 from .jobs import Job, JobFailed
 from .models import Model
-from .operations import Embed, Infer
+from .operations import DEFAULTS, Embed, Infer, Settings
 from .workers import Generation, Supervisor, Worker
 
 OpT = TypeVar("OpT", Infer, Embed)
@@ -25,51 +25,63 @@ class Inference:
     def _device(self, op: Infer | Embed) -> str:
         return "cuda:0" if op.device == "cuda" else op.device or "cpu"
 
-    def _matches(self, worker: Worker, op: Infer | Embed, n_ctx: int) -> bool:
-        if worker.model != op.model or not worker.accepting or worker.n_ctx < n_ctx:
+    def _matches(self, worker: Worker, op: Infer | Embed, model: Model, n_ctx: int) -> bool:
+        if not self.supervisor.models.same_file(worker.model, model) or not worker.accepting or worker.n_ctx < n_ctx:
             return False
         if op.device is None:
             return True
         return worker.device.startswith("cuda") if op.device == "cuda" else worker.device == op.device
 
-    async def _worker_for(self, job: Job, op: Infer | Embed, generation: Generation) -> tuple[Worker, bool]:
-        """The worker for the job, and whether it was loaded for it (it then serves `generation` first)."""
+    async def _worker_for(
+        self, job: Job, op: Infer | Embed, model: Model, generation: Generation, asked_ctx: int | None
+    ) -> tuple[Worker, bool]:
+        """The worker for the job, and whether it was loaded for it (it then serves `generation` first).
+
+        A worker holding a copy of the model (a hard link to its file) serves it as well, as Ollama shares a
+        runner between names of one model: the copy's settings are its jobs', not the worker's.
+        """
         # A worker with a larger context than asked for serves the job as well.
-        n_ctx = 0 if op.n_ctx is None else self.supervisor.context(op.model, op.n_ctx)
+        n_ctx = 0 if asked_ctx is None else self.supervisor.context(op.model, asked_ctx)
         if op.worker_id is not None:
             worker = self.supervisor.lookup(op.worker_id)
-            if worker.model != op.model:
+            if not self.supervisor.models.same_file(worker.model, model):
                 raise JobFailed(f"worker {worker.id} serves {worker.model}, not {op.model}")
             if worker.n_ctx < n_ctx:
                 raise JobFailed(f"worker {worker.id} has a context of {worker.n_ctx} tokens, not {n_ctx}")
             return worker, False
         # One load per model and device at a time: a second job waits for the first's worker.
-        lock = self._loading.setdefault((op.model, self._device(op)), trio.Lock())
+        lock = self._loading.setdefault((model.sha256, self._device(op)), trio.Lock())
         async with lock:
-            candidates = [w for w in self.supervisor.workers.values() if self._matches(w, op, n_ctx)]
+            candidates = [w for w in self.supervisor.workers.values() if self._matches(w, op, model, n_ctx)]
             if candidates:
                 return min(candidates, key=lambda w: w.backlog), False
-            return await self.supervisor.spawn(op.model, self._device(op), n_ctx=op.n_ctx, on_demand=True,
+            return await self.supervisor.spawn(op.model, self._device(op), n_ctx=asked_ctx, on_demand=True,
                                                keep_alive=op.keep_alive, job=job, first=generation), True  # fmt: skip
 
-    def _named(self, op: OpT) -> tuple[OpT, Model]:
-        """The operation with its model as the catalog's id, which workers are matched by, and that model."""
+    def _named(self, op: OpT) -> tuple[OpT, Model, Settings]:
+        """The operation with its model as the catalog's id (which workers are matched by), that
+        model, and the settings the job runs with: its own, else the model's defaults, else DEFAULTS."""
         model = self.supervisor.models.lookup(op.model)
-        return op if model.id == op.model else msgspec.structs.replace(op, model=model.id), model
+        op = op if model.id == op.model else msgspec.structs.replace(op, model=model.id)
+        names = Settings.__struct_fields__ if isinstance(op, Infer) else ("n_ctx",)
+        sources = (op, model.defaults, DEFAULTS)
+        settled = {name: next((v for s in sources if (v := getattr(s, name)) is not None), None) for name in names}
+        return op, model, Settings(**settled)
 
     async def infer(self, job: Job, op: Infer) -> None:
-        op, model = self._named(op)
+        op, model, settings = self._named(op)
         if op.messages is not None and model.without_chat_template:
             raise JobFailed(wire.NO_CHAT_TEMPLATE)  # known from the catalog: no worker need load it
         messages = None if op.messages is None else [(m.role, m.content) for m in op.messages]
+        if messages and model.system and messages[0][0] != "system":  # as Ollama puts a model's SYSTEM
+            messages.insert(0, ("system", model.system))
         generation = Generation(
-            job, op.stream, prompt=op.prompt or "", max_tokens=op.max_tokens, temperature=op.temperature,
-            top_p=op.top_p, top_k=op.top_k, seed=op.seed, stop=list(op.stop), messages=messages, min_p=op.min_p,
-            repeat_penalty=op.repeat_penalty, presence_penalty=op.presence_penalty,
-            frequency_penalty=op.frequency_penalty,
-            grammar=op.grammar if op.format is None else gbnf(op.format),
+            job, op.stream, prompt=op.prompt or "", max_tokens=settings.max_tokens, temperature=settings.temperature,
+            top_p=settings.top_p, top_k=settings.top_k, seed=settings.seed, stop=list(settings.stop), messages=messages,
+            min_p=settings.min_p, repeat_penalty=settings.repeat_penalty, presence_penalty=settings.presence_penalty,
+            frequency_penalty=settings.frequency_penalty, grammar=op.grammar if op.format is None else gbnf(op.format),
         )  # fmt: skip
-        worker, outcome, load_ms = await self._run(job, op, generation)
+        worker, outcome, load_ms = await self._run(job, op, model, generation, settings.n_ctx)
         if not isinstance(outcome, wire.Done):
             raise JobFailed(outcome)
         result = {
@@ -83,26 +95,26 @@ class Inference:
         job.result(result)
 
     async def embed(self, job: Job, op: Embed) -> None:
-        op, model = self._named(op)
+        op, model, settings = self._named(op)
         if why := model.too_many_dimensions(op.dimensions):
             raise JobFailed(why)  # known from the catalog: no worker need load it
         generation = Generation(job, False, wire.Embed, inputs=op.inputs, truncate=op.truncate,
                                 normalize=op.normalize, dimensions=op.dimensions)  # fmt: skip
-        worker, outcome, load_ms = await self._run(job, op, generation)
+        worker, outcome, load_ms = await self._run(job, op, model, generation, settings.n_ctx)
         if not isinstance(outcome, wire.Embedded):
             raise JobFailed(outcome if isinstance(outcome, str) else "cancelled")
         job.result({"model": op.model, "worker_id": worker.id, "load_ms": load_ms,
                     "prompt_tokens": outcome.prompt_tokens, "embeddings": generation.vectors})  # fmt: skip
 
     async def _run(
-        self, job: Job, op: Infer | Embed, generation: Generation
+        self, job: Job, op: Infer | Embed, model: Model, generation: Generation, n_ctx: int | None
     ) -> tuple[Worker, wire.Done | wire.Embedded | str, float]:
         """Serve `generation` on a worker for `op`; the worker, what it answered, and the
         milliseconds until it was there to take the job (a load, or another job's load, waited for)."""
         worker: Worker | None = None
         began = trio.current_time()
         try:
-            worker, loaded_for_us = await self._worker_for(job, op, generation)
+            worker, loaded_for_us = await self._worker_for(job, op, model, generation, n_ctx)
             await worker.wait_loaded()
             load_ms = round((trio.current_time() - began) * 1000, 2)
             if op.keep_alive is not None and worker.on_demand:

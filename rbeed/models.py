@@ -20,7 +20,7 @@ from .config import ModelsConfig, read_secret
 from .download import DownloadError, download
 from .httpclient import Client, StatusError
 from .jobs import Job, JobFailed
-from .operations import ModelCopy, ModelDelete, ModelDownload, ModelGet, ModelList
+from .operations import ModelCopy, ModelDelete, ModelDownload, ModelGet, ModelList, Settings
 
 _HF = re.compile(r"^hf:([A-Za-z0-9][\w.-]*)/([A-Za-z0-9][\w.-]*)/((?:[\w.-]+/)*[\w.-]+\.gguf)$")
 
@@ -33,6 +33,8 @@ class Model(msgspec.Struct):
     source: str
     added_at: float
     metadata: dict = {}
+    system: str | None = None  # the first message of its chats that have none
+    defaults: Settings = msgspec.field(default_factory=Settings)  # for its infer jobs' settings they leave out
 
     @property
     def without_chat_template(self) -> bool:
@@ -126,6 +128,16 @@ class Models:
             raise JobFailed(f"model {model.id!r} is being deleted")
         return model
 
+    def same_file(self, model_id: str, model: Model) -> bool:
+        """Whether model `model_id` is `model`, or a copy of it (or it a copy of that): one file."""
+        if model_id == model.id:
+            return True
+        other = self.catalog.get(model_id)
+        try:
+            return other is not None and os.path.samefile(self.path_of(other), self.path_of(model))
+        except OSError:  # either file gone
+            return False
+
     @contextlib.contextmanager
     def held(self, model_id: str, holder: str) -> Iterator[Model]:
         """The model, kept from model_delete while `holder` places a worker for it.
@@ -216,18 +228,31 @@ class Models:
 
     async def copy(self, job: Job, op: ModelCopy) -> None:
         model, to = self.lookup(op.id), model_id(op.to)
-        if to == model.id:
-            raise JobFailed(f"{op.to!r} names model {model.id} itself; give another id")
+        system = model.system if op.system is None else op.system or None
+        defaults = model.defaults
+        if op.defaults is not None:
+            given = {name: value for name in Settings.__struct_fields__ if (value := getattr(op.defaults, name)) is not None}
+            defaults = msgspec.structs.replace(defaults, **given)
+        made = msgspec.structs.replace(model, id=to, file=f"{to}.gguf", added_at=time.time(), system=system,
+                                       defaults=defaults)  # fmt: skip
         existing = self.catalog.get(to)
+        if to == model.id and op.system is None and op.defaults is None:
+            raise JobFailed(f"{op.to!r} names model {model.id} itself; give another id, or a system or defaults to set")
         if existing is not None and existing.sha256 == model.sha256 and self.path_of(existing).exists():
-            job.narrate(f"model {to} is already a copy of {model.id}")
-            job.result(existing)
+            # The same file already: as `ollama create` again, only its record is made anew.
+            if msgspec.structs.replace(existing, added_at=made.added_at) == made:
+                job.narrate(f"model {to} is already a copy of {model.id}")
+                made = existing
+            else:
+                await self.catalog.put(to, made)
+                job.narrate(f"model {to} is a copy of {model.id} already; its system and defaults are set anew")
+            job.result(made)
             return
         if existing is not None:
             raise JobFailed(f"model {to} already exists (sha256 {existing.sha256}); model_delete it first")
         if to in self._fetching or to in self._deleting:
             raise JobFailed(f"model {to} is being {'deleted' if to in self._deleting else 'written'}; try again later")
-        source, dest = self.file_of(model), self.dir / f"{to}.gguf"
+        source, dest = self.file_of(model), self.dir / made.file
         self._fetching[to] = (job.id, trio.Event())
         try:
             # Beside it, then renamed: a file left at dest (a crash's) is replaced, never half-made.
@@ -239,12 +264,11 @@ class Models:
                 link.unlink(missing_ok=True)
                 raise JobFailed(f"cannot link {source} as {dest}: {exc.strerror} (a copy is a hard link: "
                                 "the models directory's file system must have them)") from None  # fmt: skip
-            copy = msgspec.structs.replace(model, id=to, file=dest.name, added_at=time.time())
-            await self.catalog.put(to, copy)
+            await self.catalog.put(to, made)
         finally:
             self._fetching.pop(to)[1].set()
         job.narrate(f"model {model.id} copied as {to} (a hard link to its file: no space used)")
-        job.result(copy)
+        job.result(made)
 
     async def delete(self, job: Job, op: ModelDelete) -> None:
         model = self.lookup(op.id)

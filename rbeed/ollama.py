@@ -1,4 +1,4 @@
-"""Ollama-compatible routes (/api/generate, /api/chat, /api/embed, /api/tags, /api/show, /api/ps, /api/pull, ...)."""
+"""Ollama-compatible routes (/api/generate, /api/chat, /api/embed, /api/tags, /api/show, /api/create, ...)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,17 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from functools import partial
+from pathlib import Path
 
 import msgspec
 
 from . import __version__
-from .compat import SAMPLING, Refused, Reply, decode, end_of, failure, sampling, start_model_job, start_job
+from .compat import (
+    SAMPLING, Refused, Reply, decode, end_of, failure, invalid, no_limit, sampling, start_job, start_model_job,
+)
 from .jobs import Job, JobFailed, JobRegistry
 from .models import Model, Models, model_id, resolve_source
-from .operations import MAX_TOKENS, Embed, ModelCopy, ModelDelete, ModelDownload
+from .operations import MAX_TOKENS, Embed, ModelCopy, ModelDelete, ModelDownload, Settings
 from .server import Request, Response, StreamingResponse, error_response, json_response, only
 from .workers import Supervisor
 
@@ -100,18 +103,42 @@ class _Copy(msgspec.Struct):
     destination: str
 
 
+class _Create(_Named):
+    """`ollama create`, from a model rbeed has: Ollama's fields for what else it is made of are refused."""
+
+    from_: str = msgspec.field(default="", name="from")
+    system: str | None = None
+    parameters: dict | None = None
+    stream: bool = True
+    files: dict | None = None
+    adapters: dict | None = None
+    template: str | None = None
+    messages: list | None = None
+    license: str | list | None = None
+    quantize: str | None = None
+    modelfile: str | None = None  # the older API's
+
+
 class _Pull(_Named):
     stream: bool = True
     insecure: bool = False  # rbeed's downloads check certificates always
 
 
+# Why a create cannot be made of these (the others: not supported).
+_UNMADE = {
+    field: f"{field} is not supported by rbeed: it makes a model from one it has (`from`); "
+    "to add a GGUF, /api/pull its hf: or http(s) URL, or its path"
+    for field in ("files", "adapters")
+} | {"modelfile": "modelfile (the older API) is not supported by rbeed: give from, system and parameters"}
+
 # What /api/pull takes as a model to fetch, besides the id of one it has.
 _SOURCES = ("hf:", "http://", "https://", "file:", "/")
 
 
+# Infer's settings by Ollama's names (its options, and a Modelfile's PARAMETERs).
+_OPTIONS = {name: name for name in (*SAMPLING, "stop")} | {"max_tokens": "num_predict", "n_ctx": "num_ctx"}
 # Infer's fields by the names an Ollama client gave them, for a 400's message.
-_NAMES = {"max_tokens": "options.num_predict", "n_ctx": "options.num_ctx", "prompt": "prompt", "messages": "messages"}
-_NAMES |= {name: f"options.{name}" for name in (*SAMPLING, "stop")}
+_NAMES = {name: f"options.{option}" for name, option in _OPTIONS.items()} | {"prompt": "prompt", "messages": "messages"}
 _EMBED_NAMES = {"n_ctx": "options.num_ctx"}
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -160,7 +187,7 @@ def _infer_fields(body: _Generate | _Chat, model: Model) -> dict:
     fields = {
         "operation": "infer", "model": model.id, "stream": body.stream,
         # Ollama's default, -1, and -2 go on until the end of text or a full context.
-        "max_tokens": MAX_TOKENS if predict is None or predict < 0 else predict,
+        "max_tokens": no_limit(model) if predict is None else MAX_TOKENS if predict < 0 else predict,
         **sampling(options), "stop": options.stop, "n_ctx": options.num_ctx, "keep_alive": body.keep_alive,
         "format": body.format or None,  # "" is Ollama's none
     }  # fmt: skip
@@ -219,6 +246,41 @@ def _details(model: Model) -> dict:
 def _tag(model: Model) -> dict:
     return {"name": model.id, "model": model.id, "modified_at": _timestamp(model.added_at), "size": model.size,
             "digest": model.sha256, "details": _details(model)}  # fmt: skip
+
+
+def _parameters(defaults: Settings) -> list[tuple[str, str]]:
+    """A model's defaults as a Modelfile's PARAMETERs: Ollama's names, a line per stop string."""
+    lines = []
+    for name, option in _OPTIONS.items():
+        value = getattr(defaults, name)
+        values = value if isinstance(value, list) else [] if value is None else [value]
+        lines += [(option, _encode(item).decode() if isinstance(item, str) else str(item)) for item in values]
+    return lines
+
+
+def _modelfile(model: Model, path: Path, parameters: list[tuple[str, str]]) -> str:
+    """What `ollama show --modelfile` prints: what the model is made of, in a Modelfile."""
+    lines = [f"# Modelfile of rbeed's model {model.id}", f"FROM {path}"]
+    if model.system:
+        lines.append(f'SYSTEM """{model.system}"""')
+    return "\n".join([*lines, *(f"PARAMETER {name} {value}" for name, value in parameters)]) + "\n"
+
+
+def _settings(parameters: dict) -> Settings:
+    """A create's `parameters` (Ollama's names) as infer's settings; Refused for those rbeed does not apply."""
+    fields = {}
+    by_option = {option: name for name, option in _OPTIONS.items()}
+    for option, value in parameters.items():
+        if option not in by_option:
+            raise Refused(400, f"parameter {option!r} is not supported by rbeed; it applies "
+                               f"{', '.join(by_option)}", f"parameters.{option}")  # fmt: skip
+        if option == "num_predict" and isinstance(value, int) and value < 0:
+            value = MAX_TOKENS  # -1 and -2: until the end of text or a full context
+        fields[by_option[option]] = [value] if option == "stop" and isinstance(value, str) else value
+    try:
+        return msgspec.convert(fields, Settings)
+    except msgspec.ValidationError as exc:
+        raise invalid(exc, {name: f"parameters.{option}" for name, option in _OPTIONS.items()}) from None
 
 
 def _line(model: str, chat: bool, stream: bool, text: str, **more) -> bytes:
@@ -288,8 +350,8 @@ class _EmbedReply(_Lines):
                         "prompt_eval_count": self.result.get("prompt_tokens", 0)})  # fmt: skip
 
 
-class _PullReply(_Lines):
-    """A pull's answer, from its model_download job: Ollama's status lines, progress as `completed` of `total`."""
+class _StatusReply(_Lines):
+    """A pull's or a create's answer, from its job: Ollama's status lines, progress as `completed` of `total`."""
 
     def __init__(self, job: Job, stream: bool, registry: JobRegistry, model: str):
         super().__init__(job, stream, registry)
@@ -328,6 +390,7 @@ class OllamaAPI:
             "/api/pull": self._pull,
             "/api/delete": self._delete,
             "/api/copy": self._copy,
+            "/api/create": self._create,
             "/api/generate": partial(self._generate, _Generate),
             "/api/chat": partial(self._generate, _Chat),
             "/api/embed": partial(self._embed, _Embed),
@@ -384,9 +447,13 @@ class OllamaAPI:
                 info[f"{meta['architecture']}.{key}"] = meta[key]
         # As Ollama tells them apart: a model whose GGUF sets a pooling is for embeddings.
         embedder = meta.get("pooling") not in (None, "none")
-        return json_response(200, {"modelfile": "", "parameters": "", "details": _details(model), "model_info": info,
-                                   "capabilities": ["embedding" if embedder else "completion"],
-                                   "modified_at": _timestamp(model.added_at)})  # fmt: skip
+        parameters = _parameters(model.defaults)
+        answer = {"modelfile": _modelfile(model, self.models.path_of(model), parameters),
+                  "parameters": "\n".join(f"{name:<30} {value}" for name, value in parameters),
+                  "details": _details(model), "model_info": info,
+                  "capabilities": ["embedding" if embedder else "completion"],
+                  "modified_at": _timestamp(model.added_at)}  # fmt: skip
+        return json_response(200, answer | ({"system": model.system} if model.system else {}))
 
     async def _generate(self, kind: type[_Generate | _Chat], request: Request) -> Response | StreamingResponse:
         if refusal := only(request, "POST") or self._closed():
@@ -394,8 +461,8 @@ class OllamaAPI:
         try:
             body = self._decode(request, kind)
             if _is_load(body) and body.keep_alive == 0:
-                model_id = self.models.lookup(body.model).id  # an unknown model is a 404 here too
-                if not any(w.model == model_id for w in self._loaded()):
+                model = self.models.lookup(body.model)  # an unknown model is a 404 here too
+                if not any(self.models.same_file(w.model, model) for w in self._loaded()):
                     line = _line(body.model, kind is _Chat, body.stream, "", done=True, done_reason="unload")
                     return Response(200, line, "application/x-ndjson" if body.stream else "application/json")
             job = start_model_job(self.registry, self.models, body.model, partial(_infer_fields, body), _NAMES)
@@ -425,7 +492,7 @@ class OllamaAPI:
             job = start_job(self.registry, ModelDownload(model=source))
         except Refused as exc:
             return error_response(exc.status, str(exc))
-        return _PullReply(job, body.stream, self.registry, model).response
+        return _StatusReply(job, body.stream, self.registry, model).response
 
     def _source(self, name: str) -> tuple[str, str]:
         """What model_download fetches for a pull of `name`, and the id of the model it makes.
@@ -460,14 +527,36 @@ class OllamaAPI:
         try:
             body = decode(request.body, _Copy)
             source = self._model(body.source, "source")
-            try:
-                destination = model_id(body.destination.removesuffix(":latest"))
-            except JobFailed as exc:
-                raise Refused(400, str(exc), "destination") from None
-            job = start_job(self.registry, ModelCopy(id=source.id, to=destination))
+            job = start_job(self.registry, ModelCopy(id=source.id, to=self._new_id(body.destination, "destination")))
         except Refused as exc:
             return error_response(exc.status, str(exc))
         return await self._answer(job)
+
+    async def _create(self, request: Request) -> Response | StreamingResponse:
+        """`ollama create` FROM a model rbeed has: a model_copy with its system and parameters."""
+        if refusal := only(request, "POST") or self._closed():
+            return refusal
+        try:
+            body = decode(request.body, _Create)
+            for field in ("files", "adapters", "modelfile", "template", "messages", "license", "quantize"):
+                if getattr(body, field):
+                    raise Refused(400, _UNMADE.get(field, f"{field} is not supported by rbeed"), field)
+            if not body.from_:
+                raise Refused(400, "from is required: rbeed creates a model from one it has", "from")
+            source, to = self._model(body.from_, "from"), self._new_id(body.given, "model")
+            settings = None if body.parameters is None else _settings(body.parameters)
+            job = start_job(self.registry, ModelCopy(id=source.id, to=to, system=body.system, defaults=settings))
+        except Refused as exc:
+            return error_response(exc.status, str(exc))
+        return _StatusReply(job, body.stream, self.registry, to).response
+
+    @staticmethod
+    def _new_id(name: str, field: str) -> str:
+        """The id of a model named `name` anew, as Ollama names one (`mine/tiny:v2` → `mine-tiny-v2`)."""
+        try:
+            return model_id(name.removesuffix(":latest"))
+        except JobFailed as exc:
+            raise Refused(400, str(exc), field) from None
 
     @staticmethod
     async def _answer(job: Job) -> Response:

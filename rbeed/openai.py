@@ -12,10 +12,10 @@ from typing import Literal
 
 import msgspec
 
-from .compat import Refused, Reply, decode, sampling, start_model_job
+from .compat import Refused, Reply, decode, no_limit, sampling, start_model_job
 from .jobs import Job, JobFailed, JobRegistry
 from .models import Model, Models
-from .operations import MAX_TOKENS, Embed, Infer
+from .operations import Embed, Infer
 from .server import Request, Response, StreamingResponse, json_response, only
 
 _encode = msgspec.json.Encoder().encode
@@ -154,7 +154,7 @@ def _infer_fields(body: _Completion | _Chat, model: Model) -> dict:
     fields = {
         "operation": "infer", "model": body.model, "stream": body.stream,
         # Without a limit, llama-server and Ollama generate until the end of text or a full context.
-        "max_tokens": next((n for n in (body.max_tokens, body.max_completion_tokens) if n is not None), MAX_TOKENS),
+        "max_tokens": next((n for n in (body.max_tokens, body.max_completion_tokens) if n is not None), no_limit(model)),
         **sampling(body), "keep_alive": body.keep_alive,
         "format": body.response_format and body.response_format.format, "grammar": body.grammar,
         "stop": [body.stop] if isinstance(body.stop, str) else body.stop,

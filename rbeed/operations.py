@@ -115,12 +115,45 @@ class ModelGet(Operation, tag="model_get"):
     hive_id: HiveId = "localhost"
 
 
+MAX_TOKENS = 1 << 20  # more than any context holds: the worker stops where its context is full
+Text = Annotated[str, msgspec.Meta(max_length=1 << 20)]
+
+
+class Settings(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
+    """Infer's settings that a model can give its jobs (as Ollama's Modelfile PARAMETERs do).
+
+    None in a job: the model's, else DEFAULTS.
+    """
+
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS)] | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=100)] | None = None
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+    top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    repeat_penalty: Annotated[float, msgspec.Meta(gt=0, le=100)] | None = None  # 1: off
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    seed: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)] | None = None  # None after all: a random one
+    stop: Annotated[list[Annotated[str, msgspec.Meta(min_length=1)]], msgspec.Meta(max_length=16)] | None = None
+    n_ctx: Context | None = None  # a worker with at least this context; None after all: any
+
+
+DEFAULTS = Settings(max_tokens=256, temperature=0.8, top_p=0.95, top_k=40, min_p=0.05, repeat_penalty=1.0,
+                    presence_penalty=0.0, frequency_penalty=0.0, stop=[])  # fmt: skip
+
+
 class ModelCopy(Operation, tag="model_copy"):
-    """The model under a second id too (as `ollama cp`): a hard link to its file, with its record."""
+    """The model under a second id too (as `ollama cp`): a hard link to its file, with its record.
+
+    `system` and `defaults` change the copy's (as `ollama create` FROM the model): `defaults`
+    over the model's, field by field; `system` "" removes it. Given either, `to` may be `id`.
+    """
 
     id: Id
     to: Id
     hive_id: HiveId = "localhost"
+    system: Text | None = None  # the first message of its chats that have no system message
+    defaults: Settings | None = None
 
 
 class ModelDelete(Operation, tag="model_delete"):
@@ -130,32 +163,18 @@ class ModelDelete(Operation, tag="model_delete"):
 
 class ChatMessage(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     role: Literal["system", "user", "assistant"]
-    content: Annotated[str, msgspec.Meta(max_length=1 << 20)]
+    content: Text
 
 
-MAX_TOKENS = 1 << 20  # more than any context holds: the worker stops where its context is full
-
-
-class Infer(Operation, tag="infer"):
+class Infer(Operation, Settings, tag="infer"):
     cancel_on_disconnect: ClassVar[bool] = True
     model: Id
-    prompt: Annotated[str, msgspec.Meta(max_length=1 << 20)] | None = None  # text to continue, or ...
+    prompt: Text | None = None  # text to continue, or ...
     messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1, max_length=1024)] | None = None  # a chat
     hive_id: HiveId = "localhost"
-    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS)] = 256
-    temperature: Annotated[float, msgspec.Meta(ge=0, le=100)] = 0.8
-    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.95
-    top_k: Annotated[int, msgspec.Meta(ge=0)] = 40
-    min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.05
-    repeat_penalty: Annotated[float, msgspec.Meta(gt=0, le=100)] = 1.0  # 1: off
-    presence_penalty: Penalty = 0.0
-    frequency_penalty: Penalty = 0.0
     device: Device | None = None
     worker_id: Id | None = None
-    n_ctx: Context | None = None  # a worker with at least this context; default: any
     stream: bool = True
-    seed: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)] | None = None
-    stop: Annotated[list[Annotated[str, msgspec.Meta(min_length=1)]], msgspec.Meta(max_length=16)] = []
     keep_alive: Annotated[float, msgspec.Meta(ge=-1)] | None = None  # seconds; 0 unload after, -1 keep
     format: Literal["json"] | dict | None = None  # output held to a JSON object, or to a JSON Schema
     grammar: Annotated[str, msgspec.Meta(min_length=1)] | None = None  # ... or to GBNF, as llama-server's `grammar`
@@ -176,7 +195,7 @@ class Infer(Operation, tag="infer"):
                 raise ValueError(f"`grammar`: {exc}") from None
 
 
-Text = Annotated[str, msgspec.Meta(min_length=1, max_length=1 << 20)]
+EmbedText = Annotated[str, msgspec.Meta(min_length=1, max_length=1 << 20)]
 
 
 class Embed(Operation, tag="embed"):
@@ -184,7 +203,7 @@ class Embed(Operation, tag="embed"):
 
     cancel_on_disconnect: ClassVar[bool] = True
     model: Id
-    input: Text | Annotated[list[Text], msgspec.Meta(max_length=2048)]  # [] only loads the model
+    input: EmbedText | Annotated[list[EmbedText], msgspec.Meta(max_length=2048)]  # [] only loads the model
     hive_id: HiveId = "localhost"
     truncate: bool = True  # an input longer than the context is cut to it; false: the job fails
     normalize: bool = True  # false: as pooled (Ollama's older /api/embeddings)

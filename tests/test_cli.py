@@ -533,7 +533,7 @@ async def test_grammar_is_gbnf_given_inline_or_from_a_file(tmp_path):
     source = tmp_path / "answer.gbnf"
     source.write_text('root ::= "yes" | "no"\n')
     with pytest.raises(argparse.ArgumentTypeError, match="No such file or directory"):
-        cli._grammar(f"@{tmp_path}/none.gbnf")
+        cli._text(f"@{tmp_path}/none.gbnf")
     answer = play(sse(1, "result", RESULT | {"text": "yes"}), sse(2, "end", "[DONE]"))
     async with serve_files() as server:
         api = ScriptedAPI(server, [answer, answer])
@@ -702,6 +702,10 @@ async def test_commands_send_the_payloads_of_their_operations():
          {"operation": "model_download", "model": "hf:o/r/m.gguf", "sha256": "AB" * 32, "hive_id": "h"}),
         (["model", "get", "m"], {"operation": "model_get", "id": "m"}),
         (["model", "copy", "m", "n", "--hive", "h"], {"operation": "model_copy", "id": "m", "to": "n", "hive_id": "h"}),
+        (["model", "copy", "m", "m", "--system", "Be brief.", "--temperature", "0", "-n", "9", "--stop", "a",
+          "--stop", "b", "-c", "512"],
+         {"operation": "model_copy", "id": "m", "to": "m", "system": "Be brief.",
+          "defaults": {"temperature": 0.0, "max_tokens": 9, "stop": ["a", "b"], "n_ctx": 512}}),
         (["worker", "spawn", "m", "--worker", "cuda", "--device", "1"],
          {"operation": "worker_spawn", "model": "m", "worker": "cuda", "device": 1}),
         (["worker", "delete", "w", "--hive", "h"], {"operation": "worker_delete", "id": "w", "hive_id": "h"}),

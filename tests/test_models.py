@@ -377,7 +377,7 @@ async def test_model_copy_names_the_file_by_a_second_id_without_copying_it(rbeed
     assert await job_error(client, {"operation": "model_copy", "id": "original", "to": "other"}) == (
         f"model other already exists (sha256 {other['sha256']}); model_delete it first")
     assert await job_error(client, {"operation": "model_copy", "id": "original", "to": "Original.gguf"}) == (
-        "'Original.gguf' names model original itself; give another id")
+        "'Original.gguf' names model original itself; give another id, or a system or defaults to set")
     assert (await job_error(client, {"operation": "model_copy", "id": "nosuch", "to": "x"})).startswith(
         "unknown model 'nosuch'")
     assert not (models / "x.gguf").exists()
@@ -392,6 +392,48 @@ async def test_model_copy_names_the_file_by_a_second_id_without_copying_it(rbeed
     assert narrations(deleted) == [f"model second.name deleted ({copy['size']} bytes freed)"]
     assert not (models / "second.name.gguf").exists()
     await job_result(client, {"operation": "model_delete", "id": "other"})
+
+
+async def test_a_copys_defaults_are_what_its_infer_jobs_leave_out(rbeed, client, tiny_model, tmp_path):
+    await job_result(client, download(str(shutil.copyfile(tiny_model, tmp_path / "base.gguf"))))
+    defaults = {"temperature": 0.0, "max_tokens": 7, "n_ctx": 96, "stop": ["zzz"]}
+    made = await job_result(client, {"operation": "model_copy", "id": "base", "to": "greedy", "defaults": defaults})
+    assert (made["defaults"], made["system"]) == (defaults, None)
+    ask = {"operation": "infer", "prompt": "Once upon a time", "stream": False}
+    by_defaults = await job_result(client, ask | {"model": "greedy"})
+    spelled_out = await job_result(client, ask | {"model": "base", **defaults})
+    assert by_defaults["text"] == spelled_out["text"] != "" and by_defaults["finish_reason"] == "length"
+    assert by_defaults["completion_tokens"] == spelled_out["completion_tokens"] == 7
+    worker = await job_result(client, {"operation": "worker_get", "id": by_defaults["worker_id"]})
+    assert (worker["model"], worker["n_ctx"]) == ("greedy", 96)  # loaded on demand with the copy's context
+    assert spelled_out["worker_id"] == worker["id"]  # one worker for a model and its copies: the same file
+    # The job's own settings win over the copy's.
+    shorter = await job_result(client, ask | {"model": "greedy", "max_tokens": 2})
+    assert shorter["completion_tokens"] == 2 and spelled_out["text"].startswith(shorter["text"])
+
+    # A copy of the copy takes its defaults, with what it is given over them, field by field.
+    greedier = await job_result(client, {"operation": "model_copy", "id": "greedy", "to": "greedier",
+                                         "system": "Be brief.", "defaults": {"top_k": 1}})  # fmt: skip
+    assert (greedier["defaults"], greedier["system"]) == (defaults | {"top_k": 1}, "Be brief.")
+    # Copied onto its own id, a model's are set anew; the same again changes nothing.
+    text = spelled_out["text"]
+    piece = text[3:6]
+    again = {"operation": "model_copy", "id": "greedier", "to": "greedier", "system": "", "defaults": {"stop": [piece]}}
+    events = await run_job(client, again)
+    updated = result_of(events)
+    assert narrations(events) == ["model greedier is a copy of greedier already; its system and defaults are set anew"]
+    assert (updated["defaults"], updated["system"]) == (defaults | {"top_k": 1, "stop": [piece]}, None)
+    assert await job_result(client, {"operation": "model_get", "id": "greedier"}) == updated
+    events = await run_job(client, again)
+    assert (result_of(events), narrations(events)) == (updated, ["model greedier is already a copy of greedier"])
+    stopped = await job_result(client, ask | {"model": "greedier"})
+    assert (stopped["text"], stopped["finish_reason"]) == (text[: text.index(piece)], "stop")
+    # The base copied over it again: its record is the base's (as `ollama cp` overwrites).
+    reset = await job_result(client, {"operation": "model_copy", "id": "base", "to": "greedier"})
+    assert (reset["defaults"], reset["system"]) == ({}, None)
+    await job_result(client, {"operation": "worker_delete", "id": worker["id"]})
+    for model in ("greedier", "greedy", "base"):
+        await job_result(client, {"operation": "model_delete", "id": model})
 
 
 async def test_hf_sources_resolve_against_hf_base_and_the_catalog_survives_a_restart(tiny):

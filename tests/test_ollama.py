@@ -228,10 +228,11 @@ async def test_bad_requests_are_refused_with_a_message_naming_the_field(client, 
 async def test_wrong_methods_are_405_with_allow(client):
     for method, path, allowed in [("GET", "/api/generate", "POST"), ("GET", "/api/show", "POST"),
                                   ("POST", "/api/tags", "GET"), ("DELETE", "/api/ps", "GET"),
-                                  ("GET", "/api/pull", "POST"), ("POST", "/api/delete", "DELETE")]:  # fmt: skip
+                                  ("GET", "/api/pull", "POST"), ("POST", "/api/delete", "DELETE"),
+                                  ("PUT", "/api/create", "POST")]:  # fmt: skip
         response = await client.request(method, path)
         assert (response.status, response.headers["allow"]) == (405, allowed)
-    assert (await client.request("POST", "/api/create", json={"model": "x"})).status == 404
+    assert (await client.request("POST", "/api/push", json={"model": "x"})).status == 404
 
 
 async def test_a_client_that_leaves_mid_stream_cancels_its_job(client):
@@ -338,6 +339,80 @@ async def test_copy_names_a_model_anew_as_ollama_cp_does(rbeed, client):
     assert (await client.request("GET", "/api/copy")).headers["allow"] == "POST"
     await trio.to_thread.run_sync(client_of_ollama.delete, "mine/tiny:v2")
     assert not (models / "mine-tiny-v2.gguf").exists() and (models / "tiny.gguf").stat().st_nlink == 1
+
+
+async def test_create_makes_a_model_with_a_system_message_and_parameters_from_one(rbeed, client):
+    client_of_ollama = ollama.Client(host=rbeed.url, timeout=30)
+    parameters = {"temperature": 0, "num_predict": 10, "stop": ["zzz", "\n\n"]}
+    made = await trio.to_thread.run_sync(
+        lambda: client_of_ollama.create("brief:latest", from_="chatty", system="Be brief.", parameters=parameters))
+    assert made.status == "success"
+    assert (await post(client, "/api/show", {"model": "brief"}))[1]["system"] == "Be brief."
+    shown = await trio.to_thread.run_sync(client_of_ollama.show, "brief")
+    assert shown.parameters.splitlines() == [f"{'temperature':<30} 0.0", f"{'stop':<30} \"zzz\"",
+                                             f"{'stop':<30} \"\\n\\n\"", f"{'num_predict':<30} 10"]  # fmt: skip
+    models = rbeed.state_dir / "models"
+    assert shown.modelfile.splitlines()[1:] == [f"FROM {models / 'brief.gguf'}", 'SYSTEM """Be brief."""',
+                                                *(f"PARAMETER {' '.join(line.split(None, 1))}" for line in shown.parameters.splitlines())]  # fmt: skip
+    assert (models / "brief.gguf").stat().st_ino == (models / "chatty.gguf").stat().st_ino
+
+    # Its chats are the model's with its system message first and its parameters: CHAT's.
+    question = CHAT["messages"][1:]
+    brief = await post(client, "/api/chat", {"model": "brief", "messages": question, "stream": False})
+    spelled_out = await post(client, "/api/chat", CHAT | {"stream": False})
+    assert brief[0] == spelled_out[0] == 200
+    counts = ("prompt_eval_count", "eval_count")
+    assert [brief[1][key] for key in counts] == [spelled_out[1][key] for key in counts]
+    assert brief[1]["message"] == spelled_out[1]["message"] and brief[1]["message"]["content"] != ""
+    unbriefed = await post(client, "/api/chat", CHAT | {"messages": question, "stream": False})
+    assert unbriefed[1]["prompt_eval_count"] < brief[1]["prompt_eval_count"]  # no system message in chatty's own
+    # A chat's own system message, and a request's options, win over the model's.
+    own = [{"role": "system", "content": "Be long."}, *question]
+    mine = await post(client, "/api/chat", {"model": "brief", "messages": own, "stream": False,
+                                            "options": {"num_predict": 2}})  # fmt: skip
+    theirs = await post(client, "/api/chat", CHAT | {"messages": own, "stream": False, "options": {"temperature": 0}})
+    assert mine[1]["prompt_eval_count"] == theirs[1]["prompt_eval_count"] and mine[1]["eval_count"] == 2
+    assert theirs[1]["message"]["content"].startswith(mine[1]["message"]["content"])
+    # OpenAI's route takes the model's settings too: no max_tokens is the model's num_predict.
+    completion = await post(client, "/v1/chat/completions", {"model": "brief", "messages": question})
+    assert completion[1]["choices"][0]["message"]["content"] == brief[1]["message"]["content"]
+    assert completion[1]["usage"]["completion_tokens"] == brief[1]["eval_count"]
+
+    # Made again, streamed: the same file, the record anew.
+    async with client.stream("POST", "/api/create", json={"model": "brief", "from": "chatty", "system": "Be kind."}) as response:
+        assert (response.status, response.headers["content-type"]) == (200, "application/x-ndjson")
+        statuses = [json.loads(line)["status"] for line in (await response.aread()).splitlines()]
+    assert statuses == ["model brief is a copy of chatty already; its system and defaults are set anew", "success"]
+    shown = (await post(client, "/api/show", {"model": "brief"}))[1]
+    assert (shown["system"], shown["parameters"]) == ("Be kind.", "")
+
+    refusals = [
+        ({"model": "x"}, 400, "from is required: rbeed creates a model from one it has", "from"),
+        ({"model": "x", "from": "nope"}, 404, "unknown model 'nope'", "from"),
+        ({"from": "tiny"}, 400, "model is required", "model"),
+        ({"model": "x", "files": {"x.gguf": "sha256:ab"}}, 400, "files is not supported by rbeed: it makes", "files"),
+        ({"model": "x", "from": "tiny", "template": "{{ .Prompt }}"}, 400, "template is not supported by rbeed", ""),
+        ({"model": "x", "from": "tiny", "modelfile": "FROM tiny"}, 400, "modelfile (the older API) is not", ""),
+        ({"model": "x", "from": "tiny", "parameters": {"mirostat": 1}}, 400,
+         "parameter 'mirostat' is not supported by rbeed; it applies temperature, ", ""),
+        ({"model": "x", "from": "tiny", "parameters": {"temperature": -1}}, 400,
+         "Expected `float` >= 0.0 - at `$.parameters.temperature`", ""),
+        ({"model": "x", "from": "tiny", "parameters": {"num_ctx": "big"}}, 400, "at `$.parameters.num_ctx`", ""),
+        ({"model": "chatty", "from": "tiny"}, 500, "model chatty already exists (sha256 ", ""),
+    ]  # fmt: skip
+    for body, status, message, _ in refusals:
+        answer = await post(client, "/api/create", body | {"stream": False})
+        assert answer[0] == status and message in answer[1]["error"], answer
+    assert "x" not in {tag["name"] for tag in (await get(client, "/api/tags"))["models"]}
+    # num_predict -1 is Ollama's "no limit".
+    await post(client, "/api/create", {"model": "x", "from": "tiny", "parameters": {"num_predict": -1}, "stream": False})
+    assert (await job_result(client, {"operation": "model_get", "id": "x"}))["defaults"] == {"max_tokens": 1 << 20}
+    # The worker it was loaded in serves chatty too; its unload is chatty's (the same file).
+    assert (await loaded(client)).keys() == {"brief"}
+    unloaded = await post(client, "/api/generate", {"model": "chatty", "keep_alive": 0, "stream": False})
+    assert (unloaded[1]["done_reason"], await loaded(client)) == ("unload", {})
+    for name in ("x", "brief"):
+        await trio.to_thread.run_sync(client_of_ollama.delete, name)
 
 
 @pytest.mark.parametrize(("given", "seconds"), [
