@@ -41,6 +41,12 @@ class Model(msgspec.Struct):
         """Its GGUF is known to carry no chat template (a record without metadata does not say)."""
         return self.metadata.get("chat_template") is False
 
+    def refuses_system(self, system: str | None) -> str | None:
+        """Why `system` cannot be the model's system message, if it cannot."""
+        if system and self.without_chat_template:
+            return f"model {self.id} has no chat template to put a system message in: it continues prompts as they are"
+        return None
+
     def too_many_dimensions(self, dimensions: int | None) -> str | None:
         """Why an embedding cannot keep `dimensions` of the model's, if its GGUF says so."""
         size = self.metadata.get("embedding_length")
@@ -229,6 +235,8 @@ class Models:
     async def copy(self, job: Job, op: ModelCopy) -> None:
         model, to = self.lookup(op.id), model_id(op.to)
         system = model.system if op.system is None else op.system or None
+        if why := model.refuses_system(op.system):
+            raise JobFailed(why)
         defaults = model.defaults
         if op.defaults is not None:
             given = {name: value for name in Settings.__struct_fields__ if (value := getattr(op.defaults, name)) is not None}

@@ -544,6 +544,8 @@ class OllamaAPI:
             if not body.from_:
                 raise Refused(400, "from is required: rbeed creates a model from one it has", "from")
             source, to = self._model(body.from_, "from"), self._new_id(body.given, "model")
+            if why := source.refuses_system(body.system):
+                raise Refused(400, why, "system")
             settings = None if body.parameters is None else _settings(body.parameters)
             job = start_job(self.registry, ModelCopy(id=source.id, to=to, system=body.system, defaults=settings))
         except Refused as exc:

@@ -170,3 +170,16 @@ def test_ollamas_client_lists_shows_loads_and_chats(smol):
     with pytest.raises(ollama.ResponseError) as refused:
         client.chat(MODEL, messages=CAPITAL, format={"type": "object", "minProperties": 1})
     assert refused.value.status_code == 400 and "cannot hold the output to 'minProperties'" in refused.value.error
+
+
+def test_a_model_created_with_a_system_message_answers_as_a_chat_that_gives_it(smol):
+    daemon, _ = smol
+    client = ollama.Client(host=daemon.url, timeout=60)
+    system, question = (message["content"] for message in CAPITAL)
+    assert client.create("one-word", from_=MODEL, system=system, parameters={"temperature": 0}).status == "success"
+    made = client.chat("one-word", messages=CAPITAL[1:], options={"num_predict": 60})
+    given = client.chat(MODEL, messages=CAPITAL, options={"temperature": 0, "num_predict": 60})
+    assert made.message.content == given.message.content and "Paris" in made.message.content
+    assert made.prompt_eval_count == given.prompt_eval_count
+    # `ollama run one-word` asks through /api/generate: the model's system message goes first there too.
+    assert client.generate("one-word", question, options={"num_predict": 60}).response == given.message.content

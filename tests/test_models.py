@@ -413,8 +413,11 @@ async def test_a_copys_defaults_are_what_its_infer_jobs_leave_out(rbeed, client,
 
     # A copy of the copy takes its defaults, with what it is given over them, field by field.
     greedier = await job_result(client, {"operation": "model_copy", "id": "greedy", "to": "greedier",
-                                         "system": "Be brief.", "defaults": {"top_k": 1}})  # fmt: skip
-    assert (greedier["defaults"], greedier["system"]) == (defaults | {"top_k": 1}, "Be brief.")
+                                         "defaults": {"top_k": 1}})  # fmt: skip
+    assert (greedier["defaults"], greedier["system"]) == (defaults | {"top_k": 1}, None)
+    # A system message goes in a chat template: a model without one (as the tiny one) is refused it.
+    assert await job_error(client, {"operation": "model_copy", "id": "greedy", "to": "chatless", "system": "Hi."}) == (
+        "model greedy has no chat template to put a system message in: it continues prompts as they are")
     # Copied onto its own id, a model's are set anew; the same again changes nothing.
     text = spelled_out["text"]
     piece = text[3:6]
