@@ -868,7 +868,8 @@ def _default(operation: type[msgspec.Struct], field: str) -> str:
     [default] = [f.default for f in msgspec.structs.fields(operation) if f.name == field]
     if operation is Infer and field in Settings.__struct_fields__:
         default = getattr(DEFAULTS, field)
-        shown = format_value(default) if default not in (None, []) else {"seed": "random", "n_ctx": "any worker's"}.get(field, "none")
+        unset = {"seed": "random", "n_ctx": "any worker's"}.get(field, "none")
+        shown = format_value(default) if default not in (None, []) else unset
         return f"(default: the model's, else {shown})"
     return f"(default {format_value(default)})"
 

@@ -239,8 +239,8 @@ class Models:
             raise JobFailed(why)
         defaults = model.defaults
         if op.defaults is not None:
-            given = {name: value for name in Settings.__struct_fields__ if (value := getattr(op.defaults, name)) is not None}
-            defaults = msgspec.structs.replace(defaults, **given)
+            given = {name: getattr(op.defaults, name) for name in Settings.__struct_fields__}
+            defaults = msgspec.structs.replace(defaults, **{k: v for k, v in given.items() if v is not None})
         made = msgspec.structs.replace(model, id=to, file=f"{to}.gguf", added_at=time.time(), system=system,
                                        defaults=defaults)  # fmt: skip
         existing = self.catalog.get(to)
@@ -248,6 +248,7 @@ class Models:
             raise JobFailed(f"{op.to!r} names model {model.id} itself; give another id, or a system or defaults to set")
         if existing is not None and existing.sha256 == model.sha256 and self.path_of(existing).exists():
             # The same file already: as `ollama create` again, only its record is made anew.
+            made = msgspec.structs.replace(made, file=existing.file)
             if msgspec.structs.replace(existing, added_at=made.added_at) == made:
                 job.narrate(f"model {to} is already a copy of {model.id}")
                 made = existing

@@ -151,10 +151,11 @@ def _text_of(message: _Message, index: int) -> dict[str, str]:
 def _infer_fields(body: _Completion | _Chat, model: Model) -> dict:
     if field := _unsupported(body):
         raise Refused(400, f"{field} is not supported by rbeed", field)
+    limit = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
     fields = {
         "operation": "infer", "model": body.model, "stream": body.stream,
         # Without a limit, llama-server and Ollama generate until the end of text or a full context.
-        "max_tokens": next((n for n in (body.max_tokens, body.max_completion_tokens) if n is not None), no_limit(model)),
+        "max_tokens": no_limit(model) if limit is None else limit,
         **sampling(body), "keep_alive": body.keep_alive,
         "format": body.response_format and body.response_format.format, "grammar": body.grammar,
         "stop": [body.stop] if isinstance(body.stop, str) else body.stop,
