@@ -11,7 +11,7 @@ from . import wire
 from .grammar import gbnf
 from .jobs import Job, JobFailed
 from .models import Model
-from .operations import DEFAULTS, Embed, Infer, Settings
+from .operations import DEFAULTS, Embed, Infer, Settings, layered
 from .workers import Generation, Supervisor, Worker
 
 OpT = TypeVar("OpT", Infer, Embed)
@@ -63,10 +63,8 @@ class Inference:
         model, and the settings the job runs with: its own, else the model's defaults, else DEFAULTS."""
         model = self.supervisor.models.lookup(op.model)
         op = op if model.id == op.model else msgspec.structs.replace(op, model=model.id)
-        names = Settings.__struct_fields__ if isinstance(op, Infer) else ("n_ctx",)
-        sources = (op, model.defaults, DEFAULTS)
-        settled = {name: next((v for s in sources if (v := getattr(s, name)) is not None), None) for name in names}
-        return op, model, Settings(**settled)
+        own = op if isinstance(op, Infer) else Settings(n_ctx=op.n_ctx)
+        return op, model, layered(own, model.defaults, DEFAULTS)
 
     async def infer(self, job: Job, op: Infer) -> None:
         op, model, settings = self._named(op)

@@ -20,7 +20,7 @@ from .config import ModelsConfig, read_secret
 from .download import DownloadError, download
 from .httpclient import Client, StatusError
 from .jobs import Job, JobFailed
-from .operations import ModelCopy, ModelDelete, ModelDownload, ModelGet, ModelList, Settings
+from .operations import ModelCopy, ModelDelete, ModelDownload, ModelGet, ModelList, Settings, layered
 
 _HF = re.compile(r"^hf:([A-Za-z0-9][\w.-]*)/([A-Za-z0-9][\w.-]*)/((?:[\w.-]+/)*[\w.-]+\.gguf)$")
 
@@ -139,8 +139,10 @@ class Models:
         if model_id == model.id:
             return True
         other = self.catalog.get(model_id)
+        if other is None or other.sha256 != model.sha256:  # no stat for another model's worker: infer's hot path
+            return False
         try:
-            return other is not None and os.path.samefile(self.path_of(other), self.path_of(model))
+            return os.path.samefile(self.path_of(other), self.path_of(model))
         except OSError:  # either file gone
             return False
 
@@ -237,17 +239,14 @@ class Models:
         system = model.system if op.system is None else op.system or None
         if why := model.refuses_system(op.system):
             raise JobFailed(why)
-        defaults = model.defaults
-        if op.defaults is not None:
-            given = {name: getattr(op.defaults, name) for name in Settings.__struct_fields__}
-            defaults = msgspec.structs.replace(defaults, **{k: v for k, v in given.items() if v is not None})
+        defaults = model.defaults if op.defaults is None else layered(op.defaults, model.defaults)
         made = msgspec.structs.replace(model, id=to, file=f"{to}.gguf", added_at=time.time(), system=system,
                                        defaults=defaults)  # fmt: skip
         existing = self.catalog.get(to)
         if to == model.id and op.system is None and op.defaults is None:
             raise JobFailed(f"{op.to!r} names model {model.id} itself; give another id, or a system or defaults to set")
-        if existing is not None and existing.sha256 == model.sha256 and self.path_of(existing).exists():
-            # The same file already: as `ollama create` again, only its record is made anew.
+        if existing is not None and self.same_file(to, model):
+            # Its file already: as `ollama create` again, only its record is made anew.
             made = msgspec.structs.replace(made, file=existing.file)
             if msgspec.structs.replace(existing, added_at=made.added_at) == made:
                 job.narrate(f"model {to} is already a copy of {model.id}")

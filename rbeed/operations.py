@@ -138,6 +138,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True, fo
     n_ctx: Context | None = None  # a worker with at least this context; None after all: any
 
 
+def layered(*layers: Settings) -> Settings:
+    """Each setting from the first of `layers` that gives it (not None)."""
+    return Settings(**{name: next((v for layer in layers if (v := getattr(layer, name)) is not None), None)
+                       for name in Settings.__struct_fields__})  # fmt: skip
+
+
 DEFAULTS = Settings(max_tokens=256, temperature=0.8, top_p=0.95, top_k=40, min_p=0.05, repeat_penalty=1.0,
                     presence_penalty=0.0, frequency_penalty=0.0, stop=[])  # fmt: skip
 
