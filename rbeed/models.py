@@ -146,6 +146,13 @@ class Models:
         except OSError:  # either file gone
             return False
 
+    def taken(self, to: str, model: Model) -> str | None:
+        """Why id `to` cannot be made a copy of `model`: it names another model."""
+        existing = self.catalog.get(to)
+        if existing is None or self.same_file(to, model):
+            return None
+        return f"model {to} already exists (sha256 {existing.sha256}); model_delete it first"
+
     @contextlib.contextmanager
     def held(self, model_id: str, holder: str) -> Iterator[Model]:
         """The model, kept from model_delete while `holder` places a worker for it.
@@ -256,8 +263,8 @@ class Models:
                 job.narrate(f"model {to} is a copy of {model.id} already; its system and defaults are set anew")
             job.result(made)
             return
-        if existing is not None:
-            raise JobFailed(f"model {to} already exists (sha256 {existing.sha256}); model_delete it first")
+        if why := self.taken(to, model):
+            raise JobFailed(why)
         if to in self._fetching or to in self._deleting:
             raise JobFailed(f"model {to} is being {'deleted' if to in self._deleting else 'written'}; try again later")
         source, dest = self.file_of(model), self.dir / made.file

@@ -546,6 +546,8 @@ class OllamaAPI:
             source, to = self._model(body.from_, "from"), self._new_id(body.given, "model")
             if why := source.refuses_system(body.system):
                 raise Refused(400, why, "system")
+            if why := self.models.taken(to, source):
+                raise Refused(409, why, "model")  # Ollama replaces it; rbeed keeps a model it has
             settings = None if body.parameters is None else _settings(body.parameters)
             job = start_job(self.registry, ModelCopy(id=source.id, to=to, system=body.system, defaults=settings))
         except Refused as exc:

@@ -398,7 +398,7 @@ async def test_create_makes_a_model_with_a_system_message_and_parameters_from_on
         ({"model": "x", "from": "tiny", "parameters": {"temperature": -1}}, 400,
          "Expected `float` >= 0.0 - at `$.parameters.temperature`", ""),
         ({"model": "x", "from": "tiny", "parameters": {"num_ctx": "big"}}, 400, "at `$.parameters.num_ctx`", ""),
-        ({"model": "chatty", "from": "tiny"}, 500, "model chatty already exists (sha256 ", ""),
+        ({"model": "chatty", "from": "tiny"}, 409, "model chatty already exists (sha256 ", ""),
         ({"model": "x", "from": "tiny", "system": "Hi."}, 400, "model tiny has no chat template to put a system", ""),
     ]  # fmt: skip
     for body, status, message, _ in refusals:
