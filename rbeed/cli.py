@@ -893,6 +893,8 @@ def _settings(default: Callable[[str], str]) -> tuple[Argument, ...]:
              help=f"subtract F per occurrence among the last 64 tokens, -2 to 2 {default('frequency_penalty')}"),
         _arg("--seed", type=int, metavar="N", help=f"sampling seed {default('seed')}"),
         _arg("--stop", action="append", metavar="S", help=f"stop string (repeatable) {default('stop')}"),
+        _arg("--no-stop", dest="stop", action="store_const", const=[],
+             help="no stop strings, not even the model's (a --stop after it adds one)"),
         _arg("-c", "--ctx-size", dest="n_ctx", type=int, metavar="N",
              help=f"use (or load) a worker whose context holds N tokens; 0 = the model's own {default('n_ctx')}"),
     )  # fmt: skip

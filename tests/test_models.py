@@ -431,6 +431,9 @@ async def test_a_copys_defaults_are_what_its_infer_jobs_leave_out(rbeed, client,
     assert (result_of(events), narrations(events)) == (updated, ["model greedier is already a copy of greedier"])
     stopped = await job_result(client, ask | {"model": "greedier"})
     assert (stopped["text"], stopped["finish_reason"]) == (text[: text.index(piece)], "stop")
+    # A job's empty stop list is no stop strings, not the model's (rbee infer --no-stop).
+    unstopped = await job_result(client, ask | {"model": "greedier", "stop": []})
+    assert (unstopped["text"], unstopped["finish_reason"]) == (text, spelled_out["finish_reason"])
     # The base copied over it again: its record is the base's (as `ollama cp` overwrites).
     reset = await job_result(client, {"operation": "model_copy", "id": "base", "to": "greedier"})
     assert (reset["defaults"], reset["system"]) == ({}, None)
