@@ -24,6 +24,7 @@ from .config import Config
 from .hives import Hive, Hives
 from .inference import Inference
 from .jobs import Changed, JobRegistry, JobState
+from .metrics import MetricsRoute, Totals
 from .models import Model, Models
 from .ollama import OllamaAPI
 from .openai import OpenAIAPI
@@ -93,7 +94,8 @@ class Daemon:
         self.hives = Hives(self.catalogs[0], config.hives)
         self.models = Models(self.catalogs[1], config.state_path / "models", config.models)
         self.supervisor = Supervisor(config.workers, self.models, choose_backend(config), config.runtime_path)
-        inference = Inference(self.supervisor)
+        totals = Totals()
+        inference = Inference(self.supervisor, totals)
         self.router = Router(self.hives, {
             ops.WorkerSpawn: self.supervisor.op_spawn, ops.WorkerList: self.supervisor.op_list,
             ops.WorkerGet: self.supervisor.op_get, ops.WorkerDelete: self.supervisor.op_delete,
@@ -105,6 +107,8 @@ class Daemon:
         self.api = JobAPI(self.registry, api_key())
         self.api.routes.update(OpenAIAPI(self.registry, self.models, lambda: self.api.accepting).routes)
         self.api.routes.update(OllamaAPI(self.registry, self.models, self.supervisor, lambda: self.api.accepting).routes)
+        self.api.routes.update(MetricsRoute(self.registry, self.models, self.supervisor, totals,
+                                            lambda: self.connections).routes)  # fmt: skip
         self.connections = 0
         self._poked = Changed()  # jobs, workers or connections changed
         self._reloaded = Changed()

@@ -10,6 +10,7 @@ import trio
 from . import wire
 from .grammar import gbnf
 from .jobs import Job, JobFailed
+from .metrics import Totals
 from .models import Model
 from .operations import DEFAULTS, Embed, Infer, Settings, layered
 from .workers import Generation, Supervisor, Worker
@@ -18,8 +19,8 @@ OpT = TypeVar("OpT", Infer, Embed)
 
 
 class Inference:
-    def __init__(self, supervisor: Supervisor):
-        self.supervisor = supervisor
+    def __init__(self, supervisor: Supervisor, totals: Totals):
+        self.supervisor, self.totals = supervisor, totals
         self._loading: dict[tuple[str, str], trio.Lock] = {}
 
     def _device(self, op: Infer | Embed) -> str:
@@ -82,6 +83,7 @@ class Inference:
         worker, outcome, load_ms = await self._run(job, op, model, generation, settings.n_ctx)
         if not isinstance(outcome, wire.Done):
             raise JobFailed(outcome)
+        self.totals.generated(op.model, outcome)
         result = {
             "model": op.model, "worker_id": worker.id, "load_ms": load_ms, "prompt_tokens": outcome.prompt_tokens,
             "cached_tokens": outcome.cached_tokens, "completion_tokens": outcome.completion_tokens,
@@ -101,6 +103,7 @@ class Inference:
         worker, outcome, load_ms = await self._run(job, op, model, generation, settings.n_ctx)
         if not isinstance(outcome, wire.Embedded):
             raise JobFailed(outcome if isinstance(outcome, str) else "cancelled")
+        self.totals.embedded(op.model, len(op.inputs), outcome)
         job.result({"model": op.model, "worker_id": worker.id, "load_ms": load_ms,
                     "prompt_tokens": outcome.prompt_tokens, "embeddings": generation.vectors})  # fmt: skip
 

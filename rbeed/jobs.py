@@ -7,7 +7,7 @@ import enum
 import logging
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -237,6 +237,7 @@ class JobRegistry:
         self._finished: deque[tuple[float, Job]] = deque()
         self._reaper: trio.CancelScope | None = None
         self._counts = dict.fromkeys(JobState, 0)  # jobs held, by state
+        self.ended: Counter[tuple[str, str]] = Counter()  # jobs ever finished, by (operation, state)
         self._awaiting_first: deque[tuple[float, Job, int]] = deque()  # (deadline, job, its last event id)
         self._awaited = Changed()
         self.changed = Changed()  # fired whenever a job starts or finishes
@@ -377,6 +378,7 @@ class JobRegistry:
 
     def _end(self, job: Job, state: JobState, error: str | None = None) -> None:
         self._move(job, state)
+        self.ended[job.operation, state.value] += 1
         self._running.discard(job)
         _log_end(job, state, error)
         job._finish(state, error)
