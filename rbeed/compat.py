@@ -31,7 +31,7 @@ def sampling(source) -> dict:
 
 
 # Where msgspec's messages name a field, and infer's own checks (`format`: ...).
-_FIELD = re.compile(r"at `\$\.([^`]*)`|missing required field `([^`]*)`|^`(\w+)`: ")
+_FIELD = re.compile(r"(?:at|in) `\$\.([^`]*)`|missing required field `([^`]*)`|^`(\w+)`: ")
 
 
 class Refused(Exception):
@@ -82,6 +82,8 @@ def start_model_job(registry: JobRegistry, models: Models, model_id: str, fields
         raise invalid(exc, names) from None
     if isinstance(operation, Infer) and operation.messages is not None and model.without_chat_template:
         raise Refused(400, wire.NO_CHAT_TEMPLATE, (names or {}).get("messages", "messages"))
+    if isinstance(operation, Infer) and (why := model.unknown_tokens(operation.logit_bias)):
+        raise Refused(400, why, (names or {}).get("logit_bias", "logit_bias"))
     if isinstance(operation, Embed) and (why := model.too_many_dimensions(operation.dimensions)):
         raise Refused(400, why, (names or {}).get("dimensions", "dimensions"))
     return start_job(registry, operation)

@@ -51,7 +51,7 @@ def read(path: str) -> dict:
                 else:
                     for _ in range(count):
                         value(item_kind)
-                return None
+                return count  # an array reads as its length: the vocabulary's is all that is wanted
             return take(scalar[T(kind)])
 
         if data[:4] != b"GGUF":
@@ -97,6 +97,7 @@ def read(path: str) -> dict:
         "quantization": quantization,
         "context_length": fields.get(f"{architecture}.context_length"),
         "embedding_length": fields.get(f"{architecture}.embedding_length"),
+        "vocab_size": fields.get("tokenizer.ggml.tokens"),  # token ids run from 0 to this less 1
         "chat_template": "tokenizer.chat_template" in fields,
         "pooling": None if pooling is None else _POOLING.get(pooling, str(pooling)),  # set: an embedding model
         "gguf_version": version,

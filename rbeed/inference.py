@@ -71,6 +71,8 @@ class Inference:
         op, model, settings = self._named(op)
         if op.messages is not None and model.without_chat_template:
             raise JobFailed(wire.NO_CHAT_TEMPLATE)  # known from the catalog: no worker need load it
+        if why := model.unknown_tokens(op.logit_bias):
+            raise JobFailed(why)
         messages = None if op.messages is None else [(m.role, m.content) for m in op.messages]
         if messages and model.system and messages[0][0] != "system":  # as Ollama puts a model's SYSTEM
             messages.insert(0, ("system", model.system))
@@ -79,6 +81,7 @@ class Inference:
             top_p=settings.top_p, top_k=settings.top_k, seed=settings.seed, stop=list(settings.stop), messages=messages,
             min_p=settings.min_p, repeat_penalty=settings.repeat_penalty, presence_penalty=settings.presence_penalty,
             frequency_penalty=settings.frequency_penalty, grammar=op.grammar if op.format is None else gbnf(op.format),
+            logit_bias=op.logit_bias,
         )  # fmt: skip
         worker, outcome, load_ms = await self._run(job, op, model, generation, settings.n_ctx)
         if not isinstance(outcome, wire.Done):

@@ -16,10 +16,14 @@ from llama_cpp._internals import LlamaSampler, LlamaTokenDataArray
 
 class Llama(llama_cpp.Llama):
     """llama_cpp.Llama whose generate() takes `grammar` as GBNF text, and samples under it
-    through a _GrammarChecked."""
+    through a _GrammarChecked; and adds `logit_bias` (set before generate()) to the logits first."""
+
+    logit_bias: dict[int, float] | None = None  # token id -> what to add to its logit; ids < n_vocab()
 
     def _init_sampler(self, grammar: str | None = None, **params: Any) -> Any:
         chain = super()._init_sampler(**params)
+        if self.logit_bias:
+            chain = _biased(chain, self.n_vocab(), self.logit_bias)
         if grammar is None:
             return chain
         parsed = llama_cpp.llama_sampler_init_grammar(self._model.vocab, grammar.encode(), b"root")
@@ -29,6 +33,17 @@ class Llama(llama_cpp.Llama):
         checker = LlamaSampler()
         llama_cpp.llama_sampler_chain_add(checker.sampler, parsed)  # the chain owns it from here
         return _GrammarChecked(chain, checker, self.n_vocab())
+
+
+def _biased(chain: LlamaSampler, n_vocab: int, logit_bias: dict[int, float]) -> LlamaSampler:
+    """`chain` behind llama.cpp's logit-bias sampler, which comes first, as in llama-server's chain:
+    before the penalties and top-k (generate() has no logit_bias; create_completion's is per token
+    Python over the whole vocabulary)."""
+    biased = LlamaSampler()
+    biased.add_logit_bias(n_vocab, logit_bias)
+    while llama_cpp.llama_sampler_chain_n(chain.sampler):  # removed, a sampler is the new chain's to free
+        llama_cpp.llama_sampler_chain_add(biased.sampler, llama_cpp.llama_sampler_chain_remove(chain.sampler, 0))
+    return biased
 
 
 class _GrammarChecked:

@@ -47,6 +47,13 @@ class Model(msgspec.Struct):
             return f"model {self.id} has no chat template to put a system message in: it continues prompts as they are"
         return None
 
+    def unknown_tokens(self, logit_bias: dict[int, float] | None) -> str | None:
+        """Why `logit_bias` names a token the model does not have, if its GGUF says how many it has."""
+        size = self.metadata.get("vocab_size")
+        if logit_bias and size and (beyond := sorted(token for token in logit_bias if token >= size)):
+            return f"logit_bias: token {beyond[0]} is not one of {self.id}'s (ids 0 to {size - 1})"
+        return None
+
     def too_many_dimensions(self, dimensions: int | None) -> str | None:
         """Why an embedding cannot keep `dimensions` of the model's, if its GGUF says so."""
         size = self.metadata.get("embedding_length")

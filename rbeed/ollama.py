@@ -442,7 +442,7 @@ class OllamaAPI:
         meta = model.metadata
         info = {"general.architecture": meta.get("architecture"), "general.parameter_count": meta.get("parameters"),
                 "general.file_type": meta.get("file_type")}  # fmt: skip
-        for key in ("context_length", "embedding_length"):
+        for key in ("context_length", "embedding_length", "vocab_size"):
             if meta.get("architecture") and meta.get(key):
                 info[f"{meta['architecture']}.{key}"] = meta[key]
         # As Ollama tells them apart: a model whose GGUF sets a pooling is for embeddings.

@@ -75,7 +75,7 @@ class _Request(msgspec.Struct, kw_only=True):
     presence_penalty: float | None = None
     repeat_penalty: float | None = None  # llama-server's extensions
     min_p: float | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # by token id, as text: infer's checks them
     logprobs: bool | int | None = None
     tools: list | None = None
     response_format: _ResponseFormat | None = None  # for completions too, as llama-server takes it
@@ -127,7 +127,7 @@ def _error(status: int, message: str, kind: str, param: str | None = None, code:
 def _unsupported(body: _Completion | _Chat) -> str | None:
     """The first field asking for something rbeed does not do."""
     asks = {
-        "n": body.n != 1, "logit_bias": bool(body.logit_bias),
+        "n": body.n != 1,
         "logprobs": body.logprobs not in (None, False), "tools": bool(body.tools),
     }  # fmt: skip
     if isinstance(body, _Completion):
@@ -148,6 +148,14 @@ def _text_of(message: _Message, index: int) -> dict[str, str]:
     return {"role": role, "content": message.content or ""}
 
 
+def _token_ids(logit_bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias, keyed by token ids written as text, as infer takes it."""
+    try:
+        return None if logit_bias is None else {int(token): bias for token, bias in logit_bias.items()}
+    except ValueError:
+        raise Refused(400, "logit_bias keys must be token ids: integers, as text", "logit_bias") from None
+
+
 def _infer_fields(body: _Completion | _Chat, model: Model) -> dict:
     if field := _unsupported(body):
         raise Refused(400, f"{field} is not supported by rbeed", field)
@@ -158,7 +166,7 @@ def _infer_fields(body: _Completion | _Chat, model: Model) -> dict:
         "max_tokens": no_limit(model) if limit is None else limit,
         **sampling(body), "keep_alive": body.keep_alive,
         "format": body.response_format and body.response_format.format, "grammar": body.grammar,
-        "stop": [body.stop] if isinstance(body.stop, str) else body.stop,
+        "stop": [body.stop] if isinstance(body.stop, str) else body.stop, "logit_bias": _token_ids(body.logit_bias),
     }  # fmt: skip
     if isinstance(body, _Chat):
         fields["messages"] = [_text_of(message, i) for i, message in enumerate(body.messages)]

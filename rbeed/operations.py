@@ -115,6 +115,7 @@ class ModelGet(Operation, tag="model_get"):
     hive_id: HiveId = "localhost"
 
 
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 MAX_TOKENS = 1 << 20  # more than any context holds: the worker stops where its context is full
 Text = Annotated[str, msgspec.Meta(max_length=1 << 20)]
 
@@ -184,6 +185,9 @@ class Infer(Operation, Settings, tag="infer"):
     keep_alive: Annotated[float, msgspec.Meta(ge=-1)] | None = None  # seconds; 0 unload after, -1 keep
     format: Literal["json"] | dict | None = None  # output held to a JSON object, or to a JSON Schema
     grammar: Annotated[str, msgspec.Meta(min_length=1)] | None = None  # ... or to GBNF, as llama-server's `grammar`
+    # Added to tokens' logits before sampling, by token id (OpenAI's logit_bias): -100 bans one, 100 all but forces it.
+    logit_bias: Annotated[dict[TokenId, Annotated[float, msgspec.Meta(ge=-100, le=100)]],
+                          msgspec.Meta(max_length=1024)] | None = None  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.prompt is None and self.messages is None:

@@ -52,6 +52,7 @@ class Generate(_Frame, tag="Generate"):
     stop: list[str] = []
     messages: list[tuple[str, str]] | None = None  # (role, content): the worker applies the chat template
     grammar: str | None = None  # GBNF that the output must follow
+    logit_bias: dict[int, float] | None = None  # added to these tokens' logits
 
 
 class Embed(_Frame, tag="Embed"):

@@ -627,6 +627,11 @@ class _Worker:
             _log(f"generation {request.id} failed: {error}")
             connection.send(wire.Failed(request.id, error))
             return
+        if request.logit_bias and (beyond := sorted(t for t in request.logit_bias if t >= llm.n_vocab())):
+            # The daemon checks with the catalog's vocab_size; a record older than that has none.
+            connection.send(wire.Failed(request.id, f"logit_bias: token {beyond[0]} is not one of the model's "
+                                                    f"(ids 0 to {llm.n_vocab() - 1})"))  # fmt: skip
+            return
         room = self.n_ctx - n_prompt
         max_tokens = room if request.max_tokens <= 0 else min(request.max_tokens, room)
 
@@ -651,6 +656,7 @@ class _Worker:
         first: float | None = None
         last = received
         finish = "length"
+        llm.logit_bias = request.logit_bias
         tokens = llm.generate(
             prompt_tokens[cached:],
             reset=False,

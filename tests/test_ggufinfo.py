@@ -11,6 +11,7 @@ import gguf
 import numpy as np
 import pytest
 
+import tinymodel
 from rbeed import ggufinfo
 from support import ROOT
 
@@ -27,6 +28,7 @@ def reference(path) -> dict:
         "context_length": reader.fields[f"{architecture}.context_length"].contents(),
         "embedding_length": reader.fields[f"{architecture}.embedding_length"].contents()
         if f"{architecture}.embedding_length" in reader.fields else None,
+        "vocab_size": len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else None,
         "chat_template": "tokenizer.chat_template" in reader.fields,
         "pooling": {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}[reader.fields[pooling].contents()]
         if (pooling := f"{architecture}.pooling_type") in reader.fields else None,
@@ -73,6 +75,7 @@ def test_tiny_model_agrees_with_gguf_reader(tiny_model):
     assert (info["file_type"], info["quantization"]) == (gguf.LlamaFileType.ALL_F32, "ALL_F32")
     assert info["chat_template"] is False
     assert info["pooling"] is None  # a generative model
+    assert info["vocab_size"] == len(tinymodel.VOCAB)
 
 
 def test_chat_template_and_nested_arrays_agree_with_gguf_reader(templated_model):
@@ -84,12 +87,11 @@ def test_chat_template_and_nested_arrays_agree_with_gguf_reader(templated_model)
     assert info["embedding_length"] == 32
     assert info["quantization"] == "Q8_0"
     assert info["chat_template"] is True
+    assert info["vocab_size"] == 3
 
 
 @pytest.mark.parametrize("kind", [gguf.PoolingType.MEAN, gguf.PoolingType.CLS, gguf.PoolingType.LAST])
 def test_an_embedding_models_pooling_is_named(tmp_path, kind):
-    import tinymodel
-
     path = tinymodel.write_tiny_model(tmp_path / "embedder.gguf", pooling_type=kind)
     info = ggufinfo.read(str(path))
     expected = reference(path)

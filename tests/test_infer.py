@@ -118,6 +118,32 @@ async def test_min_p_of_one_leaves_only_the_likeliest_token_to_sample(client):
     assert narrowed == greedy != free
 
 
+def token_id(piece: str) -> int:
+    """The tiny model's id of the word piece a token event carries (" the": "▁the")."""
+    return tinymodel.VOCAB.index(piece.replace(" ", tinymodel.SPACE))
+
+
+async def test_logit_bias_bans_a_token_or_forces_one_and_is_checked_against_the_vocabulary(client):
+    events, greedy = await infer(client, GREEDY)
+    first, *_ = (token["t"] for token in tokens(events))
+    banned = (await infer(client, GREEDY | {"stream": False, "logit_bias": {token_id(first): -100}}))[1]["text"]
+    assert not banned.startswith(first) and banned != text_of(events)
+    # Another word forced: every token is it (before the penalties too: greedy text repeats it anyway).
+    forced = next(w for w in tinymodel.WORDS[5:] if w.replace(tinymodel.SPACE, " ") not in text_of(events))
+    piece = forced.replace(tinymodel.SPACE, " ")
+    forcing = GREEDY | {"stream": False, "max_tokens": 4, "logit_bias": {token_id(forced): 100}}
+    for extra in ({}, {"repeat_penalty": 1.5}, {"temperature": 1.0, "seed": 3}):
+        assert (await infer(client, forcing | extra))[1]["text"] == piece * 4, extra
+    # Under a grammar the bias only moves the choice among the tokens it allows.
+    _, held = await infer(client, forcing | {"max_tokens": 20, "format": {"enum": ["yes", "no"]}})
+    assert (held["text"], held["finish_reason"]) in [('"yes"', "stop"), ('"no"', "stop")], held
+    # Token ids past the vocabulary are refused from the catalog's vocab_size, before any worker runs.
+    size = len(tinymodel.VOCAB)
+    assert await job_error(client, GREEDY | {"logit_bias": {size: 1, 0: 1}}) == (
+        f"logit_bias: token {size} is not one of tiny's (ids 0 to {size - 1})")
+    assert (await infer(client, GREEDY | {"logit_bias": {}}))[1]["completion_tokens"] == greedy["completion_tokens"]
+
+
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "likes"], "properties": {
     "name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"},
     "likes": {"type": "array", "items": {"enum": ["tea", "cake"]}, "maxItems": 3}}}  # fmt: skip

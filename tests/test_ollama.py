@@ -13,6 +13,7 @@ import ollama
 import pytest
 import trio
 
+import tinymodel
 from rbeed import __version__
 from rbeed.compat import Refused
 from rbeed.ollama import keep_alive_seconds
@@ -80,7 +81,9 @@ async def test_version_tags_and_show_describe_the_catalog(rbeed, client):
     assert status == 200
     assert await post(client, "/api/show", {"model": "TINY:latest"}) == (200, shown)
     assert shown["details"] == tiny["details"] and shown["capabilities"] == ["completion"]
-    assert (shown["model_info"]["llama.context_length"], shown["model_info"]["llama.embedding_length"]) == (32768, 64)
+    info = shown["model_info"]
+    sizes = (info["llama.context_length"], info["llama.embedding_length"], info["llama.vocab_size"])
+    assert sizes == (32768, 64, len(tinymodel.VOCAB))
     assert shown["model_info"]["general.parameter_count"] == parameters
     assert await post(client, "/api/show", {"name": "nope"}) == (404, {"error": "unknown model 'nope' (known: chatty, tiny)"})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import openai
 import pytest
 import trio
 
@@ -106,6 +107,15 @@ async def test_penalties_and_min_p_reach_the_infer_job(client):
         assert answer == native["text"] != plain, penalty
 
 
+async def test_logit_bias_by_token_id_as_openais_client_sends_it(rbeed):
+    word = tinymodel.WORDS[7]  # "▁word": the tiny model's ids are its VOCAB's indexes
+    bias = {str(tinymodel.VOCAB.index(word)): 100}
+    client = openai.OpenAI(base_url=f"{rbeed.url}/v1", api_key="unused", max_retries=0, timeout=30)
+    answer = await trio.to_thread.run_sync(lambda: client.completions.create(
+        model="tiny", prompt="Once upon a time", max_tokens=3, temperature=0, logit_bias=bias))  # fmt: skip
+    assert answer.choices[0].text == word.replace(tinymodel.SPACE, " ") * 3
+
+
 async def test_a_streamed_completion_sends_chunks_then_usage_then_done(client):
     _, whole = await post(client, "/v1/completions", COMPLETION)
     chunks = await stream(client, "/v1/completions", COMPLETION | {"stream_options": {"include_usage": True}})
@@ -188,6 +198,14 @@ async def test_grammar_holds_completions_and_chats_to_gbnf_as_llama_servers_does
     ("/v1/completions", COMPLETION | {"presence_penalty": 2.5}, 400, "presence_penalty",
      "Expected `float` <= 2.0 - at `$.presence_penalty`"),
     ("/v1/completions", COMPLETION | {"echo": True}, 400, "echo", "echo is not supported by rbeed"),
+    ("/v1/completions", COMPLETION | {"logit_bias": {"the": 1}}, 400, "logit_bias",
+     "logit_bias keys must be token ids: integers, as text"),
+    ("/v1/completions", COMPLETION | {"logit_bias": {"-1": 1}}, 400, "logit_bias",
+     "Expected `int` >= 0 - at `key` in `$.logit_bias`"),
+    ("/v1/completions", COMPLETION | {"logit_bias": {"5": 101}}, 400, "logit_bias[...]",
+     "Expected `float` <= 100.0 - at `$.logit_bias[...]`"),
+    ("/v1/completions", COMPLETION | {"logit_bias": {"5": 1, "100000": 1}}, 400, "logit_bias",
+     "logit_bias: token 100000 is not one of tiny's (ids 0 to 598)"),
     ("/v1/chat/completions", CHAT | {"tools": [{"type": "function"}]}, 400, "tools", "tools is not supported"),
     ("/v1/chat/completions", CHAT | {"messages": [{"role": "tool", "content": "4"}]}, 400, "messages[0].role",
      "role 'tool' is not supported; use system, user or assistant"),

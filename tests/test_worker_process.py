@@ -304,6 +304,19 @@ async def test_prompt_longer_than_context_fails_and_worker_goes_on(start_worker)
     assert isinstance(after.end, wire.Done) and after.text
 
 
+async def test_a_logit_bias_past_the_vocabulary_fails_and_worker_goes_on(start_worker):
+    """The daemon checks ids against the catalog; a record made before it knew the vocabulary
+    size leaves that to the worker, where llama.cpp would read past its array."""
+    with trio.fail_after(10):
+        _, client = await ready_client(start_worker)
+        beyond = await client.generate(1, logit_bias={10**6: 1.0, 3: 1.0})
+        after = await client.generate(2, seed=1, logit_bias={3: 1.0})
+
+    assert isinstance(beyond.end, wire.Failed) and beyond.pieces == []
+    assert beyond.end.error == f"logit_bias: token {10**6} is not one of the model's (ids 0 to {len(tinymodel.VOCAB) - 1})"
+    assert isinstance(after.end, wire.Done) and after.text
+
+
 async def test_messages_for_a_model_without_a_chat_template_fail_and_worker_goes_on(start_worker):
     with trio.fail_after(10):
         _, client = await ready_client(start_worker)
