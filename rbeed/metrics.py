@@ -12,7 +12,7 @@ from . import __version__, wire
 from .jobs import JobRegistry, JobState
 from .models import Models
 from .server import Request, Response, only
-from .workers import Supervisor
+from .workers import Supervisor, resident_bytes
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Time to first token, in seconds: a small model warm on a CPU answers in tens of ms; a long
@@ -114,15 +114,10 @@ def _value(value: float) -> str:
 def _process(exposition: Exposition, started: float) -> None:
     """The standard process_* families, for the daemon itself (its workers are rbeed_worker_*)."""
     times = os.times()
-    with open("/proc/self/statm", "rb") as statm:
-        pages = statm.read().split()
-    page = os.sysconf("SC_PAGE_SIZE")
     exposition.family("process_cpu_seconds_total", "counter", "User and system CPU time of the daemon.",
                       [({}, times.user + times.system)])  # fmt: skip
     exposition.family("process_resident_memory_bytes", "gauge", "Resident memory of the daemon.",
-                      [({}, int(pages[1]) * page)])  # fmt: skip
-    exposition.family("process_virtual_memory_bytes", "gauge", "Virtual memory of the daemon.",
-                      [({}, int(pages[0]) * page)])  # fmt: skip
+                      [({}, resident_bytes(os.getpid()) or 0)])  # fmt: skip
     exposition.family("process_open_fds", "gauge", "Open file descriptors of the daemon.",
                       [({}, len(os.listdir("/proc/self/fd")))])  # fmt: skip
     exposition.family("process_start_time_seconds", "gauge", "When the daemon started, in seconds since the epoch.",

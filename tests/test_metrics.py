@@ -125,7 +125,7 @@ async def test_metrics_count_the_jobs_tokens_and_workers_the_daemon_served(daemo
     assert value(after, "rbeed_worker_resident_memory_bytes", **where) > 10 << 20  # llama.cpp and Python
     assert value(after, "rbeed_models") == len(models)
     assert value(after, "rbeed_http_connections") >= 1  # this scrape's
-    assert 10 << 20 < value(after, "process_resident_memory_bytes") < value(after, "process_virtual_memory_bytes")
+    assert 10 << 20 < value(after, "process_resident_memory_bytes") < 1 << 30
     assert time.time() - 600 < value(after, "process_start_time_seconds") < time.time()
     assert value(after, "process_open_fds") > 3 and value(after, "process_cpu_seconds_total") > 0
     assert value(after, "rbeed_build_info", version=__version__) == 1
