@@ -127,6 +127,7 @@ class Daemon:
         try:
             async with trio.open_nursery() as services:
                 services.start_soon(self._handle_signals)
+                services.start_soon(self.models.refresh)
                 await services.start(self.supervisor.run)
                 await services.start(self.registry.run)
                 async with trio.open_nursery() as connections:

@@ -14,6 +14,9 @@ import struct
 import sys
 
 
+# The key this reader gained last: a catalog record without it was read by an older rbeed.
+NEWEST_KEY = "vocab_size"
+
 # llama.cpp's enum llama_pooling_type: how an embedding model makes one vector of its tokens'.
 _POOLING = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import sys
@@ -18,9 +19,12 @@ import trio
 from .catalog import Catalog
 from .config import ModelsConfig, read_secret
 from .download import DownloadError, download
+from .ggufinfo import NEWEST_KEY
 from .httpclient import Client, StatusError
 from .jobs import Job, JobFailed
 from .operations import ModelCopy, ModelDelete, ModelDownload, ModelGet, ModelList, Settings, layered
+
+log = logging.getLogger("rbeed.models")
 
 _HF = re.compile(r"^hf:([A-Za-z0-9][\w.-]*)/([A-Za-z0-9][\w.-]*)/((?:[\w.-]+/)*[\w.-]+\.gguf)$")
 
@@ -237,10 +241,28 @@ class Models:
         if result.resumed_from:
             job.narrate(f"resumed from byte {result.resumed_from}")
         job.narrate(f"{result.size} bytes in {trio.current_time() - started:.2f} s; reading metadata")
-        metadata = await read_metadata(dest)
+        try:
+            metadata = await read_metadata(dest)
+        except JobFailed:
+            dest.unlink(missing_ok=True)
+            raise
         model = Model(model_id_, dest.name, result.size, result.sha256, op.model, time.time(), metadata)
         await self.catalog.put(model.id, model)
         return model
+
+    async def refresh(self) -> None:
+        """Re-read the metadata of records an older rbeed made (they lack what its reader did not know)."""
+        for model in self.catalog.list():
+            if NEWEST_KEY in model.metadata or not self.path_of(model).exists():
+                continue
+            try:
+                metadata = await read_metadata(self.path_of(model))
+            except JobFailed as exc:
+                log.warning("model %s: its metadata could not be read again: %s", model.id, exc)
+                continue
+            if self.catalog.get(model.id) is model:  # not deleted or replaced meanwhile
+                await self.catalog.put(model.id, msgspec.structs.replace(model, metadata=metadata))
+                log.info("model %s: metadata read again (%s)", model.id, NEWEST_KEY)
 
     async def list(self, job: Job, op: ModelList) -> None:
         job.result(self.catalog.list())
@@ -328,7 +350,6 @@ async def read_metadata(path: Path) -> dict:
         capture_stdout=True, capture_stderr=True, check=False,
     )  # fmt: skip
     if result.returncode != 0:
-        path.unlink(missing_ok=True)
         reason = result.stderr.decode(errors="replace").strip().splitlines()
         raise JobFailed(f"not a valid GGUF model: {reason[-1] if reason else 'unreadable'}")
     return json.loads(result.stdout)

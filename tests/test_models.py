@@ -15,8 +15,8 @@ import trio
 
 from httpfixture import RecordedRequest, Reply, serve_files
 from support import (
-    end_marker, job_error, job_events, job_result, narrations, read_events_until, rest_of, result_of, run_job,
-    running_daemon, short_base, start_daemon,
+    end_marker, job_error, job_events, job_result, logged, narrations, read_events_until, rest_of, result_of,
+    run_job, running_daemon, short_base, start_daemon,
 )  # fmt: skip
 
 MiB = 1 << 20
@@ -468,6 +468,39 @@ async def test_hf_sources_resolve_against_hf_base_and_the_catalog_survives_a_res
             daemon.stop()
         shutil.rmtree(base)
 
+
+
+async def test_records_an_older_rbeed_made_get_their_metadata_read_again_at_start(tmp_path, tiny_model):
+    base = tmp_path / "d"
+    daemon = await trio.to_thread.run_sync(start_daemon, base)
+    try:
+        async with daemon.client() as client:
+            for name in ("old", "broken"):
+                await job_result(client, download(str(shutil.copyfile(tiny_model, tmp_path / f"{name}.gguf"))))
+            record = await job_result(client, {"operation": "model_get", "id": "old"})
+        assert daemon.stop() == 0
+        database = sqlite3.connect(daemon.state_dir / "rbeed.sqlite3", isolation_level=None)
+        for name in ("old", "broken"):  # as rbeed wrote them before it read the vocabulary's size
+            older = {**record, "id": name, "file": f"{name}.gguf"}
+            older["metadata"] = {k: v for k, v in record["metadata"].items() if k != "vocab_size"}
+            database.execute("UPDATE models SET record = ? WHERE id = ?", (json.dumps(older).encode(), name))
+        database.close()
+        broken = daemon.state_dir / "models" / "broken.gguf"
+        broken.write_bytes(broken.read_bytes()[:1000])
+
+        daemon = await trio.to_thread.run_sync(start_daemon, base)
+        await logged(daemon, r"model old: metadata read again \(vocab_size\)$")
+        await logged(daemon, r"model broken: its metadata could not be read again: not a valid GGUF model: .*truncated")
+        async with daemon.client() as client:
+            assert await job_result(client, {"operation": "model_get", "id": "old"}) == record
+            assert "vocab_size" not in (await job_result(client, {"operation": "model_get", "id": "broken"}))["metadata"]
+            # An id past the vocabulary is refused from the catalog, before any worker starts.
+            bad = {"operation": "infer", "model": "old", "prompt": "x", "logit_bias": {str(record["metadata"]["vocab_size"]): 1}}
+            assert "logit_bias: token" in await job_error(client, bad)
+            assert await job_result(client, {"operation": "worker_list"}) == []
+        assert broken.exists()  # kept: it is the user's to delete
+    finally:
+        daemon.stop()
 
 
 @asynccontextmanager
