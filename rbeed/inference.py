@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TypeVar
 
 import msgspec
@@ -83,10 +84,10 @@ class Inference:
             frequency_penalty=settings.frequency_penalty, grammar=op.grammar if op.format is None else gbnf(op.format),
             logit_bias=op.logit_bias,
         )  # fmt: skip
+        generation.on_finish = partial(self.totals.generated, op.model)  # a cancelled one's tokens count too
         worker, outcome, load_ms = await self._run(job, op, model, generation, settings.n_ctx)
         if not isinstance(outcome, wire.Done):
             raise JobFailed(outcome)
-        self.totals.generated(op.model, outcome)
         result = {
             "model": op.model, "worker_id": worker.id, "load_ms": load_ms, "prompt_tokens": outcome.prompt_tokens,
             "cached_tokens": outcome.cached_tokens, "completion_tokens": outcome.completion_tokens,

@@ -60,7 +60,10 @@ class Totals:
     def __init__(self) -> None:
         self.models: defaultdict[str, ModelTotals] = defaultdict(ModelTotals)
 
-    def generated(self, model: str, done: wire.Done) -> None:
+    def generated(self, model: str, done: wire.Done | wire.Embedded | str) -> None:
+        """Count a generation's end: a Done, whatever its finish reason (a failure has no tokens to count)."""
+        if type(done) is not wire.Done:
+            return
         totals = self.models[model]
         totals.finishes[done.finish_reason] += 1
         totals.prompt_tokens += done.prompt_tokens

@@ -88,6 +88,8 @@ class Generation:
         self.outcome: wire.Done | wire.Embedded | str | None = None  # Done or Embedded, or why it failed
         self.sent = False
         self.abandoned = False  # its job went away: skip it if still queued, drop its tokens
+        # Told the outcome as it arrives, even when its job went away first (a cancel's Done).
+        self.on_finish: Callable[[wire.Done | wire.Embedded | str], None] = lambda outcome: None
 
     def token(self, text: str) -> None:
         if self.abandoned:
@@ -99,6 +101,7 @@ class Generation:
     def finish(self, outcome: wire.Done | wire.Embedded | str) -> None:
         if self.outcome is None:
             self.outcome = outcome
+            self.on_finish(outcome)
             self.done.set()
 
 

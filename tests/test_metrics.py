@@ -3,6 +3,7 @@ on the real daemon with a real worker running the tiny model."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -11,7 +12,9 @@ import trio
 
 from rbeed import __version__
 from rbeed.metrics import Exposition, Histogram
-from support import job_error, job_result, register, running_daemon, submit
+from support import (
+    end_marker, job_error, job_events, job_result, logged, read_events_until, register, rest_of, running_daemon, submit,
+)  # fmt: skip
 
 _NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
 _LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*"'
@@ -131,6 +134,28 @@ async def test_metrics_count_the_jobs_tokens_and_workers_the_daemon_served(daemo
     assert value(after, "rbeed_build_info", version=__version__) == 1
     assert types["rbeed_jobs_finished_total"] == "counter" and types[ttft] == "histogram"
     assert types["rbeed_workers"] == "gauge"
+
+
+async def test_a_cancelled_generation_counts_the_tokens_it_made(tiny_model):
+    with running_daemon(env={"RBEED_WORKER_TOKEN_DELAY": "0.05"}) as slow:
+        await register(slow, tiny_model)
+        async with slow.client() as client:
+            await job_result(client, {"operation": "infer", "model": "tiny", "prompt": "x", "max_tokens": 1})
+            before, _ = await scrape(client)
+            long = {"operation": "infer", "model": "tiny", "prompt": "Once upon a time", "temperature": 0, "max_tokens": 200}
+            async with job_events(client, long) as (job_id, events):
+                received = await read_events_until(events, lambda e: e.event == "token" and json.loads(e.data)["i"] == 2)
+                assert (await client.request("DELETE", f"/v1/jobs/{job_id}")).status == 200
+                assert end_marker(await rest_of(events, timeout=5)) == "[CANCELLED]"
+            # The worker's Done arrives after the job has ended: no job waits for it.
+            made = int((await logged(slow, r"^rbeed-worker: generation \d+: cancelled, (\d+) tokens")).group(1))
+            after, _ = await scrape(client)
+    tiny = {"model": "tiny"}
+    assert value(after, "rbeed_generations_total", finish_reason="cancelled", **tiny) == 1
+    assert value(after, "rbeed_generations_total", finish_reason="length", **tiny) == 1  # the first job only
+    added = value(after, "rbeed_completion_tokens_total", **tiny) - value(before, "rbeed_completion_tokens_total", **tiny)
+    assert added == made >= len([e for e in received if e.event == "token"]) == 3
+    assert value(after, "rbeed_time_to_first_token_seconds_count", **tiny) == 2
 
 
 async def test_metrics_is_read_only(daemon):
