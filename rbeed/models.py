@@ -16,6 +16,7 @@ from urllib.parse import unquote, urlsplit
 import msgspec
 import trio
 
+from . import wire
 from .catalog import Catalog
 from .config import ModelsConfig, read_secret
 from .download import DownloadError, download
@@ -54,9 +55,7 @@ class Model(msgspec.Struct):
     def unknown_tokens(self, logit_bias: dict[int, float] | None) -> str | None:
         """Why `logit_bias` names a token the model does not have, if its GGUF says how many it has."""
         size = self.metadata.get("vocab_size")
-        if logit_bias and size and (beyond := sorted(token for token in logit_bias if token >= size)):
-            return f"logit_bias: token {beyond[0]} is not one of {self.id}'s (ids 0 to {size - 1})"
-        return None
+        return wire.unknown_token(logit_bias, size, f"{self.id}'s") if size else None
 
     def too_many_dimensions(self, dimensions: int | None) -> str | None:
         """Why an embedding cannot keep `dimensions` of the model's, if its GGUF says so."""

@@ -20,6 +20,7 @@ __all__ = [
     "Message",
     "Token",
     "encode",
+    "unknown_token",
 ]
 
 MAX_FRAME_SIZE = 16 * 1024 * 1024
@@ -28,6 +29,14 @@ MAX_FRAME_SIZE = 16 * 1024 * 1024
 NO_CHAT_TEMPLATE = "the model has no chat template: send a `prompt` instead of `messages`"
 
 _HEADER = struct.Struct(">I")
+
+
+def unknown_token(logit_bias: dict[int, float] | None, vocab_size: int, model: str) -> str | None:
+    """Why `logit_bias` names a token past `model`'s vocabulary, if it does (the daemon checks from
+    the catalog's vocab_size before any worker loads; the worker again, for a record without one)."""
+    if logit_bias and (beyond := sorted(token for token in logit_bias if token >= vocab_size)):
+        return f"logit_bias: token {beyond[0]} is not one of {model} (ids 0 to {vocab_size - 1})"
+    return None
 
 
 class _Frame(msgspec.Struct, tag_field="type", array_like=True, gc=False):

@@ -627,10 +627,8 @@ class _Worker:
             _log(f"generation {request.id} failed: {error}")
             connection.send(wire.Failed(request.id, error))
             return
-        if request.logit_bias and (beyond := sorted(t for t in request.logit_bias if t >= llm.n_vocab())):
-            # The daemon checks with the catalog's vocab_size; a record older than that has none.
-            connection.send(wire.Failed(request.id, f"logit_bias: token {beyond[0]} is not one of the model's "
-                                                    f"(ids 0 to {llm.n_vocab() - 1})"))  # fmt: skip
+        if error := wire.unknown_token(request.logit_bias, llm.n_vocab(), "the model's"):
+            connection.send(wire.Failed(request.id, error))
             return
         room = self.n_ctx - n_prompt
         max_tokens = room if request.max_tokens <= 0 else min(request.max_tokens, room)
