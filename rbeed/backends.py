@@ -29,6 +29,7 @@ class LaunchSpec(Protocol):
     device: str
     threads: int
     n_ctx: int
+    n_batch: int  # 0: the whole context
     socket_path: Path
 
 
@@ -44,7 +45,7 @@ class Handle(Protocol):
 
 def worker_options(spec: LaunchSpec, config: WorkersConfig) -> list[str]:
     """The worker's llama.cpp flags, the same for every backend."""
-    options = ["--n-ctx", str(spec.n_ctx), "--n-batch", str(config.n_batch)]
+    options = ["--n-ctx", str(spec.n_ctx), "--n-batch", str(spec.n_batch)]
     return options + (["--cpu-affinity", config.cpu_affinity] if config.cpu_affinity else [])
 
 

@@ -80,6 +80,8 @@ def start_model_job(registry: JobRegistry, models: Models, model_id: str, fields
         operation = msgspec.convert({key: value for key, value in fields.items() if value is not None}, kind)
     except msgspec.ValidationError as exc:
         raise invalid(exc, names) from None
+    if isinstance(operation, Infer) and model.is_encoder:
+        raise Refused(400, wire.EMBEDDINGS_ONLY, "model")
     if isinstance(operation, Infer) and operation.messages is not None and model.without_chat_template:
         raise Refused(400, wire.NO_CHAT_TEMPLATE, (names or {}).get("messages", "messages"))
     if isinstance(operation, Infer) and (why := model.unknown_tokens(operation.logit_bias)):

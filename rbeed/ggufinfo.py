@@ -15,7 +15,7 @@ import sys
 
 
 # The key this reader gained last: a catalog record without it was read by an older rbeed.
-NEWEST_KEY = "vocab_size"
+NEWEST_KEY = "causal"
 
 # llama.cpp's enum llama_pooling_type: how an embedding model makes one vector of its tokens'.
 _POOLING = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
@@ -102,6 +102,8 @@ def read(path: str) -> dict:
         "embedding_length": fields.get(f"{architecture}.embedding_length"),
         "vocab_size": fields.get("tokenizer.ggml.tokens"),  # token ids run from 0 to this less 1
         "chat_template": "tokenizer.chat_template" in fields,
+        # False for an encoder (BERT and its kind), whose attention looks both ways: it makes embeddings only.
+        "causal": fields.get(f"{architecture}.attention.causal", True),
         "pooling": None if pooling is None else _POOLING.get(pooling, str(pooling)),  # set: an embedding model
         "gguf_version": version,
     }

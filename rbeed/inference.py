@@ -70,6 +70,8 @@ class Inference:
 
     async def infer(self, job: Job, op: Infer) -> None:
         op, model, settings = self._named(op)
+        if model.is_encoder:
+            raise JobFailed(wire.EMBEDDINGS_ONLY)  # known from the catalog: no worker need load it
         if op.messages is not None and model.without_chat_template:
             raise JobFailed(wire.NO_CHAT_TEMPLATE)  # known from the catalog: no worker need load it
         if why := model.unknown_tokens(op.logit_bias):

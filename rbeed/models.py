@@ -46,6 +46,11 @@ class Model(msgspec.Struct):
         """Its GGUF is known to carry no chat template (a record without metadata does not say)."""
         return self.metadata.get("chat_template") is False
 
+    @property
+    def is_encoder(self) -> bool:
+        """Its GGUF says that its attention is not causal (BERT and its kind): it makes embeddings only."""
+        return self.metadata.get("causal") is False
+
     def refuses_system(self, system: str | None) -> str | None:
         """Why `system` cannot be the model's system message, if it cannot."""
         if system and self.without_chat_template:
@@ -261,7 +266,7 @@ class Models:
                 continue
             if self.catalog.get(model.id) is model:  # not deleted or replaced meanwhile
                 await self.catalog.put(model.id, msgspec.structs.replace(model, metadata=metadata))
-                log.info("model %s: metadata read again (%s)", model.id, NEWEST_KEY)
+                log.info("model %s: metadata read again", model.id)
 
     async def list(self, job: Job, op: ModelList) -> None:
         job.result(self.catalog.list())

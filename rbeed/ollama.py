@@ -445,8 +445,8 @@ class OllamaAPI:
         for key in ("context_length", "embedding_length", "vocab_size"):
             if meta.get("architecture") and meta.get(key):
                 info[f"{meta['architecture']}.{key}"] = meta[key]
-        # As Ollama tells them apart: a model whose GGUF sets a pooling is for embeddings.
-        embedder = meta.get("pooling") not in (None, "none")
+        # As Ollama tells them apart: an encoder, or a model whose GGUF sets a pooling, is for embeddings.
+        embedder = model.is_encoder or meta.get("pooling") not in (None, "none")
         parameters = _parameters(model.defaults)
         answer = {"modelfile": _modelfile(model, self.models.path_of(model), parameters),
                   "parameters": "\n".join(f"{name:<30} {value}" for name, value in parameters),

@@ -8,6 +8,7 @@ import msgspec
 
 __all__ = [
     "MAX_FRAME_SIZE",
+    "EMBEDDINGS_ONLY",
     "NO_CHAT_TEMPLATE",
     "Cancel",
     "Done",
@@ -27,6 +28,9 @@ MAX_FRAME_SIZE = 16 * 1024 * 1024
 # A Generate with messages for a model without a chat template fails with this (the daemon
 # refuses it before loading a worker when the model's metadata says so).
 NO_CHAT_TEMPLATE = "the model has no chat template: send a `prompt` instead of `messages`"
+# A Generate for an encoder (BERT and its kind) fails with this (the daemon refuses it first when
+# the model's metadata says that its attention is not causal).
+EMBEDDINGS_ONLY = "the model is an encoder (such as BERT): it makes embeddings only, not text; use embed"
 
 _HEADER = struct.Struct(">I")
 

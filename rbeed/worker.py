@@ -144,7 +144,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", required=True, help="cpu, cuda:N or metal")
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--n-ctx", type=int, default=2048)
-    parser.add_argument("--n-batch", type=int, default=32)
+    parser.add_argument("--n-batch", type=int, default=32, help="0: the whole context (an encoder's inputs)")
     parser.add_argument("--cpu-affinity", metavar="LIST", help="CPUs to run on, e.g. 0-3,6")
     return parser.parse_args(argv)
 
@@ -261,13 +261,18 @@ def _load_model(args: argparse.Namespace, n_gpu_layers: int) -> Any:
 
     global _llama_errors
     errors = _llama_errors = _LlamaErrors(llama_cpp)
+    # An encoder (non-causal attention) takes each input in one batch, and in one micro-batch of
+    # llama.cpp's: the daemon passes 0 for it, meaning the context (or llama.cpp's default batch
+    # where the model's own context is asked for).
+    n_batch = args.n_batch or args.n_ctx or 512
     try:
         return Llama(
             model_path=args.model,
             n_ctx=args.n_ctx,
             n_threads=args.threads,
             n_threads_batch=args.threads,
-            n_batch=args.n_batch,
+            n_batch=n_batch,
+            n_ubatch=512 if args.n_batch else n_batch,  # 512: llama-cpp-python's default, cut to n_batch
             n_gpu_layers=n_gpu_layers,
             logits_all=False,
             # Every token's hidden state, not one pooled by llama.cpp: its pooling covers one
@@ -468,9 +473,15 @@ class _Worker:
             llama_cpp.llama_model_is_recurrent(llm.model) or llama_cpp.llama_model_is_hybrid(llm.model)
         )
         metadata = llm.metadata
+        architecture = metadata.get("general.architecture")
+        # An encoder (BERT) keeps no memory of tokens to generate from, and its attention looks
+        # both ways, so that each input must fit in one batch.
+        self._generates = llm._ctx.memory is not None
+        causal = metadata.get(f"{architecture}.attention.causal", "true") != "false"
+        self._input_limit = self.n_ctx if causal else min(self.n_ctx, llm.context_params.n_ubatch)
         # How the model's own pooling, if it has one, makes one vector of its tokens' (llama.cpp's
         # enum llama_pooling_type); a generative model has none, and its tokens are averaged.
-        self._pooling = int(metadata.get(f"{metadata.get('general.architecture')}.pooling_type", 0))
+        self._pooling = int(metadata.get(f"{architecture}.pooling_type", 0))
         self._set_embeddings = llama_cpp.llama_set_embeddings
         self._embedding_of = llama_cpp.llama_get_embeddings_ith
         self.connection: _Connection | None = None
@@ -608,6 +619,9 @@ class _Worker:
     ) -> None:
         """Run one generation: Token frames as text is produced, then Done (or Failed)."""
         llm = self.llm
+        if not self._generates:
+            connection.send(wire.Failed(request.id, wire.EMBEDDINGS_ONLY))
+            return
         try:
             prompt_tokens = self._prompt_tokens(request)
         except _ChatError as exc:
@@ -782,11 +796,12 @@ class _Worker:
         tokens = self.llm.tokenize(text.encode(), add_bos=True, special=True)  # BOS and EOS as the vocab says
         if not tokens:
             raise _InputError(f"input {index} makes no tokens")
-        if len(tokens) > self.n_ctx:
+        if len(tokens) > (limit := self._input_limit):
             if not request.truncate:
-                raise _InputError(f"input {index} is {len(tokens)} tokens, the context holds {self.n_ctx}; "
+                holds = "the context holds" if limit == self.n_ctx else "an encoder's one batch holds"
+                raise _InputError(f"input {index} is {len(tokens)} tokens, {holds} {limit}; "
                                   "truncate it, or ask for a larger n_ctx")  # fmt: skip
-            tokens = tokens[: self.n_ctx]
+            tokens = tokens[:limit]
         return tokens
 
     def _pooled(self, tokens: list[int], job: _Job) -> Any:

@@ -109,10 +109,10 @@ class Worker:
     """One worker: its launch settings, its request queue, and the task that serves it."""
 
     def __init__(self, id: str, model: str, model_path: Path, device: str, threads: int, n_ctx: int,
-                 socket_path: Path, queue_size: int, on_demand: bool, keep_alive: float,
+                 n_batch: int, socket_path: Path, queue_size: int, on_demand: bool, keep_alive: float,
                  cancel_timeout: float):  # fmt: skip
         self.id, self.model, self.model_path, self.device = id, model, model_path, device
-        self.threads, self.n_ctx, self.socket_path = threads, n_ctx, socket_path
+        self.threads, self.n_ctx, self.n_batch, self.socket_path = threads, n_ctx, n_batch, socket_path
         self.on_demand, self.keep_alive, self.cancel_timeout = on_demand, keep_alive, cancel_timeout
         self.state = WorkerState.STARTING
         self.pid: int | None = None
@@ -376,8 +376,9 @@ class Supervisor:
                 threads = threads or free
                 serial = next(self._serial)
                 worker_id = f"{model.id[:48]}-{device.replace(':', '')}-{serial}"
+                n_batch = 0 if model.is_encoder else self.config.n_batch  # an encoder's inputs: one batch each
                 worker = Worker(
-                    worker_id, model.id, path, device, threads, n_ctx, self.socket_dir / f"{serial}.sock",
+                    worker_id, model.id, path, device, threads, n_ctx, n_batch, self.socket_dir / f"{serial}.sock",
                     self.config.queue_size, on_demand,
                     self.config.keep_alive if keep_alive is None else keep_alive, self.config.cancel_timeout,
                 )  # fmt: skip

@@ -13,6 +13,7 @@ import pytest
 import trio
 
 import tinymodel
+from rbeed import wire
 from support import end_marker, job_error, job_events, job_result, logged, register, rest_of, running_daemon
 from test_cli import cli_env, rbee
 
@@ -105,6 +106,59 @@ async def test_a_models_own_pooling_is_llama_cpps(client, pooling_models, poolin
 async def test_a_rerankers_gguf_is_refused(client, pooling_models):
     error = await job_error(client, EMBED | {"model": "tiny-rank", "input": "x"})
     assert error == "the model ranks documents (a reranker): it makes no embeddings"
+
+
+@pytest.fixture(scope="module")
+def encoder(embedder, tmp_path_factory) -> str:
+    """A BERT (tinymodel.write_tiny_encoder), registered in `embedder` as tiny-encoder; its path."""
+    path = tinymodel.write_tiny_encoder(tmp_path_factory.mktemp("encoder") / "tiny-encoder.gguf")
+    trio.run(register, embedder, path)
+    return str(path)
+
+
+# Of ~240 tokens: in one batch, as an encoder's attention looks at every token of its input.
+ENCODER_TEXTS = ["Hello", "the cats walked home.", "the dog ran far away, and the bird sang. " * 20]
+
+
+async def test_an_encoder_embeds_each_input_in_one_batch_as_llama_cpp_does(client, encoder):
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=encoder, embedding=True, n_ctx=512, n_batch=512, n_ubatch=512, verbose=False)
+    try:
+        expected = numpy.array(llm.embed(ENCODER_TEXTS, normalize=True))
+        tokens = [len(llm.tokenize(text.encode(), add_bos=True, special=True)) for text in ENCODER_TEXTS]
+    finally:
+        llm.close()
+    assert tokens[2] > 200 and tokens[1] == 8  # [CLS] the cat s walk ed home . [SEP]
+    result = await embed(client, model="tiny-encoder", input=ENCODER_TEXTS)
+    assert result["prompt_tokens"] == sum(tokens)
+    vectors = numpy.array(result["embeddings"])
+    assert vectors.shape == (3, N_EMBD) and numpy.abs(vectors - expected).max() < 1e-5
+    assert numpy.abs(vectors[0] - vectors[1]).max() > 0.01
+    worker = await job_result(client, {"operation": "worker_get", "id": result["worker_id"]})
+    assert worker["model"] == "tiny-encoder" and worker["n_ctx"] == 512  # the model's own, not [workers]'s 2048
+
+
+async def test_an_encoders_input_past_its_context_is_cut_or_refused(client, encoder):
+    long = "the cat " * 300  # 602 tokens; the model was trained for 512
+    cut = await embed(client, model="tiny-encoder", input=[long])
+    assert cut["prompt_tokens"] == 512
+    error = await job_error(client, EMBED | {"model": "tiny-encoder", "input": long, "truncate": False})
+    assert error == "input 0 is 602 tokens, the context holds 512; truncate it, or ask for a larger n_ctx"
+
+
+async def test_an_encoder_generates_nothing_and_loads_no_worker_to_say_so(embedder, client, encoder):
+    before = await job_result(client, {"operation": "worker_list"})
+    infer = {"operation": "infer", "model": "tiny-encoder", "prompt": "Hello"}
+    assert await job_error(client, infer) == wire.EMBEDDINGS_ONLY
+    generate = await client.request("POST", "/api/generate", json={"model": "tiny-encoder", "prompt": "Hello"})
+    assert (generate.status, generate.json()) == (400, {"error": wire.EMBEDDINGS_ONLY})
+    completion = await client.request("POST", "/v1/completions", json={"model": "tiny-encoder", "prompt": "Hello"})
+    assert completion.status == 400
+    assert (completion.json()["error"]["message"], completion.json()["error"]["param"]) == (wire.EMBEDDINGS_ONLY, "model")
+    assert await job_result(client, {"operation": "worker_list"}) == before
+    model = await job_result(client, {"operation": "model_get", "id": "tiny-encoder"})
+    assert (model["metadata"]["causal"], model["metadata"]["pooling"]) == (False, "mean")
 
 
 async def test_an_input_alone_gives_its_vector_in_a_batch_and_the_same_again(client):

@@ -531,6 +531,23 @@ async def test_cancel_during_prompt_processing_lands_fast(start_worker, in_proce
     assert "Traceback" not in worker.stderr and "Exception ignored" not in worker.stderr
 
 
+async def test_an_encoder_worker_refuses_to_generate_and_an_input_past_its_batch(start_worker, tmp_path):
+    # As the daemon would start one for a catalog record that does not say the model is an encoder:
+    # with its usual batches of 32 tokens, not one of the whole context.
+    encoder = tinymodel.write_tiny_encoder(tmp_path / "encoder.gguf")
+    with trio.fail_after(10):
+        worker, client = await ready_client(start_worker, "--n-ctx", "512", "--n-batch", "32", model=encoder)
+        refused = await client.generate(1)
+        await client.send(wire.Embed(2, ["the cat " * 20], truncate=False))
+        too_long = await client.receive()
+        await client.send(wire.Embed(3, ["the cat " * 20, "Hello"]))
+        cut, hello, done = [await client.receive() for _ in range(3)]
+
+    assert refused == Generation([], wire.Failed(1, wire.EMBEDDINGS_ONLY))
+    assert too_long == wire.Failed(2, "input 0 is 42 tokens, an encoder's one batch holds 32; truncate it, or ask for a larger n_ctx")
+    assert (len(cut.vector), len(hello.vector), done) == (64, 64, wire.Embedded(3, 32 + 3))
+
+
 async def test_cancel_lands_inside_a_long_prompt_batch(start_worker):
     with trio.fail_after(10):
         worker, client = await inside_a_long_prompt_batch(start_worker)

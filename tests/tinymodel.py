@@ -1,4 +1,5 @@
-"""Test-only tiny random-weight llama GGUF whose sampled output reads as words and ends at "."."""
+"""Test-only tiny random-weight GGUFs: a llama whose sampled output reads as words and ends at ".",
+and a BERT encoder (embeddings only) over the same words."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ __all__ = [
     "SPECIAL_TOKENS",
     "VOCAB",
     "WORDS",
+    "write_tiny_encoder",
     "write_tiny_model",
 ]
 
@@ -103,14 +105,7 @@ def write_tiny_model(
     output[period, _BIAS_DIM] += _PERIOD_BOOST
     output[_EOS, _PERIOD_DIM] = _EOS_AFTER_PERIOD
 
-    writer = gguf.GGUFWriter(path, arch="llama")
-    writer.add_name(f"rbeed-tiny-seed{seed}")
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    writer.add_context_length(context_length)
-    writer.add_embedding_length(n_embd)
-    writer.add_block_count(n_layer)
-    writer.add_feed_forward_length(n_ff)
-    writer.add_head_count(n_head)
+    writer = _writer(path, "llama", f"rbeed-tiny-seed{seed}", context_length, n_layer, n_embd, n_head, n_ff)
     writer.add_head_count_kv(n_head)
     writer.add_rope_dimension_count(n_embd // n_head)
     writer.add_layer_norm_rms_eps(1e-5)
@@ -152,10 +147,85 @@ def write_tiny_model(
         writer.add_tensor(f"{blk}.ffn_up.weight", random(n_ff, n_embd, scale=layer_scale))
         writer.add_tensor(f"{blk}.ffn_down.weight", ffn_down)
 
+    _finish(writer)
+    return path
+
+
+def _writer(path: pathlib.Path, arch: str, name: str, context_length: int, n_layer: int, n_embd: int, n_head: int,
+            n_ff: int) -> gguf.GGUFWriter:  # fmt: skip
+    """A writer with the header fields every architecture has."""
+    writer = gguf.GGUFWriter(path, arch=arch)
+    writer.add_name(name)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_context_length(context_length)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    return writer
+
+
+def _finish(writer: gguf.GGUFWriter) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+# BERT's WordPiece vocabulary as llama.cpp keeps it: a word-initial piece is "▁word", a
+# continuation ("##s" in the original) is bare.
+ENCODER_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+ENCODER_VOCAB = ENCODER_SPECIAL_TOKENS + WORDS[:-2] + (SPACE + PERIOD, SPACE + ",", "s", "ed", "ing", "ly")
+
+
+def write_tiny_encoder(
+    path: str | os.PathLike[str], *, seed: int = 0, n_layer: int = 2, n_embd: int = 64, n_head: int = 4,
+    n_ff: int = 128, context_length: int = 512, pooling_type: gguf.PoolingType = gguf.PoolingType.MEAN,
+) -> pathlib.Path:  # fmt: skip
+    """Write a random-weight BERT (non-causal attention, as convert_hf_to_gguf.py writes one) that
+    embeds ENCODER_VOCAB's pieces; return the path."""
+    path = pathlib.Path(path)
+    rng = np.random.default_rng(seed)
+    scale = 0.5 / np.sqrt(n_embd)
+
+    def random(*shape: int, scale: float = scale) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    writer = _writer(path, "bert", f"rbeed-tiny-encoder-seed{seed}", context_length, n_layer, n_embd, n_head, n_ff)
+    writer.add_layer_norm_eps(1e-12)
+    writer.add_causal_attention(False)
+    writer.add_pooling_type(pooling_type)
+
+    writer.add_tokenizer_model("bert")
+    writer.add_token_list(ENCODER_VOCAB)
+    n_special = len(ENCODER_SPECIAL_TOKENS)
+    writer.add_token_types([gguf.TokenType.CONTROL] * n_special + [gguf.TokenType.NORMAL] * (len(ENCODER_VOCAB) - n_special))
+    writer.add_token_type_count(2)
+    for add, token in ((writer.add_pad_token_id, "[PAD]"), (writer.add_unk_token_id, "[UNK]"),
+                       (writer.add_bos_token_id, "[CLS]"), (writer.add_sep_token_id, "[SEP]"),
+                       (writer.add_mask_token_id, "[MASK]")):  # fmt: skip
+        add(ENCODER_VOCAB.index(token))
+    writer.add_add_bos_token(True)
+    writer.add_add_sep_token(True)
+
+    def norm(name: str) -> None:
+        writer.add_tensor(f"{name}.weight", np.ones(n_embd, dtype=np.float32))
+        writer.add_tensor(f"{name}.bias", np.zeros(n_embd, dtype=np.float32))
+
+    writer.add_tensor("token_embd.weight", random(len(ENCODER_VOCAB), n_embd, scale=1.0))
+    writer.add_tensor("token_types.weight", random(2, n_embd))
+    writer.add_tensor("position_embd.weight", random(context_length, n_embd))
+    norm("token_embd_norm")
+    for i in range(n_layer):
+        blk = f"blk.{i}"
+        for name, rows, cols in (("attn_q", n_embd, n_embd), ("attn_k", n_embd, n_embd), ("attn_v", n_embd, n_embd),
+                                 ("attn_output", n_embd, n_embd), ("ffn_up", n_ff, n_embd), ("ffn_down", n_embd, n_ff)):  # fmt: skip
+            writer.add_tensor(f"{blk}.{name}.weight", random(rows, cols))
+            writer.add_tensor(f"{blk}.{name}.bias", random(rows))
+        norm(f"{blk}.attn_output_norm")
+        norm(f"{blk}.layer_output_norm")
+
+    _finish(writer)
     return path
 
 
