@@ -16,7 +16,8 @@ from .server import StreamingResponse
 
 # Infer's sampling fields that OpenAI's requests (with llama-server's extensions) and Ollama's
 # options name as infer does.
-SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty", "seed")
+SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty",
+            "repeat_last_n", "seed")  # fmt: skip
 
 
 def no_limit(model: Model) -> int | None:

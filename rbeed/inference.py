@@ -84,7 +84,7 @@ class Inference:
             top_p=settings.top_p, top_k=settings.top_k, seed=settings.seed, stop=list(settings.stop), messages=messages,
             min_p=settings.min_p, repeat_penalty=settings.repeat_penalty, presence_penalty=settings.presence_penalty,
             frequency_penalty=settings.frequency_penalty, grammar=op.grammar if op.format is None else gbnf(op.format),
-            logit_bias=op.logit_bias,
+            logit_bias=op.logit_bias, repeat_last_n=settings.repeat_last_n,
         )  # fmt: skip
         generation.on_finish = partial(self.totals.generated, op.model)  # a cancelled one's tokens count too
         worker, outcome, load_ms = await self._run(job, op, model, generation, settings.n_ctx)

@@ -26,7 +26,7 @@ _encode = msgspec.json.Encoder().encode
 
 
 # Ollama warns of options it does not know and goes on; so does rbeed with those it does not
-# apply (num_thread, repeat_last_n, ...), which clients send with their defaults.
+# apply (num_thread, num_keep, ...), which clients send with their defaults.
 class _Options(msgspec.Struct):
     num_predict: int | None = None
     temperature: float | None = None
@@ -36,6 +36,7 @@ class _Options(msgspec.Struct):
     repeat_penalty: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    repeat_last_n: int | None = None
     seed: int | None = None
     stop: list[str] | None = None
     num_ctx: int | None = None

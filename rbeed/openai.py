@@ -74,6 +74,7 @@ class _Request(msgspec.Struct, kw_only=True):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     repeat_penalty: float | None = None  # llama-server's extensions
+    repeat_last_n: int | None = None
     min_p: float | None = None
     logit_bias: dict[str, float] | None = None  # by token id, as text: infer's checks them
     logprobs: bool | int | None = None

@@ -134,6 +134,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True, fo
     repeat_penalty: Annotated[float, msgspec.Meta(gt=0, le=100)] | None = None  # 1: off
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
+    # The tokens the three penalties look back over: -1 the whole context, 0 none (penalties off).
+    repeat_last_n: Annotated[int, msgspec.Meta(ge=-1, le=1 << 20)] | None = None
     seed: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)] | None = None  # None after all: a random one
     stop: Annotated[list[Annotated[str, msgspec.Meta(min_length=1)]], msgspec.Meta(max_length=16)] | None = None
     n_ctx: Context | None = None  # a worker with at least this context; None after all: any
@@ -146,7 +148,7 @@ def layered(*layers: Settings) -> Settings:
 
 
 DEFAULTS = Settings(max_tokens=256, temperature=0.8, top_p=0.95, top_k=40, min_p=0.05, repeat_penalty=1.0,
-                    presence_penalty=0.0, frequency_penalty=0.0, stop=[])  # fmt: skip
+                    presence_penalty=0.0, frequency_penalty=0.0, repeat_last_n=64, stop=[])  # fmt: skip
 
 
 class ModelCopy(Operation, tag="model_copy"):

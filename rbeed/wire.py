@@ -66,6 +66,7 @@ class Generate(_Frame, tag="Generate"):
     messages: list[tuple[str, str]] | None = None  # (role, content): the worker applies the chat template
     grammar: str | None = None  # GBNF that the output must follow
     logit_bias: dict[int, float] | None = None  # added to these tokens' logits
+    repeat_last_n: int = 64  # the tokens the penalties look back over; -1: the whole context
 
 
 class Embed(_Frame, tag="Embed"):

@@ -669,6 +669,7 @@ class _Worker:
         last = received
         finish = "length"
         llm.logit_bias = request.logit_bias
+        llm.last_n_tokens_size = self.n_ctx if request.repeat_last_n < 0 else request.repeat_last_n  # the penalties'
         tokens = llm.generate(
             prompt_tokens[cached:],
             reset=False,

@@ -494,7 +494,7 @@ async def test_infer_prints_tokens_as_they_arrive_and_sends_every_option():
         process = await trio.lowlevel.open_process(
             argv("--url", api.url, "infer", "Say hi", "--model", "m", "--max-tokens", "3", "--temperature", "0",
                  "--top-p", "0.5", "--top-k", "2", "--min-p", "0.1", "--repeat-penalty", "1.1", "--presence-penalty",
-                 "0.5", "--frequency-penalty", "-0.5", "--seed", "9", "--stop", "\n", "--stop", "END", "--device",
+                 "0.5", "--frequency-penalty", "-0.5", "--repeat-last-n", "8", "--seed", "9", "--stop", "\n", "--stop", "END", "--device",
                  "cuda:1", "--worker-id", "w-1", "-c", "4096", "--keep-alive", "-1", "--hive", "localhost", "--raw",
                  "--format", '{"enum": ["Hello"]}'),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), cwd=ROOT,
@@ -513,7 +513,7 @@ async def test_infer_prints_tokens_as_they_arrive_and_sends_every_option():
     assert stderr == "· loading m\n· 2 tokens, ttft 12 ms, 40.0 tok/s, finish: stop\n"
     assert api.payloads == [{
         "operation": "infer", "prompt": "Say hi", "model": "m", "max_tokens": 3, "temperature": 0.0, "top_p": 0.5,
-        "top_k": 2, "min_p": 0.1, "repeat_penalty": 1.1, "presence_penalty": 0.5, "frequency_penalty": -0.5, "seed": 9, "stop": ["\n", "END"], "device": "cuda:1", "worker_id": "w-1", "n_ctx": 4096, "keep_alive": -1.0,
+        "top_k": 2, "min_p": 0.1, "repeat_penalty": 1.1, "presence_penalty": 0.5, "frequency_penalty": -0.5, "repeat_last_n": 8, "seed": 9, "stop": ["\n", "END"], "device": "cuda:1", "worker_id": "w-1", "n_ctx": 4096, "keep_alive": -1.0,
         "hive_id": "localhost", "format": {"enum": ["Hello"]},
     }]  # fmt: skip
 

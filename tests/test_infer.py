@@ -110,6 +110,20 @@ async def test_repeat_presence_and_frequency_penalties_keep_greedy_text_from_rep
         assert words[name][:30] == words["none"][:30]  # the same text until it would repeat
 
 
+async def test_repeat_last_n_is_how_far_back_the_penalties_look(client):
+    long = GREEDY | {"max_tokens": 64, "stream": False, "repeat_penalty": 1.5}
+    texts = {n: (await infer(client, long | ({} if n is None else {"repeat_last_n": n})))[1]["text"].split()
+             for n in (None, 64, 0, 8, 32, -1)}  # fmt: skip
+    plain = (await infer(client, long | {"repeat_penalty": 1.0}))[1]["text"].split()
+    # Unpenalised, the tiny model's greedy text comes back to its words every ~28 of them.
+    assert len(plain) == 64 and len(set(plain)) < 40, plain
+    assert texts[0] == texts[8] == plain  # no penalty, or one over fewer words than come between repeats
+    assert texts[32] != plain and len(set(texts[32])) > len(set(plain))  # some repeats caught
+    assert texts[None] == texts[64]  # 64 by default, as llama-server's and Ollama's
+    for n in (64, -1):  # -1: the whole context
+        assert len(set(texts[n])) >= len(texts[n]) - 2, (n, texts[n])
+
+
 async def test_min_p_of_one_leaves_only_the_likeliest_token_to_sample(client):
     greedy = (await infer(client, GREEDY | {"max_tokens": 30, "stream": False}))[1]["text"]
     sampled = GREEDY | {"temperature": 1.0, "max_tokens": 30, "stream": False, "seed": 7}

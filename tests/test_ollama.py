@@ -167,7 +167,7 @@ async def test_options_reach_the_infer_job(client):
     assert (await loaded(client))["tiny"]["context_length"] == 4096  # num_ctx: a worker with that context
     long = GENERATE | {"stream": False, "options": {"temperature": 0, "num_predict": 64}}
     plain = (await post(client, "/api/generate", long))[1]["response"]
-    penalised = {"repeat_penalty": 1.5, "presence_penalty": 0.5, "frequency_penalty": 0.5, "min_p": 0.1}
+    penalised = {"repeat_penalty": 1.5, "presence_penalty": 0.5, "frequency_penalty": 0.5, "min_p": 0.1, "repeat_last_n": 32}
     answer = (await post(client, "/api/generate", long | {"options": long["options"] | penalised}))[1]["response"]
     native = await job_result(client, {"operation": "infer", "model": "tiny", "prompt": GENERATE["prompt"],
                                        "temperature": 0, "max_tokens": 64, "stream": False, **penalised})  # fmt: skip

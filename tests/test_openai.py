@@ -100,11 +100,14 @@ async def test_a_completion_is_an_infer_job_with_its_text_and_usage(client):
 async def test_penalties_and_min_p_reach_the_infer_job(client):
     long = COMPLETION | {"max_tokens": 64}
     plain = (await post(client, "/v1/completions", long))[1]["choices"][0]["text"]
-    # OpenAI's two penalties, and llama-server's repeat_penalty and min_p.
-    for penalty in ({"frequency_penalty": 1.5}, {"presence_penalty": 1.5}, {"repeat_penalty": 1.5, "min_p": 0.1}):
+    # OpenAI's two penalties, and llama-server's repeat_penalty, repeat_last_n and min_p.
+    for penalty in ({"frequency_penalty": 1.5}, {"presence_penalty": 1.5}, {"repeat_penalty": 1.5, "min_p": 0.1},
+                    {"repeat_penalty": 1.5, "repeat_last_n": -1}):
         answer = (await post(client, "/v1/completions", long | penalty))[1]["choices"][0]["text"]
         native = await job_result(client, {"operation": "infer", "stream": False, **long, **penalty})
         assert answer == native["text"] != plain, penalty
+    off = (await post(client, "/v1/completions", long | {"repeat_penalty": 1.5, "repeat_last_n": 0}))[1]
+    assert off["choices"][0]["text"] == plain  # over no tokens: no penalty
 
 
 async def test_logit_bias_by_token_id_as_openais_client_sends_it(rbeed):
