@@ -8,7 +8,6 @@ from functools import partial
 
 import msgspec
 
-from . import wire
 from .jobs import Job, JobFailed, JobRegistry, RegistryFull
 from .models import Model, Models
 from .operations import MAX_TOKENS, AnyOperation, Embed, Infer
@@ -81,14 +80,9 @@ def start_model_job(registry: JobRegistry, models: Models, model_id: str, fields
         operation = msgspec.convert({key: value for key, value in fields.items() if value is not None}, kind)
     except msgspec.ValidationError as exc:
         raise invalid(exc, names) from None
-    if isinstance(operation, Infer) and model.is_encoder:
-        raise Refused(400, wire.EMBEDDINGS_ONLY, "model")
-    if isinstance(operation, Infer) and operation.messages is not None and model.without_chat_template:
-        raise Refused(400, wire.NO_CHAT_TEMPLATE, (names or {}).get("messages", "messages"))
-    if isinstance(operation, Infer) and (why := model.unknown_tokens(operation.logit_bias)):
-        raise Refused(400, why, (names or {}).get("logit_bias", "logit_bias"))
-    if isinstance(operation, Embed) and (why := model.too_many_dimensions(operation.dimensions)):
-        raise Refused(400, why, (names or {}).get("dimensions", "dimensions"))
+    if refused := model.refusal(operation):
+        field, why = refused
+        raise Refused(400, why, (names or {}).get(field, field))
     return start_job(registry, operation)
 
 

@@ -70,12 +70,8 @@ class Inference:
 
     async def infer(self, job: Job, op: Infer) -> None:
         op, model, settings = self._named(op)
-        if model.is_encoder:
-            raise JobFailed(wire.EMBEDDINGS_ONLY)  # known from the catalog: no worker need load it
-        if op.messages is not None and model.without_chat_template:
-            raise JobFailed(wire.NO_CHAT_TEMPLATE)  # known from the catalog: no worker need load it
-        if why := model.unknown_tokens(op.logit_bias):
-            raise JobFailed(why)
+        if refused := model.refusal(op):
+            raise JobFailed(refused[1])  # known from the catalog: no worker need load it
         messages = None if op.messages is None else [(m.role, m.content) for m in op.messages]
         if messages and model.system and messages[0][0] != "system":  # as Ollama puts a model's SYSTEM
             messages.insert(0, ("system", model.system))
@@ -102,8 +98,8 @@ class Inference:
 
     async def embed(self, job: Job, op: Embed) -> None:
         op, model, settings = self._named(op)
-        if why := model.too_many_dimensions(op.dimensions):
-            raise JobFailed(why)  # known from the catalog: no worker need load it
+        if refused := model.refusal(op):
+            raise JobFailed(refused[1])  # known from the catalog: no worker need load it
         generation = Generation(job, False, wire.Embed, inputs=op.inputs, truncate=op.truncate,
                                 normalize=op.normalize, dimensions=op.dimensions)  # fmt: skip
         worker, outcome, load_ms = await self._run(job, op, model, generation, settings.n_ctx)

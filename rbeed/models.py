@@ -23,7 +23,7 @@ from .download import DownloadError, download
 from .ggufinfo import NEWEST_KEY
 from .httpclient import Client, StatusError
 from .jobs import Job, JobFailed
-from .operations import ModelCopy, ModelDelete, ModelDownload, ModelGet, ModelList, Settings, layered
+from .operations import Embed, Infer, ModelCopy, ModelDelete, ModelDownload, ModelGet, ModelList, Settings, layered
 
 log = logging.getLogger("rbeed.models")
 
@@ -57,16 +57,22 @@ class Model(msgspec.Struct):
             return f"model {self.id} has no chat template to put a system message in: it continues prompts as they are"
         return None
 
-    def unknown_tokens(self, logit_bias: dict[int, float] | None) -> str | None:
-        """Why `logit_bias` names a token the model does not have, if its GGUF says how many it has."""
-        size = self.metadata.get("vocab_size")
-        return wire.unknown_token(logit_bias, size, f"{self.id}'s") if size else None
-
-    def too_many_dimensions(self, dimensions: int | None) -> str | None:
-        """Why an embedding cannot keep `dimensions` of the model's, if its GGUF says so."""
-        size = self.metadata.get("embedding_length")
-        if dimensions is not None and size and dimensions > size:
-            return f"dimensions {dimensions} is more than {self.id} has ({size})"
+    def refusal(self, op: Infer | Embed) -> tuple[str, str] | None:
+        """The field at fault and why, where the catalog already tells that `op` would fail on
+        this model: refused before any worker loads for it."""
+        meta = self.metadata
+        if isinstance(op, Embed):
+            size = meta.get("embedding_length")
+            if op.dimensions is not None and size and op.dimensions > size:
+                return "dimensions", f"dimensions {op.dimensions} is more than {self.id} has ({size})"
+            return None
+        if self.is_encoder:
+            return "model", wire.EMBEDDINGS_ONLY
+        if op.messages is not None and self.without_chat_template:
+            return "messages", wire.NO_CHAT_TEMPLATE
+        size = meta.get("vocab_size")
+        if size and (why := wire.unknown_token(op.logit_bias, size, f"{self.id}'s")):
+            return "logit_bias", why
         return None
 
 
@@ -256,13 +262,21 @@ class Models:
 
     async def refresh(self) -> None:
         """Re-read the metadata of records an older rbeed made (they lack what its reader did not know)."""
+        read: dict[tuple[int, int], dict | JobFailed] = {}  # by inode: a model's copies are links to its file
         for model in self.catalog.list():
-            if NEWEST_KEY in model.metadata or not self.path_of(model).exists():
+            if NEWEST_KEY in model.metadata:
                 continue
             try:
-                metadata = await read_metadata(self.path_of(model))
-            except JobFailed as exc:
-                log.warning("model %s: its metadata could not be read again: %s", model.id, exc)
+                file = os.stat(path := self.path_of(model))
+            except OSError:  # its file is gone: model_get says so, and model_download fetches it again
+                continue
+            if (inode := (file.st_dev, file.st_ino)) not in read:
+                try:
+                    read[inode] = await read_metadata(path)
+                except JobFailed as exc:
+                    read[inode] = exc
+            if isinstance(metadata := read[inode], JobFailed):
+                log.warning("model %s: its metadata could not be read again: %s", model.id, metadata)
                 continue
             if self.catalog.get(model.id) is model:  # not deleted or replaced meanwhile
                 await self.catalog.put(model.id, msgspec.structs.replace(model, metadata=metadata))

@@ -161,6 +161,14 @@ async def test_an_encoder_generates_nothing_and_loads_no_worker_to_say_so(embedd
     assert (model["metadata"]["causal"], model["metadata"]["pooling"]) == (False, "mean")
 
 
+async def test_ollama_shows_an_encoder_as_an_embedding_model_without_a_pooling_too(embedder, client, tmp_path):
+    unpooled = tinymodel.write_tiny_encoder(tmp_path / "tiny-unpooled.gguf", pooling_type=gguf.PoolingType.NONE)
+    await register(embedder, unpooled)
+    shown = await client.request("POST", "/api/show", json={"model": "tiny-unpooled"})
+    assert (shown.status, shown.json()["capabilities"]) == (200, ["embedding"])
+    await job_result(client, {"operation": "model_delete", "id": "tiny-unpooled"})
+
+
 async def test_an_input_alone_gives_its_vector_in_a_batch_and_the_same_again(client):
     batch = (await embed(client, input=TEXTS))["embeddings"]
     alone = (await embed(client, input=TEXTS[1]))["embeddings"]

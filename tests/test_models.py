@@ -478,10 +478,11 @@ async def test_records_an_older_rbeed_made_get_their_metadata_read_again_at_star
             for name in ("old", "broken"):
                 await job_result(client, download(str(shutil.copyfile(tiny_model, tmp_path / f"{name}.gguf"))))
             record = await job_result(client, {"operation": "model_get", "id": "old"})
+            copy = await job_result(client, {"operation": "model_copy", "id": "old", "to": "old-copy"})
         assert daemon.stop() == 0
         database = sqlite3.connect(daemon.state_dir / "rbeed.sqlite3", isolation_level=None)
-        for name in ("old", "broken"):  # as rbeed wrote them before it read the vocabulary's size and causality
-            older = {**record, "id": name, "file": f"{name}.gguf"}
+        for name in ("old", "old-copy", "broken"):  # as rbeed wrote them before it read the vocabulary's size and causality
+            older = {**(copy if name == "old-copy" else record), "id": name, "file": f"{name}.gguf"}
             older["metadata"] = {k: v for k, v in record["metadata"].items() if k not in ("vocab_size", "causal")}
             database.execute("UPDATE models SET record = ? WHERE id = ?", (json.dumps(older).encode(), name))
         database.close()
@@ -489,10 +490,12 @@ async def test_records_an_older_rbeed_made_get_their_metadata_read_again_at_star
         broken.write_bytes(broken.read_bytes()[:1000])
 
         daemon = await trio.to_thread.run_sync(start_daemon, base)
-        await logged(daemon, r"model old: metadata read again$")
+        for name in ("old", "old-copy"):  # one file, read once for both
+            await logged(daemon, rf"model {name}: metadata read again$")
         await logged(daemon, r"model broken: its metadata could not be read again: not a valid GGUF model: .*truncated")
         async with daemon.client() as client:
             assert await job_result(client, {"operation": "model_get", "id": "old"}) == record
+            assert await job_result(client, {"operation": "model_get", "id": "old-copy"}) == copy
             assert "vocab_size" not in (await job_result(client, {"operation": "model_get", "id": "broken"}))["metadata"]
             # An id past the vocabulary is refused from the catalog, before any worker starts.
             bad = {"operation": "infer", "model": "old", "prompt": "x", "logit_bias": {str(record["metadata"]["vocab_size"]): 1}}
