@@ -422,6 +422,10 @@ class HumanView(View):
                 self.console.progress.finish()
                 if self.operation == "embed" and isinstance(data, dict):
                     self._embeddings(data)
+                elif self.operation == "tokenize" and isinstance(data, dict):
+                    self._tokens(data)
+                elif self.operation == "detokenize" and isinstance(data, dict):
+                    self.console.out(str(data.get("text", "")) + "\n")
                 elif self.operation != "infer":
                     self.console.out(render_result(self.operation, data) + "\n")
             case "gap":
@@ -441,6 +445,16 @@ class HumanView(View):
             self.console.out(msgspec.json.encode(vector).decode() + "\n")
         size = f" of {len(vectors[0])} dimensions" if vectors else ""
         self.console.note(f"{len(vectors)} vector(s){size}, {answer.get('prompt_tokens', 0)} tokens")
+
+    def _tokens(self, answer: dict) -> None:
+        """The ids on one line, or a line per token with its text; their count on stderr."""
+        tokens, pieces = answer.get("tokens") or [], answer.get("pieces")
+        if pieces is None:
+            self.console.out(" ".join(map(str, tokens)) + "\n")
+        else:
+            for token, piece in zip(tokens, pieces):
+                self.console.out(f"{token}\t{msgspec.json.encode(piece).decode()}\n")
+        self.console.note(f"{len(tokens)} token(s)")
 
     def interrupted(self) -> None:
         if self._pieces:  # end the line of text, so that what follows starts on its own
@@ -696,8 +710,11 @@ async def run_command(args: argparse.Namespace, console: Console) -> int:
                 payload = infer_payload(payload)
             elif args.operation == "model_copy":
                 payload = copy_payload(payload)
-            elif args.operation == "embed":
-                payload["input"] = embed_inputs(payload.get("input") or [])
+            elif args.operation in ("embed", "tokenize", "detokenize"):
+                if args.operation == "embed":
+                    payload["input"] = embed_inputs(payload.get("input") or [])
+                elif args.operation == "tokenize" and payload.get("text", "-") == "-":
+                    payload["text"] = sys.stdin.read()
                 if not await settle_model(session, console, payload, template=False):
                     return EXIT_CANCELLED
             operation = args.operation
@@ -903,6 +920,15 @@ def _settings(default: Callable[[str], str]) -> tuple[Argument, ...]:
 
 
 _HIVE = _arg("--hive", dest="hive_id", metavar="ID", help="the hive to act on (default: localhost)")
+# The options of a command that a model's worker answers: which model, which worker, how long it stays.
+_MODEL = _arg("-m", "--model", metavar="ID", help="model id (default: $RBEE_MODEL, else the only model)")
+_ON_WORKER = (
+    _arg("--device", metavar="D", help="cpu, cuda, cuda:N or metal"),
+    _arg("--worker-id", dest="worker_id", metavar="ID", help="use this worker"),
+    _arg("--keep-alive", dest="keep_alive", type=float, metavar="SECONDS",
+         help="keep the worker this long after the job (0 unload, -1 forever)"),
+    _HIVE,
+)  # fmt: skip
 
 
 def _source(text: str) -> str:
@@ -1047,14 +1073,11 @@ def make_parser() -> argparse.ArgumentParser:
              _arg("prompt", metavar="PROMPT", nargs="?",
                   help='the text to continue; "-" reads it from stdin, and so does none unless stdin is a '
                        "terminal, where it starts a session (a prompt per line)"),
-             _arg("-m", "--model", metavar="ID", help="model id (default: $RBEE_MODEL, else the only model)"),
-             *_settings(lambda field: _default(Infer, field)),
+             _MODEL, *_settings(lambda field: _default(Infer, field)),
              _arg("--format", type=_format, metavar="FORMAT",
                   help="hold the output to JSON: json (an object), or a JSON Schema, inline or as @FILE"),
              _arg("--grammar", type=_text, metavar="GBNF",
                   help="hold the output to a GBNF grammar (llama.cpp's), inline or as @FILE"),
-             _arg("--device", metavar="D", help="cpu, cuda, cuda:N or metal"),
-             _arg("--worker-id", dest="worker_id", metavar="ID", help="use this worker"),
              _arg("--chat", action="store_const", const=True,
                   help="send PROMPT as a user's message, through the model's chat template "
                        "(the default when the model has one)"),
@@ -1063,26 +1086,35 @@ def make_parser() -> argparse.ArgumentParser:
              _arg("--system", metavar="TEXT", help="a system message before PROMPT (implies --chat)"),
              _arg("--no-stream", dest="stream", action="store_const", const=False,
                   help="print the text only when it is complete"),
-             _arg("--keep-alive", dest="keep_alive", type=float, metavar="SECONDS",
-                  help="keep the worker this long after the job (0 unload, -1 forever)"),
-             _HIVE)  # fmt: skip
+             *_ON_WORKER)  # fmt: skip
 
     _command(commands, "embed", "embed", "print a vector per text, a line of JSON each",
              _arg("input", metavar="TEXT", nargs="*",
                   help='a text to embed; "-" reads one from stdin; with none, each line of stdin is one'),
-             _arg("-m", "--model", metavar="ID", help="model id (default: $RBEE_MODEL, else the only model)"),
+             _MODEL,
              _arg("--dimensions", type=int, metavar="N", help="keep the first N dimensions (default: all)"),
              _arg("--no-truncate", dest="truncate", action="store_const", const=False,
                   help="fail on a text longer than the context, rather than cut it"),
              _arg("--no-normalize", dest="normalize", action="store_const", const=False,
                   help="print the vectors as pooled, not scaled to unit length"),
-             _arg("--device", metavar="D", help="cpu, cuda, cuda:N or metal"),
-             _arg("--worker-id", dest="worker_id", metavar="ID", help="use this worker"),
              _arg("-c", "--ctx-size", dest="n_ctx", type=int, metavar="N",
                   help="use (or load) a worker whose context holds N tokens; 0 = the model's own"),
-             _arg("--keep-alive", dest="keep_alive", type=float, metavar="SECONDS",
-                  help="keep the worker this long after the job (0 unload, -1 forever)"),
-             _HIVE)  # fmt: skip
+             *_ON_WORKER)  # fmt: skip
+
+    _command(commands, "tokenize", "tokenize", "print the model's token ids for a text, on one line",
+             _arg("text", metavar="TEXT", nargs="?", help='the text; "-" or none reads it from stdin'),
+             _MODEL,
+             _arg("--add-special", dest="add_special", action="store_const", const=True,
+                  help="add the tokens that start (and end) a prompt, where the model's vocabulary has them: "
+                       "an infer's prompt gets them"),
+             _arg("--no-parse-special", dest="parse_special", action="store_const", const=False,
+                  help="read a special token's text (<eos>) as letters, not as that token"),
+             _arg("--pieces", dest="with_pieces", action="store_const", const=True,
+                  help="print a line per token instead: its id and its text (as JSON)"),
+             *_ON_WORKER)  # fmt: skip
+    _command(commands, "detokenize", "detokenize", "print the text that token ids stand for",
+             _arg("tokens", metavar="ID", type=int, nargs="+", help="a token id"),
+             _MODEL, *_ON_WORKER)  # fmt: skip
 
     job = commands.add_parser("job", help="list, inspect, follow and cancel jobs").add_subparsers(
         dest="action", required=True, metavar="ACTION"

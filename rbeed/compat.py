@@ -10,7 +10,7 @@ import msgspec
 
 from .jobs import Job, JobFailed, JobRegistry, RegistryFull
 from .models import Model, Models
-from .operations import MAX_TOKENS, AnyOperation, Embed, Infer
+from .operations import MAX_TOKENS, AnyOperation, Infer, OnWorker
 from .server import StreamingResponse
 
 # Infer's sampling fields that OpenAI's requests (with llama-server's extensions) and Ollama's
@@ -64,8 +64,8 @@ def decode(body: bytes, kind: type):
 
 
 def start_model_job(registry: JobRegistry, models: Models, model_id: str, fields_for: Callable[[Model], dict],
-                    names: dict[str, str] | None = None, kind: type[Infer | Embed] = Infer) -> Job:  # fmt: skip
-    """Create and start the infer (or embed) job that `fields_for(model)` describes (None values
+                    names: dict[str, str] | None = None, kind: type[OnWorker] = Infer) -> Job:  # fmt: skip
+    """Create and start the job on a model (infer, embed, tokenize, detokenize) that `fields_for(model)` describes (None values
     left out).
 
     Refused says why not; `names` maps the operation's field names to the request's, for a 400's

@@ -101,7 +101,8 @@ class Daemon:
             ops.WorkerGet: self.supervisor.op_get, ops.WorkerDelete: self.supervisor.op_delete,
             ops.ModelDownload: self.models.download, ops.ModelList: self.models.list,
             ops.ModelGet: self.models.get, ops.ModelCopy: self.models.copy, ops.ModelDelete: self.models.delete,
-            ops.Infer: inference.infer, ops.Embed: inference.embed,
+            ops.Infer: inference.infer, ops.Embed: inference.embed, ops.Tokenize: inference.tokenize,
+            ops.Detokenize: inference.detokenize,
         })  # fmt: skip
         self.registry = JobRegistry(config.jobs, self.router, lambda: config.server.sse_keepalive)
         self.api = JobAPI(self.registry, api_key())

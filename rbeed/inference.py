@@ -1,4 +1,5 @@
-"""The infer and embed operations: pick (or load) a worker for the model, queue the request, stream its answer."""
+"""The operations a model's worker answers (infer, embed, tokenize, detokenize): pick (or load) a
+worker for the model, queue the request, stream its answer."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from .grammar import gbnf
 from .jobs import Job, JobFailed
 from .metrics import Totals
 from .models import Model
-from .operations import DEFAULTS, Embed, Infer, Settings, layered
+from .operations import DEFAULTS, Detokenize, Embed, Infer, OnWorker, Settings, Tokenize, layered
 from .workers import Generation, Supervisor, Worker
 
-OpT = TypeVar("OpT", Infer, Embed)
+OpT = TypeVar("OpT", Infer, Embed, Tokenize, Detokenize)
+AnswerT = TypeVar("AnswerT", wire.Done, wire.Embedded, wire.Tokenized)
 
 
 class Inference:
@@ -24,10 +26,10 @@ class Inference:
         self.supervisor, self.totals = supervisor, totals
         self._loading: dict[tuple[str, str], trio.Lock] = {}
 
-    def _device(self, op: Infer | Embed) -> str:
+    def _device(self, op: OnWorker) -> str:
         return "cuda:0" if op.device == "cuda" else op.device or "cpu"
 
-    def _matches(self, worker: Worker, op: Infer | Embed, model: Model, n_ctx: int) -> bool:
+    def _matches(self, worker: Worker, op: OnWorker, model: Model, n_ctx: int) -> bool:
         if not self.supervisor.models.same_file(worker.model, model) or not worker.accepting or worker.n_ctx < n_ctx:
             return False
         if op.device is None:
@@ -35,7 +37,7 @@ class Inference:
         return worker.device.startswith("cuda") if op.device == "cuda" else worker.device == op.device
 
     async def _worker_for(
-        self, job: Job, op: Infer | Embed, model: Model, generation: Generation, asked_ctx: int | None
+        self, job: Job, op: OnWorker, model: Model, generation: Generation, asked_ctx: int | None
     ) -> tuple[Worker, bool]:
         """The worker for the job, and whether it was loaded for it (it then serves `generation` first).
 
@@ -65,13 +67,13 @@ class Inference:
         model, and the settings the job runs with: its own, else the model's defaults, else DEFAULTS."""
         model = self.supervisor.models.lookup(op.model)
         op = op if model.id == op.model else msgspec.structs.replace(op, model=model.id)
-        own = op if isinstance(op, Infer) else Settings(n_ctx=op.n_ctx)
+        if refused := model.refusal(op):
+            raise JobFailed(refused[1])  # known from the catalog: no worker need load it
+        own = op if isinstance(op, Infer) else Settings(n_ctx=op.n_ctx if isinstance(op, Embed) else None)
         return op, model, layered(own, model.defaults, DEFAULTS)
 
     async def infer(self, job: Job, op: Infer) -> None:
         op, model, settings = self._named(op)
-        if refused := model.refusal(op):
-            raise JobFailed(refused[1])  # known from the catalog: no worker need load it
         messages = None if op.messages is None else [(m.role, m.content) for m in op.messages]
         if messages and model.system and messages[0][0] != "system":  # as Ollama puts a model's SYSTEM
             messages.insert(0, ("system", model.system))
@@ -83,9 +85,7 @@ class Inference:
             logit_bias=op.logit_bias, repeat_last_n=settings.repeat_last_n,
         )  # fmt: skip
         generation.on_finish = partial(self.totals.generated, op.model)  # a cancelled one's tokens count too
-        worker, outcome, load_ms = await self._run(job, op, model, generation, settings.n_ctx)
-        if not isinstance(outcome, wire.Done):
-            raise JobFailed(outcome)
+        worker, outcome, load_ms = await self._run(job, op, model, generation, settings.n_ctx, wire.Done)
         result = {
             "model": op.model, "worker_id": worker.id, "load_ms": load_ms, "prompt_tokens": outcome.prompt_tokens,
             "cached_tokens": outcome.cached_tokens, "completion_tokens": outcome.completion_tokens,
@@ -98,22 +98,36 @@ class Inference:
 
     async def embed(self, job: Job, op: Embed) -> None:
         op, model, settings = self._named(op)
-        if refused := model.refusal(op):
-            raise JobFailed(refused[1])  # known from the catalog: no worker need load it
         generation = Generation(job, False, wire.Embed, inputs=op.inputs, truncate=op.truncate,
                                 normalize=op.normalize, dimensions=op.dimensions)  # fmt: skip
-        worker, outcome, load_ms = await self._run(job, op, model, generation, settings.n_ctx)
-        if not isinstance(outcome, wire.Embedded):
-            raise JobFailed(outcome if isinstance(outcome, str) else "cancelled")
+        worker, outcome, load_ms = await self._run(job, op, model, generation, settings.n_ctx, wire.Embedded)
         self.totals.embedded(op.model, len(op.inputs), outcome)
         job.result({"model": op.model, "worker_id": worker.id, "load_ms": load_ms,
                     "prompt_tokens": outcome.prompt_tokens, "embeddings": generation.vectors})  # fmt: skip
 
+    async def tokenize(self, job: Job, op: Tokenize) -> None:
+        op, model, _ = self._named(op)
+        generation = Generation(job, False, wire.Tokenize, text=op.text, add_special=op.add_special,
+                                parse_special=op.parse_special)  # fmt: skip
+        worker, answer, load_ms = await self._run(job, op, model, generation, None, wire.Tokenized)
+        result = {"model": op.model, "worker_id": worker.id, "load_ms": load_ms, "tokens": answer.tokens}
+        if op.with_pieces:  # as llama-server's: the text, or where a token holds part of a character, its bytes
+            result["pieces"] = [_text_or_bytes(piece) for piece in answer.pieces]
+        job.result(result)
+
+    async def detokenize(self, job: Job, op: Detokenize) -> None:
+        op, model, _ = self._named(op)
+        generation = Generation(job, False, wire.Tokenize, tokens=op.tokens)
+        worker, answer, load_ms = await self._run(job, op, model, generation, None, wire.Tokenized)
+        text = b"".join(answer.pieces).decode(errors="replace")
+        job.result({"model": op.model, "worker_id": worker.id, "load_ms": load_ms, "text": text})
+
     async def _run(
-        self, job: Job, op: Infer | Embed, model: Model, generation: Generation, n_ctx: int | None
-    ) -> tuple[Worker, wire.Done | wire.Embedded | str, float]:
-        """Serve `generation` on a worker for `op`; the worker, what it answered, and the
-        milliseconds until it was there to take the job (a load, or another job's load, waited for)."""
+        self, job: Job, op: OnWorker, model: Model, generation: Generation, n_ctx: int | None, answer: type[AnswerT]
+    ) -> tuple[Worker, AnswerT, float]:
+        """Serve `generation` on a worker for `op`; the worker, its `answer` (JobFailed if it did not
+        give one), and the milliseconds until it was there to take the job (a load, or another
+        job's load, waited for)."""
         worker: Worker | None = None
         began = trio.current_time()
         try:
@@ -134,4 +148,13 @@ class Inference:
                 if worker is not None:
                     with trio.CancelScope(shield=True):
                         await worker.abandon(generation)
-        return worker, generation.outcome, load_ms
+        if not isinstance(outcome := generation.outcome, answer):
+            raise JobFailed(outcome if isinstance(outcome, str) else "cancelled")  # a Done: cancelled while queued
+        return worker, outcome, load_ms
+
+
+def _text_or_bytes(piece: bytes) -> str | list[int]:
+    try:
+        return piece.decode()
+    except UnicodeDecodeError:
+        return list(piece)

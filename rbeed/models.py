@@ -23,7 +23,8 @@ from .download import DownloadError, download
 from .ggufinfo import NEWEST_KEY
 from .httpclient import Client, StatusError
 from .jobs import Job, JobFailed
-from .operations import Embed, Infer, ModelCopy, ModelDelete, ModelDownload, ModelGet, ModelList, Settings, layered
+from .operations import (Detokenize, Embed, Infer, ModelCopy, ModelDelete, ModelDownload, ModelGet, ModelList,
+                         Settings, Tokenize, layered)
 
 log = logging.getLogger("rbeed.models")
 
@@ -57,22 +58,25 @@ class Model(msgspec.Struct):
             return f"model {self.id} has no chat template to put a system message in: it continues prompts as they are"
         return None
 
-    def refusal(self, op: Infer | Embed) -> tuple[str, str] | None:
+    def refusal(self, op: Infer | Embed | Tokenize | Detokenize) -> tuple[str, str] | None:
         """The field at fault and why, where the catalog already tells that `op` would fail on
         this model: refused before any worker loads for it."""
         meta = self.metadata
+        vocab_size = meta.get("vocab_size")
         if isinstance(op, Embed):
             size = meta.get("embedding_length")
             if op.dimensions is not None and size and op.dimensions > size:
                 return "dimensions", f"dimensions {op.dimensions} is more than {self.id} has ({size})"
-            return None
-        if self.is_encoder:
-            return "model", wire.EMBEDDINGS_ONLY
-        if op.messages is not None and self.without_chat_template:
-            return "messages", wire.NO_CHAT_TEMPLATE
-        size = meta.get("vocab_size")
-        if size and (why := wire.unknown_token(op.logit_bias, size, f"{self.id}'s")):
-            return "logit_bias", why
+        elif isinstance(op, Detokenize):
+            if vocab_size and (why := wire.unknown_token("tokens", op.tokens, vocab_size, f"{self.id}'s")):
+                return "tokens", why
+        elif isinstance(op, Infer):
+            if self.is_encoder:
+                return "model", wire.EMBEDDINGS_ONLY
+            if op.messages is not None and self.without_chat_template:
+                return "messages", wire.NO_CHAT_TEMPLATE
+            if vocab_size and (why := wire.unknown_token("logit_bias", op.logit_bias, vocab_size, f"{self.id}'s")):
+                return "logit_bias", why
         return None
 
 

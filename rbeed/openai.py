@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes (/v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings), each request a job."""
+"""OpenAI-compatible routes (/v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings) and
+llama-server's /tokenize and /detokenize, each request a job."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import msgspec
 from .compat import Refused, Reply, decode, no_limit, sampling, start_model_job
 from .jobs import Job, JobFailed, JobRegistry
 from .models import Model, Models
-from .operations import Embed, Infer
+from .operations import Detokenize, Embed, Infer, Tokenize
 from .server import Request, Response, StreamingResponse, json_response, only
 
 _encode = msgspec.json.Encoder().encode
@@ -107,6 +108,28 @@ def _embed_fields(body: _Embedding, model: Model) -> dict:
     return {"operation": "embed", "model": body.model, "input": inputs, "dimensions": body.dimensions}
 
 
+class _Tokenize(msgspec.Struct, kw_only=True):
+    """llama-server's /tokenize; `model` may be left out where the catalog holds one."""
+
+    content: str
+    model: str | None = None
+    add_special: bool = False
+    parse_special: bool = True
+    with_pieces: bool = False
+
+
+class _Detokenize(msgspec.Struct, kw_only=True):
+    tokens: list[int]
+    model: str | None = None
+
+
+def _token_fields(body: _Tokenize | _Detokenize, model: Model) -> dict:
+    if isinstance(body, _Detokenize):
+        return {"operation": "detokenize", "model": model.id, "tokens": body.tokens}
+    return {"operation": "tokenize", "model": model.id, "text": body.content, "add_special": body.add_special,
+            "parse_special": body.parse_special, "with_pieces": body.with_pieces}  # fmt: skip
+
+
 def _base64(vector: list[float]) -> str:
     """As OpenAI's base64 encoding: the float32s, little-endian."""
     floats = array.array("f", vector)
@@ -116,7 +139,7 @@ def _base64(vector: list[float]) -> str:
 
 
 # Infer's fields by the names an OpenAI client gave them, where they differ, for a 400's message.
-_NAMES = {"format": "response_format"}
+_NAMES = {"format": "response_format", "text": "content"}
 
 
 def _error(status: int, message: str, kind: str, param: str | None = None, code: str | None = None) -> Response:
@@ -241,6 +264,24 @@ class _EmbeddingReply(Reply):
         return _error(status, message, "server_error").body
 
 
+class _TokensReply(Reply):
+    """A tokenize or detokenize job's answer as llama-server's."""
+
+    def __init__(self, job: Job, body: _Tokenize | _Detokenize, registry: JobRegistry):
+        super().__init__(job, registry, "application/json")
+
+    def finish(self) -> bytes:
+        if "text" in self.result:
+            return _encode({"content": self.result["text"]})
+        if "pieces" in self.result:
+            return _encode({"tokens": [{"id": token, "piece": piece}
+                                       for token, piece in zip(self.result["tokens"], self.result["pieces"])]})  # fmt: skip
+        return _encode({"tokens": self.result.get("tokens", [])})
+
+    def error(self, status: int, message: str) -> bytes:
+        return _error(status, message, "server_error").body
+
+
 class OpenAIAPI:
     """The routes that clients of OpenAI's API (and of llama-server, Ollama's /v1) expect.
 
@@ -258,6 +299,8 @@ class OpenAIAPI:
             "/v1/completions": partial(self._complete, _Completion),
             "/v1/chat/completions": partial(self._complete, _Chat),
             "/v1/embeddings": self._embed,
+            "/tokenize": partial(self._tokens, Tokenize),
+            "/detokenize": partial(self._tokens, Detokenize),
         }
 
     async def _list_models(self, request: Request) -> Response:
@@ -280,6 +323,17 @@ class OpenAIAPI:
     async def _embed(self, request: Request) -> Response | StreamingResponse:
         return await self._start(request, _Embedding, _embed_fields, _EmbeddingReply, Embed)
 
+    async def _tokens(self, operation: type[Tokenize | Detokenize], request: Request) -> Response | StreamingResponse:
+        kind = _Tokenize if operation is Tokenize else _Detokenize
+        return await self._start(request, kind, _token_fields, _TokensReply, operation)
+
+    def _only_model(self) -> str:
+        """The model a request that names none is for: the catalog's only one."""
+        ids = [model.id for model in self.models.catalog.list()]
+        if len(ids) != 1:
+            raise Refused(400, f"give the model: {', '.join(ids) or 'none is downloaded'}", "model")
+        return ids[0]
+
     async def _start(self, request: Request, kind: type, fields_for, reply: type[Reply],
                      operation: type = Infer) -> Response | StreamingResponse:  # fmt: skip
         """The job that a POST of a `kind` asks for, answered by a `reply`; OpenAI's error else."""
@@ -289,7 +343,8 @@ class OpenAIAPI:
             return _error(503, "daemon shutting down", "server_error")
         try:
             body = decode(request.body, kind)
-            job = start_model_job(self.registry, self.models, body.model, partial(fields_for, body), _NAMES, operation)
+            model = self._only_model() if body.model is None else body.model
+            job = start_model_job(self.registry, self.models, model, partial(fields_for, body), _NAMES, operation)
         except Refused as exc:
             kind_ = "server_error" if exc.status >= 500 else "invalid_request_error"
             return _error(exc.status, str(exc), kind_, exc.param, exc.code)

@@ -207,35 +207,57 @@ class Infer(Operation, Settings, tag="infer"):
                 raise ValueError(f"`grammar`: {exc}") from None
 
 
-EmbedText = Annotated[str, msgspec.Meta(min_length=1, max_length=1 << 20)]
-
-
-class Embed(Operation, tag="embed"):
-    """A vector per input text, from the model's last hidden states (pooled, then unit length)."""
+class _OnWorker(Operation, kw_only=True):
+    """Where a request that any worker of the model can answer goes (one is loaded if none is)."""
 
     cancel_on_disconnect: ClassVar[bool] = True
     model: Id
-    input: EmbedText | Annotated[list[EmbedText], msgspec.Meta(max_length=2048)]  # [] only loads the model
     hive_id: HiveId = "localhost"
+    device: Device | None = None
+    worker_id: Id | None = None
+    keep_alive: Annotated[float, msgspec.Meta(ge=-1)] | None = None
+
+
+EmbedText = Annotated[str, msgspec.Meta(min_length=1, max_length=1 << 20)]
+
+
+class Embed(_OnWorker, tag="embed", kw_only=True):
+    """A vector per input text, from the model's last hidden states (pooled, then unit length)."""
+
+    input: EmbedText | Annotated[list[EmbedText], msgspec.Meta(max_length=2048)]  # [] only loads the model
     truncate: bool = True  # an input longer than the context is cut to it; false: the job fails
     normalize: bool = True  # false: as pooled (Ollama's older /api/embeddings)
     dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None  # keep the first N, as Matryoshka models allow
-    device: Device | None = None
-    worker_id: Id | None = None
     n_ctx: Context | None = None
-    keep_alive: Annotated[float, msgspec.Meta(ge=-1)] | None = None
 
     @property
     def inputs(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
+class Tokenize(_OnWorker, tag="tokenize", kw_only=True):
+    """The model's token ids for a text (llama-server's /tokenize)."""
+
+    text: Annotated[str, msgspec.Meta(max_length=1 << 20)]
+    add_special: bool = False  # the BOS (EOS) that an infer's prompt gets, where the vocabulary adds one
+    parse_special: bool = True  # a special token's text (`<start_of_turn>`) is that token
+    with_pieces: bool = False  # each token's text too
+
+
+class Detokenize(_OnWorker, tag="detokenize", kw_only=True):
+    """The text that token ids stand for (llama-server's /detokenize), special tokens written out."""
+
+    tokens: Annotated[list[TokenId], msgspec.Meta(max_length=1 << 18)]
+
+
 AnyOperation = Union[
     HiveStart, HiveStop, HiveList, HiveGet, HiveCreate, HiveUpdate, HiveDelete,
     WorkerSpawn, WorkerList, WorkerGet, WorkerDelete,
     ModelDownload, ModelList, ModelGet, ModelCopy, ModelDelete,
-    Infer, Embed,
+    Infer, Embed, Tokenize, Detokenize,
 ]  # fmt: skip
+
+OnWorker = Infer | Embed | Tokenize | Detokenize  # what a model's worker answers
 
 NAMES = tuple(cls.__struct_config__.tag for cls in AnyOperation.__args__)
 

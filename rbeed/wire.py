@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 
 import msgspec
 
@@ -20,6 +21,8 @@ __all__ = [
     "Generate",
     "Message",
     "Token",
+    "Tokenize",
+    "Tokenized",
     "encode",
     "unknown_token",
 ]
@@ -35,11 +38,12 @@ EMBEDDINGS_ONLY = "the model is an encoder (such as BERT): it makes embeddings o
 _HEADER = struct.Struct(">I")
 
 
-def unknown_token(logit_bias: dict[int, float] | None, vocab_size: int, model: str) -> str | None:
-    """Why `logit_bias` names a token past `model`'s vocabulary, if it does (the daemon checks from
-    the catalog's vocab_size before any worker loads; the worker again, for a record without one)."""
-    if logit_bias and (beyond := sorted(token for token in logit_bias if token >= vocab_size)):
-        return f"logit_bias: token {beyond[0]} is not one of {model} (ids 0 to {vocab_size - 1})"
+def unknown_token(field: str, tokens: Iterable[int] | None, vocab_size: int, model: str) -> str | None:
+    """Why `tokens` (a request's `field`) name one past `model`'s vocabulary, if they do (the daemon
+    checks from the catalog's vocab_size before any worker loads; the worker again, for a record
+    without one)."""
+    if tokens and (beyond := [token for token in tokens if token >= vocab_size]):
+        return f"{field}: token {min(beyond)} is not one of {model} (ids 0 to {vocab_size - 1})"
     return None
 
 
@@ -77,6 +81,16 @@ class Embed(_Frame, tag="Embed"):
     truncate: bool = True  # an input longer than the context is cut to it; else it fails
     normalize: bool = True  # to unit length (after `dimensions`)
     dimensions: int | None = None  # keep the first N
+
+
+class Tokenize(_Frame, tag="Tokenize"):
+    """The model's tokens for `text`, or (`text` None) the given `tokens`: answered by Tokenized."""
+
+    id: int
+    text: str | None = None
+    tokens: list[int] = []
+    add_special: bool = False  # the BOS (and EOS) that the vocabulary puts around a prompt
+    parse_special: bool = True  # `<start_of_turn>` in the text is that one token, not its letters
 
 
 class Cancel(_Frame, tag="Cancel"):
@@ -117,12 +131,20 @@ class Embedded(_Frame, tag="Embedded"):
     prompt_tokens: int
 
 
+class Tokenized(_Frame, tag="Tokenized"):
+    """The tokens and the bytes each stands for (special tokens written out)."""
+
+    id: int
+    tokens: list[int]
+    pieces: list[bytes]
+
+
 class Failed(_Frame, tag="Failed"):
     id: int
     error: str
 
 
-Message = Generate | Embed | Cancel | Token | Done | Embedding | Embedded | Failed
+Message = Generate | Embed | Tokenize | Cancel | Token | Done | Embedding | Embedded | Tokenized | Failed
 
 _encoder = msgspec.msgpack.Encoder()
 

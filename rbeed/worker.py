@@ -333,13 +333,17 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+_Request = wire.Generate | wire.Embed | wire.Tokenize
+_REQUESTS = (wire.Generate, wire.Embed, wire.Tokenize)
+
+
 class _Connection:
     """One daemon connection, read only by the main thread: in recv while idle, on SIGIO while generating."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         # Requests with their arrival times.
-        self.pending: collections.deque[tuple[wire.Generate | wire.Embed, float]] = collections.deque()
+        self.pending: collections.deque[tuple[_Request, float]] = collections.deque()
         self.running: _Job | None = None
         self.closed = False  # the daemon hung up, or sent garbage: no more requests
         self.broken = False  # a send failed; stop generating and sending
@@ -364,7 +368,7 @@ class _Connection:
             if self.running is not None:
                 self.running.cancelled = True
 
-    def begin_next(self) -> tuple[wire.Generate | wire.Embed, float, _Job | None] | None:
+    def begin_next(self) -> tuple[_Request, float, _Job | None] | None:
         """Wait for the next request and make it the running generation: (request, when it
         arrived, its job, None if it was cancelled while queued); None once the connection closed.
         """
@@ -429,7 +433,7 @@ class _Connection:
                 self._close()
                 return
             for msg in messages:
-                if type(msg) is wire.Generate or type(msg) is wire.Embed:
+                if type(msg) in _REQUESTS:
                     self.pending.append((msg, arrived))
                 elif type(msg) is wire.Cancel:
                     self._cancel(msg.id)
@@ -550,6 +554,8 @@ class _Worker:
                             pass
                         elif type(request) is wire.Embed:
                             self._embed(request, job, connection)
+                        elif type(request) is wire.Tokenize:
+                            self._tokenize(request, connection)
                         else:
                             self._generate(request, received, job, connection)
                     finally:
@@ -559,15 +565,31 @@ class _Worker:
                 self.connection = None
             _log("daemon disconnected")
 
-    def _piece(self, token: int) -> bytes:
+    def _piece(self, token: int, special: bool = False) -> bytes:
+        """The bytes `token` stands for; a special token's (`<eos>`) are none unless `special`."""
         size = 64
         while True:
             buffer = ctypes.create_string_buffer(size)
-            n = self._token_to_piece(self._vocab, token, buffer, size, 0, False)
+            n = self._token_to_piece(self._vocab, token, buffer, size, 0, special)
             if n >= 0:
-                piece = self._pieces[token] = buffer.raw[:n]
+                piece = buffer.raw[:n]
+                if not special:
+                    self._pieces[token] = piece
                 return piece
             size = -n
+
+    def _tokenize(self, request: wire.Tokenize, connection: _Connection) -> None:
+        """Answer a Tokenize: the text's tokens, or the tokens given, with the bytes of each."""
+        llm = self.llm
+        if request.text is None:
+            tokens = request.tokens
+            if error := wire.unknown_token("tokens", tokens, llm.n_vocab(), "the model's"):
+                connection.send(wire.Failed(request.id, error))
+                return
+        else:
+            tokens = llm.tokenize(request.text.encode(), add_bos=request.add_special, special=request.parse_special)
+        pieces = [self._piece(token, special=True) for token in tokens]
+        connection.send(wire.Tokenized(request.id, tokens, pieces))
 
     def _prompt_tokens(self, request: wire.Generate) -> list[int]:
         """The request's prompt as tokens: its text after a BOS, or its messages through the model's
@@ -641,7 +663,7 @@ class _Worker:
             _log(f"generation {request.id} failed: {error}")
             connection.send(wire.Failed(request.id, error))
             return
-        if error := wire.unknown_token(request.logit_bias, llm.n_vocab(), "the model's"):
+        if error := wire.unknown_token("logit_bias", request.logit_bias, llm.n_vocab(), "the model's"):
             connection.send(wire.Failed(request.id, error))
             return
         room = self.n_ctx - n_prompt

@@ -72,24 +72,30 @@ class WorkerDied(Exception):
     pass
 
 
+# How a request ended: the worker's last frame for it, or why it failed.
+Outcome = wire.Done | wire.Embedded | wire.Tokenized | str
+_ENDINGS = (wire.Done, wire.Embedded, wire.Tokenized)
+
+
 class Generation:
-    """One request (a generation, or embeddings) on its way through a worker: the frame to send
-    and where the answer goes."""
+    """One request (a generation, embeddings, tokens) on its way through a worker: the frame to
+    send and where the answer goes."""
 
     _ids = itertools.count(1)
 
-    def __init__(self, job: Job, stream: bool, kind: type[wire.Generate | wire.Embed] = wire.Generate, **fields):
+    def __init__(self, job: Job, stream: bool, kind: type[wire.Generate | wire.Embed | wire.Tokenize] = wire.Generate,
+                 **fields):  # fmt: skip
         self.job = job
         self.request = kind(id=next(self._ids), **fields)
         self.stream = stream
         self.pieces: list[str] = []
         self.vectors: list[list[float]] = []
         self.done = trio.Event()
-        self.outcome: wire.Done | wire.Embedded | str | None = None  # Done or Embedded, or why it failed
+        self.outcome: Outcome | None = None
         self.sent = False
         self.abandoned = False  # its job went away: skip it if still queued, drop its tokens
         # Told the outcome as it arrives, even when its job went away first (a cancel's Done).
-        self.on_finish: Callable[[wire.Done | wire.Embedded | str], None] = lambda outcome: None
+        self.on_finish: Callable[[Outcome], None] = lambda outcome: None
 
     def token(self, text: str) -> None:
         if self.abandoned:
@@ -98,7 +104,7 @@ class Generation:
             self.job.emit("token", {"t": text, "i": len(self.pieces)})
         self.pieces.append(text)
 
-    def finish(self, outcome: wire.Done | wire.Embedded | str) -> None:
+    def finish(self, outcome: Outcome) -> None:
         if self.outcome is None:
             self.outcome = outcome
             self.on_finish(outcome)
@@ -243,7 +249,7 @@ class Worker:
                             generation.token(message.text)
                         elif type(message) is wire.Embedding:
                             generation.vectors.append(message.vector)
-                        elif type(message) is wire.Done or type(message) is wire.Embedded:
+                        elif type(message) in _ENDINGS:
                             generation.finish(message)
                         elif type(message) is wire.Failed:
                             generation.finish(message.error)

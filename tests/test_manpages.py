@@ -208,7 +208,7 @@ def test_rbeed_documents_every_operation_and_field(operation):
 
 def test_rbeed_operations_section_counts_them_all():
     page = Page("rbeed.8")
-    assert len(operations.NAMES) == 18  # the seed's 16, model_copy and embed
+    assert len(operations.NAMES) == 20  # the seed's 16, model_copy, embed, tokenize and detokenize
     assert f"{len(operations.NAMES)} operations" in page.text("OPERATIONS")
     order = [title for title in page.sections if title in operations.NAMES]
     assert order == list(operations.NAMES)
@@ -256,7 +256,7 @@ COMMANDS = list(_commands(cli.make_parser()))
 def test_rbee_parser_walk_finds_the_commands():
     names = {" ".join(words) for words, _ in COMMANDS}
     assert {"infer", "submit", "hive list", "model download", "worker spawn", "job follow"} <= names
-    assert len(names) == len(COMMANDS) == 23
+    assert len(names) == len(COMMANDS) == 25
 
 
 def _command_blocks(page: Page) -> dict[str, str]:

@@ -317,6 +317,35 @@ async def test_a_logit_bias_past_the_vocabulary_fails_and_worker_goes_on(start_w
     assert isinstance(after.end, wire.Done) and after.text
 
 
+async def test_tokenize_answers_llama_cpps_tokens_and_pieces_and_refuses_ids_past_the_vocabulary(
+    start_worker, in_process
+):
+    text = "Once upon a time </s> in caf\u00e9s"
+    with trio.fail_after(10):
+        _, client = await ready_client(start_worker)
+        answers = []
+        for job_id, fields in enumerate([{"text": text}, {"text": text, "add_special": True, "parse_special": False},
+                                         {"tokens": [1, 75, 2]}, {"tokens": [3, 10**6]}], 1):  # fmt: skip
+            await client.send(wire.Tokenize(id=job_id, **fields))
+            answers.append(await client.receive())
+        after = await client.generate(9, seed=1)
+
+    plain, special, given, beyond = answers
+    assert plain.tokens == in_process.tokenize(text.encode(), add_bos=False, special=True)
+    assert special.tokens == in_process.tokenize(text.encode(), add_bos=True, special=False)
+    assert plain.tokens != special.tokens[1:]  # "</s>" is one token, or its letters
+    assert 2 in plain.tokens and special.tokens[0] == 1 and 2 not in special.tokens
+    for answer in (plain, special, given):
+        assert answer.pieces == [in_process._model.detokenize([t], special=True) for t in answer.tokens]
+    assert given.tokens == [1, 75, 2] and given.pieces[0] == b"<s>" and given.pieces[2] == b"</s>"
+    # Sentencepiece writes a space before the text, and again after a special token.
+    assert b"".join(plain.pieces).decode() == " Once upon a time </s>  in caf\u00e9s"
+    assert any(len(piece) == 1 and piece[0] >= 0x80 for piece in plain.pieces)  # é as two byte tokens
+    assert beyond == wire.Failed(id=4, error=f"tokens: token {10**6} is not one of the model's (ids 0 to "
+                                             f"{len(tinymodel.VOCAB) - 1})")  # fmt: skip
+    assert isinstance(after.end, wire.Done) and after.text
+
+
 async def test_messages_for_a_model_without_a_chat_template_fail_and_worker_goes_on(start_worker):
     with trio.fail_after(10):
         _, client = await ready_client(start_worker)
