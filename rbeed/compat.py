@@ -10,7 +10,7 @@ import msgspec
 
 from .jobs import Job, JobFailed, JobRegistry, RegistryFull
 from .models import Model, Models
-from .operations import MAX_TOKENS, AnyOperation, Infer, OnWorker
+from .operations import MAX_TOKENS, TOO_DEEP, AnyOperation, Infer, OnWorker
 from .server import StreamingResponse
 
 # Infer's sampling fields that OpenAI's requests (with llama-server's extensions) and Ollama's
@@ -61,6 +61,8 @@ def decode(body: bytes, kind: type):
         raise invalid(exc) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise Refused(400, f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise Refused(400, TOO_DEEP) from None
 
 
 def start_model_job(registry: JobRegistry, models: Models, model_id: str, fields_for: Callable[[Model], dict],
@@ -80,6 +82,8 @@ def start_model_job(registry: JobRegistry, models: Models, model_id: str, fields
         operation = msgspec.convert({key: value for key, value in fields.items() if value is not None}, kind)
     except msgspec.ValidationError as exc:
         raise invalid(exc, names) from None
+    except RecursionError:
+        raise Refused(400, TOO_DEEP) from None
     if refused := model.refusal(operation):
         field, why = refused
         raise Refused(400, why, (names or {}).get(field, field))

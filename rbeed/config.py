@@ -12,11 +12,11 @@ DEFAULT_CONFIG_FILE = Path("/etc/rbeed/rbeed.toml")
 
 Seconds = Annotated[float, msgspec.Meta(ge=0)]
 Interval = Annotated[float, msgspec.Meta(gt=0)]
-CPUList = Annotated[str, msgspec.Meta(pattern=r"^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*$")]
+CPUList = Annotated[str, msgspec.Meta(pattern=r"^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*\Z")]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 # HOST:PORT with a port that fits 16 bits (HOST may be empty, or an IPv6 address in brackets).
 ListenAddress = Annotated[str, msgspec.Meta(
-    pattern=r"^.*:([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"
+    pattern=r"^.*:([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])\Z"
 )]  # fmt: skip
 
 

@@ -22,8 +22,12 @@ _QUANTIFIER = re.compile(r"\{(\d+)(?:,(\d*))?\}")
 _UNENFORCED = frozenset({
     "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "uniqueItems", "minProperties",
     "maxProperties", "patternProperties", "propertyNames", "dependentRequired", "dependentSchemas", "contains",
-    "not", "if", "then", "else", "unevaluatedItems", "unevaluatedProperties",
+    "not", "if", "then", "else", "unevaluatedItems", "unevaluatedProperties", "dependencies",
 })  # fmt: skip
+# The converter merges allOf's parts as objects' properties, and only where nothing else (a type,
+# properties of its own, a union) comes first: elsewhere it would drop them.
+_ANY = {"type": ["object", "array", "string", "number", "boolean", "null"]}
+_BEFORE_ALL_OF = frozenset({"$ref", "oneOf", "anyOf", "const", "enum", "properties", "additionalProperties"})
 # Where a schema holds schemas: by name, in a list, or as one (`items` as a list: an older prefixItems).
 _SCHEMA_MAPS = ("properties", "$defs", "definitions")
 _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
@@ -66,10 +70,11 @@ def gbnf(format: str | dict) -> str:
 # Infer's check when it is decoded and the job that runs it want the same grammar: made once.
 @functools.lru_cache(maxsize=4)
 def _from_schema(text: str) -> str:
-    if (optional := _check(json.loads(text))) > MOST_OPTIONAL:
+    schema = json.loads(text)
+    if (optional := _check(schema)) > MOST_OPTIONAL:
         raise _Refused(f"`format`: {optional} optional properties, more than the {MOST_OPTIONAL} rbeed takes; "
                        "list more of them in `required`")  # fmt: skip
-    grammar = _llama_grammar().json_schema_to_gbnf(text)
+    grammar = _llama_grammar().json_schema_to_gbnf(json.dumps(schema))
     if len(grammar) > LARGEST_GRAMMAR:
         raise _Refused(f"`format`: the schema makes a grammar of {len(grammar)} bytes, more than the "
                        f"{LARGEST_GRAMMAR} rbeed takes; lower its length and count bounds")  # fmt: skip
@@ -78,11 +83,17 @@ def _from_schema(text: str) -> str:
 
 def _check(schema: object) -> int:
     """Refuse what the grammar would not hold the output to, or could not hold at all; the
-    number of optional properties the schema has."""
+    number of optional properties the schema has. `items` that allow anything (`{}`, as pydantic
+    writes a list[Any]) are written out as any JSON value, where the converter would fail on them."""
     if not isinstance(schema, dict):
         return 0  # true, false or not a schema: the converter judges
     if unenforced := sorted(schema.keys() & _UNENFORCED):
         raise _Refused(f"`format`: rbeed's grammar cannot hold the output to {unenforced[0]!r}; leave it out")
+    if "allOf" in schema and not _merges_objects(schema):
+        raise _Refused("`format`: rbeed's grammar takes allOf only as the merge of objects' properties (each part "
+                       "with properties or a $ref, and no properties, union or $ref beside it); write the schema out")
+    if schema.get("items") is True or schema.get("items") == {}:
+        schema["items"] = _ANY
     if isinstance(ref := schema.get("$ref"), str) and not ref.startswith("#"):
         raise _Refused(f"`format`: $ref {ref!r} is not in the schema; rbeed fetches none")
     for key in _BOUNDS:
@@ -96,6 +107,16 @@ def _check(schema: object) -> int:
     if isinstance(properties, dict):
         optional = len(properties.keys() - set(required if isinstance(required, list) else []))
     return optional + sum(_check(subschema) for subschema in _subschemas(schema))
+
+
+def _merges_objects(schema: dict) -> bool:
+    def object_part(part: object) -> bool:
+        return isinstance(part, dict) and ("properties" in part or "$ref" in part)
+
+    parts = schema["allOf"]
+    return (isinstance(parts, list) and schema.get("type") in (None, "object") and not schema.keys() & _BEFORE_ALL_OF
+            and all(object_part(part) or (isinstance(part, dict) and isinstance(part.get("anyOf"), list)
+                                          and all(map(object_part, part["anyOf"]))) for part in parts))  # fmt: skip
 
 
 def _subschemas(schema: dict) -> list:

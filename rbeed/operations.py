@@ -9,14 +9,14 @@ import msgspec
 from . import gbnf, grammar
 
 # Ids become file names and URL parts: keep them to a safe, boring alphabet.
-Id = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+Id = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")]
 HiveId = Id
-Host = Annotated[str, msgspec.Meta(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9._:\[\]-]+$")]
+Host = Annotated[str, msgspec.Meta(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9._:\[\]-]+\Z")]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
-Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-fA-F]{64}$")]
+Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-fA-F]{64}\Z")]
 # A hive's API key goes in an HTTP header: visible ASCII only. "" in hive_update removes it.
-ApiKey = Annotated[str, msgspec.Meta(max_length=512, pattern=r"^[!-~]*$")]
-Device = Annotated[str, msgspec.Meta(pattern=r"^(cpu|cuda|cuda:[0-9]+|metal)$")]
+ApiKey = Annotated[str, msgspec.Meta(max_length=512, pattern=r"^[!-~]*\Z")]
+Device = Annotated[str, msgspec.Meta(pattern=r"^(cpu|cuda|cuda:[0-9]+|metal)\Z")]
 # A worker's context in tokens (prompt plus generated text); 0 = what the model was trained for.
 Context = Annotated[int, msgspec.Meta(ge=0, le=1 << 24)]
 # OpenAI's presence and frequency penalties: subtracted from the logits of tokens already seen.
@@ -264,6 +264,9 @@ NAMES = tuple(cls.__struct_config__.tag for cls in AnyOperation.__args__)
 _decoder = msgspec.json.Decoder(AnyOperation)
 
 
+TOO_DEEP = "JSON nested too deeply"
+
+
 class PayloadError(ValueError):
     """The payload is not a valid operation; the message names the field."""
 
@@ -280,3 +283,5 @@ def decode(body: bytes) -> AnyOperation:
         raise PayloadError(f"malformed JSON: {exc}") from None
     except UnicodeDecodeError as exc:  # what msgspec raises for bad UTF-8 in the operation's name
         raise PayloadError(f"malformed JSON: a string is not valid UTF-8 ({exc.reason})") from None
+    except RecursionError:
+        raise PayloadError(TOO_DEEP) from None

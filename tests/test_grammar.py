@@ -39,11 +39,26 @@ def test_annotations_and_fields_named_like_constraints_are_taken():
      "102 optional properties, more than the 100 rbeed takes; list more of them in `required`"),
     ({"prefixItems": [{"type": "string", "maxLength": LARGEST_BOUND}] * 200}, "the schema makes a grammar of "),
     ({"$ref": "https://example.com/schema.json"}, "$ref 'https://example.com/schema.json' is not in the schema"),
+    ({"dependencies": {"a": ["b"]}}, "cannot hold the output to 'dependencies'"),
+    # llama-cpp-python's converter would make an empty object of the first and drop the second's allOf.
+    ({"allOf": [{"type": "integer"}, {"enum": [1, 2]}]}, "takes allOf only as the merge of objects' properties"),
+    ({"type": "string", "allOf": [{"maxLength": 3}]}, "takes allOf only as the merge of objects' properties"),
+    ({"properties": {"a": {}}, "allOf": [{"properties": {"b": {}}}]}, "takes allOf only as the merge"),
 ])  # fmt: skip
 def test_a_schema_the_grammar_cannot_hold_is_refused_naming_format(schema, message):
     with pytest.raises(ValueError, match="^`format`: ") as refused:
         gbnf(schema)
     assert message in str(refused.value)
+
+
+def test_allof_of_objects_merges_their_properties_and_items_that_allow_anything_keep_their_bounds():
+    merged = gbnf({"$defs": {"named": {"properties": {"name": {"type": "string"}}}},
+                   "allOf": [{"$ref": "#/$defs/named"}, {"properties": {"age": {"type": "integer"}}}]})  # fmt: skip
+    assert '"\\"name\\""' in merged and '"\\"age\\""' in merged
+    # As pydantic writes a list[Any]: the converter failed on `items: {}` (KeyError 'prefixItems').
+    for anything in ({}, True):
+        rules = gbnf({"type": "array", "items": anything, "maxItems": 2})
+        assert 'root ::= "[" space (item ("," space item)?)? "]" space' in rules.splitlines()
 
 
 def test_up_to_the_most_optional_properties_are_taken():

@@ -140,6 +140,7 @@ BAD_PAYLOADS = [
     (b'{"operation": "hive_l\xa9"}', ["malformed JSON", "not valid UTF-8"]),  # msgspec raises UnicodeDecodeError
     (b'{"operation": "infer", "model": "m", "prompt": "\xff\xfe"}', ["malformed JSON"]),
     (b"[]", ["Expected `object`, got `array`"]),
+    (b'{"operation": "infer", "format": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5001, ["JSON nested too deeply"]),
     ({}, ["missing required field `operation`", "valid operations: "] + list(OPERATIONS)),
     ({"operation": "nope"}, ["'nope'", "$.operation", "valid operations: "] + list(OPERATIONS)),
     ({"operation": 5}, ["Expected `str`", "$.operation", "valid operations: "]),

@@ -215,6 +215,7 @@ async def test_format_holds_the_answer_to_json_or_a_schema_as_infers_does(client
     ("/api/chat", CHAT | {"tools": [{"type": "function"}]}, 400, "tools is not supported by rbeed"),
     ("/api/chat", CHAT | {"model": "tiny"}, 400, "the model has no chat template"),
     ("/api/chat", b'{"model": ', 400, "malformed JSON: "),
+    ("/api/generate", b'{"model": "tiny", "format": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5001, 400, "JSON nested too deeply"),
     ("/api/pull", {"model": "llama3.2"}, 404, "model 'llama3.2' not found; rbeed pulls hf:owner/repo/path/file.gguf, "
                                               "an http(s):// or file:// URL, or an absolute path"),
     ("/api/pull", {"model": "hf:owner/model.gguf"}, 400, "bad hf: source 'hf:owner/model.gguf'"),

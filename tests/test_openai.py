@@ -234,6 +234,9 @@ async def test_bad_requests_get_openais_error_shape_naming_the_field(client, pat
 async def test_malformed_json_and_wrong_methods(client):
     response = await client.request("POST", "/v1/chat/completions", body=b'{"model": ')
     assert response.status == 400 and response.json()["error"]["message"].startswith("malformed JSON: ")
+    deep = b'{"model": "tiny", "prompt": "x", "response_format": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5001
+    response = await client.request("POST", "/v1/completions", body=deep)  # msgspec raises RecursionError
+    assert response.status == 400 and response.json()["error"]["message"] == "JSON nested too deeply"
     response = await client.request("GET", "/v1/chat/completions")
     assert (response.status, response.headers["allow"]) == (405, "POST")
     assert response.json()["error"] == {"message": "method GET not allowed; allowed: POST",
