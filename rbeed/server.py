@@ -319,9 +319,13 @@ class HTTPConnection:
                     async def watch_peer() -> None:
                         nonlocal disconnected
                         # Notice a client that goes away while we wait for the next event, not at
-                        # the next write. Bytes it pipelines meanwhile are kept for the next cycle.
+                        # the next write. Bytes it pipelines meanwhile are kept for the next cycle,
+                        # up to a request's worth: past that it is left to wait, as TCP makes it.
+                        room = self.config.max_header_bytes + self.config.max_body_bytes
                         while data := await self.stream.receive_some(65536):
                             self.conn.receive_data(data)
+                            if (room := room - len(data)) < 0:
+                                return
                         disconnected = True
                         nursery.cancel_scope.cancel()
 

@@ -14,8 +14,8 @@ import trio
 import tinymodel
 
 from support import (
-    end_marker, is_token, job_error, job_events, job_result, logged, narrations, pid_alive, read_events_until,
-    rest_of, result_of, run_job, running_daemon,
+    end_marker, is_token, job_error, job_events, job_result, logged, narrations, open_stream, pid_alive,
+    read_events_until, rest_of, result_of, run_job, running_daemon, submit,
 )  # fmt: skip
 
 RESULT_FIELDS = {"model", "worker_id", "load_ms", "prompt_tokens", "cached_tokens", "completion_tokens", "finish_reason", "ttft_ms",
@@ -399,6 +399,29 @@ async def test_a_client_that_drops_the_stream_cancels_its_infer(slow, slow_clien
         _, result = await infer(slow_client, SHORT | {"worker_id": slow[1]["id"]})
     assert result["completion_tokens"] == 3
     assert cancelled_generations(slow[0]) == before + 1  # logged by the worker before it took the next job
+
+
+async def test_a_client_that_sends_on_while_its_infer_streams_is_left_to_wait_not_buffered(slow, slow_client):
+    """The stream watches its socket for the client leaving: what the client pipelines meanwhile is
+    kept for its next request only up to a request's worth (2 MiB here), not to the end of memory."""
+    job_id = await submit(slow_client, LONG)
+    async with await open_stream(slow[0], unix=True) as stream:
+        await stream.send_all(f"GET /v1/jobs/{job_id}/stream HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        with trio.fail_after(10):
+            received = await stream.receive_some()
+        assert received.startswith(b"HTTP/1.1 200 ")
+        sent, piece = 0, b"x" * (1 << 16)
+        with trio.move_on_after(3):  # the daemon stops reading: the sends block
+            while sent < 64 << 20:
+                await stream.send_all(piece)
+                sent += len(piece)
+        assert sent < 16 << 20  # 2 MiB read, the rest in the two sockets' buffers
+        assert await job_state(slow_client, job_id) == "running"
+        await slow_client.request("DELETE", f"/v1/jobs/{job_id}")
+        with trio.fail_after(10):
+            while b"[CANCELLED]" not in received:
+                received += await stream.receive_some()
+    assert b"event: token" in received
 
 
 async def test_cancel_during_prompt_processing_ends_quickly(slow, slow_client):
