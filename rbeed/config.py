@@ -160,13 +160,15 @@ def load(path: Path | None, overrides: dict | None = None) -> Config:
             raw = msgspec.toml.decode(path.read_bytes())
         except OSError as exc:
             raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: {exc}") from None
     for dotted, value in (overrides or {}).items():
         *sections, key = dotted.split(".")
         node = raw
         for section in sections:
             node = node.setdefault(section, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{path}: `{section}` is not a table ([{section}])")
         node[key] = value
     try:
         return msgspec.convert(raw, Config)

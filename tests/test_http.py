@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import stat
 import struct
@@ -99,8 +100,11 @@ async def test_listen_is_repeatable_and_flags_override_the_config_file(tmp_path)
         ("[jobs]\nevent_buffer = 0\n", ["$.jobs.event_buffer"]),
         ('[server]\nlisten = ["no port here"]\n', ["$.server.listen[0]"]),
         ("[server\nlisten = \n", ["rbeed.toml"]),
+        ("server = 5\n", ["`server` is not a table ([server])"]),  # with the flags' server.socket
+        ('[server]\nlisten = ["127.0.0.1:8500\\n"]\n', ["$.server.listen[0]"]),
     ],
-    ids=["unknown-key", "unknown-section", "wrong-type", "out-of-range", "bad-listen", "bad-toml"],
+    ids=["unknown-key", "unknown-section", "wrong-type", "out-of-range", "bad-listen", "bad-toml", "not-a-table",
+         "newline"],
 )
 def test_a_bad_config_file_exits_2_naming_the_key(tmp_path, config, names):
     result = run_daemon_to_exit(tmp_path, config=config)
@@ -108,6 +112,23 @@ def test_a_bad_config_file_exits_2_naming_the_key(tmp_path, config, names):
     for name in names:
         assert name in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_config_file_that_is_not_utf8_exits_2_and_a_reload_of_one_keeps_the_daemon(tmp_path):
+    (tmp_path / "latin1.toml").write_bytes(b'[server]\nlisten = ["caf\xe9:1"]\n')
+    result = run_daemon_to_exit(tmp_path, "--config", str(tmp_path / "latin1.toml"))
+    assert result.returncode == 2 and "latin1.toml: 'utf-8' codec can't decode byte 0xe9" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    daemon = start_daemon(tmp_path / "live", config="[jobs]\nfinished_ttl = 60\n")
+    try:
+        (tmp_path / "live" / "rbeed.toml").write_bytes(b"[jobs]\nfinished_ttl = 6\xe9\n")
+        daemon.proc.send_signal(signal.SIGHUP)
+        trio.run(logged, daemon, r"reload failed, keeping the running config: .*rbeed.toml: 'utf-8' codec")
+        assert daemon.proc.poll() is None
+        assert parse_response(trio.run(exchange, daemon, b"GET /health HTTP/1.0\r\n\r\n"))[0] == 200
+    finally:
+        assert daemon.stop() == 0, daemon.log()
 
 
 def test_a_bad_listen_flag_exits_2(tmp_path):
