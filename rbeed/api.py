@@ -92,11 +92,11 @@ class JobAPI:
 
     def _stream(self, job: Job, request: Request) -> Response | StreamingResponse:
         header = request.headers.get("last-event-id", "0").strip() or "0"
-        if not (header.isascii() and header.isdigit()):
-            return error_response(400, f"Last-Event-ID must be an event id, got {header!r}")
+        if not (header.isascii() and header.isdigit() and len(header) <= 18):
+            return error_response(400, f"Last-Event-ID must be an event id, got {header[:40]!r}")
+        first_after = int(header)
         if request.method == "GET":  # not HEAD: only a real stream starts the job
             self.registry.start(job)
-        first_after = int(header)
 
         async def produce(send) -> None:
             after = first_after

@@ -274,6 +274,11 @@ async def test_another_stream_replays_the_kept_events_and_last_event_id_skips(sh
                 assert response.status == 200
                 bodies.append((await response.aread()).decode())
         bad = await client.request("GET", url, headers={"last-event-id": "one"})
+        # Past what int() reads (4,300 digits): refused before the job starts, which no stream would then end.
+        unread = await submit(client, {"operation": "hive_list"})
+        huge = await client.request("GET", f"/v1/jobs/{unread}/stream", headers={"last-event-id": "9" * 4301})
+        assert huge.status == 400 and "Last-Event-ID must be an event id, got '99999" in huge.json()["error"]
+        assert (await status_of(client, unread))["state"] == "queued"
     first, replay, after_1, after_3, after_99 = (parse_sse(body) for body in bodies)
     assert [e["id"] for e in first] == ["1", "2", "3"] and replay == first
     assert after_1 == first[1:] and after_3 == [] and after_99 == []
