@@ -26,8 +26,12 @@ def no_limit(model: Model) -> int | None:
 
 
 def sampling(source) -> dict:
-    """The sampling fields a request gave, None for those it left to infer's defaults."""
-    return {name: getattr(source, name) for name in SAMPLING}
+    """The sampling fields a request gave, None for those it left to infer's defaults (a negative
+    seed too: Ollama's default options and llama-server's way of asking for a random one)."""
+    fields = {name: getattr(source, name) for name in SAMPLING}
+    if isinstance(fields["seed"], int) and fields["seed"] < 0:
+        fields["seed"] = None
+    return fields
 
 
 # Where msgspec's messages name a field, and infer's own checks (`format`: ...).

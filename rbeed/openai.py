@@ -105,7 +105,7 @@ def _embed_fields(body: _Embedding, model: Model) -> dict:
     inputs = [body.input] if isinstance(body.input, str) else body.input
     if not all(isinstance(text, str) for text in inputs):
         raise Refused(400, "input must be text or a list of texts; token arrays are not supported", "input")
-    return {"operation": "embed", "model": body.model, "input": inputs, "dimensions": body.dimensions}
+    return {"operation": "embed", "model": model.id, "input": inputs, "dimensions": body.dimensions}
 
 
 class _Tokenize(msgspec.Struct, kw_only=True):
@@ -185,7 +185,7 @@ def _infer_fields(body: _Completion | _Chat, model: Model) -> dict:
         raise Refused(400, f"{field} is not supported by rbeed", field)
     limit = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
     fields = {
-        "operation": "infer", "model": body.model, "stream": body.stream,
+        "operation": "infer", "model": model.id, "stream": body.stream,
         # Without a limit, llama-server and Ollama generate until the end of text or a full context.
         "max_tokens": no_limit(model) if limit is None else limit,
         **sampling(body), "keep_alive": body.keep_alive,

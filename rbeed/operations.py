@@ -136,7 +136,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True, fo
     frequency_penalty: Penalty | None = None
     # The tokens the three penalties look back over: -1 the whole context, 0 none (penalties off).
     repeat_last_n: Annotated[int, msgspec.Meta(ge=-1, le=1 << 20)] | None = None
-    seed: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)] | None = None  # None after all: a random one
+    # None after all: a random one (llama.cpp's LLAMA_DEFAULT_SEED, 2**32 - 1, means that too)
+    seed: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 2)] | None = None
     stop: Annotated[list[Annotated[str, msgspec.Meta(min_length=1)]], msgspec.Meta(max_length=16)] | None = None
     n_ctx: Context | None = None  # a worker with at least this context; None after all: any
 

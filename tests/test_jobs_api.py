@@ -53,6 +53,8 @@ OPERATIONS = {
     "model_delete": {"id": "m"},
     "infer": {"model": "m", "prompt": "hi"},
     "embed": {"model": "m", "input": "hi"},  # beyond the seed's 16: Ollama's and OpenAI's embeddings
+    "tokenize": {"model": "m", "text": "hi"},  # and llama-server's /tokenize, /detokenize
+    "detokenize": {"model": "m", "tokens": [1]},
 }
 
 
@@ -145,6 +147,7 @@ BAD_PAYLOADS = [
     ({"operation": "nope"}, ["'nope'", "$.operation", "valid operations: "] + list(OPERATIONS)),
     ({"operation": 5}, ["Expected `str`", "$.operation", "valid operations: "]),
     (_infer(max_tokens=0), [">= 1", "at `$.max_tokens`"]),
+    (_infer(seed=2**32 - 1), ["<= 4294967294", "at `$.seed`"]),  # llama.cpp's "random"
     (_infer(max_tokens="10"), ["Expected `int | null`, got `str`", "at `$.max_tokens`"]),
     (_infer(max_tokens=1.5), ["Expected `int | null`, got `float`", "at `$.max_tokens`"]),
     (_infer(temperature=-0.1), [">= 0", "at `$.temperature`"]),

@@ -330,6 +330,14 @@ async def test_copy_names_a_model_anew_as_ollama_cp_does(rbeed, client):
     copied = await post(client, "/api/generate", GENERATE | {"model": "mine/tiny:v2", "stream": False, "keep_alive": 0})
     original = await post(client, "/api/generate", GENERATE | {"stream": False})
     assert copied[0] == 200 and copied[1]["response"] == original[1]["response"] != ""
+    # OpenAI's routes take the name as Ollama's do (they sent it on to the job, which wants the id), and
+    # a negative seed, as Ollama's default options and llama-server's "random", is no seed.
+    for path, body in (("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 4, "seed": -1}),
+                       ("/v1/embeddings", {"input": "Once upon a time"})):  # fmt: skip
+        status, answer = await post(client, path, body | {"model": "mine/tiny:v2"})
+        assert (status, answer["model"]) == (200, "mine/tiny:v2"), answer
+    status, answer = await post(client, "/api/generate", GENERATE | {"stream": False, "options": {"seed": -1}})
+    assert status == 200 and answer["response"], answer
 
     refusals = [
         ({"source": "nope", "destination": "x"}, 404, "unknown model 'nope' (known: chatty, mine-tiny-v2, tiny)"),
