@@ -168,7 +168,7 @@ class MetricsRoute:
         out.family("rbeed_worker_queued_jobs", "gauge", "Jobs waiting for each worker (not the one it runs).",
                    [(labels, r.queued) for labels, r in named])  # fmt: skip
         out.family("rbeed_worker_restarts_total", "counter", "Times each worker was restarted after it died.",
-                   [(labels, r.restarts) for labels, r in named])  # fmt: skip
+                   [(labels, r.restarts_total) for labels, r in named])  # fmt: skip
 
     def _totals(self, out: Exposition) -> None:
         models = sorted(self.totals.models.items())

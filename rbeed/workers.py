@@ -46,7 +46,8 @@ class WorkerRecord(msgspec.Struct):
     started_at: float
     backend: str
     on_demand: bool
-    restarts: int
+    restarts: int  # in a row: back to 0 once a job is served
+    restarts_total: int
     queued: int
     error: str | None
     keep_alive: float | None  # on demand: idle seconds before it stops (-1: never)
@@ -124,7 +125,7 @@ class Worker:
         self.pid: int | None = None
         self.started_at = time.time()
         self.stops_at: float | None = None
-        self.restarts = 0
+        self.restarts = self.restarts_total = 0
         self.error: str | None = None
         self.backend = ""
         self.current: Generation | None = None
@@ -153,7 +154,7 @@ class Worker:
     def record(self) -> WorkerRecord:
         return WorkerRecord(
             self.id, self.model, self.device, self.pid, self.state.value, self.threads, self.n_ctx, self.started_at,
-            self.backend, self.on_demand, self.restarts, self.queue_out.statistics().current_buffer_used,
+            self.backend, self.on_demand, self.restarts, self.restarts_total, self.queue_out.statistics().current_buffer_used,
             self.error, self.keep_alive if self.on_demand else None, self.stops_at, resident_bytes(self.pid),
         )  # fmt: skip
 
@@ -294,7 +295,7 @@ class Supervisor:
             return self.config.threads
         if self.config.cpu_affinity:
             return len(parse_cpu_list(self.config.cpu_affinity))
-        return os.cpu_count() or 1
+        return len(os.sched_getaffinity(0))  # those this process may run on: taskset, a cgroup's cpuset
 
     def _signal(self) -> None:
         self.on_change()
@@ -447,6 +448,7 @@ class Supervisor:
                         log.error("worker %s %s; not restarting", worker.id, reason)
                         return
                     worker.restarts += 1
+                    worker.restarts_total += 1
                     worker.state = WorkerState.RESTARTING
                     delay = self.config.restart_backoff * 2 ** (worker.restarts - 1)
                     log.warning("worker %s %s; restart %d in %.1f s", worker.id, reason, worker.restarts, delay)

@@ -61,15 +61,18 @@ class Daemon:
             raise AssertionError(f"daemon did not exit within {timeout} s after {sig}:\n{self.log()}")
 
 
-def start_daemon(base: Path, *args: str, config: str | None = None, env: dict | None = None) -> Daemon:
-    """Start the daemon on an ephemeral TCP port and a socket under `base`; return once READY."""
+def start_daemon(base: Path, *args: str, config: str | None = None, env: dict | None = None,
+                 prefix: tuple[str, ...] = ()) -> Daemon:  # fmt: skip
+    """Start the daemon on an ephemeral TCP port and a socket under `base`; return once READY.
+
+    `prefix`: a command that execs the daemon's (such as taskset)."""
     base.mkdir(parents=True, exist_ok=True)
     notify_path = base / "notify.sock"
     notify_path.unlink(missing_ok=True)
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(notify_path))
     notify.settimeout(30)
-    argv = [sys.executable, "-m", "rbeed", "serve", "--listen", "127.0.0.1:0",
+    argv = [*prefix, sys.executable, "-m", "rbeed", "serve", "--listen", "127.0.0.1:0",
             "--socket", str(base / "rbeed.sock"), "--state-dir", str(base / "state"),
             "--runtime-dir", str(base / "run"), *args]  # fmt: skip
     if config is not None:

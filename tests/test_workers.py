@@ -315,6 +315,21 @@ async def test_a_bad_model_file_fails_the_spawn_with_the_reason(rbeed, client, t
     await job_result(client, {"operation": "model_delete", "id": "broken"})
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 or not shutil.which("taskset"), reason="needs 2 CPUs, taskset")
+async def test_threads_default_to_the_cpus_the_daemon_may_run_on(tiny_model):
+    base = short_base()
+    daemon = start_daemon(base, prefix=("taskset", "-c", "0"))  # as a cgroup's cpuset or taskset leave it
+    try:
+        await register(daemon, tiny_model)
+        async with daemon.client() as client:
+            worker = await job_result(client, spawn())
+        assert worker["threads"] == 1
+        assert daemon.stop() == 0, daemon.log()
+    finally:
+        daemon.stop(signal.SIGKILL)
+        shutil.rmtree(base)
+
+
 async def test_a_killed_worker_fails_its_job_promptly_and_is_restarted(rbeed, client):
     worker = await job_result(client, spawn(threads=1))
     async with job_events(client, LONG | {"worker_id": worker["id"]}) as (_, events):
@@ -323,13 +338,15 @@ async def test_a_killed_worker_fails_its_job_promptly_and_is_restarted(rbeed, cl
         rest = await rest_of(events, timeout=5)
     assert end_marker(rest) == f"[ERROR] worker {worker['id']} died (killed by SIGKILL)"
     restarting = await job_result(client, {"operation": "worker_get", "id": worker["id"]})
-    assert restarting["restarts"] == 1
+    assert restarting["restarts"] == restarting["restarts_total"] == 1
 
     # Queued while it restarts, served by the new process.
     result = await job_result(client, SHORT | {"worker_id": worker["id"]}, timeout=10)
     assert (result["worker_id"], result["completion_tokens"]) == (worker["id"], 3)
     restarted = await job_result(client, {"operation": "worker_get", "id": worker["id"]})
     assert restarted["state"] == "ready" and restarted["pid"] != worker["pid"] and pid_alive(restarted["pid"])
+    # A job served starts the count in a row over; the total, which /metrics shows as a counter, stays.
+    assert (restarted["restarts"], restarted["restarts_total"]) == (0, 1)
     assert not pid_alive(worker["pid"])
     assert await job_result(client, {"operation": "worker_list"}) == [restarted]
     assert f"worker {worker['id']} killed by SIGKILL; restart 1 in 0.1 s" in rbeed.log()  # restart_backoff
