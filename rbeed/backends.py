@@ -153,17 +153,20 @@ class ProcessBackend:
 
     @contextlib.asynccontextmanager
     async def launch(self, spec: LaunchSpec) -> AsyncIterator[ProcessHandle]:
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         notify_path = self.dir / f"{spec.id}.notify"
-        notify_path.unlink(missing_ok=True)
         notify = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
-        await notify.bind(str(notify_path))
         env = worker_env() | {"NOTIFY_SOCKET": str(notify_path), "RBEED_PDEATHSIG": "1"}
         try:
-            process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "rbeed", *worker_args(spec, self.config)],
-                env=env, stdin=subprocess.DEVNULL, start_new_session=True,
-            )  # fmt: skip
+            try:  # a runtime dir too deep for a socket's path, one not writable, no memory to fork
+                self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+                notify_path.unlink(missing_ok=True)
+                await notify.bind(str(notify_path))
+                process = await trio.lowlevel.open_process(
+                    [sys.executable, "-m", "rbeed", *worker_args(spec, self.config)],
+                    env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+                )  # fmt: skip
+            except OSError as exc:
+                raise WorkerStartError(f"cannot start a worker process ({notify_path}): {exc}") from None
             try:
                 yield ProcessHandle(process, notify)
             finally:

@@ -330,6 +330,22 @@ async def test_threads_default_to_the_cpus_the_daemon_may_run_on(tiny_model):
         shutil.rmtree(base)
 
 
+async def test_a_worker_process_that_cannot_start_fails_its_spawn_at_once_with_the_reason(tiny_model):
+    base = short_base()
+    deep = base / ("d" * 100)  # too long a path for the worker's notify socket: bind() fails
+    daemon = start_daemon(base, "--runtime-dir", str(deep))
+    try:
+        await register(daemon, tiny_model)
+        async with daemon.client() as client:
+            error = await job_error(client, spawn(), timeout=5)  # not after three restarts' backoff
+        assert error.endswith(f"cannot start a worker process ({deep}/workers/tiny-cpu-1.notify): "
+                              "AF_UNIX path too long"), error  # fmt: skip
+        assert daemon.stop() == 0, daemon.log()
+    finally:
+        daemon.stop(signal.SIGKILL)
+        shutil.rmtree(base)
+
+
 async def test_a_killed_worker_fails_its_job_promptly_and_is_restarted(rbeed, client):
     worker = await job_result(client, spawn(threads=1))
     async with job_events(client, LONG | {"worker_id": worker["id"]}) as (_, events):
