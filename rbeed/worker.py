@@ -755,7 +755,7 @@ class _Worker:
             finish = "cancelled"
         if finish != "cancelled":
             tail = decoder.decode(b"", final=True)
-            if stopper is not None and finish == "length":
+            if stopper is not None:  # what it held as maybe a stop string's start was not one
                 tail = stopper.flush() + tail
             if tail:
                 send(wire.Token(request.id, tail))

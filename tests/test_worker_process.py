@@ -284,6 +284,17 @@ async def test_finish_reasons_length_stop_and_stop_strings(start_worker):
     )
 
 
+async def test_text_held_as_maybe_a_stop_strings_start_is_sent_when_the_model_ends_instead(start_worker):
+    with trio.fail_after(10):
+        _, client = await ready_client(start_worker)
+        # The grammar ends the text (an end-of-generation token) after "E", which "END" starts with.
+        held = await client.generate(1, grammar='root ::= "Hello E"', stop=["END"], temperature=0.0)
+        cut = await client.generate(2, grammar='root ::= "Hello END"', stop=["END"], temperature=0.0)
+
+    assert (held.text, held.end.finish_reason) == ("Hello E", "stop")
+    assert (cut.text, cut.end.finish_reason) == ("Hello ", "stop")
+
+
 async def test_matches_llama_cpp_python_create_completion(start_worker, in_process):
     with trio.fail_after(10):
         _, client = await ready_client(start_worker)
