@@ -7,6 +7,7 @@ import binascii
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import pathlib
 import re
@@ -103,16 +104,19 @@ async def _download(
     local_path = _local_path(source)
     await trio.Path(dest.parent).mkdir(parents=True, exist_ok=True)
     part = await _PartFile.open(dest.with_name(dest.name + ".part"))
+    origin = _Origin(part.path.with_name(part.path.name + ".from"), str(source))
     try:
+        if part.size and not await origin.matches():  # another source's bytes, or of no known source
+            await part.truncate()
         if local_path is not None:
-            await _copy_local(local_path, part, progress)
+            await _copy_local(local_path, part, progress, origin)
             announced = None
         else:
             async with contextlib.nullcontext(client) if client else Client(str(source)) as http:
                 while True:
                     done = part.size
                     try:
-                        announced = await _fetch_http(http, str(source), part, progress)
+                        announced = await _fetch_http(http, str(source), part, progress, origin)
                         break
                     except HTTPError as exc:
                         await retry.wait_or_raise(exc, part, gained=part.size > done)
@@ -128,6 +132,8 @@ async def _download(
         raise
     finally:
         await part.aclose()
+        if not await trio.Path(part.path).exists():
+            await trio.Path(origin.path).unlink(missing_ok=True)
 
 
 def _local_path(source: str | os.PathLike[str]) -> pathlib.Path | None:
@@ -143,12 +149,14 @@ def _local_path(source: str | os.PathLike[str]) -> pathlib.Path | None:
     return pathlib.Path(source)
 
 
-async def _copy_local(source: pathlib.Path, part: _PartFile, progress: _Progress) -> None:
-    """Copy source into part (resuming it)."""
+async def _copy_local(source: pathlib.Path, part: _PartFile, progress: _Progress, origin: _Origin) -> None:
+    """Copy source into part (resuming it, while the file is the one it began)."""
     async with await trio.open_file(source, "rb") as src:
-        total = os.fstat(src.fileno()).st_size
-        if part.size > total:
+        stat = os.fstat(src.fileno())
+        total = stat.st_size
+        if part.size > total or (part.size and origin.validator != f"{stat.st_size}:{stat.st_mtime_ns}"):
             await part.truncate()
+        await origin.record(f"{stat.st_size}:{stat.st_mtime_ns}")
         await part.hash_existing()
         await _check_space(part, total)
         await src.seek(part.size)
@@ -159,18 +167,24 @@ async def _copy_local(source: pathlib.Path, part: _PartFile, progress: _Progress
     progress.finish()
 
 
-async def _fetch_http(client: Client, url: str, part: _PartFile, progress: _Progress) -> tuple[str, str] | None:
-    """Fill part from url with a Range request when it has a prefix already.
+async def _fetch_http(client: Client, url: str, part: _PartFile, progress: _Progress,
+                      origin: _Origin) -> tuple[str, str] | None:  # fmt: skip
+    """Fill part from url with a Range request when it has a prefix already (If-Range: while the
+    file is the one it began), then for the rest while the server sends less than asked for.
 
     Returns the sha256 the server announced (with where it came from).
     """
-    for _attempt in range(2):  # the second attempt starts over when the .part does not fit
+    mismatches = 0  # answers with a range that does not fit the .part: once, it starts over
+    while True:
         headers = {"range": f"bytes={part.size}-"} if part.size else {}
+        if part.size and origin.validator:
+            headers["if-range"] = origin.validator
         async with client.stream("GET", url, headers=headers) as response:
             announced = _announced_sha256(response)
             first, total = _content_range(response)
             if response.status == 200:
                 await part.truncate()
+                await origin.record(_validator(response))
                 length = response.headers.get("content-length", "")
                 total = int(length) if length.isdigit() else None
             elif response.status == 206 and first == part.size:
@@ -180,21 +194,56 @@ async def _fetch_http(client: Client, url: str, part: _PartFile, progress: _Prog
                 progress.start(part.size, total)
                 progress.finish()
                 return announced
-            elif response.status in (206, 416):
+            elif response.status in (206, 416) and not mismatches:
+                mismatches += 1
                 await part.truncate()
                 continue
+            elif response.status in (206, 416):
+                raise DownloadError(f"{url}: the server answers ranges that do not match the partial file")
             else:
                 response.raise_for_status()
                 raise DownloadError(f"unexpected answer {response.status} {response.reason} from {response.url}")
             if total is not None:
                 await _check_space(part, total)
             progress.start(part.size, total)
+            before = part.size
             async for chunk in response.aiter_bytes():
                 await part.write(chunk)
                 progress.update(part.size)
+            if response.status == 206 and total is not None and part.size < total:
+                if part.size == before:
+                    raise ProtocolError(f"{url}: an empty range at byte {part.size} of {total}")
+                await part.settle()
+                continue  # the server sent less than the rest: ask for what is left
             progress.finish()
             return announced
-    raise DownloadError(f"{url}: the server answers ranges that do not match the partial file")
+
+
+def _validator(response: Response) -> str | None:
+    """What tells this version of the file from another in If-Range: a strong ETag, else Last-Modified."""
+    etag = response.headers.get("etag", "").strip()
+    return etag if etag.startswith('"') else response.headers.get("last-modified")
+
+
+class _Origin:
+    """Where a .part's bytes came from, kept beside it (ID.gguf.part.from): a resume appends only
+    to bytes of the same source, and of the same version of its file."""
+
+    def __init__(self, path: pathlib.Path, source: str) -> None:
+        self.path, self.source = path, source
+        self.validator: str | None = None
+
+    async def matches(self) -> bool:
+        try:
+            kept = json.loads(await trio.Path(self.path).read_text())
+        except (OSError, ValueError):
+            return False
+        self.validator = kept.get("validator") if isinstance(kept, dict) else None
+        return isinstance(kept, dict) and kept.get("source") == self.source
+
+    async def record(self, validator: str | None) -> None:
+        self.validator = validator
+        await trio.Path(self.path).write_text(json.dumps({"source": self.source, "validator": validator}))
 
 
 async def _check_space(part: _PartFile, total: int) -> None:
@@ -310,11 +359,13 @@ class _PartFile:
         self._hashed = size == 0  # sha256 and head cover every byte: a resume need not re-read them
         self._pending = bytearray()
         self._in_flight: _ThreadCall | None = None
+        self._on_disk = size  # bytes written and hashed: what the file is cut back to after a failed write
+        self._failed = False
 
     @classmethod
     async def open(cls, path: pathlib.Path) -> _PartFile:
         def open_locked() -> tuple[BinaryIO, int]:
-            file = open(path, "a+b")  # noqa: SIM115 - owned by the _PartFile
+            file = open(path, "a+b", buffering=0)  # noqa: SIM115 - owned by the _PartFile; unbuffered: see _close
             try:
                 fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -342,7 +393,7 @@ class _PartFile:
     async def truncate(self) -> None:
         assert self._file is not None and self._in_flight is None
         await trio.to_thread.run_sync(self._file.truncate, 0)
-        self.size, self.sha256, self.head, self._hashed = 0, hashlib.sha256(), b"", True
+        self.size, self.sha256, self.head, self._hashed, self._on_disk = 0, hashlib.sha256(), b"", True, 0
         self._pending.clear()
 
     async def settle(self) -> None:
@@ -381,21 +432,20 @@ class _PartFile:
         if self._file is None:
             return
         with trio.CancelScope(shield=True):
-            try:
+            with contextlib.suppress(Exception):  # only while another exception propagates
                 await self._wait_for_disk()
-            except Exception:
-                # Only reached while another exception propagates. Appending the pending
-                # bytes after a failed write could leave a hole, so they are dropped.
-                self._pending.clear()
-            file, self._file = self._file, None
-            await trio.to_thread.run_sync(self._close, file)
+            await trio.to_thread.run_sync(self._close)
 
     async def _wait_for_disk(self) -> None:
         """Wait for the block in flight; raise its error. A cancelled wait leaves it in flight."""
         if self._in_flight is not None:
             await self._in_flight.done.wait()
             in_flight, self._in_flight = self._in_flight, None
-            in_flight.result()
+            try:
+                in_flight.result()
+            except BaseException:
+                self._failed = True
+                raise
 
     def _read_and_hash(self, count: int) -> bytes:
         assert self._file is not None
@@ -406,8 +456,11 @@ class _PartFile:
 
     def _write_and_hash(self, data: bytes | bytearray) -> None:
         assert self._file is not None
-        self._file.write(data)
+        with memoryview(data) as rest:
+            while rest:
+                rest = rest[self._file.write(rest) :]
         self.sha256.update(data)
+        self._on_disk += len(data)
 
     def _check_head(self, data: bytes | bytearray) -> None:
         """Fail at the first block, not after gigabytes of an HTML error page."""
@@ -426,14 +479,19 @@ class _PartFile:
             # write() cannot. Measured on gemma3 270M: prompt evaluation ~6 % faster.
             os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
-    def _close(self, file: BinaryIO) -> None:
+    def _close(self) -> None:
+        file = self._file
+        assert file is not None
         try:
-            if self._pending:
-                file.write(self._pending)
-                self._pending.clear()
-            if self.size == 0:
+            if self._failed:  # a block went partly to disk, or not at all: keep only the whole ones before it
+                os.ftruncate(file.fileno(), self._on_disk)
+            elif self._pending:
+                self._write_and_hash(self._pending)
+            self._pending.clear()
+            if self._on_disk == 0:
                 self.path.unlink(missing_ok=True)
         finally:
+            self._file = None
             file.close()
 
 

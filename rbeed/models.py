@@ -257,11 +257,12 @@ class Models:
         job.narrate(f"{result.size} bytes in {trio.current_time() - started:.2f} s; reading metadata")
         try:
             metadata = await read_metadata(dest)
-        except JobFailed:
-            dest.unlink(missing_ok=True)
+            model = Model(model_id_, dest.name, result.size, result.sha256, op.model, time.time(), metadata)
+            await self.catalog.put(model.id, model)
+        except BaseException:  # not a model (JobFailed), or cancelled: no file without its record
+            if self.catalog.get(model_id_) is None:
+                dest.unlink(missing_ok=True)
             raise
-        model = Model(model_id_, dest.name, result.size, result.sha256, op.model, time.time(), metadata)
-        await self.catalog.put(model.id, model)
         return model
 
     async def refresh(self) -> None:
@@ -339,6 +340,9 @@ class Models:
     async def delete(self, job: Job, op: ModelDelete) -> None:
         model = self.lookup(op.id)
         await self.released(model.id)  # not in use, only slow to go: stop_grace bounds the wait
+        model = self.lookup(op.id)  # another delete may have gone first meanwhile
+        if model.id in self._deleting:
+            raise JobFailed(f"model {model.id} is being deleted")
         if users := self.in_use(model.id):
             raise JobFailed(f"model {model.id} is in use by worker(s) {', '.join(users)}; delete them first")
         if holders := self._placing.get(model.id):

@@ -63,7 +63,8 @@ class FileServer:
     """Serves `files` as /<name>, plus `routes` (custom handlers) and `redirects` (302s).
 
     Fault knobs, per file name: drop_after (fires once), stall_after, corrupt (serve other
-    bytes than the announced digest), ignore_range (answer 200 to Range), chunked.
+    bytes than the announced digest), ignore_range (answer 200 to Range), chunked, range_limit
+    (a 206 holds at most that many bytes), last_modified (sent, and matched against If-Range).
     """
 
     def __init__(
@@ -79,6 +80,8 @@ class FileServer:
         self.corrupt: set[str] = set()
         self.ignore_range: set[str] = set()
         self.chunked: set[str] = set()
+        self.range_limit: dict[str, int] = {}
+        self.last_modified: dict[str, str] = {}
         self.requests: list[RecordedRequest] = []
         self.connections = 0
         self.base_url = ""
@@ -134,9 +137,14 @@ class FileServer:
             content = corrupted(content)
         status = 200
         range_match = re.fullmatch(r"bytes=(\d+)-(\d*)", request.headers.get("range", ""))
-        if range_match and name not in self.ignore_range:
+        if name in self.last_modified:
+            headers["last-modified"] = self.last_modified[name]
+        if_range = request.headers.get("if-range")
+        if range_match and name not in self.ignore_range and if_range in (None, self.last_modified.get(name)):
             first = int(range_match[1])
             last = min(int(range_match[2] or len(content) - 1), len(content) - 1)
+            if name in self.range_limit:
+                last = min(last, first + self.range_limit[name] - 1)
             if first >= len(content):
                 headers["content-range"] = f"bytes */{len(content)}"
                 return Reply(416, headers | {"content-length": "0"})

@@ -46,6 +46,13 @@ def part_of(dest: pathlib.Path) -> pathlib.Path:
     return dest.with_name(dest.name + ".part")
 
 
+def left_part(dest: pathlib.Path, data: bytes, source: str | pathlib.Path, validator: str | None = None) -> None:
+    """A .part as a download of `source` leaves it: its bytes, and where they came from beside them."""
+    part_of(dest).write_bytes(data)
+    origin = {"source": str(source), "validator": validator}
+    part_of(dest).with_name(part_of(dest).name + ".from").write_text(json.dumps(origin))
+
+
 async def test_full_download_verifies_and_installs_atomically(tmp_path):
     dest = tmp_path / "models" / "tiny.gguf"
     progress = ProgressLog()
@@ -225,8 +232,8 @@ async def test_cancelled_download_keeps_the_part_and_resumes(tmp_path):
 
 async def test_server_ignoring_range_restarts_from_scratch(tmp_path):
     dest = tmp_path / "m.gguf"
-    part_of(dest).write_bytes(b"stale bytes from another file")
     async with serve_files({"m.gguf": MODEL}) as server:
+        left_part(dest, b"stale bytes from another file", server.url("m.gguf"))
         server.ignore_range.add("m.gguf")
         result = await download(server.url("m.gguf"), dest, sha256=MODEL_SHA256)
     assert server.requests[0].headers["range"] == "bytes=29-"
@@ -236,9 +243,9 @@ async def test_server_ignoring_range_restarts_from_scratch(tmp_path):
 
 async def test_complete_part_is_verified_without_downloading_again(tmp_path):
     dest = tmp_path / "m.gguf"
-    part_of(dest).write_bytes(MODEL)
     progress = ProgressLog()
     async with serve_files({"m.gguf": MODEL}) as server:
+        left_part(dest, MODEL, server.url("m.gguf"))
         result = await download(server.url("m.gguf"), dest, sha256=MODEL_SHA256, on_progress=progress)
     assert server.requests[0].headers["range"] == f"bytes={len(MODEL)}-"
     assert (result.resumed_from, result.sha256) == (len(MODEL), MODEL_SHA256)
@@ -248,8 +255,8 @@ async def test_complete_part_is_verified_without_downloading_again(tmp_path):
 
 async def test_part_longer_than_the_file_starts_over(tmp_path):
     dest = tmp_path / "m.gguf"
-    part_of(dest).write_bytes(MODEL + b"extra")
     async with serve_files({"m.gguf": MODEL}) as server:
+        left_part(dest, MODEL + b"extra", server.url("m.gguf"))
         result = await download(server.url("m.gguf"), dest, sha256=MODEL_SHA256)
     assert [r.headers.get("range") for r in server.requests] == [f"bytes={len(MODEL) + 5}-", None]
     assert result.resumed_from == 0
@@ -282,8 +289,8 @@ async def test_sha256_of_the_resumed_prefix_is_recomputed_from_disk(tmp_path):
     dest = tmp_path / "m.gguf"
     tampered = bytearray(MODEL[:MiB])
     tampered[1000] ^= 1
-    part_of(dest).write_bytes(tampered)
     async with serve_files({"m.gguf": MODEL}) as server:
+        left_part(dest, tampered, server.url("m.gguf"))
         with pytest.raises(VerificationError, match=f"sha256 mismatch: expected {MODEL_SHA256}, got "):
             await download(server.url("m.gguf"), dest, sha256=MODEL_SHA256)
     assert server.requests[0].headers["range"] == f"bytes={MiB}-"
@@ -384,10 +391,80 @@ async def test_local_copy_resumes_a_part(tmp_path):
     source = tmp_path / "model.gguf"
     source.write_bytes(MODEL)
     dest = tmp_path / "out.gguf"
-    part_of(dest).write_bytes(MODEL[: MiB + 5])
+    stat = source.stat()
+    left_part(dest, MODEL[: MiB + 5], source, f"{stat.st_size}:{stat.st_mtime_ns}")
     result = await download(source, dest, sha256=MODEL_SHA256)
     assert (result.resumed_from, result.sha256) == (MiB + 5, MODEL_SHA256)
     assert dest.read_bytes() == MODEL
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.gguf", "out.gguf"]
+
+
+async def test_a_part_is_resumed_only_from_its_own_source_and_version_of_the_file(tmp_path):
+    """Resuming a .part with another file's bytes would make a model of two halves."""
+    dest = tmp_path / "m.gguf"
+    other = gguf_bytes(3 * MiB + 999)
+    cut = MiB + MiB // 2 + 7
+    async with serve_files({"a/m.gguf": MODEL, "b/m.gguf": other}) as server:
+        server.drop_after["a/m.gguf"] = cut
+        with pytest.raises(DownloadError):
+            await download(server.url("a/m.gguf"), dest)
+        result = await download(server.url("b/m.gguf"), dest)  # another source: starts over
+        assert "range" not in server.requests[-1].headers
+        assert (result.resumed_from, dest.read_bytes()) == (0, other)
+
+        # The same URL, whose file changed meanwhile: If-Range gets it whole.
+        dest.unlink()
+        server.last_modified["a/m.gguf"] = "Mon, 23 Nov 2026 10:00:00 GMT"
+        server.drop_after["a/m.gguf"] = cut
+        with pytest.raises(DownloadError):
+            await download(server.url("a/m.gguf"), dest)
+        server.files["a/m.gguf"], server.last_modified["a/m.gguf"] = other, "Tue, 24 Nov 2026 10:00:00 GMT"
+        result = await download(server.url("a/m.gguf"), dest)
+    assert server.requests[-1].headers["range"] == f"bytes={cut}-"
+    assert server.requests[-1].headers["if-range"] == "Mon, 23 Nov 2026 10:00:00 GMT"
+    assert (result.resumed_from, dest.read_bytes()) == (0, other)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["m.gguf"]  # no .part, nor where it came from
+
+    # A local file too: the same path, another file.
+    source = tmp_path / "local.gguf"
+    source.write_bytes(MODEL)
+    left_part(tmp_path / "l.gguf", MODEL[:cut], source, "1:2")  # not the size and time the file has
+    result = await download(source, tmp_path / "l.gguf")
+    assert (result.resumed_from, (tmp_path / "l.gguf").read_bytes()) == (0, MODEL)
+
+
+async def test_a_range_shorter_than_the_rest_is_followed_by_requests_for_what_is_left(tmp_path):
+    dest = tmp_path / "m.gguf"
+    async with serve_files({"m.gguf": MODEL}) as server:
+        server.drop_after["m.gguf"] = 1000
+        with pytest.raises(DownloadError):
+            await download(server.url("m.gguf"), dest)
+        server.range_limit["m.gguf"] = MiB
+        result = await download(server.url("m.gguf"), dest, sha256=MODEL_SHA256)
+    starts = [1000 + n * MiB for n in range(4)]
+    assert [r.headers.get("range") for r in server.requests[1:]] == [f"bytes={start}-" for start in starts]
+    assert (result.resumed_from, dest.read_bytes()) == (1000, MODEL)
+
+
+async def test_a_write_that_fails_leaves_the_blocks_before_it_and_no_hole(tmp_path, monkeypatch):
+    dest = tmp_path / "m.gguf"
+    write = _PartFile._write_and_hash
+    calls = []
+
+    def failing_second(self, data):
+        calls.append(len(data))
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        return write(self, data)
+
+    async with serve_files({"m.gguf": MODEL}) as server:
+        monkeypatch.setattr(_PartFile, "_write_and_hash", failing_second)
+        with pytest.raises(DownloadError, match="Input/output error"):
+            await download(server.url("m.gguf"), dest)
+        monkeypatch.undo()
+        assert part_of(dest).read_bytes() == MODEL[: calls[0]]  # the first block only, not pending bytes after a gap
+        result = await download(server.url("m.gguf"), dest, sha256=MODEL_SHA256)
+    assert (result.resumed_from, dest.read_bytes()) == (calls[0], MODEL)
 
 
 async def test_missing_local_source_is_a_download_error(tmp_path):

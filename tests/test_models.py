@@ -296,6 +296,20 @@ async def test_cancelling_a_download_keeps_the_part_and_the_next_one_resumes(rbe
     assert leftovers(rbeed, "stall") == ["stall.gguf"]
 
 
+async def test_a_download_cancelled_while_its_metadata_is_read_leaves_no_file_without_a_record(rbeed, client, tiny):
+    source = rbeed.state_dir.parent / "late.gguf"
+    source.write_bytes(tiny[0])
+    async with job_events(client, download(str(source))) as (job_id, events):
+        await read_events_until(events, lambda e: e.event == "narration" and "reading metadata" in e.data)
+        # Reading it takes a Python subprocess's start (~0.1 s or more): the cancel lands in it.
+        assert (await client.request("DELETE", f"/v1/jobs/{job_id}")).status == 200
+        assert end_marker(await rest_of(events, timeout=5)) == "[CANCELLED]"
+    await assert_unknown(client, "late")
+    assert leftovers(rbeed, "late") == []  # installed and kept, it would be a file no model names
+    assert (await job_result(client, download(str(source))))["id"] == "late"
+    assert leftovers(rbeed, "late") == ["late.gguf"]
+
+
 @pytest.mark.parametrize("payload", [
     {"operation": "model_get", "id": "../x"},
     {"operation": "model_delete", "id": "../../etc/passwd"},
