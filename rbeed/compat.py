@@ -71,8 +71,8 @@ def decode(body: bytes, kind: type):
 
 def start_model_job(registry: JobRegistry, models: Models, model_id: str, fields_for: Callable[[Model], dict],
                     names: dict[str, str] | None = None, kind: type[OnWorker] = Infer) -> Job:  # fmt: skip
-    """Create and start the job on a model (infer, embed, tokenize, detokenize) that `fields_for(model)` describes (None values
-    left out).
+    """Create and start the job on a model (infer, embed, tokenize, detokenize) that
+    `fields_for(model)` describes (None values left out).
 
     Refused says why not; `names` maps the operation's field names to the request's, for a 400's
     message.

@@ -153,10 +153,10 @@ async def _copy_local(source: pathlib.Path, part: _PartFile, progress: _Progress
     """Copy source into part (resuming it, while the file is the one it began)."""
     async with await trio.open_file(source, "rb") as src:
         stat = os.fstat(src.fileno())
-        total = stat.st_size
-        if part.size > total or (part.size and origin.validator != f"{stat.st_size}:{stat.st_mtime_ns}"):
+        total, version = stat.st_size, f"{stat.st_size}:{stat.st_mtime_ns}"
+        if part.size > total or (part.size and origin.validator != version):
             await part.truncate()
-        await origin.record(f"{stat.st_size}:{stat.st_mtime_ns}")
+        await origin.record(version)
         await part.hash_existing()
         await _check_space(part, total)
         await src.seek(part.size)

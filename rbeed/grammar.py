@@ -24,9 +24,10 @@ _UNENFORCED = frozenset({
     "maxProperties", "patternProperties", "propertyNames", "dependentRequired", "dependentSchemas", "contains",
     "not", "if", "then", "else", "unevaluatedItems", "unevaluatedProperties", "dependencies",
 })  # fmt: skip
+# Any JSON value, as the converter takes it (it fails on `{}` as `items`).
+_ANY = {"type": ["object", "array", "string", "number", "boolean", "null"]}
 # The converter merges allOf's parts as objects' properties, and only where nothing else (a type,
 # properties of its own, a union) comes first: elsewhere it would drop them.
-_ANY = {"type": ["object", "array", "string", "number", "boolean", "null"]}
 _BEFORE_ALL_OF = frozenset({"$ref", "oneOf", "anyOf", "const", "enum", "properties", "additionalProperties"})
 # Where a schema holds schemas: by name, in a list, or as one (`items` as a list: an older prefixItems).
 _SCHEMA_MAPS = ("properties", "$defs", "definitions")

@@ -158,8 +158,8 @@ class MetricsRoute:
     def _workers(self, out: Exposition) -> None:
         records = sorted((worker.record() for worker in self.supervisor.workers.values()), key=lambda r: r.id)
         by_state = Counter((r.model, r.device, r.state) for r in records)
-        out.family("rbeed_workers", "gauge", "Workers of this hive, by model, device and state.",
-                   [({"model": m, "device": d, "state": s}, n) for (m, d, s), n in sorted(by_state.items())])  # fmt: skip
+        states = [({"model": m, "device": d, "state": s}, n) for (m, d, s), n in sorted(by_state.items())]
+        out.family("rbeed_workers", "gauge", "Workers of this hive, by model, device and state.", states)
         named = [({"worker": r.id, "model": r.model, "device": r.device}, r) for r in records]
         out.family("rbeed_worker_resident_memory_bytes", "gauge", "Resident memory of each worker's process.",
                    [(labels, r.rss) for labels, r in named if r.rss is not None])  # fmt: skip

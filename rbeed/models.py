@@ -340,9 +340,7 @@ class Models:
     async def delete(self, job: Job, op: ModelDelete) -> None:
         model = self.lookup(op.id)
         await self.released(model.id)  # not in use, only slow to go: stop_grace bounds the wait
-        model = self.lookup(op.id)  # another delete may have gone first meanwhile
-        if model.id in self._deleting:
-            raise JobFailed(f"model {model.id} is being deleted")
+        model = self.lookup(op.id)  # again: another delete may have begun, or ended, meanwhile
         if users := self.in_use(model.id):
             raise JobFailed(f"model {model.id} is in use by worker(s) {', '.join(users)}; delete them first")
         if holders := self._placing.get(model.id):

@@ -246,11 +246,21 @@ class _Reply(Reply):
         return _error(status, message, "server_error").body
 
 
-class _EmbeddingReply(Reply):
+class _JsonReply(Reply):
+    """An answer given whole, as one JSON object, once the job is done."""
+
+    def __init__(self, job: Job, body: msgspec.Struct, registry: JobRegistry):
+        super().__init__(job, registry, "application/json")
+
+    def error(self, status: int, message: str) -> bytes:
+        return _error(status, message, "server_error").body
+
+
+class _EmbeddingReply(_JsonReply):
     """An embed job's answer as OpenAI's list of embeddings."""
 
     def __init__(self, job: Job, body: _Embedding, registry: JobRegistry):
-        super().__init__(job, registry, "application/json")
+        super().__init__(job, body, registry)
         self.model, self.encoding = body.model, body.encoding_format
 
     def finish(self) -> bytes:
@@ -260,26 +270,18 @@ class _EmbeddingReply(Reply):
         return _encode({"object": "list", "data": data, "model": self.model,
                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})  # fmt: skip
 
-    def error(self, status: int, message: str) -> bytes:
-        return _error(status, message, "server_error").body
 
-
-class _TokensReply(Reply):
+class _TokensReply(_JsonReply):
     """A tokenize or detokenize job's answer as llama-server's."""
 
-    def __init__(self, job: Job, body: _Tokenize | _Detokenize, registry: JobRegistry):
-        super().__init__(job, registry, "application/json")
-
     def finish(self) -> bytes:
-        if "text" in self.result:
-            return _encode({"content": self.result["text"]})
-        if "pieces" in self.result:
-            return _encode({"tokens": [{"id": token, "piece": piece}
-                                       for token, piece in zip(self.result["tokens"], self.result["pieces"])]})  # fmt: skip
-        return _encode({"tokens": self.result.get("tokens", [])})
-
-    def error(self, status: int, message: str) -> bytes:
-        return _error(status, message, "server_error").body
+        result = self.result
+        if "text" in result:
+            return _encode({"content": result["text"]})
+        tokens = result.get("tokens", [])
+        if "pieces" in result:
+            tokens = [{"id": token, "piece": piece} for token, piece in zip(tokens, result["pieces"])]
+        return _encode({"tokens": tokens})
 
 
 class OpenAIAPI:

@@ -239,7 +239,7 @@ class Embed(_OnWorker, tag="embed", kw_only=True):
 class Tokenize(_OnWorker, tag="tokenize", kw_only=True):
     """The model's token ids for a text (llama-server's /tokenize)."""
 
-    text: Annotated[str, msgspec.Meta(max_length=1 << 20)]
+    text: Text
     add_special: bool = False  # the BOS (EOS) that an infer's prompt gets, where the vocabulary adds one
     parse_special: bool = True  # a special token's text (`<start_of_turn>`) is that token
     with_pieces: bool = False  # each token's text too

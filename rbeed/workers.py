@@ -154,8 +154,8 @@ class Worker:
     def record(self) -> WorkerRecord:
         return WorkerRecord(
             self.id, self.model, self.device, self.pid, self.state.value, self.threads, self.n_ctx, self.started_at,
-            self.backend, self.on_demand, self.restarts, self.restarts_total, self.queue_out.statistics().current_buffer_used,
-            self.error, self.keep_alive if self.on_demand else None, self.stops_at, resident_bytes(self.pid),
+            self.backend, self.on_demand, self.restarts, self.restarts_total,
+            self.queue_out.statistics().current_buffer_used, self.error, self.keep_alive if self.on_demand else None, self.stops_at, resident_bytes(self.pid),
         )  # fmt: skip
 
     @property

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 import tinymodel
-from support import job_error, job_result, register, run_job, running_daemon
+from support import job_error, job_result, register, register_copy, run_job, running_daemon
 from test_cli import rbee
 
 TEXT = "Once upon a time </s> in caf\u00e9s"
@@ -91,16 +91,10 @@ async def test_llama_servers_routes(client, hive, tokenizer, tiny_model):
     assert status == 404 and answer["error"]["code"] == "model_not_found"
     assert (await client.request("GET", "/tokenize")).status == 405
 
-    await register_second(hive, tiny_model)
+    await register_copy(hive, client, tiny_model, "tiny-two")
     status, answer = await post("/tokenize", {"content": "Hello"})
     assert status == 400 and answer["error"]["param"] == "model"
     assert "give the model: " in answer["error"]["message"] and "tiny-two" in answer["error"]["message"]
-
-
-async def register_second(hive, tiny_model) -> None:
-    second = hive.state_dir.parent / "tiny-two.gguf"
-    second.write_bytes(tiny_model.read_bytes())
-    await register(hive, second)
 
 
 async def test_rbee_tokenize_and_detokenize(hive, tokenizer):
