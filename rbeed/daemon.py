@@ -245,6 +245,8 @@ class Daemon:
         log.info("reloaded %s: %s", self.config_path or "defaults", ", ".join(changed) or "nothing changed")
         if ignored:
             log.warning("not reloaded (restart needed): %s", ", ".join(ignored))
+        for worker in self.supervisor.workers.values():
+            worker.retime()  # an idle worker's stop moves with [workers] keep_alive
         self._reloaded.fire()
         self._poked.fire()
 

@@ -134,8 +134,8 @@ class Inference:
             worker, loaded_for_us = await self._worker_for(job, op, model, generation, n_ctx)
             await worker.wait_loaded()
             load_ms = round((trio.current_time() - began) * 1000, 2)
-            if op.keep_alive is not None and worker.on_demand:
-                worker.keep_alive = op.keep_alive
+            if worker.on_demand:
+                worker.keep_for(op.keep_alive)
             if not loaded_for_us:
                 ahead = worker.backlog
                 worker.submit(generation)

@@ -116,11 +116,11 @@ class Worker:
     """One worker: its launch settings, its request queue, and the task that serves it."""
 
     def __init__(self, id: str, model: str, model_path: Path, device: str, threads: int, n_ctx: int,
-                 n_batch: int, socket_path: Path, queue_size: int, on_demand: bool, keep_alive: float,
-                 cancel_timeout: float):  # fmt: skip
+                 n_batch: int, socket_path: Path, config: WorkersConfig, on_demand: bool, keep_alive: float | None):  # fmt: skip
         self.id, self.model, self.model_path, self.device = id, model, model_path, device
         self.threads, self.n_ctx, self.n_batch, self.socket_path = threads, n_ctx, n_batch, socket_path
-        self.on_demand, self.keep_alive, self.cancel_timeout = on_demand, keep_alive, cancel_timeout
+        self.config, self.on_demand = config, on_demand
+        self.asked_keep_alive = keep_alive  # on demand: the last job's keep_alive; None: the config's
         self.state = WorkerState.STARTING
         self.pid: int | None = None
         self.started_at = time.time()
@@ -132,7 +132,7 @@ class Worker:
         self.first: Generation | None = None  # on demand: the job it is loaded for, served before the queue
         self.draining = False  # takes no new jobs; stops once those queued are served (its threads are wanted)
         self.closing = False  # being stopped (deleted, idle, drained): takes no jobs at all
-        self.queue_in, self.queue_out = trio.open_memory_channel[Generation](queue_size)
+        self.queue_in, self.queue_out = trio.open_memory_channel[Generation](config.queue_size)
         self.loaded = trio.Event()  # set once the first load succeeded or failed
         self.ready_once = False  # a load succeeded: a later end is not a failure to load
         self.stopped = trio.Event()
@@ -140,6 +140,8 @@ class Worker:
         self._stream: trio.abc.Stream | None = None
         self._send_lock = trio.Lock()
         self._answer = trio.CancelScope()  # the wait for the running generation's frames
+        self._idle: trio.CancelScope | None = None  # the wait for a job, while idle: its deadline is the stop
+        self._idle_since = 0.0
 
     @property
     def live(self) -> bool:
@@ -155,8 +157,29 @@ class Worker:
         return WorkerRecord(
             self.id, self.model, self.device, self.pid, self.state.value, self.threads, self.n_ctx, self.started_at,
             self.backend, self.on_demand, self.restarts, self.restarts_total,
-            self.queue_out.statistics().current_buffer_used, self.error, self.keep_alive if self.on_demand else None, self.stops_at, resident_bytes(self.pid),
+            self.queue_out.statistics().current_buffer_used, self.error, self.keep_alive, self.stops_at, resident_bytes(self.pid),
         )  # fmt: skip
+
+    @property
+    def keep_alive(self) -> float | None:
+        """Idle seconds before it stops (-1: never); None for a worker kept until deleted."""
+        if not self.on_demand:
+            return None
+        return self.config.keep_alive if self.asked_keep_alive is None else self.asked_keep_alive
+
+    def keep_for(self, keep_alive: float | None) -> None:
+        """A job's keep_alive (None: the config's) sets how long it may idle after that job, as in Ollama."""
+        self.asked_keep_alive = keep_alive
+        self.retime()
+
+    def retime(self) -> None:
+        """Move the idle stop to the keep-alive now in force (a job asked, or a reload changed it)."""
+        if self._idle is None:
+            return
+        keep_alive = self.keep_alive
+        timeout = 0.0 if self.draining else math.inf if keep_alive is None or keep_alive < 0 else keep_alive
+        self._idle.deadline = self._idle_since + timeout
+        self.stops_at = time.time() + self._idle.deadline - trio.current_time() if timeout < math.inf else None
 
     @property
     def backlog(self) -> int:
@@ -189,7 +212,7 @@ class Worker:
         if generation is self.current and generation.sent and generation.outcome is None and self._stream:
             # A worker that does not end the generation within cancel_timeout is taken for hung:
             # serve() gives up on it, and the supervisor kills it and starts it again.
-            self._answer.deadline = min(self._answer.deadline, trio.current_time() + self.cancel_timeout)
+            self._answer.deadline = min(self._answer.deadline, trio.current_time() + self.config.cancel_timeout)
             try:
                 await self._send(self._stream, wire.Cancel(generation.request.id))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -215,17 +238,14 @@ class Worker:
             self.state = WorkerState.READY
             generation, self.first = self.first, None
             if generation is None:
-                if self.draining:
-                    timeout = 0.0
-                else:
-                    timeout = math.inf if self.keep_alive < 0 or not self.on_demand else self.keep_alive
                 try:  # a queued job is taken at once, even with keep_alive 0
                     generation = self.queue_out.receive_nowait()
                 except trio.WouldBlock:
-                    self.stops_at = time.time() + timeout if timeout < math.inf else None
-                    with trio.move_on_after(timeout):
+                    with trio.CancelScope() as self._idle:
+                        self._idle_since = trio.current_time()
+                        self.retime()
                         generation = await self.queue_out.receive()
-                    self.stops_at = None
+                    self._idle, self.stops_at = None, None
                 if generation is None:
                     try:  # one queued after the wait timed out and before this task ran again
                         generation = self.queue_out.receive_nowait()
@@ -255,7 +275,7 @@ class Worker:
                         elif type(message) is wire.Failed:
                             generation.finish(message.error)
             if generation.outcome is None:
-                raise WorkerDied(f"did not stop its generation within {self.cancel_timeout:g} s of a cancel")
+                raise WorkerDied(f"did not stop its generation within {self.config.cancel_timeout:g} s of a cancel")
             self.current = None
             self.restarts = 0
 
@@ -386,8 +406,7 @@ class Supervisor:
                 n_batch = 0 if model.is_encoder else self.config.n_batch  # an encoder's inputs: one batch each
                 worker = Worker(
                     worker_id, model.id, path, device, threads, n_ctx, n_batch, self.socket_dir / f"{serial}.sock",
-                    self.config.queue_size, on_demand,
-                    self.config.keep_alive if keep_alive is None else keep_alive, self.config.cancel_timeout,
+                    self.config, on_demand, keep_alive,
                 )  # fmt: skip
                 worker.backend, worker.first = self.backend.name, first
                 self.workers[worker_id] = worker  # from here on, in_use covers the model

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import time
 
 import jinja2
@@ -288,23 +289,27 @@ async def test_load_on_demand_then_reuse_and_keep_alive(client):
     events, result = await infer(client, GREEDY | {"model": "tiny2", "keep_alive": -1})
     kept = result["worker_id"]
     assert kept != loaded and narrations(events)[0].startswith("loading tiny2 ")
-    events, result = await infer(client, GREEDY | {"model": "tiny2"})
-    assert result["worker_id"] == kept and narrations(events) == []
-    assert result["load_ms"] < ready_in * 1000 / 2  # none: the worker was there
     [worker] = await tiny2_workers(client)
-    assert (worker["id"], worker["on_demand"], worker["state"]) == (kept, True, "ready") and pid_alive(worker["pid"])
     assert (worker["keep_alive"], worker["stops_at"]) == (-1, None)
 
     # keep_alive 60: once idle, the record says when it will stop.
     before = time.time()
-    assert (await infer(client, GREEDY | {"model": "tiny2", "keep_alive": 60}))[1]["worker_id"] == kept
+    events, result = await infer(client, GREEDY | {"model": "tiny2", "keep_alive": 60})
+    assert result["worker_id"] == kept and narrations(events) == []
+    assert result["load_ms"] < ready_in * 1000 / 2  # none: the worker was there
     [worker] = await tiny2_workers(client)  # idle from the moment its job got its answer
+    assert (worker["id"], worker["on_demand"], worker["state"]) == (kept, True, "ready") and pid_alive(worker["pid"])
     assert worker["keep_alive"] == 60 and before + 60 <= worker["stops_at"] <= time.time() + 60
 
     # keep_alive 0 on a job: its worker stops after it.
     assert (await infer(client, GREEDY | {"model": "tiny2", "keep_alive": 0}))[1]["worker_id"] == kept
     await wait_no_tiny2_worker(client)
     assert not pid_alive(worker["pid"])
+
+    # A job that gives none gets the daemon's (0), as in Ollama: an earlier job's -1 does not stick.
+    kept = (await infer(client, GREEDY | {"model": "tiny2", "keep_alive": -1}))[1]["worker_id"]
+    assert (await infer(client, GREEDY | {"model": "tiny2"}))[1]["worker_id"] == kept
+    await wait_no_tiny2_worker(client)
 
 
 async def test_jobs_back_to_back_never_land_on_a_worker_that_is_stopping(client):
@@ -317,6 +322,27 @@ async def test_jobs_back_to_back_never_land_on_a_worker_that_is_stopping(client)
     assert len(workers) >= 2  # they did stop in between
     await wait_no_tiny2_worker(client)
 
+
+
+def test_a_reload_moves_an_idle_workers_stop_to_the_new_keep_alive(tiny_model):
+    with running_daemon("[workers]\nthreads = 1\nkeep_alive = 300\n") as daemon:
+
+        async def main():
+            async with daemon.client() as client:
+                await job_result(client, {"operation": "model_download", "model": str(tiny_model)})
+                before = time.time()
+                await infer(client, GREEDY)
+                [worker] = await job_result(client, {"operation": "worker_list"})
+                assert worker["keep_alive"] == 300 and before + 300 <= worker["stops_at"] <= time.time() + 300
+                (daemon.state_dir.parent / "rbeed.toml").write_text("[workers]\nthreads = 1\nkeep_alive = 0\n")
+                daemon.proc.send_signal(signal.SIGHUP)
+                await logged(daemon, r"reloaded .*workers\.keep_alive")
+                with trio.fail_after(10):  # it was due in 5 minutes; now at once
+                    while await job_result(client, {"operation": "worker_list"}):
+                        await trio.sleep(0.05)
+                assert not pid_alive(worker["pid"])
+
+        trio.run(main)
 
 # -- a daemon whose workers take 0.1 s per token, with room for one waiting job -----------------
 
