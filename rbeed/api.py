@@ -69,7 +69,7 @@ class JobAPI:
             return error_response(503, "daemon shutting down")
         try:
             operation = decode(request.body)
-            job = self.registry.create(operation)
+            job = self.registry.create(operation, len(request.body))
         except PayloadError as exc:
             return error_response(400, str(exc))
         except RegistryFull as exc:

@@ -43,6 +43,7 @@ class JobsConfig(Section):
     finished_ttl: Seconds = 600.0  # a finished job stays for status and replay this long
     event_buffer: Positive = 4096  # events kept per job for replay
     max_jobs: Positive = 10_000  # jobs held at once (all states); more is 503
+    max_unstreamed_bytes: Positive = 64 * 1024 * 1024  # request bodies of jobs not yet streamed; more is 503
 
 
 class HivesConfig(Section):

@@ -97,12 +97,13 @@ class Job:
 
     __slots__ = ("id", "operation", "payload", "state", "error", "created_at", "started_at", "finished_at",
                  "cancel_on_disconnect", "readers", "end_id", "_events", "_next_id", "_subscribers", "_scope",
-                 "quiet_rounds", "_cancel_reason", "__weakref__")  # fmt: skip
+                 "quiet_rounds", "_cancel_reason", "payload_bytes", "__weakref__")  # fmt: skip
 
-    def __init__(self, operation: AnyOperation, buffer: int):
+    def __init__(self, operation: AnyOperation, buffer: int, payload_bytes: int = 0):
         self.id = f"job-{uuid.uuid4()}"
         self.operation = operation.name
         self.payload: AnyOperation | None = operation
+        self.payload_bytes = payload_bytes  # the request body it came in, counted while it waits for a stream
         self.state = JobState.QUEUED
         self.error: str | None = None
         self.created_at = time.time()
@@ -173,7 +174,6 @@ class Job:
     def _finish(self, state: JobState, error: str | None = None) -> None:
         self.state, self.error, self.finished_at = state, error, time.time()
         self.end_id = self._next_id
-        self.payload = None
         self.emit("end", end_marker(state, error).encode())
         for channel in self._subscribers:
             channel.close()
@@ -234,6 +234,7 @@ class JobRegistry:
         # A job leaves _unstreamed when it starts or ends, so that the queue does not keep every
         # job of the last unstreamed_ttl seconds alive.
         self._unstreamed: dict[Job, float] = {}
+        self.unstreamed_bytes = 0  # their payload_bytes: a flood of unstreamed jobs is held to a budget
         self._finished: deque[tuple[float, Job]] = deque()
         self._reaper: trio.CancelScope | None = None
         self._counts = dict.fromkeys(JobState, 0)  # jobs held, by state
@@ -312,22 +313,33 @@ class JobRegistry:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def create(self, operation: AnyOperation) -> Job:
+    def create(self, operation: AnyOperation, payload_bytes: int = 0) -> Job:
+        """A queued job for `operation`, decoded from `payload_bytes` of request body."""
         if len(self._jobs) >= self._config.max_jobs:
             raise RegistryFull(f"{len(self._jobs)} jobs held; try again later")
-        job = Job(operation, self._config.event_buffer)
+        if self.unstreamed_bytes + payload_bytes > self._config.max_unstreamed_bytes:
+            raise RegistryFull(f"jobs not yet streamed hold {self.unstreamed_bytes} bytes of payload; "
+                               "stream or delete them, or try again later")  # fmt: skip
+        job = Job(operation, self._config.event_buffer, payload_bytes)
         self._jobs[job.id] = job
         self._counts[JobState.QUEUED] += 1
         self._unstreamed[job] = self._arm(self._config.unstreamed_ttl)
+        self.unstreamed_bytes += payload_bytes
         return job
+
+    def _take_payload(self, job: Job) -> AnyOperation | None:
+        """Take a job off the unstreamed queue (started, ended or expired): its payload, no longer held."""
+        if self._unstreamed.pop(job, None) is not None:
+            self.unstreamed_bytes -= job.payload_bytes
+        payload, job.payload = job.payload, None
+        return payload
 
     def start(self, job: Job) -> None:
         """Start a queued job (the first stream does this); later calls do nothing."""
         if job.payload is None or job.state is not JobState.QUEUED:
             return
         assert self._nursery is not None, "JobRegistry.run() is not running"
-        payload, job.payload = job.payload, None
-        del self._unstreamed[job]
+        payload = self._take_payload(job)
         self._move(job, JobState.RUNNING)
         self._running.add(job)
         job.started_at = time.time()
@@ -382,7 +394,7 @@ class JobRegistry:
         self._running.discard(job)
         _log_end(job, state, error)
         job._finish(state, error)
-        self._unstreamed.pop(job, None)  # cancelled while queued
+        self._take_payload(job)  # cancelled while queued
         self._finished.append((self._arm(self._config.finished_ttl), job))
         self._signal()
 
@@ -415,7 +427,7 @@ class JobRegistry:
             job, deadline = next(iter(self._unstreamed.items()))
             if deadline > now:
                 break
-            del self._unstreamed[job]
+            self._take_payload(job)
             log.info("job %s expired: never streamed", job.id)
             self._move(job, None)
             del self._jobs[job.id]

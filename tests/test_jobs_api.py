@@ -221,6 +221,16 @@ async def test_a_full_registry_answers_503():
     assert refused.status == 503 and msgspec.json.decode(refused.body) == {"error": "1 jobs held; try again later"}
 
 
+async def test_a_post_past_the_unstreamed_byte_budget_answers_503_naming_it():
+    body = b'{"operation": "hive_list"}'
+    api = JobAPI(JobRegistry(JobsConfig(max_unstreamed_bytes=2 * len(body) + 1), handler=None))
+    request = Request("POST", "/v1/jobs", {}, {}, body)
+    assert [(await api(request)).status for _ in range(2)] == [201, 201]
+    refused = await api(request)
+    assert refused.status == 503 and msgspec.json.decode(refused.body) == {
+        "error": f"jobs not yet streamed hold {2 * len(body)} bytes of payload; stream or delete them, or try again later"}
+
+
 # -- streaming ---------------------------------------------------------------------------------
 
 

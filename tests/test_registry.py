@@ -209,6 +209,23 @@ async def test_more_jobs_than_max_jobs_is_refused_until_some_expire(autojump_clo
         assert registry.create(LIST).state is JobState.QUEUED
 
 
+
+async def test_payloads_not_yet_streamed_are_held_to_a_byte_budget(autojump_clock):
+    gate = Gate()
+    async with running_registry(gate, max_unstreamed_bytes=1000, unstreamed_ttl=10) as registry:
+        started, cancelled = registry.create(LIST, 400), registry.create(LIST, 400)
+        with pytest.raises(RegistryFull, match="jobs not yet streamed hold 800 bytes of payload"):
+            registry.create(LIST, 201)
+        assert registry.unstreamed_bytes == 800 and len(registry.list()) == 2  # the refused one is not held
+        expiring = registry.create(LIST, 200)  # exactly the budget
+        registry.start(started)  # a started job's payload is its task's
+        assert registry.unstreamed_bytes == 600 and started.payload is None
+        registry.cancel(cancelled)
+        assert registry.unstreamed_bytes == 200 and cancelled.payload is None
+        await trio.sleep(10.1)  # expired unstreamed
+        assert registry.get(expiring.id) is None and registry.unstreamed_bytes == 0
+        assert registry.create(LIST, 1000).payload_bytes == 1000
+
 # -- cancel -----------------------------------------------------------------------------------
 
 
