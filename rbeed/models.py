@@ -128,7 +128,7 @@ class Models:
         self.dir = models_dir
         self.config = config
         self.in_use: Callable[[str], list[str]] = lambda model_id: []
-        self.released: Callable[[str], Awaitable[None]] = _nothing_to_wait_for  # its workers on their way out, gone
+        self.released: Callable[[str, Job], Awaitable[None]] = _nothing_to_wait_for  # its workers on their way out, gone
         self._placing: dict[str, list[str]] = {}  # model id -> jobs placing a worker for it, not yet listed
         self._fetching: dict[str, tuple[str, trio.Event]] = {}  # model id -> the job writing its file, its end
         self._deleting: dict[str, trio.Event] = {}  # model id -> the end of its model_delete
@@ -339,7 +339,7 @@ class Models:
 
     async def delete(self, job: Job, op: ModelDelete) -> None:
         model = self.lookup(op.id)
-        await self.released(model.id)  # not in use, only slow to go: stop_grace bounds the wait
+        await self.released(model.id, job)  # not in use, only slow to go: stop_grace bounds the wait
         model = self.lookup(op.id)  # again: another delete may have begun, or ended, meanwhile
         if users := self.in_use(model.id):
             raise JobFailed(f"model {model.id} is in use by worker(s) {', '.join(users)}; delete them first")
@@ -359,7 +359,7 @@ class Models:
         job.result({"id": model.id, "deleted": True})
 
 
-async def _nothing_to_wait_for(model_id: str) -> None:
+async def _nothing_to_wait_for(model_id: str, job: Job) -> None:
     pass
 
 

@@ -297,9 +297,10 @@ class Supervisor:
         models.in_use = lambda model_id: [w.id for w in self.workers.values() if w.model == model_id and w.live]
         models.released = self._released
 
-    async def _released(self, model_id: str) -> None:
+    async def _released(self, model_id: str, job: Job) -> None:
         """Return once no worker of the model is on its way out (unloaded, idle, deleted)."""
         while leaving := [w for w in self.workers.values() if w.model == model_id and w.live and w.closing]:
+            job.narrate(f"waiting for worker {leaving[0].id} to stop")
             await leaving[0].stopped.wait()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import re
 import shutil
+import signal
 import sqlite3
 from contextlib import asynccontextmanager
 from functools import partial
@@ -15,8 +19,8 @@ import trio
 
 from httpfixture import RecordedRequest, Reply, serve_files
 from support import (
-    end_marker, job_error, job_events, job_result, logged, narrations, read_events_until, rest_of, result_of,
-    run_job, running_daemon, short_base, start_daemon,
+    end_marker, is_narration, job_error, job_events, job_result, logged, narrations, read_events_until,
+    register_copy, rest_of, result_of, run_job, running_daemon, short_base, start_daemon,
 )  # fmt: skip
 
 MiB = 1 << 20
@@ -368,6 +372,32 @@ async def test_model_delete_refuses_while_a_worker_uses_it_then_removes_file_and
     assert (await job_error(client, {"operation": "model_delete", "id": "doomed"})).startswith("unknown model 'doomed'")
 
 
+
+async def test_two_deletes_waiting_for_the_models_worker_to_stop_delete_it_once(rbeed, client, tiny_model):
+    _, installed = await register_copy(rbeed, client, tiny_model, "twice")
+    worker = await job_result(client, {"operation": "worker_spawn", "model": "twice", "threads": 1})
+    waiting = is_narration(f"waiting for worker {worker['id']} to stop")
+    os.kill(worker["pid"], signal.SIGSTOP)  # its SIGTERM waits until it is continued
+    try:
+        async with (
+            job_events(client, {"operation": "worker_delete", "id": worker["id"]}) as (_, stopping),
+            job_events(client, {"operation": "model_delete", "id": "twice"}) as (_, first),
+            job_events(client, {"operation": "model_delete", "id": "twice"}) as (_, second),
+        ):
+            with trio.fail_after(10):
+                await read_events_until(stopping, is_narration(f"stopping worker {worker['id']} (pid {worker['pid']})"))
+                for deleting in (first, second):  # both looked the model up before either deleted it
+                    await read_events_until(deleting, waiting)
+            os.kill(worker["pid"], signal.SIGCONT)
+            ends = sorted([end_marker(await rest_of(first, 10)), end_marker(await rest_of(second, 10))])
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # on a failure above
+            os.kill(worker["pid"], signal.SIGCONT)
+    assert ends[0] == "[DONE]"  # the other finds it being deleted, or gone (the race fixed: a KeyError)
+    assert ends[1] == "[ERROR] model 'twice' is being deleted" or ends[1].startswith("[ERROR] unknown model 'twice'")
+    assert not installed.exists()
+    await assert_unknown(client, "twice")
+
 async def test_model_copy_names_the_file_by_a_second_id_without_copying_it(rbeed, client, tiny_model, tmp_path):
     import tinymodel
 
@@ -403,7 +433,9 @@ async def test_model_copy_names_the_file_by_a_second_id_without_copying_it(rbeed
     answer = await job_result(client, prompt | {"keep_alive": 0, "seed": 1})
     assert (answer["model"], answer["completion_tokens"]) == ("second.name", 3)
     deleted = await run_job(client, {"operation": "model_delete", "id": "second.name"})
-    assert narrations(deleted) == [f"model second.name deleted ({copy['size']} bytes freed)"]
+    *waited, said = narrations(deleted)  # its worker may still be on its way out (keep_alive 0)
+    assert said == f"model second.name deleted ({copy['size']} bytes freed)"
+    assert all(re.fullmatch(r"waiting for worker second\.name-cpu-\d+ to stop", line) for line in waited), waited
     assert not (models / "second.name.gguf").exists()
     await job_result(client, {"operation": "model_delete", "id": "other"})
 
