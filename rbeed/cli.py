@@ -1042,7 +1042,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     _command(model, "download", "model_download", "download a GGUF model (path, URL or hf:owner/repo/file)",
              _arg("model", metavar="SOURCE", type=_source), _arg("--sha256", metavar="HEX", help="expected sha256"),
-             _HIVE)  # fmt: skip
+             _arg("--id", metavar="ID", help="the model's id (default: from the file's name)"), _HIVE)  # fmt: skip
     _command(model, "list", "model_list", "list models", _HIVE)
     _command(model, "get", "model_get", "show one model", by_id, _HIVE)
     _command(model, "copy", "model_copy",

@@ -198,7 +198,7 @@ class Models:
 
     async def download(self, job: Job, op: ModelDownload) -> None:
         url, name = resolve_source(op.model, self.config.hf_base)
-        model_id_ = model_id(name)
+        model_id_ = model_id(op.id or name)
         while True:
             if (deleting := self._deleting.get(model_id_)) is not None:
                 await deleting.wait()  # a catalog write: then it is downloaded afresh
@@ -258,6 +258,9 @@ class Models:
         try:
             metadata = await read_metadata(dest)
             model = Model(model_id_, dest.name, result.size, result.sha256, op.model, time.time(), metadata)
+            if (lost := self.catalog.get(model_id_)) is not None and lost.source == op.model:
+                # Its file was gone: fetched again, it keeps the system and defaults it was given.
+                model = msgspec.structs.replace(model, system=lost.system, defaults=lost.defaults)
             await self.catalog.put(model.id, model)
         except BaseException:  # not a model (JobFailed), or cancelled: no file without its record
             if self.catalog.get(model_id_) is None:

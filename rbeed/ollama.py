@@ -490,7 +490,7 @@ class OllamaAPI:
         try:
             body = decode(request.body, _Pull)
             source, model = self._source(body.given)
-            job = start_job(self.registry, ModelDownload(model=source))
+            job = start_job(self.registry, ModelDownload(model=source, id=model))
         except Refused as exc:
             return error_response(exc.status, str(exc))
         return _StatusReply(job, body.stream, self.registry, model).response

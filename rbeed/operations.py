@@ -104,6 +104,7 @@ class ModelDownload(Operation, tag="model_download"):
     model: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]  # path, URL or hf:owner/repo/file
     hive_id: HiveId = "localhost"
     sha256: Sha256 | None = None
+    id: Id | None = None  # the model's id; default: a slug of the file's name
 
 
 class ModelList(Operation, tag="model_list"):

@@ -700,6 +700,7 @@ async def test_commands_send_the_payloads_of_their_operations():
         (["hive", "stop", "h"], {"operation": "hive_stop", "hive_id": "h"}),
         (["model", "download", "hf:o/r/m.gguf", "--sha256", "AB" * 32, "--hive", "h"],
          {"operation": "model_download", "model": "hf:o/r/m.gguf", "sha256": "AB" * 32, "hive_id": "h"}),
+        (["model", "download", "/m/x.gguf", "--id", "y"], {"operation": "model_download", "model": "/m/x.gguf", "id": "y"}),
         (["model", "get", "m"], {"operation": "model_get", "id": "m"}),
         (["model", "copy", "m", "n", "--hive", "h"], {"operation": "model_copy", "id": "m", "to": "n", "hive_id": "h"}),
         (["model", "copy", "m", "m", "--system", "Be brief.", "--temperature", "0", "-n", "9", "--stop", "a",

@@ -120,6 +120,17 @@ async def test_file_url_with_an_odd_name_gets_a_slug_id(rbeed, client, tiny_mode
     assert (rbeed.state_dir / "models" / "my-model-q8_0.gguf").read_bytes() == tiny[0]
 
 
+
+async def test_an_id_given_names_the_model_instead_of_its_file_name(rbeed, client, tiny_model, tiny):
+    record = await job_result(client, download(str(tiny_model), id="Tiny-Alias.v1"))
+    assert (record["id"], record["file"], record["sha256"]) == ("tiny-alias.v1", "tiny-alias.v1.gguf", tiny[1])
+    assert (rbeed.state_dir / "models" / "tiny-alias.v1.gguf").read_bytes() == tiny[0]
+    again = await run_job(client, download(str(tiny_model), id="tiny-alias.v1"))
+    assert narrations(again) == ["model tiny-alias.v1 is already present"]
+    refused = await client.request("POST", "/v1/jobs", json=download(str(tiny_model), id="../escape"))
+    assert refused.status == 400 and "`$.id`" in refused.json()["error"]
+    await job_result(client, {"operation": "model_delete", "id": "tiny-alias.v1"})
+
 async def test_a_model_is_named_by_its_id_or_by_its_file_name_in_any_case(rbeed, client, tiny_model):
     source = rbeed.state_dir.parent / "Named-Model.Q8_0.gguf"
     shutil.copyfile(tiny_model, source)

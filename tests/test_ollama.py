@@ -286,7 +286,16 @@ async def test_pull_downloads_a_source_with_progress_and_fetches_a_lost_file_aga
         again = await trio.to_thread.run_sync(lambda: list(client_of_ollama.pull(url, stream=True)))
         assert [(line.status, line.completed) for line in again] == [
             ("model pulled is already present", None), ("success", None)]  # fmt: skip
-    await job_result(client, {"operation": "model_delete", "id": "pulled"})
+
+        # A copy's file gone: a pull of the copy fetches it again as the copy, which keeps its defaults.
+        await job_result(client, {"operation": "model_copy", "id": "pulled", "to": "brief", "defaults": {"top_k": 3}})
+        (rbeed.state_dir / "models" / "brief.gguf").unlink()
+        assert (await lines(client, "/api/pull", {"model": "brief"}))[0] == {"status": f"downloading {url} as model brief"}
+        brief = await job_result(client, {"operation": "model_get", "id": "brief"})
+        assert (brief["file"], brief["source"], brief["defaults"]["top_k"]) == ("brief.gguf", url, 3)
+        assert (rbeed.state_dir / "models" / "brief.gguf").read_bytes() == data
+    for model_id in ("pulled", "brief"):
+        await job_result(client, {"operation": "model_delete", "id": model_id})
 
 
 async def test_a_pull_that_fails_says_why_in_the_stream_or_as_an_http_error(client):
