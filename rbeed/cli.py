@@ -949,6 +949,24 @@ def _format(text: str) -> str | dict:
     return schema
 
 
+def _bias(text: str) -> tuple[str, float]:
+    """One of infer's `logit_bias`: TOKEN_ID=BIAS."""
+    token, _, bias = text.partition("=")
+    try:
+        if not token.isdigit():
+            raise ValueError
+        return token, float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ID=BIAS, as 15043=-100") from None
+
+
+class _Biases(argparse.Action):
+    """Repeated --logit-bias: one object, the last bias given for a token kept."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        setattr(namespace, self.dest, (getattr(namespace, self.dest) or {}) | dict([value]))
+
+
 def _text(text: str) -> str:
     """Text given inline or as @FILE (infer's `grammar`, a model's `system`)."""
     try:
@@ -1078,6 +1096,9 @@ def make_parser() -> argparse.ArgumentParser:
                   help="hold the output to JSON: json (an object), or a JSON Schema, inline or as @FILE"),
              _arg("--grammar", type=_text, metavar="GBNF",
                   help="hold the output to a GBNF grammar (llama.cpp's), inline or as @FILE"),
+             _arg("--logit-bias", dest="logit_bias", type=_bias, action=_Biases, metavar="ID=BIAS",
+                  help="add BIAS (-100 to 100) to token ID's logit; -100 bans it, 100 forces it (repeatable; "
+                       "`rbee tokenize --pieces` shows the ids)"),
              _arg("--chat", action="store_const", const=True,
                   help="send PROMPT as a user's message, through the model's chat template "
                        "(the default when the model has one)"),

@@ -496,7 +496,8 @@ async def test_infer_prints_tokens_as_they_arrive_and_sends_every_option():
                  "--top-p", "0.5", "--top-k", "2", "--min-p", "0.1", "--repeat-penalty", "1.1", "--presence-penalty",
                  "0.5", "--frequency-penalty", "-0.5", "--repeat-last-n", "8", "--seed", "9", "--stop", "\n", "--stop", "END", "--device",
                  "cuda:1", "--worker-id", "w-1", "-c", "4096", "--keep-alive", "-1", "--hive", "localhost", "--raw",
-                 "--format", '{"enum": ["Hello"]}'),
+                 "--format", '{"enum": ["Hello"]}', "--logit-bias", "12=-100", "--logit-bias", "7=2.5",
+                 "--logit-bias", "12=-50"),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), cwd=ROOT,
         )  # fmt: skip
         try:
@@ -514,8 +515,14 @@ async def test_infer_prints_tokens_as_they_arrive_and_sends_every_option():
     assert api.payloads == [{
         "operation": "infer", "prompt": "Say hi", "model": "m", "max_tokens": 3, "temperature": 0.0, "top_p": 0.5,
         "top_k": 2, "min_p": 0.1, "repeat_penalty": 1.1, "presence_penalty": 0.5, "frequency_penalty": -0.5, "repeat_last_n": 8, "seed": 9, "stop": ["\n", "END"], "device": "cuda:1", "worker_id": "w-1", "n_ctx": 4096, "keep_alive": -1.0,
-        "hive_id": "localhost", "format": {"enum": ["Hello"]},
+        "hive_id": "localhost", "format": {"enum": ["Hello"]}, "logit_bias": {"12": -50.0, "7": 2.5},
     }]  # fmt: skip
+
+
+@pytest.mark.parametrize("given", ["x=1", "12", "12=", "-1=5", "12=much"])
+def test_a_logit_bias_that_is_not_id_equals_bias_is_a_usage_error(given):
+    with pytest.raises(argparse.ArgumentTypeError, match=f"{given!r} is not ID=BIAS"):
+        cli._bias(given)
 
 
 def test_format_is_json_or_a_schema_inline_or_from_a_file(tmp_path):
