@@ -73,7 +73,7 @@ class JobAPI:
         except PayloadError as exc:
             return error_response(400, str(exc))
         except RegistryFull as exc:
-            return error_response(503, str(exc))
+            return error_response(exc.status, str(exc))
         sse_url = f"/v1/jobs/{job.id}/stream"
         return Response(201, msgspec.json.encode({"job_id": job.id, "sse_url": sse_url}),
                         headers=[("location", f"/v1/jobs/{job.id}")])  # fmt: skip

@@ -953,9 +953,9 @@ def _bias(text: str) -> tuple[str, float]:
     """One of infer's `logit_bias`: TOKEN_ID=BIAS."""
     token, _, bias = text.partition("=")
     try:
-        if not token.isdigit():
+        if not (token.isascii() and token.isdigit()) or not math.isfinite(value := float(bias)):
             raise ValueError
-        return token, float(bias)
+        return str(int(token)), value  # 012 and 12: one token
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not ID=BIAS, as 15043=-100") from None
 

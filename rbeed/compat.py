@@ -99,7 +99,7 @@ def start_job(registry: JobRegistry, operation: AnyOperation) -> Job:
     try:
         job = registry.create(operation)
     except RegistryFull as exc:
-        raise Refused(503, str(exc)) from None
+        raise Refused(exc.status, str(exc)) from None
     registry.start(job)
     return job
 

@@ -134,13 +134,13 @@ class Inference:
             worker, loaded_for_us = await self._worker_for(job, op, model, generation, n_ctx)
             await worker.wait_loaded()
             load_ms = round((trio.current_time() - began) * 1000, 2)
-            if worker.on_demand:
-                worker.keep_for(op.keep_alive)
             if not loaded_for_us:
                 ahead = worker.backlog
                 worker.submit(generation)
                 if ahead:
                     job.narrate(f"queued on worker {worker.id} behind {ahead} job(s)")
+            if worker.on_demand:  # once taken: a job refused (busy) leaves the worker's keep-alive be
+                worker.keep_for(op.keep_alive)
             await generation.done.wait()
         finally:
             if generation.outcome is None:

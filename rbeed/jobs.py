@@ -73,7 +73,11 @@ class JobFailed(Exception):
 
 
 class RegistryFull(Exception):
-    """More jobs are held than the configured maximum."""
+    """More jobs are held than the configured maximum: 503, or 413 for a payload past the budget on its own."""
+
+    def __init__(self, message: str, status: int = 503):
+        super().__init__(message)
+        self.status = status
 
 
 class JobStatus(msgspec.Struct):
@@ -317,6 +321,9 @@ class JobRegistry:
         """A queued job for `operation`, decoded from `payload_bytes` of request body."""
         if len(self._jobs) >= self._config.max_jobs:
             raise RegistryFull(f"{len(self._jobs)} jobs held; try again later")
+        if payload_bytes > self._config.max_unstreamed_bytes:
+            raise RegistryFull(f"a payload of {payload_bytes} bytes is more than [jobs] max_unstreamed_bytes "
+                               f"({self._config.max_unstreamed_bytes}) lets jobs not yet streamed hold", 413)  # fmt: skip
         if self.unstreamed_bytes + payload_bytes > self._config.max_unstreamed_bytes:
             raise RegistryFull(f"jobs not yet streamed hold {self.unstreamed_bytes} bytes of payload; "
                                "stream or delete them, or try again later")  # fmt: skip

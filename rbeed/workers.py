@@ -241,11 +241,13 @@ class Worker:
                 try:  # a queued job is taken at once, even with keep_alive 0
                     generation = self.queue_out.receive_nowait()
                 except trio.WouldBlock:
-                    with trio.CancelScope() as self._idle:
-                        self._idle_since = trio.current_time()
-                        self.retime()
-                        generation = await self.queue_out.receive()
-                    self._idle, self.stops_at = None, None
+                    try:
+                        with trio.CancelScope() as self._idle:
+                            self._idle_since = trio.current_time()
+                            self.retime()
+                            generation = await self.queue_out.receive()
+                    finally:  # also when the process died, or a stop came, while it was idle
+                        self._idle, self.stops_at = None, None
                 if generation is None:
                     try:  # one queued after the wait timed out and before this task ran again
                         generation = self.queue_out.receive_nowait()

@@ -497,7 +497,7 @@ async def test_infer_prints_tokens_as_they_arrive_and_sends_every_option():
                  "0.5", "--frequency-penalty", "-0.5", "--repeat-last-n", "8", "--seed", "9", "--stop", "\n", "--stop", "END", "--device",
                  "cuda:1", "--worker-id", "w-1", "-c", "4096", "--keep-alive", "-1", "--hive", "localhost", "--raw",
                  "--format", '{"enum": ["Hello"]}', "--logit-bias", "12=-100", "--logit-bias", "7=2.5",
-                 "--logit-bias", "12=-50"),
+                 "--logit-bias", "012=-50"),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), cwd=ROOT,
         )  # fmt: skip
         try:
@@ -519,7 +519,7 @@ async def test_infer_prints_tokens_as_they_arrive_and_sends_every_option():
     }]  # fmt: skip
 
 
-@pytest.mark.parametrize("given", ["x=1", "12", "12=", "-1=5", "12=much"])
+@pytest.mark.parametrize("given", ["x=1", "12", "12=", "-1=5", "12=much", "\u00b2=1", "12=nan", "12=inf"])
 def test_a_logit_bias_that_is_not_id_equals_bias_is_a_usage_error(given):
     with pytest.raises(argparse.ArgumentTypeError, match=f"{given!r} is not ID=BIAS"):
         cli._bias(given)

@@ -43,10 +43,13 @@ def tiny(tiny_model):
 
 
 # Downloads that fail midway are retried twice in a row without new bytes, 0.05 s then 0.1 s later.
+# A worker that ignores SIGTERM (one stopped with SIGSTOP) is killed only after a minute.
 CONFIG = """
 [models]
 download_retries = 2
 download_retry_delay = 0.05
+[workers]
+stop_grace = 60
 """
 
 

@@ -217,6 +217,9 @@ async def test_payloads_not_yet_streamed_are_held_to_a_byte_budget(autojump_cloc
         with pytest.raises(RegistryFull, match="jobs not yet streamed hold 800 bytes of payload"):
             registry.create(LIST, 201)
         assert registry.unstreamed_bytes == 800 and len(registry.list()) == 2  # the refused one is not held
+        with pytest.raises(RegistryFull, match=r"a payload of 1001 bytes is more than .* \(1000\)") as alone:
+            registry.create(LIST, 1001)  # never to be held: not "try again later"
+        assert alone.value.status == 413
         expiring = registry.create(LIST, 200)  # exactly the budget
         registry.start(started)  # a started job's payload is its task's
         assert registry.unstreamed_bytes == 600 and started.payload is None
