@@ -323,7 +323,8 @@ class JobRegistry:
             raise RegistryFull(f"{len(self._jobs)} jobs held; try again later")
         if payload_bytes > self._config.max_unstreamed_bytes:
             raise RegistryFull(f"a payload of {payload_bytes} bytes is more than [jobs] max_unstreamed_bytes "
-                               f"({self._config.max_unstreamed_bytes}) lets jobs not yet streamed hold", 413)  # fmt: skip
+                               f"({self._config.max_unstreamed_bytes}) lets jobs not yet streamed hold",
+                               413)  # fmt: skip
         if self.unstreamed_bytes + payload_bytes > self._config.max_unstreamed_bytes:
             raise RegistryFull(f"jobs not yet streamed hold {self.unstreamed_bytes} bytes of payload; "
                                "stream or delete them, or try again later")  # fmt: skip

@@ -128,7 +128,8 @@ class Models:
         self.dir = models_dir
         self.config = config
         self.in_use: Callable[[str], list[str]] = lambda model_id: []
-        self.released: Callable[[str, Job], Awaitable[None]] = _nothing_to_wait_for  # its workers on their way out, gone
+        # Returns once the model's workers on their way out are gone (narrated to the job).
+        self.released: Callable[[str, Job], Awaitable[None]] = _nothing_to_wait_for
         self._placing: dict[str, list[str]] = {}  # model id -> jobs placing a worker for it, not yet listed
         self._fetching: dict[str, tuple[str, trio.Event]] = {}  # model id -> the job writing its file, its end
         self._deleting: dict[str, trio.Event] = {}  # model id -> the end of its model_delete

@@ -116,7 +116,8 @@ class Worker:
     """One worker: its launch settings, its request queue, and the task that serves it."""
 
     def __init__(self, id: str, model: str, model_path: Path, device: str, threads: int, n_ctx: int,
-                 n_batch: int, socket_path: Path, config: WorkersConfig, on_demand: bool, keep_alive: float | None):  # fmt: skip
+                 n_batch: int, socket_path: Path, config: WorkersConfig, on_demand: bool,
+                 keep_alive: float | None):  # fmt: skip
         self.id, self.model, self.model_path, self.device = id, model, model_path, device
         self.threads, self.n_ctx, self.n_batch, self.socket_path = threads, n_ctx, n_batch, socket_path
         self.config, self.on_demand = config, on_demand
@@ -157,7 +158,8 @@ class Worker:
         return WorkerRecord(
             self.id, self.model, self.device, self.pid, self.state.value, self.threads, self.n_ctx, self.started_at,
             self.backend, self.on_demand, self.restarts, self.restarts_total,
-            self.queue_out.statistics().current_buffer_used, self.error, self.keep_alive, self.stops_at, resident_bytes(self.pid),
+            self.queue_out.statistics().current_buffer_used, self.error, self.keep_alive, self.stops_at,
+            resident_bytes(self.pid),
         )  # fmt: skip
 
     @property
