@@ -33,6 +33,12 @@ class JobAPI:
         self.api_key = api_key
         # Other APIs' routes (OpenAI's): an exact path, or a prefix ending in "/" for one more segment.
         self.routes: dict[str, Callable[[Request], Awaitable[Response | StreamingResponse]]] = {}
+        self.uploads: set[str] = set()  # the routes among them that read a POST's body themselves, as it comes
+
+    def reads_body(self, request: Request) -> bool:
+        """Whether the request's route reads its body itself (an upload: no body limit but its own)."""
+        path = request.path
+        return request.method == "POST" and (path in self.uploads or path[: path.rfind("/") + 1] in self.uploads)
 
     async def __call__(self, request: Request) -> Response | StreamingResponse:
         path = request.path

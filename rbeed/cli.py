@@ -708,8 +708,8 @@ async def run_command(args: argparse.Namespace, console: Console) -> int:
                 if not await settle_model(session, console, payload):
                     return EXIT_CANCELLED
                 payload = infer_payload(payload)
-            elif args.operation == "model_copy":
-                payload = copy_payload(payload)
+            elif args.operation in ("model_copy", "model_download"):
+                payload = defaults_payload(payload)
             elif args.operation in ("embed", "tokenize", "detokenize"):
                 if args.operation == "embed":
                     payload["input"] = embed_inputs(payload.get("input") or [])
@@ -736,8 +736,8 @@ def infer_payload(payload: dict, history: Sequence[dict] = ()) -> dict:
     return payload
 
 
-def copy_payload(payload: dict) -> dict:
-    """model_copy's payload from rbee's options: infer's among them are the copy's defaults."""
+def defaults_payload(payload: dict) -> dict:
+    """model_copy's or model_download's payload from rbee's options: infer's among them are the model's defaults."""
     defaults = {name: payload.pop(name) for name in Settings.__struct_fields__ if name in payload}
     return payload | ({"defaults": defaults} if defaults else {})
 
@@ -1058,17 +1058,22 @@ def make_parser() -> argparse.ArgumentParser:
     model = commands.add_parser("model", help="manage models on a hive").add_subparsers(
         dest="action", required=True, metavar="ACTION"
     )
-    _command(model, "download", "model_download", "download a GGUF model (path, URL or hf:owner/repo/file)",
+    system = _arg("--system", type=_text, metavar="TEXT",
+                  help="the system message of its chats that have none, inline or as @FILE ('' removes it)")
+    _command(model, "download", "model_download",
+             "download a GGUF model (path, URL or hf:owner/repo/file), with a system message and defaults for "
+             "infer's options (set anew on a model present already)",
              _arg("model", metavar="SOURCE", type=_source), _arg("--sha256", metavar="HEX", help="expected sha256"),
-             _arg("--id", metavar="ID", help="the model's id (default: from the file's name)"), _HIVE)  # fmt: skip
+             _arg("--id", metavar="ID", help="the model's id (default: from the file's name)"),
+             system,
+             *_settings(lambda field: ""), _HIVE)  # fmt: skip
     _command(model, "list", "model_list", "list models", _HIVE)
     _command(model, "get", "model_get", "show one model", by_id, _HIVE)
     _command(model, "copy", "model_copy",
              "name a model by a new id too (a hard link to its file: no space used), with its own system message "
              "and defaults for infer's options (over ID's; NEW_ID may be ID to change them)",
              by_id, _arg("to", metavar="NEW_ID"),
-             _arg("--system", type=_text, metavar="TEXT",
-                  help="the system message of its chats that have none, inline or as @FILE ('' removes it)"),
+             system,
              *_settings(lambda field: "(default: ID's)"), _HIVE)  # fmt: skip
     _command(model, "delete", "model_delete", "delete a model", by_id, _HIVE)
 

@@ -19,6 +19,7 @@ from . import __version__, config as configuration, operations as ops
 from .activation import listen_fds
 from .api import JobAPI
 from .backends import ProcessBackend
+from .blobs import Blobs
 from .catalog import Catalog
 from .config import Config
 from .hives import Hive, Hives
@@ -92,7 +93,8 @@ class Daemon:
         database = config.state_path / "rbeed.sqlite3"
         self.catalogs = [Catalog(database, "hives", Hive), Catalog(database, "models", Model)]
         self.hives = Hives(self.catalogs[0], config.hives)
-        self.models = Models(self.catalogs[1], config.state_path / "models", config.models)
+        self.blobs = Blobs(config.state_path / "blobs")
+        self.models = Models(self.catalogs[1], config.state_path / "models", config.models, self.blobs)
         self.supervisor = Supervisor(config.workers, self.models, choose_backend(config), config.runtime_path)
         totals = Totals()
         inference = Inference(self.supervisor, totals)
@@ -107,7 +109,9 @@ class Daemon:
         self.registry = JobRegistry(config.jobs, self.router, lambda: config.server.sse_keepalive)
         self.api = JobAPI(self.registry, api_key())
         self.api.routes.update(OpenAIAPI(self.registry, self.models, lambda: self.api.accepting).routes)
-        self.api.routes.update(OllamaAPI(self.registry, self.models, self.supervisor, lambda: self.api.accepting).routes)
+        ollama = OllamaAPI(self.registry, self.models, self.supervisor, lambda: self.api.accepting)
+        self.api.routes.update(ollama.routes)
+        self.api.uploads.update(ollama.uploads)
         self.api.routes.update(MetricsRoute(self.registry, self.models, self.supervisor, totals,
                                             lambda: self.connections).routes)  # fmt: skip
         self.connections = 0
@@ -122,6 +126,7 @@ class Daemon:
 
     async def run(self, sockets: list[socket.socket], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.config.state_path.mkdir(parents=True, exist_ok=True)
+        self.blobs.prune()
         for catalog in self.catalogs:
             await catalog.open()
         log.info("workers run as %s", self.supervisor.backend.name)
@@ -133,7 +138,8 @@ class Daemon:
                 await services.start(self.registry.run)
                 async with trio.open_nursery() as connections:
                     async with trio.open_nursery() as accepting:  # its own nursery: cancelling it closes the listeners
-                        listen = partial(serve_listeners, on_count=self._count_connection)
+                        listen = partial(serve_listeners, on_count=self._count_connection,
+                                         reads_body=self.api.reads_body)
                         await accepting.start(listen, sockets, self.api, self.config.server, connections)
                         where = ", ".join(describe(sock) for sock in sockets)
                         log.info("rbeed %s listening on %s", __version__, where)

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -19,7 +20,8 @@ import trio
 from . import wire
 from .catalog import Catalog
 from .config import ModelsConfig, read_secret
-from .download import DownloadError, download
+from .blobs import Blobs
+from .download import DownloadError, DownloadResult, download
 from .ggufinfo import NEWEST_KEY
 from .httpclient import Client, StatusError
 from .jobs import Job, JobFailed
@@ -57,6 +59,15 @@ class Model(msgspec.Struct):
         if system and self.without_chat_template:
             return f"model {self.id} has no chat template to put a system message in: it continues prompts as they are"
         return None
+
+    def with_settings(self, system: str | None, defaults: Settings | None) -> Model:
+        """The model with `system` ("" removes it) and `defaults` over its own; None leaves either as it is."""
+        if why := self.refuses_system(system):
+            raise JobFailed(why)
+        return msgspec.structs.replace(
+            self, system=self.system if system is None else system or None,
+            defaults=self.defaults if defaults is None else layered(defaults, self.defaults),
+        )  # fmt: skip
 
     def refusal(self, op: Infer | Embed | Tokenize | Detokenize) -> tuple[str, str] | None:
         """The field at fault and why, where the catalog already tells that `op` would fail on
@@ -123,10 +134,11 @@ def hf_token() -> str | None:
 class Models:
     """The model_* operations; `in_use(id)` (set by the supervisor) names the workers using a model."""
 
-    def __init__(self, catalog: Catalog[Model], models_dir: Path, config: ModelsConfig):
+    def __init__(self, catalog: Catalog[Model], models_dir: Path, config: ModelsConfig, blobs: Blobs | None = None):
         self.catalog = catalog
         self.dir = models_dir
         self.config = config
+        self.blobs = blobs  # a model_download of one of these takes the file: it was uploaded for the model
         self.in_use: Callable[[str], list[str]] = lambda model_id: []
         # Returns once the model's workers on their way out are gone (narrated to the job).
         self.released: Callable[[str, Job], Awaitable[None]] = _nothing_to_wait_for
@@ -213,10 +225,13 @@ class Models:
         if existing is not None and self.path_of(existing).exists():
             if op.sha256 and op.sha256.lower() != existing.sha256:
                 raise JobFailed(f"model {model_id_} is present with sha256 {existing.sha256}, not {op.sha256}")
-            moved = existing.source != op.model
+            moved = existing.source != op.model and not op.sha256  # with a sha256: the same file
             elsewhere = f", from {existing.source}; model_delete it to fetch this one" if moved else ""
             job.narrate(f"model {model_id_} is already present{elsewhere}")
-            job.result(existing)
+            if (given := existing.with_settings(op.system, op.defaults)) != existing:
+                await self.catalog.put(model_id_, given)
+                job.narrate(f"model {model_id_}'s system and defaults are set anew")
+            job.result(given)
             return
         self._fetching[model_id_] = (job.id, trio.Event())
         try:
@@ -227,7 +242,47 @@ class Models:
     async def _fetch(self, job: Job, op: ModelDownload, url: str, model_id_: str) -> Model:
         self.dir.mkdir(parents=True, exist_ok=True)
         dest = self.dir / f"{model_id_}.gguf"
-        job.narrate(f"downloading {url} as model {model_id_}")
+        started = trio.current_time()
+        blob = Path(url) if self.blobs is not None and self.blobs.is_blob(Path(url)) else None
+        result = await self._adopt(job, blob, dest, op.sha256) if blob else None
+        if result is None:
+            result = await self._download(job, op, url, dest)
+        job.narrate(f"{result.size} bytes in {trio.current_time() - started:.2f} s; reading metadata")
+        try:
+            metadata = await read_metadata(dest)
+            model = Model(model_id_, dest.name, result.size, result.sha256, op.model, time.time(), metadata)
+            if (lost := self.catalog.get(model_id_)) is not None and lost.source == op.model:
+                # Its file was gone: fetched again, it keeps the system and defaults it was given.
+                model = msgspec.structs.replace(model, system=lost.system, defaults=lost.defaults)
+            model = model.with_settings(op.system, op.defaults)
+            await self.catalog.put(model.id, model)
+        except BaseException:  # not a model (JobFailed), or cancelled: no file without its record
+            if self.catalog.get(model_id_) is None:
+                dest.unlink(missing_ok=True)
+            raise
+        if blob:
+            blob.unlink(missing_ok=True)  # the model's file now
+        return model
+
+    @staticmethod
+    async def _adopt(job: Job, blob: Path, dest: Path, sha256: str | None) -> DownloadResult | None:
+        """An uploaded blob as the model's file, by a hard link: None where links cannot be made."""
+        digest = blob.name.removeprefix("sha256-").lower()  # checked as it was written
+        if sha256 and sha256.lower() != digest:
+            raise JobFailed(f"sha256 mismatch: blob {blob.name} is not {sha256}")
+        try:
+            await link(blob, dest)
+        except FileNotFoundError:
+            raise JobFailed(f"blob {blob.name} is gone (taken by another create, or removed at a restart); "
+                            "upload it again") from None  # fmt: skip
+        except OSError as exc:
+            log.info("blob %s copied, not linked: %s", blob.name, exc.strerror)
+            return None
+        job.narrate(f"using blob {blob.name}")
+        return DownloadResult(dest, dest.stat().st_size, digest, 0)
+
+    async def _download(self, job: Job, op: ModelDownload, url: str, dest: Path) -> DownloadResult:
+        job.narrate(f"downloading {url} as model {dest.stem}")
 
         def on_progress(done: int, total: int | None, rate: float) -> None:
             job.progress(done=done, total=total, rate=round(rate))
@@ -239,7 +294,6 @@ class Models:
         hf = _origin(url) == _origin(self.config.hf_base.format(owner="o", repo="r", path="p"))
         token = hf_token() if hf else None
         authorized = Client(url, headers={"authorization": f"Bearer {token}"}) if token else None
-        started = trio.current_time()
         try:
             async with authorized or contextlib.nullcontext() as client:
                 result = await download(url, dest, sha256=op.sha256, on_progress=on_progress, on_retry=on_retry,
@@ -255,19 +309,7 @@ class Models:
             raise JobFailed(str(exc)) from None
         if result.resumed_from:
             job.narrate(f"resumed from byte {result.resumed_from}")
-        job.narrate(f"{result.size} bytes in {trio.current_time() - started:.2f} s; reading metadata")
-        try:
-            metadata = await read_metadata(dest)
-            model = Model(model_id_, dest.name, result.size, result.sha256, op.model, time.time(), metadata)
-            if (lost := self.catalog.get(model_id_)) is not None and lost.source == op.model:
-                # Its file was gone: fetched again, it keeps the system and defaults it was given.
-                model = msgspec.structs.replace(model, system=lost.system, defaults=lost.defaults)
-            await self.catalog.put(model.id, model)
-        except BaseException:  # not a model (JobFailed), or cancelled: no file without its record
-            if self.catalog.get(model_id_) is None:
-                dest.unlink(missing_ok=True)
-            raise
-        return model
+        return result
 
     async def refresh(self) -> None:
         """Re-read the metadata of records an older rbeed made (they lack what its reader did not know)."""
@@ -299,12 +341,8 @@ class Models:
 
     async def copy(self, job: Job, op: ModelCopy) -> None:
         model, to = self.lookup(op.id), model_id(op.to)
-        system = model.system if op.system is None else op.system or None
-        if why := model.refuses_system(op.system):
-            raise JobFailed(why)
-        defaults = model.defaults if op.defaults is None else layered(op.defaults, model.defaults)
-        made = msgspec.structs.replace(model, id=to, file=f"{to}.gguf", added_at=time.time(), system=system,
-                                       defaults=defaults)  # fmt: skip
+        made = msgspec.structs.replace(model.with_settings(op.system, op.defaults), id=to, file=f"{to}.gguf",
+                                       added_at=time.time())  # fmt: skip
         existing = self.catalog.get(to)
         if to == model.id and op.system is None and op.defaults is None:
             raise JobFailed(f"{op.to!r} names model {model.id} itself; give another id, or a system or defaults to set")
@@ -326,13 +364,9 @@ class Models:
         source, dest = self.file_of(model), self.dir / made.file
         self._fetching[to] = (job.id, trio.Event())
         try:
-            # Beside it, then renamed: a file left at dest (a crash's) is replaced, never half-made.
-            link = dest.with_name(f".{to}.{job.id}.link")
             try:
-                await trio.to_thread.run_sync(os.link, source, link)
-                await trio.to_thread.run_sync(os.replace, link, dest)
+                await link(source, dest)
             except OSError as exc:
-                link.unlink(missing_ok=True)
                 raise JobFailed(f"cannot link {source} as {dest}: {exc.strerror} (a copy is a hard link: "
                                 "the models directory's file system must have them)") from None  # fmt: skip
             await self.catalog.put(to, made)
@@ -365,6 +399,17 @@ class Models:
 
 async def _nothing_to_wait_for(model_id: str, job: Job) -> None:
     pass
+
+
+async def link(source: Path, dest: Path) -> None:
+    """`dest` a hard link to `source`, made beside it and renamed: a file left at dest (a crash's)
+    is replaced, never half-made."""
+    beside = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.link")
+    try:
+        await trio.to_thread.run_sync(os.link, source, beside)
+        await trio.to_thread.run_sync(os.replace, beside, dest)
+    finally:
+        beside.unlink(missing_ok=True)
 
 
 def _origin(url: str) -> tuple[str, str]:

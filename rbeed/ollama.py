@@ -13,6 +13,7 @@ from pathlib import Path
 import msgspec
 
 from . import __version__
+from .blobs import BlobError
 from .compat import (
     SAMPLING, Refused, Reply, decode, end_of, failure, invalid, no_limit, sampling, start_job, start_model_job,
 )
@@ -105,7 +106,8 @@ class _Copy(msgspec.Struct):
 
 
 class _Create(_Named):
-    """`ollama create`, from a model rbeed has: Ollama's fields for what else it is made of are refused."""
+    """`ollama create`, from a model rbeed has or a GGUF uploaded to /api/blobs: Ollama's fields
+    for what else it is made of are refused."""
 
     from_: str = msgspec.field(default="", name="from")
     system: str | None = None
@@ -127,10 +129,9 @@ class _Pull(_Named):
 
 # Why a create cannot be made of these (the others: not supported).
 _UNMADE = {
-    field: f"{field} is not supported by rbeed: it makes a model from one it has (`from`); "
-    "to add a GGUF, /api/pull its hf: or http(s) URL, or its path"
-    for field in ("files", "adapters")
-} | {"modelfile": "modelfile (the older API) is not supported by rbeed: give from, system and parameters"}
+    "adapters": "adapters (LoRA) are not supported by rbeed",
+    "modelfile": "modelfile (the older API) is not supported by rbeed: give from or files, system and parameters",
+}
 
 # What /api/pull takes as a model to fetch, besides the id of one it has.
 _SOURCES = ("hf:", "http://", "https://", "file:", "/")
@@ -392,11 +393,13 @@ class OllamaAPI:
             "/api/delete": self._delete,
             "/api/copy": self._copy,
             "/api/create": self._create,
+            "/api/blobs/": self._blob,
             "/api/generate": partial(self._generate, _Generate),
             "/api/chat": partial(self._generate, _Chat),
             "/api/embed": partial(self._embed, _Embed),
             "/api/embeddings": partial(self._embed, _Embeddings),
         }
+        self.uploads = {"/api/blobs/"}  # the routes that read their body as it comes
 
     async def _read(self, answer: Callable[[], dict], request: Request) -> Response:
         return only(request, "GET") or json_response(200, answer())
@@ -539,21 +542,60 @@ class OllamaAPI:
             return refusal
         try:
             body = decode(request.body, _Create)
-            for field in ("files", "adapters", "modelfile", "template", "messages", "license", "quantize"):
+            for field in ("adapters", "modelfile", "template", "messages", "license", "quantize"):
                 if getattr(body, field):
                     raise Refused(400, _UNMADE.get(field, f"{field} is not supported by rbeed"), field)
-            if not body.from_:
-                raise Refused(400, "from is required: rbeed creates a model from one it has", "from")
-            source, to = self._model(body.from_, "from"), self._new_id(body.given, "model")
-            if why := source.refuses_system(body.system):
-                raise Refused(400, why, "system")
-            if why := self.models.taken(to, source):
-                raise Refused(409, why, "model")  # Ollama replaces it; rbeed keeps a model it has
+            if bool(body.from_) == bool(body.files):
+                raise Refused(400, "give one of from (a model rbeed has) and files (a GGUF uploaded to "
+                                   "/api/blobs)", "files" if body.files else "from")  # fmt: skip
+            to = self._new_id(body.given, "model")
             settings = None if body.parameters is None else _settings(body.parameters)
-            job = start_job(self.registry, ModelCopy(id=source.id, to=to, system=body.system, defaults=settings))
+            if body.files:
+                blob, digest = self._blob_of(body.files)
+                if (existing := self.models.catalog.get(to)) is not None and existing.sha256 != digest:
+                    raise Refused(409, f"model {to} already exists (sha256 {existing.sha256}); "
+                                       "model_delete it first", "model")  # fmt: skip
+                op = ModelDownload(model=str(blob), id=to, sha256=digest, system=body.system, defaults=settings)
+            else:
+                source = self._model(body.from_, "from")
+                if why := source.refuses_system(body.system):
+                    raise Refused(400, why, "system")
+                if why := self.models.taken(to, source):
+                    raise Refused(409, why, "model")  # Ollama replaces it; rbeed keeps a model it has
+                op = ModelCopy(id=source.id, to=to, system=body.system, defaults=settings)
+            job = start_job(self.registry, op)
         except Refused as exc:
             return error_response(exc.status, str(exc))
         return _StatusReply(job, body.stream, self.registry, to).response
+
+    def _blob_of(self, files: dict) -> tuple[Path, str]:
+        """The uploaded GGUF a create's `files` ({name: digest}) names, and its sha256."""
+        if len(files) != 1:
+            raise Refused(400, "rbeed makes a model of one GGUF file; a model in several files "
+                               "(safetensors, or a GGUF with a projector) is not supported", "files")  # fmt: skip
+        name, digest = next(iter(files.items()))
+        try:
+            path = self.models.blobs.path(digest) if isinstance(digest, str) else None
+        except BlobError as exc:
+            raise Refused(400, str(exc), f"files.{name}") from None
+        if path is None or not path.exists():
+            raise Refused(400, f"blob {digest!r} not found: POST the file to /api/blobs/<its digest> first",
+                          f"files.{name}")  # fmt: skip
+        return path, path.name.removeprefix("sha256-")
+
+    async def _blob(self, request: Request) -> Response:
+        """A file for `ollama create`, named by its sha256: HEAD asks whether it is here, POST uploads it."""
+        if refusal := only(request, "HEAD", "POST") or self._closed():
+            return refusal
+        blobs, digest = self.models.blobs, request.path.rsplit("/", 1)[1]
+        try:
+            if request.method == "HEAD":
+                return Response(200) if blobs.path(digest).exists() else error_response(404, "blob not found")
+            length = request.headers.get("content-length", "")
+            made = await blobs.receive(digest, request.receive, int(length) if length.isdigit() else None)
+        except BlobError as exc:
+            return error_response(exc.status, str(exc))
+        return Response(201 if made else 200)
 
     @staticmethod
     def _new_id(name: str, field: str) -> str:

@@ -100,11 +100,6 @@ class WorkerDelete(Operation, tag="worker_delete"):
     hive_id: HiveId = "localhost"
 
 
-class ModelDownload(Operation, tag="model_download"):
-    model: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]  # path, URL or hf:owner/repo/file
-    hive_id: HiveId = "localhost"
-    sha256: Sha256 | None = None
-    id: Id | None = None  # the model's id; default: a slug of the file's name
 
 
 class ModelList(Operation, tag="model_list"):
@@ -164,6 +159,18 @@ class ModelCopy(Operation, tag="model_copy"):
     to: Id
     hive_id: HiveId = "localhost"
     system: Text | None = None  # the first message of its chats that have no system message
+    defaults: Settings | None = None
+
+
+class ModelDownload(Operation, tag="model_download"):
+    """A GGUF into the catalog. `system` and `defaults` are the model's (as ModelCopy's), set
+    anew on a model already present."""
+
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]  # path, URL or hf:owner/repo/file
+    hive_id: HiveId = "localhost"
+    sha256: Sha256 | None = None
+    id: Id | None = None  # the model's id; default: a slug of the file's name
+    system: Text | None = None
     defaults: Settings | None = None
 
 

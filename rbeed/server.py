@@ -37,6 +37,8 @@ class Request(msgspec.Struct):
     headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
     body: bytes = b""
     local: bool = False  # came over a Unix socket, which file permissions guard
+    # For a route that reads its body as it comes (an upload): the next piece, b"" at its end.
+    receive: Callable[[], Awaitable[bytes]] | None = None
 
 
 class Response(msgspec.Struct):
@@ -77,6 +79,7 @@ def only(request: Request, *methods: str) -> Response | None:
 
 
 App = Callable[[Request], Awaitable[Response | StreamingResponse]]
+ReadsBody = Callable[[Request], bool]  # whether the app reads this request's body itself (no body limit)
 
 
 class _ClientError(Exception):
@@ -139,10 +142,11 @@ class HTTPConnection:
     """
 
     def __init__(self, stream: trio.abc.Stream, app: App, config: ServerConfig, timers: ReadTimers | None = None,
-                 *, local: bool = False):  # fmt: skip
+                 *, local: bool = False, reads_body: ReadsBody | None = None):  # fmt: skip
         self.stream = stream
         self.local = local
         self.app = app
+        self.reads_body = reads_body
         self.config = config
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_header_bytes)
         self.timers = timers or ReadTimers(config)  # one of our own never ticks: no timeouts
@@ -196,6 +200,8 @@ class HTTPConnection:
                 return
             self.read_deadline = math.inf
             response = await self._call_app(request)
+            if request.receive is not None:
+                await self._discard_body()
             if request.method == "HEAD":
                 await self._send_head_only(response)
             elif isinstance(response, StreamingResponse):
@@ -213,6 +219,10 @@ class HTTPConnection:
     async def _call_app(self, request: Request) -> Response | StreamingResponse:
         try:
             return await self.app(request)
+        except _PeerGone:
+            raise
+        except _ClientError as exc:  # from a body the app was reading
+            return error_response(exc.status, str(exc), [("connection", "close")])
         except Exception:
             log.exception("handler for %s %s crashed", request.method, request.path)
             return error_response(500, "internal error")
@@ -246,31 +256,63 @@ class HTTPConnection:
         path, _, query = event.target.decode("latin-1").partition("?")
         query_fields = dict(parse_qsl(query)) if query else {}
         request = Request(event.method.decode("ascii"), path, query_fields, headers, local=self.local)
+        if self.reads_body is not None and self.reads_body(request):
+            request.receive = self._receive
+            return request
         limit = self.config.max_body_bytes
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise _ClientError(413, f"request body over {limit} bytes")
-        if "expect" in headers and self.conn.they_are_waiting_for_100_continue:
+        chunks = []
+        size = 0
+        while data := await self._receive():
+            size += len(data)
+            if size > limit:
+                raise _ClientError(413, f"request body over {limit} bytes")
+            chunks.append(data)
+        request.body = b"".join(chunks)
+        return request
+
+    async def _discard_body(self) -> None:
+        """Read what an app left of its body, up to a body's worth: most clients send the whole
+        body before they read the answer, and the connection can then serve the next request."""
+        if self.conn.they_are_waiting_for_100_continue:
+            return  # it has not sent its body, and will not: the answer goes out and the connection closes
+        left = self.config.max_body_bytes
+        try:
+            while left >= 0 and (data := await self._receive()):
+                left -= len(data)
+        except _ClientError:
+            pass  # the answer goes out all the same, and the connection closes
+
+    async def _receive(self) -> bytes:
+        """The request body's next piece, b"" at its end; the first call sends 100 Continue if asked for."""
+        if self.conn.they_are_waiting_for_100_continue:
             deadline, self.read_deadline = self.read_deadline, math.inf  # a write is never timed
             await self._send(h11.InformationalResponse(status_code=100, headers=[SERVER_HEADER]))
             self.read_deadline = deadline
-        chunks = []
-        size = 0
-        while True:
+        if self.conn.their_state is not h11.SEND_BODY:
+            return b""
+        # An app reading its body is given the request timeout for each piece; the time it takes
+        # between pieces (writing them out) is not counted.
+        by_piece = self.read_deadline == math.inf
+        if by_piece:
+            self.read_deadline = self.timers.base + self.config.request_timeout
+        try:
             event = self.conn.next_event()
             if event is h11.NEED_DATA:
                 event = await self._next_event()
-            kind = type(event)
-            if kind is h11.Data:
-                size += len(event.data)
-                if size > limit:
-                    raise _ClientError(413, f"request body over {limit} bytes")
-                chunks.append(event.data)
-            elif kind is h11.EndOfMessage:
-                request.body = b"".join(chunks)
-                return request
-            elif kind is h11.ConnectionClosed:
-                raise _PeerGone()
+        except h11.RemoteProtocolError as exc:
+            raise _ClientError(exc.error_status_hint, f"bad request: {exc}") from None
+        finally:
+            if by_piece:
+                self.read_deadline = math.inf
+        kind = type(event)
+        if kind is h11.Data:
+            return event.data
+        if kind is h11.EndOfMessage:
+            return b""
+        raise _PeerGone()  # ConnectionClosed: h11 has no other event mid-body
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -436,7 +478,8 @@ def describe(sock: socket.socket) -> str:
 
 async def serve_listeners(
     sockets: list[socket.socket], app: App, config: ServerConfig, connection_nursery: trio.Nursery,
-    *, on_count: Callable[[int], None] | None = None, task_status=trio.TASK_STATUS_IGNORED,
+    *, on_count: Callable[[int], None] | None = None, reads_body: ReadsBody | None = None,
+    task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept on every socket until cancelled; connections live in `connection_nursery`.
 
@@ -452,7 +495,8 @@ async def serve_listeners(
             on_count(+1)
         stream.write_timeout = config.write_timeout
         try:
-            await HTTPConnection(stream, app, config, timers, local=stream.socket.family == socket.AF_UNIX).run()
+            local = stream.socket.family == socket.AF_UNIX
+            await HTTPConnection(stream, app, config, timers, local=local, reads_body=reads_body).run()
         finally:
             if on_count is not None:
                 on_count(-1)

@@ -34,6 +34,7 @@ async def test_tcp_requests_need_the_key_and_get_a_clear_401(keyed):
         keyed_tags = await client.request("GET", "/api/tags", headers={"authorization": f"Bearer {KEY}"})
         metrics = await client.request("GET", "/metrics")  # and Prometheus's scrape, which sends it as configured
         keyed_metrics = await client.request("GET", "/metrics", headers={"authorization": f"Bearer {KEY}"})
+        upload = await client.request("POST", f"/api/blobs/sha256:{'0' * 64}", body=b"GGUF" * 1000)  # read by its route
         health = await client.request("GET", "/health")  # probed by hives and load balancers
         root = await client.request("HEAD", "/")  # and by Ollama's clients
     assert (missing.status, missing.json()) == (401, {"error": "an API key is required over TCP: send it as "
@@ -44,6 +45,7 @@ async def test_tcp_requests_need_the_key_and_get_a_clear_401(keyed):
     assert (models.status, keyed_models.status) == (401, 200)  # whose clients send the key as OpenAI's
     assert (tags.status, keyed_tags.status) == (401, 200)
     assert (metrics.status, keyed_metrics.status) == (401, 200)
+    assert upload.status == 401 and not (keyed.state_dir / "blobs").exists()
 
 
 async def test_with_the_key_over_tcp_and_without_it_over_the_unix_socket_jobs_run(keyed):

@@ -708,6 +708,8 @@ async def test_commands_send_the_payloads_of_their_operations():
         (["model", "download", "hf:o/r/m.gguf", "--sha256", "AB" * 32, "--hive", "h"],
          {"operation": "model_download", "model": "hf:o/r/m.gguf", "sha256": "AB" * 32, "hive_id": "h"}),
         (["model", "download", "/m/x.gguf", "--id", "y"], {"operation": "model_download", "model": "/m/x.gguf", "id": "y"}),
+        (["model", "download", "/m/z.gguf", "--system", "", "--top-k", "1"],
+         {"operation": "model_download", "model": "/m/z.gguf", "system": "", "defaults": {"top_k": 1}}),
         (["model", "get", "m"], {"operation": "model_get", "id": "m"}),
         (["model", "copy", "m", "n", "--hive", "h"], {"operation": "model_copy", "id": "m", "to": "n", "hive_id": "h"}),
         (["model", "copy", "m", "m", "--system", "Be brief.", "--temperature", "0", "-n", "9", "--stop", "a",

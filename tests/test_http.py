@@ -551,3 +551,82 @@ async def test_a_crashing_handler_gets_500_without_details(caplog):
                 reply += chunk
     assert error_of(reply) == (500, "internal error") and b"secret" not in reply
     assert "handler for GET /x crashed" in caplog.text  # the details go to the log only
+
+
+async def _read_all(stream) -> bytes:
+    reply = b""
+    while chunk := await stream.receive_some():
+        reply += chunk
+    return reply
+
+
+async def test_an_app_that_reads_its_body_gets_it_piece_by_piece_past_the_body_limit():
+    """An upload route reads its body as it comes: no body limit, 100 Continue only once it reads."""
+    server_stream, client_stream = trio.testing.memory_stream_pair()
+    pieces: list[bytes] = []
+    reading = trio.Event()
+
+    async def app(request) -> Response:
+        if request.method == "GET":
+            return Response(200, b"{}")
+        assert request.body == b""
+        reading.set()
+        while data := await request.receive():
+            pieces.append(data)
+        assert await request.receive() == b""  # the end stays the end
+        return Response(201, b"%d" % sum(map(len, pieces)))
+
+    body = bytes(range(256)) * 40  # 10240 bytes, ten times the limit
+    connection = HTTPConnection(server_stream, app, ServerConfig(max_body_bytes=1000),
+                                reads_body=lambda request: request.method == "POST")  # fmt: skip
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.run)
+            await client_stream.send_all(post("/upload", b"", "Transfer-Encoding: chunked", "Expect: 100-continue"))
+            interim = await client_stream.receive_some()
+            assert interim.startswith(b"HTTP/1.1 100 ") and reading.is_set(), interim
+            await client_stream.send_all(chunked(body, piece=4096))
+            await client_stream.send_all(b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            reply = await _read_all(client_stream)
+    assert b"".join(pieces) == body and len(pieces) == 3
+    first, second = reply.split(b"HTTP/1.1 ")[1:]
+    assert parse_response(b"HTTP/1.1 " + first, method="POST")[::2] == (201, b"10240")
+    assert parse_response(b"HTTP/1.1 " + second)[::2] == (200, b"{}")  # the connection served the next request
+
+
+UNREAD = {
+    "within a body's worth: read and dropped": (post("/up", b"x" * 1000), True),
+    "over it: closed": (post("/up", b"x" * 1001), False),
+    "not sent, 100 Continue awaited: closed": (post("/up", b"", "Content-Length: 10", "Expect: 100-continue"), False),
+}
+
+
+@pytest.mark.parametrize(("request_bytes", "served"), UNREAD.values(), ids=UNREAD.keys())
+async def test_a_body_an_app_leaves_unread_is_dropped_up_to_the_body_limit_else_the_connection_closes(
+        request_bytes, served):  # fmt: skip
+    server_stream, client_stream = trio.testing.memory_stream_pair()
+
+    async def app(request) -> Response:
+        return Response(409, b'{"error": "have it"}') if request.method == "POST" else Response(200, b"{}")
+
+    connection = HTTPConnection(server_stream, app, ServerConfig(max_body_bytes=1000),
+                                reads_body=lambda request: request.method == "POST")  # fmt: skip
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.run)
+            await client_stream.send_all(request_bytes + b"GET /next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            reply = await _read_all(client_stream)
+    assert error_of(reply.split(b"HTTP/1.1 200 ")[0]) == (409, "have it")
+    assert reply.count(b"HTTP/1.1 200 ") == served and b"100 Continue" not in reply
+
+
+async def test_a_body_that_stalls_while_an_app_reads_it_gets_408(timeouts_daemon):
+    # The blob upload route reads its body itself; each piece must come within request_timeout.
+    with trio.fail_after(10):
+        async with await open_stream(timeouts_daemon, unix=True) as stream:
+            await stream.send_all(post(f"/api/blobs/sha256:{'0' * 64}", b"", "Content-Length: 100") + b"GGUF")
+            reply = b""
+            while chunk := await stream.receive_some(65536):
+                reply += chunk
+    assert error_of(reply) == (408, "request timed out")
+    assert list((timeouts_daemon.state_dir / "blobs").iterdir()) == []  # its part is gone

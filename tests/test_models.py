@@ -17,11 +17,13 @@ import gguf
 import pytest
 import trio
 
+import tinymodel
 from httpfixture import RecordedRequest, Reply, serve_files
 from support import (
     end_marker, is_narration, job_error, job_events, job_result, logged, narrations, read_events_until,
     register_copy, rest_of, result_of, run_job, running_daemon, short_base, start_daemon,
 )  # fmt: skip
+from test_infer import CHAT_TEMPLATE
 
 MiB = 1 << 20
 
@@ -112,6 +114,31 @@ async def test_local_path_is_copied_with_progress_and_recorded_with_metadata(rbe
     elsewhere = await run_job(client, download(tiny_model.as_uri()))  # the same name from another source
     assert narrations(elsewhere) == [f"model tiny is already present, from {tiny_model}; model_delete it to fetch this one"]
     assert json.loads(elsewhere[1].data) == record
+
+
+async def test_a_download_given_a_system_and_defaults_records_them_and_sets_them_anew_when_present(
+        rbeed, client, tiny_model, tmp_path):  # fmt: skip
+    chat = tinymodel.write_tiny_model(tmp_path / "talker.gguf", chat_template=CHAT_TEMPLATE)
+    made = await job_result(client, download(str(chat), system="Be brief.", defaults={"max_tokens": 3}))
+    assert (made["id"], made["system"], made["defaults"]) == ("talker", "Be brief.", {"max_tokens": 3})
+    ask = {"operation": "infer", "model": "talker", "stream": False, "temperature": 0}
+    answer = await job_result(client, ask | {"prompt": "Once upon a time"})
+    assert (answer["completion_tokens"], answer["finish_reason"]) == (3, "length")
+    hi = [{"role": "user", "content": "Hi"}]
+    by_model = await job_result(client, ask | {"messages": hi})
+    spelled_out = await job_result(client, ask | {"messages": [{"role": "system", "content": "Be brief."}, *hi],
+                                                  "keep_alive": 0})  # fmt: skip
+    assert by_model["prompt_tokens"] == spelled_out["prompt_tokens"] and by_model["text"] == spelled_out["text"]
+    # Present already: its record's are set anew (defaults over its own, "" removes the system).
+    events = await run_job(client, download(str(chat), system="", defaults={"top_k": 1}))
+    assert narrations(events) == ["model talker is already present", "model talker's system and defaults are set anew"], events
+    assert (result_of(events)["system"], result_of(events)["defaults"]) == (None, {"max_tokens": 3, "top_k": 1})
+    assert await job_result(client, {"operation": "model_get", "id": "talker"}) == result_of(events)
+    # A system message needs a chat template: refused for the tiny model, fetched or present.
+    no_template = "model tiny-system has no chat template to put a system message in: it continues prompts as they are"
+    assert await job_error(client, download(str(tiny_model), id="tiny-system", system="Hi.")) == no_template
+    assert leftovers(rbeed, "tiny-system") == []
+    await job_result(client, {"operation": "model_delete", "id": "talker"})
 
 
 async def test_file_url_with_an_odd_name_gets_a_slug_id(rbeed, client, tiny_model, tiny):

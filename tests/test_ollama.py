@@ -18,7 +18,8 @@ from rbeed import __version__
 from rbeed.compat import Refused
 from rbeed.ollama import keep_alive_seconds
 from httpfixture import serve_files
-from support import job_result, register_copy
+from support import job_result, register_copy, start_daemon
+from test_infer import CHAT_TEMPLATE
 from test_openai import client, rbeed  # noqa: F401 - the same daemon: "tiny" (no chat template) and "chatty"
 
 GENERATE = {"model": "tiny", "prompt": "Once upon a time", "options": {"temperature": 0, "num_predict": 12}}
@@ -408,10 +409,15 @@ async def test_create_makes_a_model_with_a_system_message_and_parameters_from_on
     assert (shown["system"], shown["parameters"]) == ("Be kind.", "")
 
     refusals = [
-        ({"model": "x"}, 400, "from is required: rbeed creates a model from one it has", "from"),
+        ({"model": "x"}, 400, "give one of from (a model rbeed has) and files (a GGUF uploaded to /api/blobs)", ""),
         ({"model": "x", "from": "nope"}, 404, "unknown model 'nope'", "from"),
         ({"from": "tiny"}, 400, "model is required", "model"),
-        ({"model": "x", "files": {"x.gguf": "sha256:ab"}}, 400, "files is not supported by rbeed: it makes", "files"),
+        ({"model": "x", "from": "tiny", "files": {"x.gguf": "sha256:ab"}}, 400, "give one of from (a model", ""),
+        ({"model": "x", "files": {"x.gguf": "sha256:ab"}}, 400, "invalid digest 'sha256:ab': expected sha256:<64", ""),
+        ({"model": "x", "files": {"x.gguf": "sha256:" + "0" * 64}}, 400, f"blob 'sha256:{'0' * 64}' not found: POST ", ""),
+        ({"model": "x", "files": {"a.gguf": "sha256:" + "0" * 64, "b.gguf": "sha256:" + "1" * 64}}, 400,
+         "rbeed makes a model of one GGUF file; a model in several files (safetensors, or a GGUF with a ", ""),
+        ({"model": "x", "from": "tiny", "adapters": {"a.gguf": "sha256:" + "0" * 64}}, 400, "adapters (LoRA) are not", ""),
         ({"model": "x", "from": "tiny", "template": "{{ .Prompt }}"}, 400, "template is not supported by rbeed", ""),
         ({"model": "x", "from": "tiny", "modelfile": "FROM tiny"}, 400, "modelfile (the older API) is not", ""),
         ({"model": "x", "from": "tiny", "parameters": {"mirostat": 1}}, 400,
@@ -435,6 +441,83 @@ async def test_create_makes_a_model_with_a_system_message_and_parameters_from_on
     assert (unloaded[1]["done_reason"], await loaded(client)) == ("unload", {})
     for name in ("x", "brief"):
         await trio.to_thread.run_sync(client_of_ollama.delete, name)
+
+
+async def test_create_from_a_gguf_uploaded_as_a_blob_takes_the_blob_as_its_file_as_ollama_create_from_a_file(
+        rbeed, client, tmp_path):  # fmt: skip
+    # `ollama create mine -f Modelfile` with FROM ./mine.gguf, SYSTEM and a PARAMETER: the client
+    # uploads the file to /api/blobs/sha256:HEX, then creates the model of it.
+    source = tinymodel.write_tiny_model(tmp_path / "mine.gguf", chat_template=CHAT_TEMPLATE, seed=7)
+    digest = "sha256:" + hashlib.sha256(source.read_bytes()).hexdigest()
+    blob = rbeed.state_dir / "blobs" / digest.replace(":", "-")
+    client_of_ollama = ollama.Client(host=rbeed.url, timeout=30)
+    assert (await client.request("HEAD", f"/api/blobs/{digest}")).status == 404
+    assert await trio.to_thread.run_sync(client_of_ollama.create_blob, source) == digest
+    assert (await client.request("HEAD", f"/api/blobs/{digest}")).status == 200
+    assert blob.read_bytes() == source.read_bytes()
+    again = await client.request("POST", f"/api/blobs/{digest}", body=source.read_bytes())
+    assert again.status == 200  # had: the body is read and dropped
+
+    statuses = await trio.to_thread.run_sync(lambda: [progress.status for progress in client_of_ollama.create(
+        "mine:latest", files={"mine.gguf": digest}, system="Be brief.", parameters={"num_predict": 3}, stream=True)])
+    assert statuses == [f"using blob {blob.name}", ANY, "success"] and "reading metadata" in statuses[1]
+    model = await job_result(client, {"operation": "model_get", "id": "mine"})
+    assert (model["sha256"], model["size"]) == (digest[7:], source.stat().st_size)
+    assert (model["system"], model["defaults"], model["metadata"]["chat_template"]) == ("Be brief.", {"max_tokens": 3}, True)
+    assert (rbeed.state_dir / "models" / "mine.gguf").read_bytes() == source.read_bytes()
+    assert not blob.exists() and (rbeed.state_dir / "models" / "mine.gguf").stat().st_nlink == 1  # moved, not copied
+    answer = await post(client, "/api/chat", {"model": "mine", "messages": [{"role": "user", "content": "Hi"}],
+                                              "stream": False, "keep_alive": 0})  # fmt: skip
+    assert answer[0] == 200 and answer[1]["eval_count"] == 3
+
+    # A second create of the same file (uploaded again) sets the record anew; another file under
+    # that name is refused, as a create from a model is.
+    await trio.to_thread.run_sync(client_of_ollama.create_blob, source)
+    made = await post(client, "/api/create", {"model": "mine", "files": {"x.gguf": digest}, "system": "", "stream": False})
+    assert made == (200, {"status": "success"})
+    assert (await job_result(client, {"operation": "model_get", "id": "mine"}))["system"] is None
+    other = (rbeed.state_dir / "models" / "tiny.gguf").read_bytes()
+    other_digest = "sha256:" + hashlib.sha256(other).hexdigest()
+    assert (await client.request("POST", f"/api/blobs/{other_digest}", body=other)).status == 201
+    taken = await post(client, "/api/create", {"model": "mine", "files": {"x.gguf": other_digest}, "stream": False})
+    assert taken[0] == 409 and taken[1]["error"].startswith(f"model mine already exists (sha256 {digest[7:]})")
+
+    # A file that is not a GGUF uploads (a blob is any file) but makes no model, and stays.
+    junk = b"not a model" * 100_000  # over the 1 MiB body limit of other requests
+    junk_digest = "sha256:" + hashlib.sha256(junk).hexdigest()
+    assert (await client.request("POST", f"/api/blobs/{junk_digest}", body=junk)).status == 201
+    failed = await post(client, "/api/create", {"model": "junk", "files": {"junk.gguf": junk_digest}, "stream": False})
+    assert failed[0] == 500 and failed[1]["error"].startswith("not a valid GGUF model: "), failed
+    assert (await client.request("HEAD", f"/api/blobs/{junk_digest}")).status == 200
+    await trio.to_thread.run_sync(client_of_ollama.delete, "mine")
+
+
+async def test_a_blob_that_is_not_what_its_digest_says_is_refused_and_leaves_nothing(rbeed, client):
+    body = b"GGUF and more" * 100_000
+    blobs = rbeed.state_dir / "blobs"
+    before = set(blobs.iterdir()) if blobs.exists() else set()
+    wrong = await client.request("POST", f"/api/blobs/sha256:{'0' * 64}", body=body)
+    assert wrong.status == 400 and wrong.json() == {
+        "error": f"digest mismatch: the body's sha256 is {hashlib.sha256(body).hexdigest()}, not {'0' * 64}"}
+    for digest, why in [("sha256:xyz", "invalid digest 'sha256:xyz'"), ("md5:" + "0" * 32, "invalid digest 'md5:")]:
+        refused = await client.request("POST", f"/api/blobs/{digest}", body=b"x")
+        assert refused.status == 400 and refused.json()["error"].startswith(why)
+    assert (await client.request("GET", f"/api/blobs/sha256:{'0' * 64}")).headers["allow"] == "HEAD, POST"
+    assert set(blobs.iterdir()) == before  # no blob, no part
+
+
+def test_a_start_removes_blobs_that_no_create_took_and_parts_of_cut_uploads(tmp_path):
+    blobs = tmp_path / "state" / "blobs"
+    blobs.mkdir(parents=True)
+    left = [blobs / f"sha256-{'a' * 64}", blobs / f".sha256-{'b' * 64}.0123abcd.part"]
+    for path in left:
+        path.write_bytes(b"GGUF")
+    daemon = start_daemon(tmp_path)
+    try:
+        assert list(blobs.iterdir()) == []
+        assert f"removed {left[0].name}, uploaded and never made a model" in daemon.log()
+    finally:
+        assert daemon.stop() == 0, daemon.log()
 
 
 @pytest.mark.parametrize(("given", "seconds"), [

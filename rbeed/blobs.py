@@ -1,0 +1,96 @@
+"""Uploaded files named by their sha256 (Ollama's /api/blobs), waiting for the create that makes them a model."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+
+log = logging.getLogger("rbeed.blobs")
+
+_DIGEST = re.compile(r"sha256[:-]([0-9a-fA-F]{64})")
+_FLUSH = 1 << 20  # bytes gathered before each write (and hash) in a thread of its own
+
+
+class BlobError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def sha256_of(digest: str) -> str:
+    """The hex of a digest as Ollama writes them (`sha256:HEX`, or `sha256-HEX` as its files are named)."""
+    if (match := _DIGEST.fullmatch(digest)) is None:
+        raise BlobError(400, f"invalid digest {digest[:80]!r}: expected sha256:<64 hex digits>")
+    return match.group(1).lower()
+
+
+class Blobs:
+    """The blobs directory under the state dir: `sha256-HEX`, each checked against its name as it
+    was written. A model made of one is moved out of it (see Models); the rest go at start."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+
+    def path(self, digest: str) -> Path:
+        return self.dir / f"sha256-{sha256_of(digest)}"
+
+    def is_blob(self, path: Path) -> bool:
+        return path.parent == self.dir and _DIGEST.fullmatch(path.name) is not None
+
+    def prune(self) -> None:
+        """Remove what uploads left that no create took: blobs, and parts of uploads cut short."""
+        if not self.dir.is_dir():
+            return
+        for entry in self.dir.iterdir():
+            entry.unlink(missing_ok=True)
+            log.info("removed %s, uploaded and never made a model", entry.name)
+
+    async def receive(self, digest: str, receive: Callable[[], Awaitable[bytes]], length: int | None) -> bool:
+        """Write a blob from the body `receive()` gives; False if it was there already (the body
+        is read and dropped, as a client sends it anyway). BlobError for a body that is not it."""
+        path = self.path(digest)
+        if path.exists():
+            while await receive():
+                pass
+            return False
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if length is not None and length > (free := shutil.disk_usage(self.dir).free):
+            raise BlobError(507, f"a blob of {length} bytes does not fit: {free} bytes free under {self.dir}")
+        # A part of its own per upload: two of the same blob at once both end in the one file.
+        part = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+        hasher = hashlib.sha256()
+
+        def write(file, pieces: list[bytes]) -> None:
+            data = b"".join(pieces)
+            hasher.update(data)
+            file.write(data)
+
+        try:
+            with open(part, "wb") as file:
+                pieces: list[bytes] = []
+                gathered = 0
+                while data := await receive():
+                    pieces.append(data)
+                    if (gathered := gathered + len(data)) >= _FLUSH:
+                        await trio.to_thread.run_sync(write, file, pieces)
+                        pieces, gathered = [], 0
+                await trio.to_thread.run_sync(write, file, pieces)
+                await trio.to_thread.run_sync(os.fsync, file.fileno())
+            if (got := hasher.hexdigest()) != path.name.removeprefix("sha256-"):
+                raise BlobError(400, f"digest mismatch: the body's sha256 is {got}, not {path.name[7:]}")
+            os.replace(part, path)
+        except OSError as exc:
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise BlobError(507 if full else 500, f"cannot write blob {path.name}: {exc.strerror}") from None
+        finally:
+            part.unlink(missing_ok=True)
+        return True
