@@ -392,6 +392,25 @@ async def test_one_job_runs_one_waits_and_one_more_is_refused(slow, slow_client)
     assert result_of(second_rest)["ttft_ms"] < 500
 
 
+async def test_a_job_refused_as_busy_leaves_its_workers_keep_alive_as_the_last_queued_job_set_it(tiny_model):
+    # The worker loads on demand. The first job runs, the second (keep_alive -1) waits, the third
+    # (keep_alive 0) is refused: had it set its keep_alive, the worker would stop once idle.
+    with running_daemon(SLOW_CONFIG, {"RBEED_WORKER_TOKEN_DELAY": "0.1"}) as daemon:
+        async with daemon.client() as client:
+            await job_result(client, {"operation": "model_download", "model": str(tiny_model)})
+            async with job_events(client, GREEDY | {"max_tokens": 20, "keep_alive": 60}) as (_, first_events):
+                await read_events_until(first_events, is_token)
+                async with job_events(client, SHORT | {"keep_alive": -1}) as (_, second_events):
+                    await read_events_until(second_events, lambda e: e.event == "narration")
+                    with trio.fail_after(2):
+                        error = await job_error(client, SHORT | {"keep_alive": 0})
+                    assert error.startswith("busy: worker tiny-cpu-") and error.endswith(" has 1 jobs waiting")
+                    first_rest, second_rest = await rest_of(first_events, 10), await rest_of(second_events, 10)
+            assert end_marker(first_rest) == end_marker(second_rest) == "[DONE]"
+            [worker] = await job_result(client, {"operation": "worker_list"})
+            assert (worker["on_demand"], worker["state"], worker["keep_alive"], worker["stops_at"]) == (True, "ready", -1, None)
+
+
 async def test_deleting_a_running_infer_cancels_it_within_a_token_and_frees_the_worker(slow, slow_client):
     async with job_events(slow_client, LONG) as (job_id, events):
         await read_events_until(events, is_token)
