@@ -46,22 +46,26 @@ class Blobs:
     def is_blob(self, path: Path) -> bool:
         return path.parent == self.dir and _DIGEST.fullmatch(path.name) is not None
 
+    @staticmethod
+    def sha256_of(path: Path) -> str:
+        """A blob's sha256, which its name says (checked as it was written)."""
+        return path.name.removeprefix("sha256-").lower()
+
     def prune(self) -> None:
         """Remove what uploads left that no create took: blobs, and parts of uploads cut short."""
         if not self.dir.is_dir():
             return
         for entry in self.dir.iterdir():
-            entry.unlink(missing_ok=True)
-            log.info("removed %s, uploaded and never made a model", entry.name)
+            try:
+                entry.unlink()
+            except OSError as exc:
+                log.warning("cannot remove %s: %s", entry, exc.strerror)
+            else:
+                log.info("removed %s, uploaded and never made a model", entry.name)
 
-    async def receive(self, digest: str, receive: Callable[[], Awaitable[bytes]], length: int | None) -> bool:
-        """Write a blob from the body `receive()` gives; False if it was there already (the body
-        is read and dropped, as a client sends it anyway). BlobError for a body that is not it."""
+    async def receive(self, digest: str, receive: Callable[[], Awaitable[bytes]], length: int | None) -> None:
+        """Write a blob from the body `receive()` gives. BlobError for a body that is not it."""
         path = self.path(digest)
-        if path.exists():
-            while await receive():
-                pass
-            return False
         self.dir.mkdir(parents=True, exist_ok=True)
         if length is not None and length > (free := shutil.disk_usage(self.dir).free):
             raise BlobError(507, f"a blob of {length} bytes does not fit: {free} bytes free under {self.dir}")
@@ -85,12 +89,11 @@ class Blobs:
                         pieces, gathered = [], 0
                 await trio.to_thread.run_sync(write, file, pieces)
                 await trio.to_thread.run_sync(os.fsync, file.fileno())
-            if (got := hasher.hexdigest()) != path.name.removeprefix("sha256-"):
-                raise BlobError(400, f"digest mismatch: the body's sha256 is {got}, not {path.name[7:]}")
+            if (got := hasher.hexdigest()) != (named := self.sha256_of(path)):
+                raise BlobError(400, f"digest mismatch: the body's sha256 is {got}, not {named}")
             os.replace(part, path)
         except OSError as exc:
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             raise BlobError(507 if full else 500, f"cannot write blob {path.name}: {exc.strerror}") from None
         finally:
             part.unlink(missing_ok=True)
-        return True

@@ -1062,7 +1062,7 @@ def make_parser() -> argparse.ArgumentParser:
                   help="the system message of its chats that have none, inline or as @FILE ('' removes it)")
     _command(model, "download", "model_download",
              "download a GGUF model (path, URL or hf:owner/repo/file), with a system message and defaults for "
-             "infer's options (set anew on a model present already)",
+             "infer's options (which replace those of a model present already)",
              _arg("model", metavar="SOURCE", type=_source), _arg("--sha256", metavar="HEX", help="expected sha256"),
              _arg("--id", metavar="ID", help="the model's id (default: from the file's name)"),
              system,

@@ -93,7 +93,7 @@ class Daemon:
         database = config.state_path / "rbeed.sqlite3"
         self.catalogs = [Catalog(database, "hives", Hive), Catalog(database, "models", Model)]
         self.hives = Hives(self.catalogs[0], config.hives)
-        self.blobs = Blobs(config.state_path / "blobs")
+        self.blobs = Blobs((config.state_path / "blobs").absolute())  # a create names a blob by its path
         self.models = Models(self.catalogs[1], config.state_path / "models", config.models, self.blobs)
         self.supervisor = Supervisor(config.workers, self.models, choose_backend(config), config.runtime_path)
         totals = Totals()

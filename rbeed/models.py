@@ -60,14 +60,15 @@ class Model(msgspec.Struct):
             return f"model {self.id} has no chat template to put a system message in: it continues prompts as they are"
         return None
 
-    def with_settings(self, system: str | None, defaults: Settings | None) -> Model:
-        """The model with `system` ("" removes it) and `defaults` over its own; None leaves either as it is."""
+    def with_settings(self, system: str | None, defaults: Settings | None, *, over_own: bool = True) -> Model:
+        """The model with `system` ("" removes it) and `defaults`, over its own or instead of them;
+        None leaves either as it is."""
         if why := self.refuses_system(system):
             raise JobFailed(why)
-        return msgspec.structs.replace(
-            self, system=self.system if system is None else system or None,
-            defaults=self.defaults if defaults is None else layered(defaults, self.defaults),
-        )  # fmt: skip
+        if defaults is not None and over_own:
+            defaults = layered(defaults, self.defaults)
+        return msgspec.structs.replace(self, system=self.system if system is None else system or None,
+                                       defaults=self.defaults if defaults is None else defaults)  # fmt: skip
 
     def refusal(self, op: Infer | Embed | Tokenize | Detokenize) -> tuple[str, str] | None:
         """The field at fault and why, where the catalog already tells that `op` would fail on
@@ -228,9 +229,11 @@ class Models:
             moved = existing.source != op.model and not op.sha256  # with a sha256: the same file
             elsewhere = f", from {existing.source}; model_delete it to fetch this one" if moved else ""
             job.narrate(f"model {model_id_} is already present{elsewhere}")
-            if (given := existing.with_settings(op.system, op.defaults)) != existing:
+            if (given := existing.with_settings(op.system, op.defaults, over_own=False)) != existing:
                 await self.catalog.put(model_id_, given)
                 job.narrate(f"model {model_id_}'s system and defaults are set anew")
+            if (blob := self._blob(url)) and existing.sha256 == self.blobs.sha256_of(blob):
+                blob.unlink(missing_ok=True)  # uploaded again for it: not needed
             job.result(given)
             return
         self._fetching[model_id_] = (job.id, trio.Event())
@@ -243,8 +246,8 @@ class Models:
         self.dir.mkdir(parents=True, exist_ok=True)
         dest = self.dir / f"{model_id_}.gguf"
         started = trio.current_time()
-        blob = Path(url) if self.blobs is not None and self.blobs.is_blob(Path(url)) else None
-        result = await self._adopt(job, blob, dest, op.sha256) if blob else None
+        blob = self._blob(url)
+        result = await self._adopt(job, blob, dest, self.blobs.sha256_of(blob), op.sha256) if blob else None
         if result is None:
             result = await self._download(job, op, url, dest)
         job.narrate(f"{result.size} bytes in {trio.current_time() - started:.2f} s; reading metadata")
@@ -254,7 +257,7 @@ class Models:
             if (lost := self.catalog.get(model_id_)) is not None and lost.source == op.model:
                 # Its file was gone: fetched again, it keeps the system and defaults it was given.
                 model = msgspec.structs.replace(model, system=lost.system, defaults=lost.defaults)
-            model = model.with_settings(op.system, op.defaults)
+            model = model.with_settings(op.system, op.defaults, over_own=False)
             await self.catalog.put(model.id, model)
         except BaseException:  # not a model (JobFailed), or cancelled: no file without its record
             if self.catalog.get(model_id_) is None:
@@ -264,10 +267,13 @@ class Models:
             blob.unlink(missing_ok=True)  # the model's file now
         return model
 
+    def _blob(self, source: str) -> Path | None:
+        """The uploaded blob that `source` names, if it names one."""
+        return Path(source) if self.blobs is not None and self.blobs.is_blob(Path(source)) else None
+
     @staticmethod
-    async def _adopt(job: Job, blob: Path, dest: Path, sha256: str | None) -> DownloadResult | None:
+    async def _adopt(job: Job, blob: Path, dest: Path, digest: str, sha256: str | None) -> DownloadResult | None:
         """An uploaded blob as the model's file, by a hard link: None where links cannot be made."""
-        digest = blob.name.removeprefix("sha256-").lower()  # checked as it was written
         if sha256 and sha256.lower() != digest:
             raise JobFailed(f"sha256 mismatch: blob {blob.name} is not {sha256}")
         try:

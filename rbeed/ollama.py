@@ -555,7 +555,9 @@ class OllamaAPI:
                 if (existing := self.models.catalog.get(to)) is not None and existing.sha256 != digest:
                     raise Refused(409, f"model {to} already exists (sha256 {existing.sha256}); "
                                        "model_delete it first", "model")  # fmt: skip
-                op = ModelDownload(model=str(blob), id=to, sha256=digest, system=body.system, defaults=settings)
+                # Made again, the model gets the record it is given now: no system or defaults, none.
+                op = ModelDownload(model=str(blob), id=to, sha256=digest, system=body.system or "",
+                                   defaults=settings or Settings())  # fmt: skip
             else:
                 source = self._model(body.from_, "from")
                 if why := source.refuses_system(body.system):
@@ -581,7 +583,7 @@ class OllamaAPI:
         if path is None or not path.exists():
             raise Refused(400, f"blob {digest!r} not found: POST the file to /api/blobs/<its digest> first",
                           f"files.{name}")  # fmt: skip
-        return path, path.name.removeprefix("sha256-")
+        return path, self.models.blobs.sha256_of(path)
 
     async def _blob(self, request: Request) -> Response:
         """A file for `ollama create`, named by its sha256: HEAD asks whether it is here, POST uploads it."""
@@ -589,13 +591,18 @@ class OllamaAPI:
             return refusal
         blobs, digest = self.models.blobs, request.path.rsplit("/", 1)[1]
         try:
+            if blobs.path(digest).exists():
+                if request.method == "POST" and "100-continue" not in request.headers.get("expect", "").lower():
+                    while await request.receive():  # as Ollama's Python client sends it anyway, before it reads
+                        pass
+                return Response(200)
             if request.method == "HEAD":
-                return Response(200) if blobs.path(digest).exists() else error_response(404, "blob not found")
+                return error_response(404, "blob not found")
             length = request.headers.get("content-length", "")
-            made = await blobs.receive(digest, request.receive, int(length) if length.isdigit() else None)
+            await blobs.receive(digest, request.receive, int(length) if length.isdigit() else None)
         except BlobError as exc:
             return error_response(exc.status, str(exc))
-        return Response(201 if made else 200)
+        return Response(201)
 
     @staticmethod
     def _new_id(name: str, field: str) -> str:

@@ -100,8 +100,6 @@ class WorkerDelete(Operation, tag="worker_delete"):
     hive_id: HiveId = "localhost"
 
 
-
-
 class ModelList(Operation, tag="model_list"):
     hive_id: HiveId = "localhost"
 
@@ -163,8 +161,8 @@ class ModelCopy(Operation, tag="model_copy"):
 
 
 class ModelDownload(Operation, tag="model_download"):
-    """A GGUF into the catalog. `system` and `defaults` are the model's (as ModelCopy's), set
-    anew on a model already present."""
+    """A GGUF into the catalog. `system` and `defaults` are the model's (as ModelCopy's); given for
+    a model already present, they replace its own."""
 
     model: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]  # path, URL or hf:owner/repo/file
     hive_id: HiveId = "localhost"

@@ -200,14 +200,16 @@ class HTTPConnection:
                 return
             self.read_deadline = math.inf
             response = await self._call_app(request)
-            if request.receive is not None:
-                await self._discard_body()
+            # A client awaiting 100 Continue has not sent the body an app left unread, and will not.
+            unread = request.receive is not None and not self.conn.they_are_waiting_for_100_continue
             if request.method == "HEAD":
                 await self._send_head_only(response)
             elif isinstance(response, StreamingResponse):
                 await self._send_streaming(response)
             else:
                 await self._send_complete(response)
+            if unread:
+                await self._discard_body()
             if self.conn.our_state is h11.MUST_CLOSE or self.conn.their_state is not h11.DONE:
                 return
             try:
@@ -274,16 +276,18 @@ class HTTPConnection:
         return request
 
     async def _discard_body(self) -> None:
-        """Read what an app left of its body, up to a body's worth: most clients send the whole
-        body before they read the answer, and the connection can then serve the next request."""
-        if self.conn.they_are_waiting_for_100_continue:
-            return  # it has not sent its body, and will not: the answer goes out and the connection closes
+        """Read what an app left of its body once its answer is sent, up to a body's worth within
+        the request timeout: most clients send the whole body before they read the answer, and the
+        connection can then serve the next request. Past either, the connection closes."""
         left = self.config.max_body_bytes
+        self.read_deadline = self.timers.base + self.config.request_timeout  # for it all, not per piece
         try:
             while left >= 0 and (data := await self._receive()):
                 left -= len(data)
         except _ClientError:
-            pass  # the answer goes out all the same, and the connection closes
+            pass
+        finally:
+            self.read_deadline = math.inf
 
     async def _receive(self) -> bytes:
         """The request body's next piece, b"" at its end; the first call sends 100 Continue if asked for."""

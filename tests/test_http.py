@@ -16,7 +16,7 @@ import trio.testing
 
 from rbeed import __version__
 from rbeed.config import ServerConfig
-from rbeed.server import HTTPConnection, Response, StreamingResponse
+from rbeed.server import HTTPConnection, ReadTimers, Response, StreamingResponse
 from support import (
     RawConnection,
     error_of,
@@ -620,13 +620,58 @@ async def test_a_body_an_app_leaves_unread_is_dropped_up_to_the_body_limit_else_
     assert reply.count(b"HTTP/1.1 200 ") == served and b"100 Continue" not in reply
 
 
+async def test_an_app_reading_its_body_gives_each_piece_the_request_timeout_and_a_dropped_body_all_of_it(
+        autojump_clock):  # fmt: skip
+    """Read by the app, a body may take longer than request_timeout in all (an upload of GBs) as
+    long as no piece is late; what the app left unread must all come within it, after its answer."""
+    config = ServerConfig(request_timeout=1.0, max_body_bytes=1000)
+    timers = ReadTimers(config)
+    received: list[tuple[float, bytes]] = []
+
+    async def app(request) -> Response:
+        if request.path == "/refuse":
+            return Response(401, b'{"error": "no"}')
+        while data := await request.receive():
+            received.append((trio.current_time(), data))
+        return Response(201, b"{}")
+
+    async def trickle(path: str) -> tuple[bytes, float]:
+        """Send 8 pieces 0.6 s apart (4.8 s in all); the reply, and when the server closed."""
+        server_stream, client_stream = trio.testing.memory_stream_pair()
+        connection = HTTPConnection(server_stream, app, config, timers, reads_body=lambda request: True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.run)
+            await client_stream.send_all(post(path, b"", "Content-Length: 8"))
+
+            async def send_pieces() -> None:
+                for _ in range(8):
+                    await trio.sleep(0.6)
+                    await client_stream.send_all(b"x")
+
+            nursery.start_soon(send_pieces)
+            reply = await _read_all(client_stream)
+            closed = trio.current_time()
+            nursery.cancel_scope.cancel()
+        return reply, closed
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(timers.run)
+        began = trio.current_time()
+        reply, _ = await trickle("/upload")
+        assert parse_response(reply, method="POST")[0] == 201 and len(received) == 8
+        assert received[-1][0] - began >= 4.8  # four times request_timeout in all
+        began = trio.current_time()
+        reply, closed = await trickle("/refuse")
+        assert error_of(reply) == (401, "no")  # at once, then the drop of its body is cut off
+        assert 1.0 <= closed - began <= 1.0 + 3 * timers.granularity
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_body_that_stalls_while_an_app_reads_it_gets_408(timeouts_daemon):
     # The blob upload route reads its body itself; each piece must come within request_timeout.
     with trio.fail_after(10):
         async with await open_stream(timeouts_daemon, unix=True) as stream:
             await stream.send_all(post(f"/api/blobs/sha256:{'0' * 64}", b"", "Content-Length: 100") + b"GGUF")
-            reply = b""
-            while chunk := await stream.receive_some(65536):
-                reply += chunk
+            reply = await _read_all(stream)
     assert error_of(reply) == (408, "request timed out")
     assert list((timeouts_daemon.state_dir / "blobs").iterdir()) == []  # its part is gone

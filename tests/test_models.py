@@ -129,10 +129,10 @@ async def test_a_download_given_a_system_and_defaults_records_them_and_sets_them
     spelled_out = await job_result(client, ask | {"messages": [{"role": "system", "content": "Be brief."}, *hi],
                                                   "keep_alive": 0})  # fmt: skip
     assert by_model["prompt_tokens"] == spelled_out["prompt_tokens"] and by_model["text"] == spelled_out["text"]
-    # Present already: its record's are set anew (defaults over its own, "" removes the system).
+    # Present already: its record's are set anew ("" removes the system; defaults replace its own).
     events = await run_job(client, download(str(chat), system="", defaults={"top_k": 1}))
-    assert narrations(events) == ["model talker is already present", "model talker's system and defaults are set anew"], events
-    assert (result_of(events)["system"], result_of(events)["defaults"]) == (None, {"max_tokens": 3, "top_k": 1})
+    assert narrations(events) == ["model talker is already present", "model talker's system and defaults are set anew"]
+    assert (result_of(events)["system"], result_of(events)["defaults"]) == (None, {"top_k": 1})
     assert await job_result(client, {"operation": "model_get", "id": "talker"}) == result_of(events)
     # A system message needs a chat template: refused for the tiny model, fetched or present.
     no_template = "model tiny-system has no chat template to put a system message in: it continues prompts as they are"
@@ -420,17 +420,18 @@ async def test_two_deletes_waiting_for_the_models_worker_to_stop_delete_it_once(
     waiting = is_narration(f"waiting for worker {worker['id']} to stop")
     os.kill(worker["pid"], signal.SIGSTOP)  # its SIGTERM waits until it is continued
     try:
-        async with (
-            job_events(client, {"operation": "worker_delete", "id": worker["id"]}) as (_, stopping),
-            job_events(client, {"operation": "model_delete", "id": "twice"}) as (_, first),
-            job_events(client, {"operation": "model_delete", "id": "twice"}) as (_, second),
-        ):
-            with trio.fail_after(10):
+        async with job_events(client, {"operation": "worker_delete", "id": worker["id"]}) as (_, stopping):
+            with trio.fail_after(10):  # the deletes come once it is on its way out
                 await read_events_until(stopping, is_narration(f"stopping worker {worker['id']} (pid {worker['pid']})"))
-                for deleting in (first, second):  # both looked the model up before either deleted it
-                    await read_events_until(deleting, waiting)
-            os.kill(worker["pid"], signal.SIGCONT)
-            ends = sorted([end_marker(await rest_of(first, 10)), end_marker(await rest_of(second, 10))])
+            async with (
+                job_events(client, {"operation": "model_delete", "id": "twice"}) as (_, first),
+                job_events(client, {"operation": "model_delete", "id": "twice"}) as (_, second),
+            ):
+                with trio.fail_after(10):
+                    for deleting in (first, second):  # both looked the model up before either deleted it
+                        await read_events_until(deleting, waiting)
+                os.kill(worker["pid"], signal.SIGCONT)
+                ends = sorted([end_marker(await rest_of(first, 10)), end_marker(await rest_of(second, 10))])
     finally:
         with contextlib.suppress(ProcessLookupError):  # on a failure above
             os.kill(worker["pid"], signal.SIGCONT)

@@ -18,7 +18,7 @@ from rbeed import __version__
 from rbeed.compat import Refused
 from rbeed.ollama import keep_alive_seconds
 from httpfixture import serve_files
-from support import job_result, register_copy, start_daemon
+from support import job_result, open_stream, register_copy, start_daemon
 from test_infer import CHAT_TEMPLATE
 from test_openai import client, rbeed  # noqa: F401 - the same daemon: "tiny" (no chat template) and "chatty"
 
@@ -455,8 +455,17 @@ async def test_create_from_a_gguf_uploaded_as_a_blob_takes_the_blob_as_its_file_
     assert await trio.to_thread.run_sync(client_of_ollama.create_blob, source) == digest
     assert (await client.request("HEAD", f"/api/blobs/{digest}")).status == 200
     assert blob.read_bytes() == source.read_bytes()
+    inode = blob.stat().st_ino
     again = await client.request("POST", f"/api/blobs/{digest}", body=source.read_bytes())
     assert again.status == 200  # had: the body is read and dropped
+    async with await open_stream(rbeed, unix=True) as stream:  # a client awaiting 100 Continue is not asked for it
+        await stream.send_all(f"POST /api/blobs/{digest} HTTP/1.1\r\nHost: x\r\nContent-Length: 500000\r\n"
+                              "Expect: 100-continue\r\n\r\n".encode())  # fmt: skip
+        reply = b""
+        with trio.fail_after(10):
+            while data := await stream.receive_some(65536):
+                reply += data
+    assert reply.startswith(b"HTTP/1.1 200 ") and b" 100 " not in reply
 
     statuses = await trio.to_thread.run_sync(lambda: [progress.status for progress in client_of_ollama.create(
         "mine:latest", files={"mine.gguf": digest}, system="Be brief.", parameters={"num_predict": 3}, stream=True)])
@@ -465,17 +474,19 @@ async def test_create_from_a_gguf_uploaded_as_a_blob_takes_the_blob_as_its_file_
     assert (model["sha256"], model["size"]) == (digest[7:], source.stat().st_size)
     assert (model["system"], model["defaults"], model["metadata"]["chat_template"]) == ("Be brief.", {"max_tokens": 3}, True)
     assert (rbeed.state_dir / "models" / "mine.gguf").read_bytes() == source.read_bytes()
-    assert not blob.exists() and (rbeed.state_dir / "models" / "mine.gguf").stat().st_nlink == 1  # moved, not copied
+    assert not blob.exists() and (rbeed.state_dir / "models" / "mine.gguf").stat().st_ino == inode  # moved, not copied
     answer = await post(client, "/api/chat", {"model": "mine", "messages": [{"role": "user", "content": "Hi"}],
                                               "stream": False, "keep_alive": 0})  # fmt: skip
     assert answer[0] == 200 and answer[1]["eval_count"] == 3
 
-    # A second create of the same file (uploaded again) sets the record anew; another file under
-    # that name is refused, as a create from a model is.
+    # A second create of the same file (uploaded again) makes the record anew, of what it gives
+    # (no system, no parameters), and takes the blob; another file under that name is refused, as
+    # a create from a model is.
     await trio.to_thread.run_sync(client_of_ollama.create_blob, source)
-    made = await post(client, "/api/create", {"model": "mine", "files": {"x.gguf": digest}, "system": "", "stream": False})
-    assert made == (200, {"status": "success"})
-    assert (await job_result(client, {"operation": "model_get", "id": "mine"}))["system"] is None
+    made = await post(client, "/api/create", {"model": "mine", "files": {"x.gguf": digest}, "stream": False})
+    assert made == (200, {"status": "success"}) and not blob.exists()
+    model = await job_result(client, {"operation": "model_get", "id": "mine"})
+    assert (model["system"], model["defaults"]) == (None, {})
     other = (rbeed.state_dir / "models" / "tiny.gguf").read_bytes()
     other_digest = "sha256:" + hashlib.sha256(other).hexdigest()
     assert (await client.request("POST", f"/api/blobs/{other_digest}", body=other)).status == 201
