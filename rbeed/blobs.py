@@ -27,7 +27,7 @@ class BlobError(Exception):
 
 
 def sha256_of(digest: str) -> str:
-    """The hex of a digest as Ollama writes them (`sha256:HEX`, or `sha256-HEX` as its files are named)."""
+    """The hex of a digest as Ollama writes them (`sha256:HEX`, or `sha256-HEX` as blob files are named)."""
     if (match := _DIGEST.fullmatch(digest)) is None:
         raise BlobError(400, f"invalid digest {digest[:80]!r}: expected sha256:<64 hex digits>")
     return match.group(1).lower()
@@ -46,11 +46,6 @@ class Blobs:
     def is_blob(self, path: Path) -> bool:
         return path.parent == self.dir and _DIGEST.fullmatch(path.name) is not None
 
-    @staticmethod
-    def sha256_of(path: Path) -> str:
-        """A blob's sha256, which its name says (checked as it was written)."""
-        return path.name.removeprefix("sha256-").lower()
-
     def prune(self) -> None:
         """Remove what uploads left that no create took: blobs, and parts of uploads cut short."""
         if not self.dir.is_dir():
@@ -66,9 +61,6 @@ class Blobs:
     async def receive(self, digest: str, receive: Callable[[], Awaitable[bytes]], length: int | None) -> None:
         """Write a blob from the body `receive()` gives. BlobError for a body that is not it."""
         path = self.path(digest)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if length is not None and length > (free := shutil.disk_usage(self.dir).free):
-            raise BlobError(507, f"a blob of {length} bytes does not fit: {free} bytes free under {self.dir}")
         # A part of its own per upload: two of the same blob at once both end in the one file.
         part = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
         hasher = hashlib.sha256()
@@ -79,6 +71,9 @@ class Blobs:
             file.write(data)
 
         try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if length is not None and length > (free := shutil.disk_usage(self.dir).free):
+                raise BlobError(507, f"a blob of {length} bytes does not fit: {free} bytes free under {self.dir}")
             with open(part, "wb") as file:
                 pieces: list[bytes] = []
                 gathered = 0
@@ -89,7 +84,7 @@ class Blobs:
                         pieces, gathered = [], 0
                 await trio.to_thread.run_sync(write, file, pieces)
                 await trio.to_thread.run_sync(os.fsync, file.fileno())
-            if (got := hasher.hexdigest()) != (named := self.sha256_of(path)):
+            if (got := hasher.hexdigest()) != (named := sha256_of(path.name)):
                 raise BlobError(400, f"digest mismatch: the body's sha256 is {got}, not {named}")
             os.replace(part, path)
         except OSError as exc:

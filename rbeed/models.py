@@ -20,7 +20,7 @@ import trio
 from . import wire
 from .catalog import Catalog
 from .config import ModelsConfig, read_secret
-from .blobs import Blobs
+from .blobs import Blobs, sha256_of
 from .download import DownloadError, DownloadResult, download
 from .ggufinfo import NEWEST_KEY
 from .httpclient import Client, StatusError
@@ -135,7 +135,7 @@ def hf_token() -> str | None:
 class Models:
     """The model_* operations; `in_use(id)` (set by the supervisor) names the workers using a model."""
 
-    def __init__(self, catalog: Catalog[Model], models_dir: Path, config: ModelsConfig, blobs: Blobs | None = None):
+    def __init__(self, catalog: Catalog[Model], models_dir: Path, config: ModelsConfig, blobs: Blobs):
         self.catalog = catalog
         self.dir = models_dir
         self.config = config
@@ -232,7 +232,7 @@ class Models:
             if (given := existing.with_settings(op.system, op.defaults, over_own=False)) != existing:
                 await self.catalog.put(model_id_, given)
                 job.narrate(f"model {model_id_}'s system and defaults are set anew")
-            if (blob := self._blob(url)) and existing.sha256 == self.blobs.sha256_of(blob):
+            if (blob := self._blob(url)) and existing.sha256 == sha256_of(blob.name):
                 blob.unlink(missing_ok=True)  # uploaded again for it: not needed
             job.result(given)
             return
@@ -247,7 +247,7 @@ class Models:
         dest = self.dir / f"{model_id_}.gguf"
         started = trio.current_time()
         blob = self._blob(url)
-        result = await self._adopt(job, blob, dest, self.blobs.sha256_of(blob), op.sha256) if blob else None
+        result = await self._adopt(job, blob, dest, op.sha256) if blob else None
         if result is None:
             result = await self._download(job, op, url, dest)
         job.narrate(f"{result.size} bytes in {trio.current_time() - started:.2f} s; reading metadata")
@@ -269,11 +269,12 @@ class Models:
 
     def _blob(self, source: str) -> Path | None:
         """The uploaded blob that `source` names, if it names one."""
-        return Path(source) if self.blobs is not None and self.blobs.is_blob(Path(source)) else None
+        return Path(source) if self.blobs.is_blob(Path(source)) else None
 
     @staticmethod
-    async def _adopt(job: Job, blob: Path, dest: Path, digest: str, sha256: str | None) -> DownloadResult | None:
+    async def _adopt(job: Job, blob: Path, dest: Path, sha256: str | None) -> DownloadResult | None:
         """An uploaded blob as the model's file, by a hard link: None where links cannot be made."""
+        digest = sha256_of(blob.name)  # checked as it was written
         if sha256 and sha256.lower() != digest:
             raise JobFailed(f"sha256 mismatch: blob {blob.name} is not {sha256}")
         try:

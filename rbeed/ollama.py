@@ -13,7 +13,7 @@ from pathlib import Path
 import msgspec
 
 from . import __version__
-from .blobs import BlobError
+from .blobs import BlobError, sha256_of
 from .compat import (
     SAMPLING, Refused, Reply, decode, end_of, failure, invalid, no_limit, sampling, start_job, start_model_job,
 )
@@ -583,7 +583,7 @@ class OllamaAPI:
         if path is None or not path.exists():
             raise Refused(400, f"blob {digest!r} not found: POST the file to /api/blobs/<its digest> first",
                           f"files.{name}")  # fmt: skip
-        return path, self.models.blobs.sha256_of(path)
+        return path, sha256_of(path.name)
 
     async def _blob(self, request: Request) -> Response:
         """A file for `ollama create`, named by its sha256: HEAD asks whether it is here, POST uploads it."""
