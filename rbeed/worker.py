@@ -564,6 +564,8 @@ class _Worker:
                         raise _Terminated
                 self.connection = None
             _log("daemon disconnected")
+            if self._terminating:  # handled where a raise is dropped while the connection was read
+                raise _Terminated
 
     def _piece(self, token: int, special: bool = False) -> bytes:
         """The bytes `token` stands for; a special token's (`<eos>`) are none unless `special`."""

@@ -767,6 +767,31 @@ async def test_worker_exits_with_its_parent_process_not_thread(tmp_path, tiny_mo
         worker.notify.close()
 
 
+def test_a_sigterm_handled_in_a_finalizer_ends_the_worker_once_its_daemon_disconnects(in_process, tmp_path):
+    # Seen once in a full run: the daemon's SIGTERM was handled inside a finalizer (its raise only
+    # remembered), the daemon then closed the connection, and the worker went back to accept()
+    # for good, until stop_grace's SIGKILL.
+    from llama_cpp import _internals
+
+    from rbeed import worker
+
+    handled = worker._Worker(in_process, 0.0)
+    in_finalizer = type("Frame", (), {"f_code": _internals.LlamaSampler.__del__.__code__, "f_back": None})()
+    handled.on_terminate(signal.SIGTERM, in_finalizer)
+    ignored = signal.signal(signal.SIGIO, signal.SIG_IGN)  # serve()'s connection asks for SIGIO
+    try:
+        with socket.socket(socket.AF_UNIX) as listener, socket.socket(socket.AF_UNIX) as daemon:
+            listener.bind(str(tmp_path / "w.sock"))
+            listener.listen()
+            listener.settimeout(5)  # a worker waiting for another connection fails the test, not hangs it
+            daemon.connect(str(tmp_path / "w.sock"))
+            daemon.close()
+            with pytest.raises(worker._Terminated):
+                handled.serve(listener)
+    finally:
+        signal.signal(signal.SIGIO, ignored)
+
+
 @pytest.mark.parametrize(
     ("where", "raises"),
     [("llama-cpp-python's batch loop", True), ("between two llama_decode calls", True),
