@@ -35,7 +35,8 @@ def sha256_of(digest: str) -> str:
 
 class Blobs:
     """The blobs directory under the state dir: `sha256-HEX`, each checked against its name as it
-    was written. A model made of one is moved out of it (see Models); the rest go at start."""
+    was written. A model made of one has it as its file, by a hard link (see Models); the rest go
+    at start."""
 
     def __init__(self, directory: Path):
         self.dir = directory
@@ -46,12 +47,15 @@ class Blobs:
     def is_blob(self, path: Path) -> bool:
         return path.parent == self.dir and _DIGEST.fullmatch(path.name) is not None
 
-    def prune(self) -> None:
-        """Remove what uploads left that no create took: blobs, and parts of uploads cut short."""
+    def prune(self, keep: set[tuple[int, int]]) -> None:
+        """Remove what uploads left that no model is made of: blobs no create took (those whose
+        inode is not in `keep`), and parts of uploads cut short."""
         if not self.dir.is_dir():
             return
         for entry in self.dir.iterdir():
             try:
+                if self.is_blob(entry) and ((file := entry.stat()).st_dev, file.st_ino) in keep:
+                    continue
                 entry.unlink()
             except OSError as exc:
                 log.warning("cannot remove %s: %s", entry, exc.strerror)

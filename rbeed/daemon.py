@@ -126,9 +126,9 @@ class Daemon:
 
     async def run(self, sockets: list[socket.socket], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.config.state_path.mkdir(parents=True, exist_ok=True)
-        self.blobs.prune()
         for catalog in self.catalogs:
             await catalog.open()
+        self.blobs.prune(self.models.blob_keep())
         log.info("workers run as %s", self.supervisor.backend.name)
         try:
             async with trio.open_nursery() as services:

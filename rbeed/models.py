@@ -10,6 +10,7 @@ import re
 import secrets
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -139,13 +140,16 @@ class Models:
         self.catalog = catalog
         self.dir = models_dir
         self.config = config
-        self.blobs = blobs  # a model_download of one of these takes the file: it was uploaded for the model
+        # A model made of an uploaded blob links it as its file, and the blob stays (no space used)
+        # while a model is that file: a create of it under another name needs no upload.
+        self.blobs = blobs
         self.in_use: Callable[[str], list[str]] = lambda model_id: []
         # Returns once the model's workers on their way out are gone (narrated to the job).
         self.released: Callable[[str, Job], Awaitable[None]] = _nothing_to_wait_for
         self._placing: dict[str, list[str]] = {}  # model id -> jobs placing a worker for it, not yet listed
         self._fetching: dict[str, tuple[str, trio.Event]] = {}  # model id -> the job writing its file, its end
         self._deleting: dict[str, trio.Event] = {}  # model id -> the end of its model_delete
+        self._adopting: Counter[str] = Counter()  # sha256 -> creates taking its blob now: a delete leaves it
 
     def path_of(self, model: Model) -> Path:
         path = (self.dir / model.file).resolve()
@@ -233,7 +237,7 @@ class Models:
                 await self.catalog.put(model_id_, given)
                 job.narrate(f"model {model_id_}'s system and defaults are set anew")
             if (blob := self._blob(url)) and existing.sha256 == sha256_of(blob.name):
-                blob.unlink(missing_ok=True)  # uploaded again for it: not needed
+                await self._share(blob, self.path_of(existing))
             job.result(given)
             return
         self._fetching[model_id_] = (job.id, trio.Event())
@@ -247,24 +251,30 @@ class Models:
         dest = self.dir / f"{model_id_}.gguf"
         started = trio.current_time()
         blob = self._blob(url)
-        result = await self._adopt(job, blob, dest, op.sha256) if blob else None
-        if result is None:
-            result = await self._download(job, op, url, dest)
-        job.narrate(f"{result.size} bytes in {trio.current_time() - started:.2f} s; reading metadata")
+        if blob:  # kept from a model_delete of a model that is its file while this takes it
+            self._adopting[sha256_of(blob.name)] += 1
         try:
-            metadata = await read_metadata(dest)
-            model = Model(model_id_, dest.name, result.size, result.sha256, op.model, time.time(), metadata)
-            if (lost := self.catalog.get(model_id_)) is not None and lost.source == op.model:
-                # Its file was gone: fetched again, it keeps the system and defaults it was given.
-                model = msgspec.structs.replace(model, system=lost.system, defaults=lost.defaults)
-            model = model.with_settings(op.system, op.defaults, over_own=False)
-            await self.catalog.put(model.id, model)
-        except BaseException:  # not a model (JobFailed), or cancelled: no file without its record
-            if self.catalog.get(model_id_) is None:
-                dest.unlink(missing_ok=True)
-            raise
-        if blob:
-            blob.unlink(missing_ok=True)  # the model's file now
+            result = linked = await self._adopt(job, blob, dest, op.sha256) if blob else None
+            if result is None:
+                result = await self._download(job, op, url, dest)
+            job.narrate(f"{result.size} bytes in {trio.current_time() - started:.2f} s; reading metadata")
+            try:
+                metadata = await read_metadata(dest)
+                model = Model(model_id_, dest.name, result.size, result.sha256, op.model, time.time(), metadata)
+                if (lost := self.catalog.get(model_id_)) is not None and lost.source == op.model:
+                    # Its file was gone: fetched again, it keeps the system and defaults it was given.
+                    model = msgspec.structs.replace(model, system=lost.system, defaults=lost.defaults)
+                model = model.with_settings(op.system, op.defaults, over_own=False)
+                await self.catalog.put(model.id, model)
+            except BaseException:  # not a model (JobFailed), or cancelled: no file without its record
+                if self.catalog.get(model_id_) is None:
+                    dest.unlink(missing_ok=True)
+                raise
+        finally:
+            if blob:
+                self._adopting[sha256_of(blob.name)] -= 1
+        if blob and not linked:
+            blob.unlink(missing_ok=True)  # copied: kept, it would take the space twice
         return model
 
     def _blob(self, source: str) -> Path | None:
@@ -280,13 +290,43 @@ class Models:
         try:
             await link(blob, dest)
         except FileNotFoundError:
-            raise JobFailed(f"blob {blob.name} is gone (taken by another create, or removed at a restart); "
+            raise JobFailed(f"blob {blob.name} is gone (its model deleted, or removed at a restart); "
                             "upload it again") from None  # fmt: skip
         except OSError as exc:
             log.info("blob %s copied, not linked: %s", blob.name, exc.strerror)
             return None
         job.narrate(f"using blob {blob.name}")
         return DownloadResult(dest, dest.stat().st_size, digest, 0)
+
+    @staticmethod
+    async def _share(blob: Path, file: Path) -> None:
+        """A blob uploaded again for a model that has its content: made a link to the model's file."""
+        try:
+            if not os.path.samefile(blob, file):
+                await link(file, blob)
+        except OSError:  # kept, it would take the space twice
+            blob.unlink(missing_ok=True)
+
+    def _drop_blob(self, deleted: Model, path: Path) -> None:
+        """Remove the blob `deleted` was made of, unless another model, or a create under way, has it."""
+        blob = self.blobs.dir / f"sha256-{deleted.sha256}"
+        try:
+            if self._adopting[deleted.sha256] or not os.path.samefile(blob, path):
+                return
+            if any(os.path.samefile(blob, other) for m in self.catalog.list()
+                   if m.sha256 == deleted.sha256 and (other := self.path_of(m)).exists()):  # fmt: skip
+                return
+            blob.unlink()
+        except OSError:  # no such blob
+            pass
+
+    def blob_keep(self) -> set[tuple[int, int]]:
+        """The inodes of the models' files: the blobs that are one of them stay at a start's prune."""
+        kept = set()
+        for model in self.catalog.list():
+            with contextlib.suppress(OSError):
+                kept.add(((file := os.stat(self.path_of(model))).st_dev, file.st_ino))
+        return kept
 
     async def _download(self, job: Job, op: ModelDownload, url: str, dest: Path) -> DownloadResult:
         job.narrate(f"downloading {url} as model {dest.stem}")
@@ -395,6 +435,7 @@ class Models:
         try:
             await self.catalog.delete(model.id)
             path = self.path_of(model)
+            self._drop_blob(model, path)
             shared = path.exists() and path.stat().st_nlink > 1  # a copy's, or the original of one
             path.unlink(missing_ok=True)
         finally:

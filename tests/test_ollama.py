@@ -18,7 +18,7 @@ from rbeed import __version__
 from rbeed.compat import Refused
 from rbeed.ollama import keep_alive_seconds
 from httpfixture import serve_files
-from support import job_result, open_stream, register_copy, start_daemon
+from support import end_marker, job_events, job_result, open_stream, register_copy, rest_of, start_daemon
 from test_infer import CHAT_TEMPLATE
 from test_openai import client, rbeed  # noqa: F401 - the same daemon: "tiny" (no chat template) and "chatty"
 
@@ -474,17 +474,24 @@ async def test_create_from_a_gguf_uploaded_as_a_blob_takes_the_blob_as_its_file_
     assert (model["sha256"], model["size"]) == (digest[7:], source.stat().st_size)
     assert (model["system"], model["defaults"], model["metadata"]["chat_template"]) == ("Be brief.", {"max_tokens": 3}, True)
     assert (rbeed.state_dir / "models" / "mine.gguf").read_bytes() == source.read_bytes()
-    assert not blob.exists() and (rbeed.state_dir / "models" / "mine.gguf").stat().st_ino == inode  # moved, not copied
+    mine = rbeed.state_dir / "models" / "mine.gguf"
+    assert blob.exists() and mine.stat().st_ino == inode  # its file by a link, not a copy; the blob stays
     answer = await post(client, "/api/chat", {"model": "mine", "messages": [{"role": "user", "content": "Hi"}],
-                                              "stream": False, "keep_alive": 0})  # fmt: skip
-    assert answer[0] == 200 and answer[1]["eval_count"] == 3
+                                              "stream": False, "keep_alive": 0, "options": {"temperature": 0}})  # fmt: skip
+    assert answer[0] == 200 and answer[1]["eval_count"] == 3  # its num_predict (sampled, it could end at EOS)
+    # So a create of it under another name needs no upload: `ollama create` asks HEAD first.
+    assert (await client.request("HEAD", f"/api/blobs/{digest}")).status == 200
+    made = await post(client, "/api/create", {"model": "theirs", "files": {"x.gguf": digest}, "stream": False})
+    assert made == (200, {"status": "success"}) and (rbeed.state_dir / "models" / "theirs.gguf").stat().st_ino == inode
 
     # A second create of the same file (uploaded again) makes the record anew, of what it gives
-    # (no system, no parameters), and takes the blob; another file under that name is refused, as
-    # a create from a model is.
+    # (no system, no parameters); a blob uploaded anew (the old one removed by hand) is made a
+    # link to the model's file. Another file under that name is refused, as a create from a model is.
+    blob.unlink()
     await trio.to_thread.run_sync(client_of_ollama.create_blob, source)
+    assert blob.stat().st_ino != inode
     made = await post(client, "/api/create", {"model": "mine", "files": {"x.gguf": digest}, "stream": False})
-    assert made == (200, {"status": "success"}) and not blob.exists()
+    assert made == (200, {"status": "success"}) and blob.stat().st_ino == inode and blob.stat().st_nlink == 3
     model = await job_result(client, {"operation": "model_get", "id": "mine"})
     assert (model["system"], model["defaults"]) == (None, {})
     other = (rbeed.state_dir / "models" / "tiny.gguf").read_bytes()
@@ -500,7 +507,32 @@ async def test_create_from_a_gguf_uploaded_as_a_blob_takes_the_blob_as_its_file_
     failed = await post(client, "/api/create", {"model": "junk", "files": {"junk.gguf": junk_digest}, "stream": False})
     assert failed[0] == 500 and failed[1]["error"].startswith("not a valid GGUF model: "), failed
     assert (await client.request("HEAD", f"/api/blobs/{junk_digest}")).status == 200
+
+    # The blob goes with the last model made of it.
     await trio.to_thread.run_sync(client_of_ollama.delete, "mine")
+    assert blob.stat().st_ino == inode and (await client.request("HEAD", f"/api/blobs/{digest}")).status == 200
+    await trio.to_thread.run_sync(client_of_ollama.delete, "theirs")
+    assert not blob.exists() and (await client.request("HEAD", f"/api/blobs/{digest}")).status == 404
+
+
+async def test_a_blob_stays_for_a_create_that_takes_it_while_the_last_model_made_of_it_is_deleted(
+        rbeed, client, tmp_path):  # fmt: skip
+    source = tinymodel.write_tiny_model(tmp_path / "shared.gguf", seed=11)
+    digest = "sha256:" + hashlib.sha256(source.read_bytes()).hexdigest()
+    blob = rbeed.state_dir / "blobs" / digest.replace(":", "-")
+    assert (await client.request("POST", f"/api/blobs/{digest}", body=source.read_bytes())).status == 201
+    assert (await post(client, "/api/create", {"model": "first", "files": {"f.gguf": digest}, "stream": False}))[0] == 200
+    create = {"operation": "model_download", "model": str(blob), "id": "second"}
+    async with job_events(client, create) as (_, events):
+        async for event in events:  # linked: its record is written once its metadata is read
+            if event.event == "narration" and "reading metadata" in json.loads(event.data)["message"]:
+                break
+        await job_result(client, {"operation": "model_delete", "id": "first"})
+        assert end_marker(await rest_of(events, 30)) == "[DONE]"
+    second = rbeed.state_dir / "models" / "second.gguf"
+    assert blob.stat().st_ino == second.stat().st_ino
+    await job_result(client, {"operation": "model_delete", "id": "second"})
+    assert not blob.exists()
 
 
 async def test_a_blob_that_is_not_what_its_digest_says_is_refused_and_leaves_nothing(rbeed, client):
@@ -517,16 +549,27 @@ async def test_a_blob_that_is_not_what_its_digest_says_is_refused_and_leaves_not
     assert set(blobs.iterdir()) == before  # no blob, no part
 
 
-def test_a_start_removes_blobs_that_no_create_took_and_parts_of_cut_uploads(tmp_path):
+async def test_a_start_removes_blobs_that_no_create_took_and_parts_of_cut_uploads(tmp_path):
+    source = tinymodel.write_tiny_model(tmp_path / "kept.gguf", seed=5)
+    digest = "sha256:" + hashlib.sha256(source.read_bytes()).hexdigest()
     blobs = tmp_path / "state" / "blobs"
-    blobs.mkdir(parents=True)
+    kept = blobs / digest.replace(":", "-")
+    daemon = await trio.to_thread.run_sync(start_daemon, tmp_path)
+    try:
+        async with daemon.client() as client:
+            assert (await client.request("POST", f"/api/blobs/{digest}", body=source.read_bytes())).status == 201
+            made = await post(client, "/api/create", {"model": "kept", "files": {"k.gguf": digest}, "stream": False})
+            assert made[0] == 200
+    finally:
+        assert daemon.stop() == 0, daemon.log()
     left = [blobs / f"sha256-{'a' * 64}", blobs / f".sha256-{'b' * 64}.0123abcd.part"]
     for path in left:
         path.write_bytes(b"GGUF")
-    daemon = start_daemon(tmp_path)
+    daemon = await trio.to_thread.run_sync(start_daemon, tmp_path)
     try:
-        assert list(blobs.iterdir()) == []
+        assert list(blobs.iterdir()) == [kept]  # a model's file stays
         assert f"removed {left[0].name}, uploaded and never made a model" in daemon.log()
+        assert f"removed {kept.name}" not in daemon.log()
     finally:
         assert daemon.stop() == 0, daemon.log()
 
