@@ -134,7 +134,7 @@ class Inference:
             worker, loaded_for_us = await self._worker_for(job, op, model, generation, n_ctx)
             await worker.wait_loaded()
             load_ms = round((trio.current_time() - began) * 1000, 2)
-            if not loaded_for_us:
+            if not loaded_for_us and not await worker.submit_aside(generation):
                 ahead = worker.backlog
                 worker.submit(generation)
                 if ahead:

@@ -593,6 +593,12 @@ class _Worker:
         pieces = [self._piece(token, special=True) for token in tokens]
         connection.send(wire.Tokenized(request.id, tokens, pieces))
 
+    def _answer_aside(self, connection: _Connection) -> None:
+        """Answer the tokenizes the daemon sent while a generation runs (it sends nothing else then)."""
+        pending = connection.pending
+        while pending and type(pending[0][0]) is wire.Tokenize:
+            self._tokenize(pending.popleft()[0], connection)
+
     def _prompt_tokens(self, request: wire.Generate) -> list[int]:
         """The request's prompt as tokens: its text after a BOS, or its messages through the model's
         chat template. Raises _ChatError, or RuntimeError when the text cannot be tokenized."""
@@ -687,7 +693,7 @@ class _Worker:
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         stopper = _StopMatcher(request.stop) if request.stop else None
         pieces, piece_of, is_eog, vocab = self._pieces, self._piece, self._is_eog, self._vocab
-        send, token_delay = connection.send, self.token_delay
+        send, token_delay, pending = connection.send, self.token_delay, connection.pending
         completion = 0
         first: float | None = None
         last = received
@@ -738,6 +744,8 @@ class _Worker:
                             break
                     if text:
                         send(wire.Token(request.id, text))
+                    if pending:
+                        self._answer_aside(connection)
                     if completion >= max_tokens:
                         break
                     if token_delay:

@@ -130,6 +130,7 @@ class Worker:
         self.error: str | None = None
         self.backend = ""
         self.current: Generation | None = None
+        self.aside: dict[int, Generation] = {}  # tokenizes sent while `current` runs, answered between its tokens
         self.first: Generation | None = None  # on demand: the job it is loaded for, served before the queue
         self.draining = False  # takes no new jobs; stops once those queued are served (its threads are wanted)
         self.closing = False  # being stopped (deleted, idle, drained): takes no jobs at all
@@ -208,6 +209,30 @@ class Worker:
         except trio.WouldBlock:
             raise JobFailed(f"busy: worker {self.id} has {self.queue_out.statistics().current_buffer_used} jobs waiting") from None
 
+    async def submit_aside(self, generation: Generation) -> bool:
+        """Send a tokenize at once, to be answered between the running generation's tokens (as
+        llama-server tokenizes beside its slots) rather than after it; False where none runs."""
+        current = self.current
+        if (type(generation.request) is not wire.Tokenize or current is None or not current.sent
+                or type(current.request) is not wire.Generate or current.outcome is not None
+                or self._stream is None or self.closing):  # fmt: skip
+            return False
+        self.aside[generation.request.id] = generation  # serve() reads on until it is answered
+        with trio.CancelScope(shield=True):  # a frame cut short would garble the stream
+            try:
+                await self._send(self._stream, generation.request)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the worker is gone: its supervisor fails what it was sent
+        return True
+
+    def fail_sent(self, why: str) -> None:
+        """Fail what the worker was sent and did not answer: it is gone."""
+        for generation in (self.current, *self.aside.values()):
+            if generation is not None:
+                generation.finish(why)
+        self.current = None
+        self.aside.clear()
+
     async def abandon(self, generation: Generation) -> None:
         """The job went away (cancel, disconnect): stop its generation at once if it is running."""
         generation.abandoned = True
@@ -265,12 +290,15 @@ class Worker:
             with trio.CancelScope() as self._answer:
                 if generation.abandoned:  # its job went away while the request was on its way
                     await self.abandon(generation)
-                while generation.outcome is None:
+                while generation.outcome is None or self.aside:
                     data = await stream.receive_some(1 << 16)
                     if not data:
                         raise WorkerDied("closed its connection")
                     for message in decoder.feed(data):
-                        if type(message) is wire.Token:
+                        if message.id != generation.request.id:
+                            if (aside := self.aside.pop(message.id, None)) is not None:
+                                aside.finish(message.error if type(message) is wire.Failed else message)
+                        elif type(message) is wire.Token:
                             generation.token(message.text)
                         elif type(message) is wire.Embedding:
                             generation.vectors.append(message.vector)
@@ -461,9 +489,7 @@ class Supervisor:
                     except Exception as exc:  # a bug here must not take the daemon down
                         log.exception("worker %s: supervision failed", worker.id)
                         reason = f"internal error: {type(exc).__name__}"
-                    if worker.current is not None:
-                        worker.current.finish(f"worker {worker.id} died ({reason})")
-                        worker.current = None
+                    worker.fail_sent(f"worker {worker.id} died ({reason})")
                     if reason is None:  # stopped after keep_alive idle time, or drained
                         log.info("worker %s %s: stopping", worker.id, "drained" if worker.draining else "idle")
                         return
@@ -481,9 +507,9 @@ class Supervisor:
             if worker.state is not WorkerState.FAILED:
                 worker.state = WorkerState.STOPPED
             why = f"worker {worker.id} {worker.state.value}" + (f": {worker.error}" if worker.error else "")
-            for generation in (worker.current, worker.first):
-                if generation is not None:
-                    generation.finish(why)
+            worker.fail_sent(why)
+            if worker.first is not None:
+                worker.first.finish(why)
             worker.queue_in.close()
             while True:
                 try:

@@ -9,6 +9,7 @@ import signal
 import time
 
 import jinja2
+import llama_cpp
 import pytest
 import trio
 
@@ -390,6 +391,29 @@ async def test_one_job_runs_one_waits_and_one_more_is_refused(slow, slow_client)
     # The waiting job reached the worker only when the first had ended: its time to first token,
     # which the worker counts from receipt, holds none of the first job's remaining seconds.
     assert result_of(second_rest)["ttft_ms"] < 500
+
+
+async def test_a_tokenize_is_answered_between_a_running_generations_tokens_not_after_it(slow, slow_client, tiny_model):
+    # As llama-server tokenizes beside its slots: a client counting tokens while a long generation
+    # runs is held neither for the rest of it nor by the jobs queued behind it (the queue is full).
+    reference = llama_cpp.Llama(model_path=str(tiny_model), vocab_only=True, verbose=False)
+    long = GREEDY | {"max_tokens": 30}  # 3 s
+    async with job_events(slow_client, long) as (job_id, events):
+        await read_events_until(events, is_token)
+        async with job_events(slow_client, SHORT) as (_, queued):
+            await read_events_until(queued, lambda e: e.event == "narration")
+            with trio.fail_after(1):
+                tokenized = await job_result(slow_client, {"operation": "tokenize", "model": "tiny", "text": "Once upon"})
+                text = await job_result(slow_client, {"operation": "detokenize", "model": "tiny",
+                                                      "tokens": tokenized["tokens"]})  # fmt: skip
+            assert await job_state(slow_client, job_id) == "running"
+            rest, queued_rest = await rest_of(events, 10), await rest_of(queued, 10)
+    assert tokenized["tokens"] == reference.tokenize(b"Once upon", add_bos=False)
+    assert text["text"] == reference.detokenize(tokenized["tokens"]).decode()
+    assert end_marker(rest) == end_marker(queued_rest) == "[DONE]"
+    # The generation went on undisturbed: the text it streamed is the text it gives alone.
+    alone = await job_result(slow_client, long | {"stream": False}, timeout=10)
+    assert text_of(rest) and alone["text"].endswith(text_of(rest)) and result_of(rest)["completion_tokens"] == 30
 
 
 async def test_a_job_refused_as_busy_leaves_its_workers_keep_alive_as_the_last_queued_job_set_it(tiny_model):
