@@ -16,12 +16,19 @@ from llama_cpp._internals import LlamaSampler, LlamaTokenDataArray
 
 class Llama(llama_cpp.Llama):
     """llama_cpp.Llama whose generate() takes `grammar` as GBNF text, and samples under it
-    through a _GrammarChecked; and adds `logit_bias` (set before generate()) to the logits first."""
+    through a _GrammarChecked; adds `logit_bias` (set before generate()) to the logits first; and
+    has its penalties count the `prompt` (set before generate()) as well as the text generated."""
 
     logit_bias: dict[int, float] | None = None  # token id -> what to add to its logit; ids < n_vocab()
+    prompt: list[int] = []  # the prompt's tokens, which the penalties count as llama-server's do
 
     def _init_sampler(self, grammar: str | None = None, **params: Any) -> Any:
         chain = super()._init_sampler(**params)
+        penalized = (params.get("repeat_penalty", 1.0) != 1.0 or params.get("frequency_penalty", 0.0) != 0.0
+                     or params.get("presence_penalty", 0.0) != 0.0)  # fmt: skip
+        if penalized and self.last_n_tokens_size > 0:  # the other samplers in the chain take no notice
+            for token in self.prompt[-self.last_n_tokens_size :]:
+                llama_cpp.llama_sampler_accept(chain.sampler, token)
         if self.logit_bias:
             chain = _biased(chain, self.n_vocab(), self.logit_bias)
         if grammar is None:

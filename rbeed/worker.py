@@ -698,7 +698,7 @@ class _Worker:
         first: float | None = None
         last = received
         finish = "length"
-        llm.logit_bias = request.logit_bias
+        llm.logit_bias, llm.prompt = request.logit_bias, prompt_tokens
         llm.last_n_tokens_size = self.n_ctx if request.repeat_last_n < 0 else request.repeat_last_n  # the penalties'
         tokens = llm.generate(
             prompt_tokens[cached:],

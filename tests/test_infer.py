@@ -126,6 +126,18 @@ async def test_repeat_last_n_is_how_far_back_the_penalties_look(client):
         assert len(set(texts[n])) >= len(texts[n]) - 2, (n, texts[n])
 
 
+async def test_the_penalties_count_the_prompts_tokens_as_llama_servers_do(client):
+    # A repeat penalty below 1 favours the tokens in its window: the prompt's among them, the
+    # first token is one of those (a word the tiny vocabulary has whole: the rest is letters).
+    one = GREEDY | {"max_tokens": 1, "stream": False}
+    prompt = (await job_result(client, {"operation": "tokenize", "model": "tiny", "text": GREEDY["prompt"],
+                                        "add_special": True}))["tokens"]  # fmt: skip
+    plain = (await infer(client, one))[1]["text"]
+    texts = {n: (await infer(client, one | {"repeat_penalty": 0.01, "repeat_last_n": n}))[1]["text"] for n in (64, 0)}
+    assert texts[64] != plain and token_id(texts[64]) in prompt, (plain, texts, prompt)
+    assert texts[0] == plain  # a window of none: nothing counted
+
+
 async def test_min_p_of_one_leaves_only_the_likeliest_token_to_sample(client):
     greedy = (await infer(client, GREEDY | {"max_tokens": 30, "stream": False}))[1]["text"]
     sampled = GREEDY | {"temperature": 1.0, "max_tokens": 30, "stream": False, "seed": 7}
