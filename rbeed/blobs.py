@@ -90,7 +90,8 @@ class Blobs:
                 await trio.to_thread.run_sync(os.fsync, file.fileno())
             if (got := hasher.hexdigest()) != (named := sha256_of(path.name)):
                 raise BlobError(400, f"digest mismatch: the body's sha256 is {got}, not {named}")
-            os.replace(part, path)
+            if not path.exists():  # else another upload of it ended first, and may be a model's file now
+                os.replace(part, path)
         except OSError as exc:
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             raise BlobError(507 if full else 500, f"cannot write blob {path.name}: {exc.strerror}") from None

@@ -217,64 +217,74 @@ class Models:
     async def download(self, job: Job, op: ModelDownload) -> None:
         url, name = resolve_source(op.model, self.config.hf_base)
         model_id_ = model_id(op.id or name)
-        while True:
-            if (deleting := self._deleting.get(model_id_)) is not None:
-                await deleting.wait()  # a catalog write: then it is downloaded afresh
-            elif (fetching := self._fetching.get(model_id_)) is not None:
-                # As a second `ollama pull` does: follow the download under way, not fail on its .part.
-                job.narrate(f"model {model_id_} is being downloaded by {fetching[0]}; waiting for it to end")
-                await fetching[1].wait()
-            else:
-                break
-        existing = self.catalog.get(model_id_)
-        if existing is not None and self.path_of(existing).exists():
-            if op.sha256 and op.sha256.lower() != existing.sha256:
-                raise JobFailed(f"model {model_id_} is present with sha256 {existing.sha256}, not {op.sha256}")
-            moved = existing.source != op.model and not op.sha256  # with a sha256: the same file
-            elsewhere = f", from {existing.source}; model_delete it to fetch this one" if moved else ""
-            job.narrate(f"model {model_id_} is already present{elsewhere}")
-            if (given := existing.with_settings(op.system, op.defaults, over_own=False)) != existing:
-                await self.catalog.put(model_id_, given)
-                job.narrate(f"model {model_id_}'s system and defaults are set anew")
-            if (blob := self._blob(url)) and existing.sha256 == sha256_of(blob.name):
-                await self._share(blob, self.path_of(existing))
-            job.result(given)
-            return
-        self._fetching[model_id_] = (job.id, trio.Event())
-        try:
-            job.result(await self._fetch(job, op, url, model_id_))
-        finally:
-            self._fetching.pop(model_id_)[1].set()
+        blob = self._blob(url)
+        with self._taking(blob):
+            while True:
+                if (deleting := self._deleting.get(model_id_)) is not None:
+                    await deleting.wait()  # a catalog write: then it is downloaded afresh
+                elif (fetching := self._fetching.get(model_id_)) is not None:
+                    # As a second `ollama pull` does: follow the download under way, not fail on its .part.
+                    job.narrate(f"model {model_id_} is being downloaded by {fetching[0]}; waiting for it to end")
+                    await fetching[1].wait()
+                else:
+                    break
+            existing = self.catalog.get(model_id_)
+            if existing is not None and self.path_of(existing).exists():
+                if op.sha256 and op.sha256.lower() != existing.sha256:
+                    raise JobFailed(f"model {model_id_} is present with sha256 {existing.sha256}, not {op.sha256}")
+                moved = existing.source != op.model and not op.sha256  # with a sha256: the same file
+                elsewhere = f", from {existing.source}; model_delete it to fetch this one" if moved else ""
+                job.narrate(f"model {model_id_} is already present{elsewhere}")
+                if (given := existing.with_settings(op.system, op.defaults, over_own=False)) != existing:
+                    await self.catalog.put(model_id_, given)
+                    job.narrate(f"model {model_id_}'s system and defaults are set anew")
+                if blob and existing.sha256 == sha256_of(blob.name):
+                    await self._share(blob, self.path_of(existing))
+                job.result(given)
+                return
+            self._fetching[model_id_] = (job.id, trio.Event())
+            try:
+                job.result(await self._fetch(job, op, url, model_id_, blob))
+            finally:
+                self._fetching.pop(model_id_)[1].set()
 
-    async def _fetch(self, job: Job, op: ModelDownload, url: str, model_id_: str) -> Model:
+    @contextlib.contextmanager
+    def _taking(self, blob: Path | None) -> Iterator[None]:
+        """`blob` kept from a model_delete of the last model whose file it is while a create takes it."""
+        if blob is None:
+            yield
+            return
+        digest = sha256_of(blob.name)
+        self._adopting[digest] += 1
+        try:
+            yield
+        finally:
+            self._adopting[digest] -= 1
+            if not self._adopting[digest]:
+                del self._adopting[digest]
+
+    async def _fetch(self, job: Job, op: ModelDownload, url: str, model_id_: str, blob: Path | None) -> Model:
         self.dir.mkdir(parents=True, exist_ok=True)
         dest = self.dir / f"{model_id_}.gguf"
         started = trio.current_time()
-        blob = self._blob(url)
-        if blob:  # kept from a model_delete of a model that is its file while this takes it
-            self._adopting[sha256_of(blob.name)] += 1
+        result = linked = await self._adopt(job, blob, dest, op.sha256) if blob else None
+        if result is None:
+            result = await self._download(job, op, url, dest)
+        job.narrate(f"{result.size} bytes in {trio.current_time() - started:.2f} s; reading metadata")
         try:
-            result = linked = await self._adopt(job, blob, dest, op.sha256) if blob else None
-            if result is None:
-                result = await self._download(job, op, url, dest)
-            job.narrate(f"{result.size} bytes in {trio.current_time() - started:.2f} s; reading metadata")
-            try:
-                metadata = await read_metadata(dest)
-                model = Model(model_id_, dest.name, result.size, result.sha256, op.model, time.time(), metadata)
-                if (lost := self.catalog.get(model_id_)) is not None and lost.source == op.model:
-                    # Its file was gone: fetched again, it keeps the system and defaults it was given.
-                    model = msgspec.structs.replace(model, system=lost.system, defaults=lost.defaults)
-                model = model.with_settings(op.system, op.defaults, over_own=False)
-                await self.catalog.put(model.id, model)
-            except BaseException:  # not a model (JobFailed), or cancelled: no file without its record
-                if self.catalog.get(model_id_) is None:
-                    dest.unlink(missing_ok=True)
-                raise
-        finally:
-            if blob:
-                self._adopting[sha256_of(blob.name)] -= 1
-        if blob and not linked:
-            blob.unlink(missing_ok=True)  # copied: kept, it would take the space twice
+            metadata = await read_metadata(dest)
+            model = Model(model_id_, dest.name, result.size, result.sha256, op.model, time.time(), metadata)
+            if (lost := self.catalog.get(model_id_)) is not None and lost.source == op.model:
+                # Its file was gone: fetched again, it keeps the system and defaults it was given.
+                model = msgspec.structs.replace(model, system=lost.system, defaults=lost.defaults)
+            model = model.with_settings(op.system, op.defaults, over_own=False)
+            await self.catalog.put(model.id, model)
+        except BaseException:  # not a model (JobFailed), or cancelled: no file without its record
+            if self.catalog.get(model_id_) is None:
+                dest.unlink(missing_ok=True)
+            raise
+        if blob and not linked and self._adopting[sha256_of(blob.name)] == 1:
+            blob.unlink(missing_ok=True)  # copied, and no other create takes it: kept, it would take the space twice
         return model
 
     def _blob(self, source: str) -> Path | None:

@@ -589,7 +589,12 @@ class _Worker:
                 connection.send(wire.Failed(request.id, error))
                 return
         else:
-            tokens = llm.tokenize(request.text.encode(), add_bos=request.add_special, special=request.parse_special)
+            try:
+                tokens = llm.tokenize(request.text.encode(), add_bos=request.add_special,
+                                      special=request.parse_special)  # fmt: skip
+            except RuntimeError as exc:
+                connection.send(wire.Failed(request.id, f"cannot tokenize the text: {exc}"))
+                return
         pieces = [self._piece(token, special=True) for token in tokens]
         connection.send(wire.Tokenized(request.id, tokens, pieces))
 
@@ -597,7 +602,11 @@ class _Worker:
         """Answer the tokenizes the daemon sent while a generation runs (it sends nothing else then)."""
         pending = connection.pending
         while pending and type(pending[0][0]) is wire.Tokenize:
-            self._tokenize(pending.popleft()[0], connection)
+            try:
+                request, _ = pending.popleft()
+            except IndexError:  # a SIGIO's read found the daemon gone, and dropped what it sent
+                return
+            self._tokenize(request, connection)
 
     def _prompt_tokens(self, request: wire.Generate) -> list[int]:
         """The request's prompt as tokens: its text after a BOS, or its messages through the model's

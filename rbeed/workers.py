@@ -215,7 +215,7 @@ class Worker:
         current = self.current
         if (type(generation.request) is not wire.Tokenize or current is None or not current.sent
                 or type(current.request) is not wire.Generate or current.outcome is not None
-                or self._stream is None or self.closing):  # fmt: skip
+                or self._stream is None or self.closing or len(self.aside) >= self.config.queue_size):  # fmt: skip
             return False
         self.aside[generation.request.id] = generation  # serve() reads on until it is answered
         with trio.CancelScope(shield=True):  # a frame cut short would garble the stream
@@ -223,6 +223,9 @@ class Worker:
                 await self._send(self._stream, generation.request)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the worker is gone: its supervisor fails what it was sent
+            except BaseException:
+                del self.aside[generation.request.id]  # never sent: serve() must not wait for it
+                raise
         return True
 
     def fail_sent(self, why: str) -> None:
@@ -260,6 +263,12 @@ class Worker:
     async def serve(self, stream: trio.abc.Stream) -> None:
         """Feed queued generations to the worker one at a time; return once idle for keep_alive."""
         self._stream = stream
+        try:
+            await self._serve(stream)
+        finally:  # gone, or going: nothing more is sent aside
+            self._stream = None
+
+    async def _serve(self, stream: trio.abc.Stream) -> None:
         decoder = wire.FrameDecoder()
         while True:
             self.state = WorkerState.READY
@@ -290,26 +299,35 @@ class Worker:
             with trio.CancelScope() as self._answer:
                 if generation.abandoned:  # its job went away while the request was on its way
                     await self.abandon(generation)
-                while generation.outcome is None or self.aside:
-                    data = await stream.receive_some(1 << 16)
-                    if not data:
-                        raise WorkerDied("closed its connection")
-                    for message in decoder.feed(data):
-                        if message.id != generation.request.id:
-                            if (aside := self.aside.pop(message.id, None)) is not None:
-                                aside.finish(message.error if type(message) is wire.Failed else message)
-                        elif type(message) is wire.Token:
-                            generation.token(message.text)
-                        elif type(message) is wire.Embedding:
-                            generation.vectors.append(message.vector)
-                        elif type(message) in _ENDINGS:
-                            generation.finish(message)
-                        elif type(message) is wire.Failed:
-                            generation.finish(message.error)
+                while generation.outcome is None:
+                    await self._read(stream, decoder, generation)
             if generation.outcome is None:
                 raise WorkerDied(f"did not stop its generation within {self.config.cancel_timeout:g} s of a cancel")
             self.current = None
+            with trio.move_on_after(self.config.cancel_timeout):  # tokenizes sent aside as it ended
+                while self.aside:
+                    await self._read(stream, decoder, generation)
+            if self.aside:
+                raise WorkerDied(f"did not answer a tokenize within {self.config.cancel_timeout:g} s")
             self.restarts = 0
+
+    async def _read(self, stream: trio.abc.Stream, decoder: wire.FrameDecoder, generation: Generation) -> None:
+        """Read what the worker sent, and give each frame to the request it answers."""
+        data = await stream.receive_some(1 << 16)
+        if not data:
+            raise WorkerDied("closed its connection")
+        for message in decoder.feed(data):
+            if message.id != generation.request.id:
+                if (aside := self.aside.pop(message.id, None)) is not None:
+                    aside.finish(message.error if type(message) is wire.Failed else message)
+            elif type(message) is wire.Token:
+                generation.token(message.text)
+            elif type(message) is wire.Embedding:
+                generation.vectors.append(message.vector)
+            elif type(message) in _ENDINGS:
+                generation.finish(message)
+            elif type(message) is wire.Failed:
+                generation.finish(message.error)
 
 
 class Supervisor:

@@ -535,6 +535,28 @@ async def test_a_blob_stays_for_a_create_that_takes_it_while_the_last_model_made
     assert not blob.exists()
 
 
+async def test_of_two_uploads_of_one_blob_at_once_the_first_to_end_is_kept(rbeed, client):
+    # A model may be made of it by then: the second must not put a file of its own in its place.
+    body = b"GGUF" + bytes(range(256)) * 4000
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    blob = rbeed.state_dir / "blobs" / digest.replace(":", "-")
+    async with await open_stream(rbeed, unix=True) as stream:
+        await stream.send_all(f"POST /api/blobs/{digest} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+                              "Connection: close\r\n\r\n".encode() + body[:1000])  # fmt: skip
+        with trio.fail_after(10):
+            while not any(rbeed.state_dir.joinpath("blobs").glob(".*.part")):  # the first has begun
+                await trio.sleep(0.01)
+        assert (await client.request("POST", f"/api/blobs/{digest}", body=body)).status == 201
+        inode = blob.stat().st_ino
+        await stream.send_all(body[1000:])
+        reply = b""
+        with trio.fail_after(10):
+            while data := await stream.receive_some(65536):
+                reply += data
+    assert reply.startswith(b"HTTP/1.1 201 ") and blob.stat().st_ino == inode and blob.read_bytes() == body
+    assert not list(rbeed.state_dir.joinpath("blobs").glob(".*.part"))
+
+
 async def test_a_blob_that_is_not_what_its_digest_says_is_refused_and_leaves_nothing(rbeed, client):
     body = b"GGUF and more" * 100_000
     blobs = rbeed.state_dir / "blobs"

@@ -828,3 +828,26 @@ def test_a_sigio_abandons_a_cancelled_prompt_only_where_raising_is_safe(in_proce
             handled.on_sigio(signal.SIGIO, frame)
             assert job.in_prompt  # still cancellable by the abort callback
         assert job.cancelled  # the Cancel was read either way
+
+
+@pytest.mark.parametrize("line", [1, 2, 3])
+def test_tokenizes_answered_aside_are_left_when_a_sigio_finds_the_daemon_gone_meanwhile(in_process, line):
+    # The SIGIO handler's read clears what the daemon sent once it hangs up: between the check
+    # for a waiting tokenize and its popleft, that left an IndexError to kill the worker.
+    from rbeed import worker
+
+    handled = worker._Worker(in_process, 0.0)
+    with connection_without_sigio() as (daemon, connection):
+        handled.connection = connection
+        connection.running = worker._Job(1)
+        daemon.sendall(wire.encode(wire.Tokenize(id=2, text="Once upon")))
+        connection.poll()
+        assert len(connection.pending) == 1
+
+        def sigio(frame):
+            daemon.shutdown(socket.SHUT_WR)
+            handled.on_sigio(signal.SIGIO, frame)
+
+        with HandlerAt(line, [worker._Worker._answer_aside], sigio) as handler:
+            handled._answer_aside(connection)
+        assert handler.ran and connection.closed and not connection.pending

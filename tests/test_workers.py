@@ -12,12 +12,18 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from support import (
     end_marker, is_narration, is_token, job_error, job_events, job_result, narrations, pid_alive, read_events_until,
     register, register_copy, rest_of, result_of, run_job, running_daemon, short_base, start_daemon, steady,
     wait_pids_gone,
 )  # fmt: skip
+from rbeed import wire
+from rbeed.config import WorkersConfig
+from rbeed.jobs import Job
+from rbeed.operations import Infer, Tokenize
+from rbeed.workers import Generation, Worker, WorkerDied
 
 # Each worker sleeps this long after every token, so a long generation can be hit mid-stream.
 SLOW_TOKENS = {"RBEED_WORKER_TOKEN_DELAY": "0.05"}
@@ -472,3 +478,77 @@ async def test_cpu_affinity_pins_workers_and_bounds_the_thread_budget(tiny_model
             argv = cmdline(record["pid"])
             assert argv[argv.index("--cpu-affinity") + 1] == "0"
             assert "no CPU threads free" in await job_error(client, spawn())
+
+
+# -- Worker.serve against a worker scripted over an in-memory stream: orders of frames that a real
+# worker gives only by chance.
+
+
+def scripted(**config) -> tuple[Worker, Generation, Generation]:
+    """A worker (not on demand), a generation and a tokenize for it."""
+    worker = Worker("w1", "tiny", Path("tiny.gguf"), "cpu", 1, 2048, 32, Path("w1.sock"), WorkersConfig(**config),
+                    on_demand=False, keep_alive=None)  # fmt: skip
+    generation = Generation(Job(Infer(model="tiny", prompt="x"), 16), False, prompt="x", max_tokens=5,
+                            temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repeat_penalty=1.0,
+                            presence_penalty=0.0, frequency_penalty=0.0)  # fmt: skip
+    tokenize = Generation(Job(Tokenize(model="tiny", text="x"), 16), False, wire.Tokenize, text="x")
+    return worker, generation, tokenize
+
+
+async def frames(stream, decoder: wire.FrameDecoder) -> list:
+    return decoder.feed(await stream.receive_some(65536))
+
+
+async def test_a_tokenize_sent_aside_is_answered_after_a_cancelled_generation_ends_late(autojump_clock):
+    # The generation's Done comes just within cancel_timeout of its cancel, the tokenize's answer
+    # after that deadline: it is still read, not left in the stream until the next job.
+    worker, generation, tokenize = scripted(cancel_timeout=1.0)
+    ours, theirs = trio.testing.memory_stream_pair()
+    decoder = wire.FrameDecoder()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker.serve, ours)
+        worker.submit(generation)
+        [sent] = await frames(theirs, decoder)
+        assert sent == generation.request and await worker.submit_aside(tokenize)
+        assert await frames(theirs, decoder) == [tokenize.request]
+        await worker.abandon(generation)
+        assert await frames(theirs, decoder) == [wire.Cancel(generation.request.id)]
+        await trio.sleep(0.8)
+        await theirs.send_all(wire.encode(wire.Done(generation.request.id, 1, 0, "cancelled", 0.0, 0.0)))
+        await trio.sleep(0.5)
+        await theirs.send_all(wire.encode(wire.Tokenized(tokenize.request.id, [7], [b"x"])))
+        with trio.fail_after(5):
+            await tokenize.done.wait()
+        assert tokenize.outcome == wire.Tokenized(tokenize.request.id, [7], [b"x"])
+        assert (worker.current, worker.aside) == (None, {})
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_worker_that_died_takes_nothing_aside(autojump_clock):
+    worker, generation, tokenize = scripted()
+    ours, theirs = trio.testing.memory_stream_pair()
+    worker.submit(generation)
+
+    async def hang_up() -> None:
+        await frames(theirs, wire.FrameDecoder())
+        await theirs.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hang_up)
+        with pytest.raises(WorkerDied, match="closed its connection"):
+            await worker.serve(ours)
+    # The supervisor fails the generation and restarts the worker: the tokenize queues for that.
+    assert worker.current is generation and not await worker.submit_aside(tokenize)
+
+
+async def test_tokenizes_aside_are_bounded_by_the_queue_size(autojump_clock):
+    worker, generation, tokenize = scripted(queue_size=1)
+    ours, theirs = trio.testing.memory_stream_pair()
+    worker.submit(generation)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker.serve, ours)
+        decoder = wire.FrameDecoder()
+        await frames(theirs, decoder)
+        another = Generation(tokenize.job, False, wire.Tokenize, text="y")
+        assert await worker.submit_aside(tokenize) and not await worker.submit_aside(another)
+        nursery.cancel_scope.cancel()
