@@ -737,8 +737,11 @@ def infer_payload(payload: dict, history: Sequence[dict] = ()) -> dict:
 
 
 def defaults_payload(payload: dict) -> dict:
-    """model_copy's or model_download's payload from rbee's options: infer's among them are the model's defaults."""
+    """model_copy's or model_download's payload from rbee's options: infer's among them are the model's
+    defaults; each --message a message of its history."""
     defaults = {name: payload.pop(name) for name in Settings.__struct_fields__ if name in payload}
+    if "messages" in payload:
+        payload["messages"] = [{"role": role, "content": text} for role, text in payload["messages"]]
     return payload | ({"defaults": defaults} if defaults else {})
 
 
@@ -1060,12 +1063,17 @@ def make_parser() -> argparse.ArgumentParser:
     )
     system = _arg("--system", type=_text, metavar="TEXT",
                   help="the system message of its chats that have none, inline or as @FILE ('' removes it)")
+    message = _arg("--message", nargs=2, action="append", dest="messages", metavar=("ROLE", "TEXT"),
+                   help="a message (ROLE: system, user or assistant) of the history its chats get first, "
+                        "as a Modelfile's MESSAGE; repeat it for each")  # fmt: skip
+    no_messages = _arg("--no-messages", action="store_const", const=[], dest="messages",
+                       help="remove the history (for a model present, or the copy's)")  # fmt: skip
     _command(model, "download", "model_download",
              "download a GGUF model (path, URL or hf:owner/repo/file), with a system message and defaults for "
              "infer's options (which replace those of a model present already)",
              _arg("model", metavar="SOURCE", type=_source), _arg("--sha256", metavar="HEX", help="expected sha256"),
              _arg("--id", metavar="ID", help="the model's id (default: from the file's name)"),
-             system,
+             system, message, no_messages,
              *_settings(lambda field: ""), _HIVE)  # fmt: skip
     _command(model, "list", "model_list", "list models", _HIVE)
     _command(model, "get", "model_get", "show one model", by_id, _HIVE)
@@ -1073,7 +1081,7 @@ def make_parser() -> argparse.ArgumentParser:
              "name a model by a new id too (a hard link to its file: no space used), with its own system message "
              "and defaults for infer's options (over ID's; NEW_ID may be ID to change them)",
              by_id, _arg("to", metavar="NEW_ID"),
-             system,
+             system, message, no_messages,
              *_settings(lambda field: "(default: ID's)"), _HIVE)  # fmt: skip
     _command(model, "delete", "model_delete", "delete a model", by_id, _HIVE)
 

@@ -75,8 +75,10 @@ class Inference:
     async def infer(self, job: Job, op: Infer) -> None:
         op, model, settings = self._named(op)
         messages = None if op.messages is None else [(m.role, m.content) for m in op.messages]
-        if messages and model.system and messages[0][0] != "system":  # as Ollama puts a model's SYSTEM
-            messages.insert(0, ("system", model.system))
+        if messages:  # as Ollama puts a model's SYSTEM (unless the chat has its own) and MESSAGEs first
+            first = 1 if messages[0][0] == "system" else 0
+            lead = messages[:first] or ([("system", model.system)] if model.system else [])
+            messages = lead + [(m.role, m.content) for m in model.messages] + messages[first:]
         generation = Generation(
             job, op.stream, prompt=op.prompt or "", max_tokens=settings.max_tokens, temperature=settings.temperature,
             top_p=settings.top_p, top_k=settings.top_k, seed=settings.seed, stop=list(settings.stop), messages=messages,

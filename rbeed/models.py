@@ -26,8 +26,8 @@ from .download import DownloadError, DownloadResult, download
 from .ggufinfo import NEWEST_KEY
 from .httpclient import Client, StatusError
 from .jobs import Job, JobFailed
-from .operations import (Detokenize, Embed, Infer, ModelCopy, ModelDelete, ModelDownload, ModelGet, ModelList,
-                         Settings, Tokenize, layered)
+from .operations import (ChatMessage, Detokenize, Embed, Infer, ModelCopy, ModelDelete, ModelDownload, ModelGet,
+                         ModelList, Settings, Tokenize, layered)
 
 log = logging.getLogger("rbeed.models")
 
@@ -44,6 +44,7 @@ class Model(msgspec.Struct):
     metadata: dict = {}
     system: str | None = None  # the first message of its chats that have none
     defaults: Settings = msgspec.field(default_factory=Settings)  # for its infer jobs' settings they leave out
+    messages: list[ChatMessage] = []  # put before each chat's own, after its system message
 
     @property
     def without_chat_template(self) -> bool:
@@ -55,21 +56,24 @@ class Model(msgspec.Struct):
         """Its GGUF says that its attention is not causal (BERT and its kind): it makes embeddings only."""
         return self.metadata.get("causal") is False
 
-    def refuses_system(self, system: str | None) -> str | None:
-        """Why `system` cannot be the model's system message, if it cannot."""
-        if system and self.without_chat_template:
-            return f"model {self.id} has no chat template to put a system message in: it continues prompts as they are"
+    def refuses_system(self, system: str | None, messages: list[ChatMessage] | None = None) -> str | None:
+        """Why `system` (or `messages`) cannot be the model's system message (its history), if they cannot."""
+        if (system or messages) and self.without_chat_template:
+            what = "a system message" if system else "messages"
+            return f"model {self.id} has no chat template to put {what} in: it continues prompts as they are"
         return None
 
-    def with_settings(self, system: str | None, defaults: Settings | None, *, over_own: bool = True) -> Model:
-        """The model with `system` ("" removes it) and `defaults`, over its own or instead of them;
-        None leaves either as it is."""
-        if why := self.refuses_system(system):
+    def with_settings(self, system: str | None, defaults: Settings | None, messages: list[ChatMessage] | None = None,
+                      *, over_own: bool = True) -> Model:  # fmt: skip
+        """The model with `system` ("" removes it), `messages` ([] removes them) and `defaults`,
+        over its own or instead of them; None leaves each as it is."""
+        if why := self.refuses_system(system, messages):
             raise JobFailed(why)
         if defaults is not None and over_own:
             defaults = layered(defaults, self.defaults)
         return msgspec.structs.replace(self, system=self.system if system is None else system or None,
-                                       defaults=self.defaults if defaults is None else defaults)  # fmt: skip
+                                       defaults=self.defaults if defaults is None else defaults,
+                                       messages=self.messages if messages is None else messages)  # fmt: skip
 
     def refusal(self, op: Infer | Embed | Tokenize | Detokenize) -> tuple[str, str] | None:
         """The field at fault and why, where the catalog already tells that `op` would fail on
@@ -235,9 +239,9 @@ class Models:
                 moved = existing.source != op.model and not op.sha256  # with a sha256: the same file
                 elsewhere = f", from {existing.source}; model_delete it to fetch this one" if moved else ""
                 job.narrate(f"model {model_id_} is already present{elsewhere}")
-                if (given := existing.with_settings(op.system, op.defaults, over_own=False)) != existing:
+                if (given := existing.with_settings(op.system, op.defaults, op.messages, over_own=False)) != existing:
                     await self.catalog.put(model_id_, given)
-                    job.narrate(f"model {model_id_}'s system and defaults are set anew")
+                    job.narrate(f"model {model_id_}'s system, messages and defaults are set anew")
                 if blob and existing.sha256 == sha256_of(blob.name):
                     await self._share(blob, self.path_of(existing))
                 job.result(given)
@@ -275,9 +279,10 @@ class Models:
             metadata = await read_metadata(dest)
             model = Model(model_id_, dest.name, result.size, result.sha256, op.model, time.time(), metadata)
             if (lost := self.catalog.get(model_id_)) is not None and lost.source == op.model:
-                # Its file was gone: fetched again, it keeps the system and defaults it was given.
-                model = msgspec.structs.replace(model, system=lost.system, defaults=lost.defaults)
-            model = model.with_settings(op.system, op.defaults, over_own=False)
+                # Its file was gone: fetched again, it keeps the system, messages and defaults it was given.
+                model = msgspec.structs.replace(model, system=lost.system, defaults=lost.defaults,
+                                                messages=lost.messages)  # fmt: skip
+            model = model.with_settings(op.system, op.defaults, op.messages, over_own=False)
             await self.catalog.put(model.id, model)
         except BaseException:  # not a model (JobFailed), or cancelled: no file without its record
             if self.catalog.get(model_id_) is None:
@@ -398,11 +403,12 @@ class Models:
 
     async def copy(self, job: Job, op: ModelCopy) -> None:
         model, to = self.lookup(op.id), model_id(op.to)
-        made = msgspec.structs.replace(model.with_settings(op.system, op.defaults), id=to, file=f"{to}.gguf",
+        made = msgspec.structs.replace(model.with_settings(op.system, op.defaults, op.messages), id=to, file=f"{to}.gguf",
                                        added_at=time.time())  # fmt: skip
         existing = self.catalog.get(to)
-        if to == model.id and op.system is None and op.defaults is None:
-            raise JobFailed(f"{op.to!r} names model {model.id} itself; give another id, or a system or defaults to set")
+        if to == model.id and op.system is None and op.defaults is None and op.messages is None:
+            raise JobFailed(f"{op.to!r} names model {model.id} itself; give another id, or a system, messages "
+                            "or defaults to set")  # fmt: skip
         if existing is not None and self.same_file(to, model):
             # Its file already: as `ollama create` again, only its record is made anew.
             made = msgspec.structs.replace(made, file=existing.file)
@@ -411,7 +417,7 @@ class Models:
                 made = existing
             else:
                 await self.catalog.put(to, made)
-                job.narrate(f"model {to} is a copy of {model.id} already; its system and defaults are set anew")
+                job.narrate(f"model {to} is a copy of {model.id} already; its system, messages and defaults are set anew")
             job.result(made)
             return
         if why := self.taken(to, model):

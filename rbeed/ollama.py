@@ -19,7 +19,7 @@ from .compat import (
 )
 from .jobs import Job, JobFailed, JobRegistry
 from .models import Model, Models, model_id, resolve_source
-from .operations import MAX_TOKENS, Embed, ModelCopy, ModelDelete, ModelDownload, Settings
+from .operations import MAX_TOKENS, ChatMessage, Embed, ModelCopy, ModelDelete, ModelDownload, Settings
 from .server import Request, Response, StreamingResponse, error_response, json_response, only
 from .workers import Supervisor
 
@@ -116,7 +116,7 @@ class _Create(_Named):
     files: dict | None = None
     adapters: dict | None = None
     template: str | None = None
-    messages: list | None = None
+    messages: list[ChatMessage] | None = None
     license: str | list | None = None
     quantize: str | None = None
     modelfile: str | None = None  # the older API's
@@ -265,6 +265,7 @@ def _modelfile(model: Model, path: Path, parameters: list[tuple[str, str]]) -> s
     lines = [f"# Modelfile of rbeed's model {model.id}", f"FROM {path}"]
     if model.system:
         lines.append(f'SYSTEM """{model.system}"""')
+    lines += [f'MESSAGE {message.role} """{message.content}"""' for message in model.messages]
     return "\n".join([*lines, *(f"PARAMETER {name} {value}" for name, value in parameters)]) + "\n"
 
 
@@ -457,6 +458,8 @@ class OllamaAPI:
                   "details": _details(model), "model_info": info,
                   "capabilities": ["embedding" if embedder else "completion"],
                   "modified_at": _timestamp(model.added_at)}  # fmt: skip
+        if model.messages:
+            answer["messages"] = [{"role": message.role, "content": message.content} for message in model.messages]
         return json_response(200, answer | ({"system": model.system} if model.system else {}))
 
     async def _generate(self, kind: type[_Generate | _Chat], request: Request) -> Response | StreamingResponse:
@@ -542,7 +545,7 @@ class OllamaAPI:
             return refusal
         try:
             body = decode(request.body, _Create)
-            for field in ("adapters", "modelfile", "template", "messages", "license", "quantize"):
+            for field in ("adapters", "modelfile", "template", "license", "quantize"):
                 if getattr(body, field):
                     raise Refused(400, _UNMADE.get(field, f"{field} is not supported by rbeed"), field)
             if bool(body.from_) == bool(body.files):
@@ -557,14 +560,14 @@ class OllamaAPI:
                                        "model_delete it first", "model")  # fmt: skip
                 # Made again, the model gets the record it is given now: no system or defaults, none.
                 op = ModelDownload(model=str(blob), id=to, sha256=digest, system=body.system or "",
-                                   defaults=settings or Settings())  # fmt: skip
+                                   defaults=settings or Settings(), messages=body.messages or [])  # fmt: skip
             else:
                 source = self._model(body.from_, "from")
-                if why := source.refuses_system(body.system):
-                    raise Refused(400, why, "system")
+                if why := source.refuses_system(body.system, body.messages):
+                    raise Refused(400, why, "system" if body.system else "messages")
                 if why := self.models.taken(to, source):
                     raise Refused(409, why, "model")  # Ollama replaces it; rbeed keeps a model it has
-                op = ModelCopy(id=source.id, to=to, system=body.system, defaults=settings)
+                op = ModelCopy(id=source.id, to=to, system=body.system, defaults=settings, messages=body.messages)
             job = start_job(self.registry, op)
         except Refused as exc:
             return error_response(exc.status, str(exc))

@@ -146,11 +146,21 @@ DEFAULTS = Settings(max_tokens=256, temperature=0.8, top_p=0.95, top_k=40, min_p
                     presence_penalty=0.0, frequency_penalty=0.0, repeat_last_n=64, stop=[])  # fmt: skip
 
 
+class ChatMessage(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    role: Literal["system", "user", "assistant"]
+    content: Text
+
+
+# A model's chat history put before each chat's own (a Modelfile's MESSAGEs); [] removes it.
+History = Annotated[list[ChatMessage], msgspec.Meta(max_length=1024)]
+
+
 class ModelCopy(Operation, tag="model_copy"):
     """The model under a second id too (as `ollama cp`): a hard link to its file, with its record.
 
-    `system` and `defaults` change the copy's (as `ollama create` FROM the model): `defaults`
-    over the model's, field by field; `system` "" removes it. Given either, `to` may be `id`.
+    `system`, `messages` and `defaults` change the copy's (as `ollama create` FROM the model):
+    `defaults` over the model's, field by field; `system` "" and `messages` [] remove theirs.
+    Given any, `to` may be `id`.
     """
 
     id: Id
@@ -158,11 +168,12 @@ class ModelCopy(Operation, tag="model_copy"):
     hive_id: HiveId = "localhost"
     system: Text | None = None  # the first message of its chats that have no system message
     defaults: Settings | None = None
+    messages: History | None = None
 
 
 class ModelDownload(Operation, tag="model_download"):
-    """A GGUF into the catalog. `system` and `defaults` are the model's (as ModelCopy's); given for
-    a model already present, they replace its own."""
+    """A GGUF into the catalog. `system`, `messages` and `defaults` are the model's (as
+    ModelCopy's); given for a model already present, they replace its own."""
 
     model: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]  # path, URL or hf:owner/repo/file
     hive_id: HiveId = "localhost"
@@ -170,16 +181,12 @@ class ModelDownload(Operation, tag="model_download"):
     id: Id | None = None  # the model's id; default: a slug of the file's name
     system: Text | None = None
     defaults: Settings | None = None
+    messages: History | None = None
 
 
 class ModelDelete(Operation, tag="model_delete"):
     id: Id
     hive_id: HiveId = "localhost"
-
-
-class ChatMessage(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    role: Literal["system", "user", "assistant"]
-    content: Text
 
 
 class Infer(Operation, Settings, tag="infer"):

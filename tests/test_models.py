@@ -131,7 +131,7 @@ async def test_a_download_given_a_system_and_defaults_records_them_and_sets_them
     assert by_model["prompt_tokens"] == spelled_out["prompt_tokens"] and by_model["text"] == spelled_out["text"]
     # Present already: its record's are set anew ("" removes the system; defaults replace its own).
     events = await run_job(client, download(str(chat), system="", defaults={"top_k": 1}))
-    assert narrations(events) == ["model talker is already present", "model talker's system and defaults are set anew"]
+    assert narrations(events) == ["model talker is already present", "model talker's system, messages and defaults are set anew"]
     assert (result_of(events)["system"], result_of(events)["defaults"]) == (None, {"top_k": 1})
     assert await job_result(client, {"operation": "model_get", "id": "talker"}) == result_of(events)
     # A system message needs a chat template: refused for the tiny model, fetched or present.
@@ -463,7 +463,7 @@ async def test_model_copy_names_the_file_by_a_second_id_without_copying_it(rbeed
     assert await job_error(client, {"operation": "model_copy", "id": "original", "to": "other"}) == (
         f"model other already exists (sha256 {other['sha256']}); model_delete it first")
     assert await job_error(client, {"operation": "model_copy", "id": "original", "to": "Original.gguf"}) == (
-        "'Original.gguf' names model original itself; give another id, or a system or defaults to set")
+        "'Original.gguf' names model original itself; give another id, or a system, messages or defaults to set")
     assert (await job_error(client, {"operation": "model_copy", "id": "nosuch", "to": "x"})).startswith(
         "unknown model 'nosuch'")
     assert not (models / "x.gguf").exists()
@@ -512,7 +512,7 @@ async def test_a_copys_defaults_are_what_its_infer_jobs_leave_out(rbeed, client,
     again = {"operation": "model_copy", "id": "greedier", "to": "greedier", "system": "", "defaults": {"stop": [piece]}}
     events = await run_job(client, again)
     updated = result_of(events)
-    assert narrations(events) == ["model greedier is a copy of greedier already; its system and defaults are set anew"]
+    assert narrations(events) == ["model greedier is a copy of greedier already; its system, messages and defaults are set anew"]
     assert (updated["defaults"], updated["system"]) == (defaults | {"top_k": 1, "stop": [piece]}, None)
     assert await job_result(client, {"operation": "model_get", "id": "greedier"}) == updated
     events = await run_job(client, again)

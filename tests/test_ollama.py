@@ -404,7 +404,7 @@ async def test_create_makes_a_model_with_a_system_message_and_parameters_from_on
     async with client.stream("POST", "/api/create", json={"model": "brief", "from": "chatty", "system": "Be kind."}) as response:
         assert (response.status, response.headers["content-type"]) == (200, "application/x-ndjson")
         statuses = [json.loads(line)["status"] for line in (await response.aread()).splitlines()]
-    assert statuses == ["model brief is a copy of chatty already; its system and defaults are set anew", "success"]
+    assert statuses == ["model brief is a copy of chatty already; its system, messages and defaults are set anew", "success"]
     shown = (await post(client, "/api/show", {"model": "brief"}))[1]
     assert (shown["system"], shown["parameters"]) == ("Be kind.", "")
 
@@ -427,6 +427,10 @@ async def test_create_makes_a_model_with_a_system_message_and_parameters_from_on
         ({"model": "x", "from": "tiny", "parameters": {"num_ctx": "big"}}, 400, "at `$.parameters.num_ctx`", ""),
         ({"model": "chatty", "from": "tiny"}, 409, "model chatty already exists (sha256 ", ""),
         ({"model": "x", "from": "tiny", "system": "Hi."}, 400, "model tiny has no chat template to put a system", ""),
+        ({"model": "x", "from": "tiny", "messages": [{"role": "user", "content": "Hi"}]}, 400,
+         "model tiny has no chat template to put messages in", ""),
+        ({"model": "x", "from": "chatty", "messages": [{"role": "tool", "content": "Hi"}]}, 400,
+         "at `$.messages[0].role`", ""),
     ]  # fmt: skip
     for body, status, message, _ in refusals:
         answer = await post(client, "/api/create", body | {"stream": False})
@@ -441,6 +445,34 @@ async def test_create_makes_a_model_with_a_system_message_and_parameters_from_on
     assert (unloaded[1]["done_reason"], await loaded(client)) == ("unload", {})
     for name in ("x", "brief"):
         await trio.to_thread.run_sync(client_of_ollama.delete, name)
+
+
+async def test_create_with_messages_puts_that_history_before_each_chat_as_a_modelfiles_message_lines_do(
+        rbeed, client):  # fmt: skip
+    history = [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "A pirate, arr."}]
+    client_of_ollama = ollama.Client(host=rbeed.url, timeout=30)
+    await trio.to_thread.run_sync(lambda: client_of_ollama.create("pirate", from_="chatty", system="Be brief.",
+                                                                  messages=history))  # fmt: skip
+    shown = (await post(client, "/api/show", {"model": "pirate"}))[1]
+    assert (shown["system"], shown["messages"]) == ("Be brief.", history)
+    assert 'SYSTEM """Be brief."""\nMESSAGE user """Who are you?"""\nMESSAGE assistant """A pirate, arr."""\n' in (
+        shown["modelfile"])
+    # A chat with it is the chat with that history written out: after the model's system message,
+    # or the chat's own, which stays first.
+    hi = {"role": "user", "content": "Hi"}
+    ask = {"stream": False, "options": {"temperature": 0, "num_predict": 6}, "keep_alive": 0}
+    for own_system in ([], [{"role": "system", "content": "Be long."}]):
+        written = own_system or [{"role": "system", "content": "Be brief."}]
+        pirate = await post(client, "/api/chat", ask | {"model": "pirate", "messages": [*own_system, hi]})
+        chatty = await post(client, "/api/chat", ask | {"model": "chatty", "messages": [*written, *history, hi]})
+        plain = await post(client, "/api/chat", ask | {"model": "chatty", "messages": [*written, hi]})
+        assert pirate[1]["prompt_eval_count"] == chatty[1]["prompt_eval_count"] > plain[1]["prompt_eval_count"]
+        assert pirate[1]["message"] == chatty[1]["message"]
+    # The job API's model_copy and model_get carry them too; [] removes them.
+    again = await job_result(client, {"operation": "model_copy", "id": "pirate", "to": "pirate", "messages": []})
+    assert again["messages"] == [] and (await job_result(client, {"operation": "model_get", "id": "pirate"}))["messages"] == []
+    assert "messages" not in (await post(client, "/api/show", {"model": "pirate"}))[1]
+    await trio.to_thread.run_sync(client_of_ollama.delete, "pirate")
 
 
 async def test_create_from_a_gguf_uploaded_as_a_blob_takes_the_blob_as_its_file_as_ollama_create_from_a_file(
@@ -468,11 +500,13 @@ async def test_create_from_a_gguf_uploaded_as_a_blob_takes_the_blob_as_its_file_
     assert reply.startswith(b"HTTP/1.1 200 ") and b" 100 " not in reply
 
     statuses = await trio.to_thread.run_sync(lambda: [progress.status for progress in client_of_ollama.create(
-        "mine:latest", files={"mine.gguf": digest}, system="Be brief.", parameters={"num_predict": 3}, stream=True)])
+        "mine:latest", files={"mine.gguf": digest}, system="Be brief.", parameters={"num_predict": 3}, stream=True,
+        messages=[{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."}])])
     assert statuses == [f"using blob {blob.name}", ANY, "success"] and "reading metadata" in statuses[1]
     model = await job_result(client, {"operation": "model_get", "id": "mine"})
     assert (model["sha256"], model["size"]) == (digest[7:], source.stat().st_size)
     assert (model["system"], model["defaults"], model["metadata"]["chat_template"]) == ("Be brief.", {"max_tokens": 3}, True)
+    assert model["messages"] == [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."}]
     assert (rbeed.state_dir / "models" / "mine.gguf").read_bytes() == source.read_bytes()
     mine = rbeed.state_dir / "models" / "mine.gguf"
     assert blob.exists() and mine.stat().st_ino == inode  # its file by a link, not a copy; the blob stays
@@ -493,7 +527,7 @@ async def test_create_from_a_gguf_uploaded_as_a_blob_takes_the_blob_as_its_file_
     made = await post(client, "/api/create", {"model": "mine", "files": {"x.gguf": digest}, "stream": False})
     assert made == (200, {"status": "success"}) and blob.stat().st_ino == inode and blob.stat().st_nlink == 3
     model = await job_result(client, {"operation": "model_get", "id": "mine"})
-    assert (model["system"], model["defaults"]) == (None, {})
+    assert (model["system"], model["defaults"], model["messages"]) == (None, {}, [])
     other = (rbeed.state_dir / "models" / "tiny.gguf").read_bytes()
     other_digest = "sha256:" + hashlib.sha256(other).hexdigest()
     assert (await client.request("POST", f"/api/blobs/{other_digest}", body=other)).status == 201
