@@ -75,7 +75,10 @@ class Inference:
     async def infer(self, job: Job, op: Infer) -> None:
         op, model, settings = self._named(op)
         messages = None if op.messages is None else [(m.role, m.content) for m in op.messages]
-        if messages:  # as Ollama puts a model's SYSTEM (unless the chat has its own) and MESSAGEs first
+        # The model's system message (unless the chat has its own) and history, before the chat.
+        # Ollama puts a chat's own system message after the history; rbeed keeps it first, where
+        # chat templates look for it (Gemma's refuses one anywhere else).
+        if messages:
             first = 1 if messages[0][0] == "system" else 0
             lead = messages[:first] or ([("system", model.system)] if model.system else [])
             messages = lead + [(m.role, m.content) for m in model.messages] + messages[first:]

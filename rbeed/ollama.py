@@ -19,7 +19,7 @@ from .compat import (
 )
 from .jobs import Job, JobFailed, JobRegistry
 from .models import Model, Models, model_id, resolve_source
-from .operations import MAX_TOKENS, ChatMessage, Embed, ModelCopy, ModelDelete, ModelDownload, Settings
+from .operations import MAX_TOKENS, Embed, History, ModelCopy, ModelDelete, ModelDownload, Settings
 from .server import Request, Response, StreamingResponse, error_response, json_response, only
 from .workers import Supervisor
 
@@ -116,7 +116,7 @@ class _Create(_Named):
     files: dict | None = None
     adapters: dict | None = None
     template: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: History | None = None
     license: str | list | None = None
     quantize: str | None = None
     modelfile: str | None = None  # the older API's
@@ -265,8 +265,9 @@ def _modelfile(model: Model, path: Path, parameters: list[tuple[str, str]]) -> s
     lines = [f"# Modelfile of rbeed's model {model.id}", f"FROM {path}"]
     if model.system:
         lines.append(f'SYSTEM """{model.system}"""')
+    lines += [f"PARAMETER {name} {value}" for name, value in parameters]
     lines += [f'MESSAGE {message.role} """{message.content}"""' for message in model.messages]
-    return "\n".join([*lines, *(f"PARAMETER {name} {value}" for name, value in parameters)]) + "\n"
+    return "\n".join(lines) + "\n"
 
 
 def _settings(parameters: dict) -> Settings:
@@ -567,7 +568,9 @@ class OllamaAPI:
                     raise Refused(400, why, "system" if body.system else "messages")
                 if why := self.models.taken(to, source):
                     raise Refused(409, why, "model")  # Ollama replaces it; rbeed keeps a model it has
-                op = ModelCopy(id=source.id, to=to, system=body.system, defaults=settings, messages=body.messages)
+                # As Ollama's: an empty system or history leaves the model's.
+                op = ModelCopy(id=source.id, to=to, system=body.system or None, defaults=settings,
+                               messages=body.messages or None)  # fmt: skip
             job = start_job(self.registry, op)
         except Refused as exc:
             return error_response(exc.status, str(exc))

@@ -455,8 +455,8 @@ async def test_create_with_messages_puts_that_history_before_each_chat_as_a_mode
                                                                   messages=history))  # fmt: skip
     shown = (await post(client, "/api/show", {"model": "pirate"}))[1]
     assert (shown["system"], shown["messages"]) == ("Be brief.", history)
-    assert 'SYSTEM """Be brief."""\nMESSAGE user """Who are you?"""\nMESSAGE assistant """A pirate, arr."""\n' in (
-        shown["modelfile"])
+    assert shown["modelfile"].endswith('SYSTEM """Be brief."""\nMESSAGE user """Who are you?"""\n'
+                                      'MESSAGE assistant """A pirate, arr."""\n')  # after any PARAMETER, as Ollama's
     # A chat with it is the chat with that history written out: after the model's system message,
     # or the chat's own, which stays first.
     hi = {"role": "user", "content": "Hi"}
@@ -468,6 +468,12 @@ async def test_create_with_messages_puts_that_history_before_each_chat_as_a_mode
         plain = await post(client, "/api/chat", ask | {"model": "chatty", "messages": [*written, hi]})
         assert pirate[1]["prompt_eval_count"] == chatty[1]["prompt_eval_count"] > plain[1]["prompt_eval_count"]
         assert pirate[1]["message"] == chatty[1]["message"]
+    # As in Ollama, a create from it with an empty system and history keeps its own.
+    kept = await post(client, "/api/create", {"model": "pirate2", "from": "pirate", "system": "", "messages": [],
+                                              "stream": False})  # fmt: skip
+    assert kept[0] == 200 and (await post(client, "/api/show", {"model": "pirate2"}))[1]["messages"] == history
+    assert (await post(client, "/api/show", {"model": "pirate2"}))[1]["system"] == "Be brief."
+    await trio.to_thread.run_sync(client_of_ollama.delete, "pirate2")
     # The job API's model_copy and model_get carry them too; [] removes them.
     again = await job_result(client, {"operation": "model_copy", "id": "pirate", "to": "pirate", "messages": []})
     assert again["messages"] == [] and (await job_result(client, {"operation": "model_get", "id": "pirate"}))["messages"] == []
