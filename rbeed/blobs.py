@@ -1,4 +1,4 @@
-"""Uploaded files named by their sha256 (Ollama's /api/blobs), waiting for the create that makes them a model."""
+"""Uploaded files named by their sha256 (Ollama's /api/blobs): waiting for a create, or a model's file."""
 
 from __future__ import annotations
 

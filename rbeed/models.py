@@ -324,7 +324,7 @@ class Models:
 
     def _drop_blob(self, deleted: Model, path: Path) -> None:
         """Remove the blob `deleted` was made of, unless another model, or a create under way, has it."""
-        blob = self.blobs.dir / f"sha256-{deleted.sha256}"
+        blob = self.blobs.path(f"sha256:{deleted.sha256}")
         try:
             if self._adopting[deleted.sha256] or not os.path.samefile(blob, path):
                 return

@@ -460,7 +460,7 @@ class OllamaAPI:
                   "capabilities": ["embedding" if embedder else "completion"],
                   "modified_at": _timestamp(model.added_at)}  # fmt: skip
         if model.messages:
-            answer["messages"] = [{"role": message.role, "content": message.content} for message in model.messages]
+            answer["messages"] = model.messages
         return json_response(200, answer | ({"system": model.system} if model.system else {}))
 
     async def _generate(self, kind: type[_Generate | _Chat], request: Request) -> Response | StreamingResponse:

@@ -365,6 +365,7 @@ async def test_copy_names_a_model_anew_as_ollama_cp_does(rbeed, client):
 
 async def test_create_makes_a_model_with_a_system_message_and_parameters_from_one(rbeed, client):
     client_of_ollama = ollama.Client(host=rbeed.url, timeout=30)
+    await post(client, "/api/generate", {"model": "chatty", "keep_alive": 0, "stream": False})  # what tests before left
     parameters = {"temperature": 0, "num_predict": 10, "stop": ["zzz", "\n\n"]}
     made = await trio.to_thread.run_sync(
         lambda: client_of_ollama.create("brief:latest", from_="chatty", system="Be brief.", parameters=parameters))
