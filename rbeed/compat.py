@@ -79,8 +79,8 @@ def start_model_job(registry: JobRegistry, models: Models, model_id: str, fields
     """
     try:
         model = models.lookup(model_id)  # first: `llama3:8b` is unknown here, not a bad request
-    except JobFailed as exc:
-        raise Refused(404, str(exc), "model", "model_not_found") from None
+    except JobFailed as exc:  # unknown (404), or being deleted (409)
+        raise Refused(exc.status, str(exc), "model", "model_not_found" if exc.status == 404 else None) from None
     fields = fields_for(model)
     try:
         operation = msgspec.convert({key: value for key, value in fields.items() if value is not None}, kind)
@@ -108,9 +108,7 @@ def failure(job: Job, marker: str) -> tuple[int, str]:
     """The HTTP status and message of a job's end marker other than [DONE]."""
     if marker == "[CANCELLED]":  # by DELETE, or as the daemon shuts down
         return 503, "job cancelled" + (f": {job.error}" if job.error else "")
-    error = marker.removeprefix("[ERROR] ")
-    # 503 where trying again later may work: a full queue; 500 for a failure.
-    return (503 if error.startswith("busy:") else 500), error
+    return job.error_status, marker.removeprefix("[ERROR] ")
 
 
 class Reply:

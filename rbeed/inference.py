@@ -49,9 +49,9 @@ class Inference:
         if op.worker_id is not None:
             worker = self.supervisor.lookup(op.worker_id)
             if not self.supervisor.models.same_file(worker.model, model):
-                raise JobFailed(f"worker {worker.id} serves {worker.model}, not {op.model}")
+                raise JobFailed(f"worker {worker.id} serves {worker.model}, not {op.model}", 400)
             if worker.n_ctx < n_ctx:
-                raise JobFailed(f"worker {worker.id} has a context of {worker.n_ctx} tokens, not {n_ctx}")
+                raise JobFailed(f"worker {worker.id} has a context of {worker.n_ctx} tokens, not {n_ctx}", 400)
             return worker, False
         # One load per model and device at a time: a second job waits for the first's worker.
         lock = self._loading.setdefault((model.sha256, self._device(op)), trio.Lock())
@@ -68,7 +68,7 @@ class Inference:
         model = self.supervisor.models.lookup(op.model)
         op = op if model.id == op.model else msgspec.structs.replace(op, model=model.id)
         if refused := model.refusal(op):
-            raise JobFailed(refused[1])  # known from the catalog: no worker need load it
+            raise JobFailed(refused[1], 400)  # known from the catalog: no worker need load it
         own = op if isinstance(op, Infer) else Settings(n_ctx=op.n_ctx if isinstance(op, Embed) else None)
         return op, model, layered(own, model.defaults, DEFAULTS)
 
@@ -153,7 +153,9 @@ class Inference:
                 if worker is not None:
                     with trio.CancelScope(shield=True):
                         await worker.abandon(generation)
-        if not isinstance(outcome := generation.outcome, answer):
+        if isinstance(outcome := generation.outcome, wire.Failed):
+            raise JobFailed(outcome.error, 400 if outcome.refused else 500)
+        if not isinstance(outcome, answer):
             raise JobFailed(outcome if isinstance(outcome, str) else "cancelled")  # a Done: cancelled while queued
         return worker, outcome, load_ms
 

@@ -69,7 +69,16 @@ class Changed:
 
 
 class JobFailed(Exception):
-    """Raised by an operation to end its job with `[ERROR] <message>`."""
+    """Raised by an operation to end its job with `[ERROR] <message>`.
+
+    `status` is the HTTP status that the routes answering from the job give: 500 for a failure,
+    4xx where the request itself is at fault (a model it names is not there, or cannot do what
+    it asks), 503 where the same request may work later.
+    """
+
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.status = status
 
 
 class RegistryFull(Exception):
@@ -101,7 +110,7 @@ class Job:
 
     __slots__ = ("id", "operation", "payload", "state", "error", "created_at", "started_at", "finished_at",
                  "cancel_on_disconnect", "readers", "end_id", "_events", "_next_id", "_subscribers", "_scope",
-                 "quiet_rounds", "_cancel_reason", "payload_bytes", "__weakref__")  # fmt: skip
+                 "quiet_rounds", "_cancel_reason", "payload_bytes", "error_status", "__weakref__")  # fmt: skip
 
     def __init__(self, operation: AnyOperation, buffer: int, payload_bytes: int = 0):
         self.id = f"job-{uuid.uuid4()}"
@@ -110,6 +119,7 @@ class Job:
         self.payload_bytes = payload_bytes  # the request body it came in, counted while it waits for a stream
         self.state = JobState.QUEUED
         self.error: str | None = None
+        self.error_status = 500  # a failed job's JobFailed.status
         self.created_at = time.time()
         self.started_at: float | None = None
         self.finished_at: float | None = None
@@ -386,6 +396,7 @@ class JobRegistry:
                 await self._handler(job, operation)
             except JobFailed as exc:
                 outcome = (JobState.FAILED, str(exc))
+                job.error_status = exc.status
             except Exception as exc:
                 log.exception("job %s (%s) crashed", job.id, job.operation)
                 outcome = (JobState.FAILED, f"internal error: {type(exc).__name__}")

@@ -60,7 +60,7 @@ class Totals:
     def __init__(self) -> None:
         self.models: defaultdict[str, ModelTotals] = defaultdict(ModelTotals)
 
-    def generated(self, model: str, done: wire.Done | wire.Embedded | str) -> None:
+    def generated(self, model: str, done: wire.Done | wire.Embedded | wire.Failed | str) -> None:
         """Count a generation's end: a Done, whatever its finish reason (a failure has no tokens to count)."""
         if type(done) is not wire.Done:
             return

@@ -68,7 +68,7 @@ class Model(msgspec.Struct):
         """The model with `system` ("" removes it), `messages` ([] removes them) and `defaults`,
         over its own or instead of them; None leaves each as it is."""
         if why := self.refuses_system(system, messages):
-            raise JobFailed(why)
+            raise JobFailed(why, 400)
         if defaults is not None and over_own:
             defaults = layered(defaults, self.defaults)
         return msgspec.structs.replace(self, system=self.system if system is None else system or None,
@@ -102,7 +102,7 @@ def model_id(file_name: str) -> str:
     stem = file_name[:-5] if file_name.lower().endswith(".gguf") else file_name
     slug = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-.")
     if not slug:
-        raise JobFailed(f"cannot derive a model id from {file_name!r}")
+        raise JobFailed(f"cannot derive a model id from {file_name!r}", 400)
     return slug[:128]
 
 
@@ -111,18 +111,18 @@ def resolve_source(source: str, hf_base: str) -> tuple[str, str]:
     if source.startswith("hf:"):
         match = _HF.match(source)
         if match is None or ".." in source:
-            raise JobFailed(f"bad hf: source {source!r}; expected hf:owner/repo/path/file.gguf")
+            raise JobFailed(f"bad hf: source {source!r}; expected hf:owner/repo/path/file.gguf", 400)
         owner, repo, path = match.groups()
         return hf_base.format(owner=owner, repo=repo, path=path), path.rsplit("/", 1)[-1]
     url = urlsplit(source)
     if url.scheme in ("http", "https"):
         return source, unquote(url.path.rsplit("/", 1)[-1])
     if url.scheme not in ("", "file"):
-        raise JobFailed(f"unsupported source scheme {url.scheme!r}; use a path, file://, http(s):// or hf:")
+        raise JobFailed(f"unsupported source scheme {url.scheme!r}; use a path, file://, http(s):// or hf:", 400)
     path = unquote(url.path) if url.scheme else source
     if not Path(path).is_absolute():  # the daemon's working directory is nobody's business
         raise JobFailed(f"a local path must be absolute: {source!r} (rbee makes one so; the daemon does not "
-                        "know the working directory it was meant from)")  # fmt: skip
+                        "know the working directory it was meant from)", 400)  # fmt: skip
     return source, Path(path).name
 
 
@@ -176,9 +176,9 @@ class Models:
                 model = self.catalog.get(model_id(name))
         if model is None:
             known = ", ".join(m.id for m in self.catalog.list()) or "none"
-            raise JobFailed(f"unknown model {name!r} (known: {known})")
+            raise JobFailed(f"unknown model {name!r} (known: {known})", 404)
         if model.id in self._deleting:
-            raise JobFailed(f"model {model.id!r} is being deleted")
+            raise JobFailed(f"model {model.id!r} is being deleted", 409)
         return model
 
     def same_file(self, model_id: str, model: Model) -> bool:
@@ -235,7 +235,7 @@ class Models:
             existing = self.catalog.get(model_id_)
             if existing is not None and self.path_of(existing).exists():
                 if op.sha256 and op.sha256.lower() != existing.sha256:
-                    raise JobFailed(f"model {model_id_} is present with sha256 {existing.sha256}, not {op.sha256}")
+                    raise JobFailed(f"model {model_id_} is present with sha256 {existing.sha256}, not {op.sha256}", 409)
                 moved = existing.source != op.model and not op.sha256  # with a sha256: the same file
                 elsewhere = f", from {existing.source}; model_delete it to fetch this one" if moved else ""
                 job.narrate(f"model {model_id_} is already present{elsewhere}")
@@ -408,7 +408,7 @@ class Models:
         existing = self.catalog.get(to)
         if to == model.id and op.system is None and op.defaults is None and op.messages is None:
             raise JobFailed(f"{op.to!r} names model {model.id} itself; give another id, or a system, messages "
-                            "or defaults to set")  # fmt: skip
+                            "or defaults to set", 400)  # fmt: skip
         if existing is not None and self.same_file(to, model):
             # Its file already: as `ollama create` again, only its record is made anew.
             made = msgspec.structs.replace(made, file=existing.file)
@@ -421,9 +421,9 @@ class Models:
             job.result(made)
             return
         if why := self.taken(to, model):
-            raise JobFailed(why)
+            raise JobFailed(why, 409)
         if to in self._fetching or to in self._deleting:
-            raise JobFailed(f"model {to} is being {'deleted' if to in self._deleting else 'written'}; try again later")
+            raise JobFailed(f"model {to} is being {'deleted' if to in self._deleting else 'written'}; try again later", 409)
         source, dest = self.file_of(model), self.dir / made.file
         self._fetching[to] = (job.id, trio.Event())
         try:
@@ -443,10 +443,10 @@ class Models:
         await self.released(model.id, job)  # not in use, only slow to go: stop_grace bounds the wait
         model = self.lookup(op.id)  # again: another delete may have begun, or ended, meanwhile
         if users := self.in_use(model.id):
-            raise JobFailed(f"model {model.id} is in use by worker(s) {', '.join(users)}; delete them first")
+            raise JobFailed(f"model {model.id} is in use by worker(s) {', '.join(users)}; delete them first", 409)
         if holders := self._placing.get(model.id):
             raise JobFailed(f"model {model.id} is being loaded for {', '.join(holders)}; "
-                            "cancel that or delete its worker once loaded")  # fmt: skip
+                            "cancel that or delete its worker once loaded", 409)  # fmt: skip
         self._deleting[model.id] = trio.Event()  # no worker may start on it while the catalog write is awaited
         try:
             await self.catalog.delete(model.id)
@@ -488,5 +488,5 @@ async def read_metadata(path: Path) -> dict:
     )  # fmt: skip
     if result.returncode != 0:
         reason = result.stderr.decode(errors="replace").strip().splitlines()
-        raise JobFailed(f"not a valid GGUF model: {reason[-1] if reason else 'unreadable'}")
+        raise JobFailed(f"not a valid GGUF model: {reason[-1] if reason else 'unreadable'}", 400)
     return json.loads(result.stdout)

@@ -436,7 +436,7 @@ class OllamaAPI:
         try:
             return self.models.lookup(name.removesuffix(":latest"))
         except JobFailed as exc:
-            raise Refused(404, str(exc), field) from None
+            raise Refused(exc.status, str(exc), field) from None
 
     async def _show(self, request: Request) -> Response:
         if refusal := only(request, "POST"):
@@ -474,10 +474,8 @@ class OllamaAPI:
                     line = _line(body.model, kind is _Chat, body.stream, "", done=True, done_reason="unload")
                     return Response(200, line, "application/x-ndjson" if body.stream else "application/json")
             job = start_model_job(self.registry, self.models, body.model, partial(_infer_fields, body), _NAMES)
-        except Refused as exc:
+        except (Refused, JobFailed) as exc:  # JobFailed: the model is unknown (404) or being deleted (409)
             return error_response(exc.status, str(exc))
-        except JobFailed as exc:
-            return error_response(404, str(exc))
         return _Reply(job, body, self.registry).response
 
     async def _embed(self, kind: type[_Embed | _Embeddings], request: Request) -> Response | StreamingResponse:
@@ -623,9 +621,7 @@ class OllamaAPI:
         """An empty 200 once the job is done, as Ollama answers a delete or a copy."""
         if (marker := await end_of(job)) == "[DONE]":
             return Response(200)
-        status, message = failure(job, marker)
-        # It fails for what holds the model (a worker, a load under way) or takes its id: a conflict.
-        return error_response(409 if status == 500 else status, message)
+        return error_response(*failure(job, marker))
 
     def _closed(self) -> Response | None:
         return None if self.accepting() else error_response(503, "daemon shutting down")

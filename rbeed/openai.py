@@ -142,10 +142,15 @@ def _base64(vector: list[float]) -> str:
 _NAMES = {"format": "response_format", "text": "content"}
 
 
-def _error(status: int, message: str, kind: str, param: str | None = None, code: str | None = None) -> Response:
+def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> Response:
     """An error in OpenAI's shape, which its client libraries read."""
-    error = {"message": message, "type": kind, "param": param, "code": code}
+    error = {"message": message, "type": _kind(status), "param": param, "code": code}
     return Response(status, _encode({"error": error}))
+
+
+def _kind(status: int) -> str:
+    """OpenAI's error type for an HTTP status: the client's fault, or the server's."""
+    return "server_error" if status >= 500 else "invalid_request_error"
 
 
 def _unsupported(body: _Completion | _Chat) -> str | None:
@@ -242,8 +247,8 @@ class _Reply(Reply):
 
     def error(self, status: int, message: str) -> bytes:
         if self.started:  # in the stream, with no [DONE] after it
-            return b"data: %s\n\n" % _encode({"error": {"message": message, "type": "server_error"}})
-        return _error(status, message, "server_error").body
+            return b"data: %s\n\n" % _encode({"error": {"message": message, "type": _kind(status)}})
+        return _error(status, message).body
 
 
 class _JsonReply(Reply):
@@ -253,7 +258,7 @@ class _JsonReply(Reply):
         super().__init__(job, registry, "application/json")
 
     def error(self, status: int, message: str) -> bytes:
-        return _error(status, message, "server_error").body
+        return _error(status, message).body
 
 
 class _EmbeddingReply(_JsonReply):
@@ -342,14 +347,13 @@ class OpenAIAPI:
         if refusal := _not_allowed(request, "POST"):
             return refusal
         if not self.accepting():
-            return _error(503, "daemon shutting down", "server_error")
+            return _error(503, "daemon shutting down")
         try:
             body = decode(request.body, kind)
             model = self._only_model() if body.model is None else body.model
             job = start_model_job(self.registry, self.models, model, partial(fields_for, body), _NAMES, operation)
         except Refused as exc:
-            kind_ = "server_error" if exc.status >= 500 else "invalid_request_error"
-            return _error(exc.status, str(exc), kind_, exc.param, exc.code)
+            return _error(exc.status, str(exc), exc.param, exc.code)
         return reply(job, body, self.registry).response
 
 
@@ -358,13 +362,13 @@ def _model(model: Model) -> dict:
 
 
 def _model_not_found(exc: JobFailed) -> Response:
-    return _error(404, str(exc), "invalid_request_error", "model", "model_not_found")
+    return _error(404, str(exc), "model", "model_not_found")
 
 
 def _not_allowed(request: Request, method: str) -> Response | None:
     """server.only()'s 405, in OpenAI's error shape."""
     if (refusal := only(request, method)) is None:
         return None
-    failure = _error(405, msgspec.json.decode(refusal.body)["error"], "invalid_request_error")
+    failure = _error(405, msgspec.json.decode(refusal.body)["error"])
     failure.headers = refusal.headers
     return failure

@@ -142,6 +142,7 @@ class Tokenized(_Frame, tag="Tokenized"):
 class Failed(_Frame, tag="Failed"):
     id: int
     error: str
+    refused: bool = False  # the request's own fault (its prompt, messages or tokens): a 400, not a 500
 
 
 Message = Generate | Embed | Tokenize | Cancel | Token | Done | Embedding | Embedded | Tokenized | Failed

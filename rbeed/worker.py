@@ -586,14 +586,14 @@ class _Worker:
         if request.text is None:
             tokens = request.tokens
             if error := wire.unknown_token("tokens", tokens, llm.n_vocab(), "the model's"):
-                connection.send(wire.Failed(request.id, error))
+                connection.send(wire.Failed(request.id, error, refused=True))
                 return
         else:
             try:
                 tokens = llm.tokenize(request.text.encode(), add_bos=request.add_special,
                                       special=request.parse_special)  # fmt: skip
             except RuntimeError as exc:
-                connection.send(wire.Failed(request.id, f"cannot tokenize the text: {exc}"))
+                connection.send(wire.Failed(request.id, f"cannot tokenize the text: {exc}", refused=True))
                 return
         pieces = [self._piece(token, special=True) for token in tokens]
         connection.send(wire.Tokenized(request.id, tokens, pieces))
@@ -659,29 +659,29 @@ class _Worker:
         """Run one generation: Token frames as text is produced, then Done (or Failed)."""
         llm = self.llm
         if not self._generates:
-            connection.send(wire.Failed(request.id, wire.EMBEDDINGS_ONLY))
+            connection.send(wire.Failed(request.id, wire.EMBEDDINGS_ONLY, refused=True))
             return
         try:
             prompt_tokens = self._prompt_tokens(request)
         except _ChatError as exc:
-            connection.send(wire.Failed(request.id, str(exc)))
+            connection.send(wire.Failed(request.id, str(exc), refused=True))
             return
         except RuntimeError as exc:
-            connection.send(wire.Failed(request.id, f"cannot tokenize the prompt: {exc}"))
+            connection.send(wire.Failed(request.id, f"cannot tokenize the prompt: {exc}", refused=True))
             return
         n_prompt = len(prompt_tokens)
         if n_prompt == 0:
-            connection.send(wire.Failed(request.id, "empty prompt"))
+            connection.send(wire.Failed(request.id, "empty prompt", refused=True))
             return
         if n_prompt >= self.n_ctx:
             error = f"prompt is {n_prompt} tokens, the context holds {self.n_ctx}"
             if self.n_ctx_train > self.n_ctx:
                 error += f"; the model's holds {self.n_ctx_train}: ask for a larger one with n_ctx"
             _log(f"generation {request.id} failed: {error}")
-            connection.send(wire.Failed(request.id, error))
+            connection.send(wire.Failed(request.id, error, refused=True))
             return
         if error := wire.unknown_token("logit_bias", request.logit_bias, llm.n_vocab(), "the model's"):
-            connection.send(wire.Failed(request.id, error))
+            connection.send(wire.Failed(request.id, error, refused=True))
             return
         room = self.n_ctx - n_prompt
         max_tokens = room if request.max_tokens <= 0 else min(request.max_tokens, room)
@@ -822,7 +822,7 @@ class _Worker:
             else:
                 error = str(exc) if isinstance(exc, _InputError) else f"embedding failed: {exc}"
             _log(f"embedding {request.id}: {error}")
-            connection.send(wire.Failed(request.id, error))
+            connection.send(wire.Failed(request.id, error, refused=isinstance(exc, _InputError)))
             return
         finally:
             self._prompt_phase(job, False)

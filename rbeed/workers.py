@@ -73,9 +73,9 @@ class WorkerDied(Exception):
     pass
 
 
-# How a request ended: the worker's last frame for it, or why it failed.
-Outcome = wire.Done | wire.Embedded | wire.Tokenized | str
-_ENDINGS = (wire.Done, wire.Embedded, wire.Tokenized)
+# How a request ended: the worker's last frame for it, or why the daemon gave up on it (its worker died).
+Outcome = wire.Done | wire.Embedded | wire.Tokenized | wire.Failed | str
+_ENDINGS = (wire.Done, wire.Embedded, wire.Tokenized, wire.Failed)
 
 
 class Generation:
@@ -207,7 +207,8 @@ class Worker:
         try:
             self.queue_in.send_nowait(generation)
         except trio.WouldBlock:
-            raise JobFailed(f"busy: worker {self.id} has {self.queue_out.statistics().current_buffer_used} jobs waiting") from None
+            waiting = self.queue_out.statistics().current_buffer_used
+            raise JobFailed(f"busy: worker {self.id} has {waiting} jobs waiting", 503) from None
 
     async def submit_aside(self, generation: Generation) -> bool:
         """Send a tokenize at once, to be answered between the running generation's tokens (as
@@ -319,15 +320,13 @@ class Worker:
         for message in decoder.feed(data):
             if message.id != generation.request.id:
                 if (aside := self.aside.pop(message.id, None)) is not None:
-                    aside.finish(message.error if type(message) is wire.Failed else message)
+                    aside.finish(message)
             elif type(message) is wire.Token:
                 generation.token(message.text)
             elif type(message) is wire.Embedding:
                 generation.vectors.append(message.vector)
             elif type(message) in _ENDINGS:
                 generation.finish(message)
-            elif type(message) is wire.Failed:
-                generation.finish(message.error)
 
 
 class Supervisor:
@@ -426,7 +425,7 @@ class Supervisor:
         if n_ctx is None:
             return min(self.config.n_ctx, trained or self.config.n_ctx)
         if trained and n_ctx > trained:
-            raise JobFailed(f"n_ctx {n_ctx} is more than {model_id} was trained for ({trained} tokens)")
+            raise JobFailed(f"n_ctx {n_ctx} is more than {model_id} was trained for ({trained} tokens)", 400)
         return n_ctx or trained or 0
 
     async def spawn(self, model_id: str, device: str, *, threads: int | None = None, n_ctx: int | None = None,
@@ -438,7 +437,7 @@ class Supervisor:
         would otherwise stop before the job it was loaded for has queued its generation.
         """
         if device == "metal":
-            raise JobFailed("device metal is only available on macOS; this host runs Linux")
+            raise JobFailed("device metal is only available on macOS; this host runs Linux", 400)
         wanted = threads or 1
         with self.models.held(model_id, f"job {job.id}" if job else "a spawn") as model:
             path = self.models.path_of(model)
@@ -450,7 +449,7 @@ class Supervisor:
                 if free < wanted:
                     holders = ", ".join(f"{w.id} ({w.threads})" for w in self.workers.values() if w.live)
                     raise JobFailed(f"no CPU threads free: {self.cores} in all, held by {holders}; "
-                                    "delete a worker first")  # fmt: skip
+                                    "delete a worker first", 503)  # fmt: skip
                 threads = threads or free
                 serial = next(self._serial)
                 worker_id = f"{model.id[:48]}-{device.replace(':', '')}-{serial}"
@@ -483,7 +482,7 @@ class Supervisor:
             job.narrate(f"checking that this llama.cpp build supports {device}")
         reason = await probe_device(device, self.config.load_timeout)
         if reason is not None:
-            raise JobFailed(reason)
+            raise JobFailed(reason, 400)
         self._usable_backends.add(backend)
 
     async def stop(self, worker: Worker) -> None:

@@ -203,7 +203,7 @@ async def test_format_holds_the_answer_to_json_or_a_schema_as_infers_does(client
     ("/api/generate", GENERATE | {"options": {"num_predict": 0}}, 400, "Expected `int` >= 1 - at `$.options.num_predict`"),
     ("/api/generate", GENERATE | {"options": {"repeat_penalty": 0}}, 400,
      "Expected `float` > 0.0 - at `$.options.repeat_penalty`"),
-    ("/api/generate", GENERATE | {"options": {"num_ctx": 40000}}, 500, "n_ctx 40000 is more than tiny was trained for"),
+    ("/api/generate", GENERATE | {"options": {"num_ctx": 40000}}, 400, "n_ctx 40000 is more than tiny was trained for"),
     ("/api/generate", GENERATE | {"keep_alive": "5 minutes"}, 400, "keep_alive '5 minutes' is not a duration"),
     ("/api/generate", GENERATE | {"format": "xml"}, 400, "Invalid enum value 'xml' - at `$.format`"),
     ("/api/generate", GENERATE | {"format": {"type": "integer", "maximum": 9}}, 400,
@@ -540,13 +540,20 @@ async def test_create_from_a_gguf_uploaded_as_a_blob_takes_the_blob_as_its_file_
     assert (await client.request("POST", f"/api/blobs/{other_digest}", body=other)).status == 201
     taken = await post(client, "/api/create", {"model": "mine", "files": {"x.gguf": other_digest}, "stream": False})
     assert taken[0] == 409 and taken[1]["error"].startswith(f"model mine already exists (sha256 {digest[7:]})")
+    # A history for a model without a chat template is the request's fault (found once the file
+    # is read): a 400, and no model is made.
+    history = {"messages": [{"role": "user", "content": "Hi"}], "stream": False}
+    refused = await post(client, "/api/create", {"model": "plain", "files": {"x.gguf": other_digest}} | history)
+    assert refused == (400, {"error": "model plain has no chat template to put messages in: it continues prompts "
+                                      "as they are"})  # fmt: skip
+    assert "plain" not in [model["name"] for model in (await get(client, "/api/tags"))["models"]]
 
     # A file that is not a GGUF uploads (a blob is any file) but makes no model, and stays.
     junk = b"not a model" * 100_000  # over the 1 MiB body limit of other requests
     junk_digest = "sha256:" + hashlib.sha256(junk).hexdigest()
     assert (await client.request("POST", f"/api/blobs/{junk_digest}", body=junk)).status == 201
     failed = await post(client, "/api/create", {"model": "junk", "files": {"junk.gguf": junk_digest}, "stream": False})
-    assert failed[0] == 500 and failed[1]["error"].startswith("not a valid GGUF model: "), failed
+    assert failed[0] == 400 and failed[1]["error"].startswith("not a valid GGUF model: "), failed
     assert (await client.request("HEAD", f"/api/blobs/{junk_digest}")).status == 200
 
     # The blob goes with the last model made of it.

@@ -260,6 +260,18 @@ async def test_a_failure_before_any_output_is_an_http_error_not_a_stream(rbeed, 
     await job_result(client, {"operation": "model_delete", "id": "broken"})
 
 
+async def test_a_chat_the_models_template_refuses_is_the_clients_error_not_the_servers(client):
+    # Only the worker, rendering the template, finds it out: it tells a refusal from a failure.
+    refused = CHAT | {"messages": [{"role": "assistant", "content": "Hi"}]}
+    for streamed in (False, True):
+        with trio.fail_after(30):
+            response = await client.request("POST", "/v1/chat/completions", json=refused | {"stream": streamed})
+        assert (response.status, response.headers["content-type"]) == (400, "application/json")
+        assert response.json()["error"] == {"message": "the model's chat template refused the messages: a chat starts "
+                                                       "with the user", "type": "invalid_request_error",
+                                            "param": None, "code": None}  # fmt: skip
+
+
 async def test_a_client_that_leaves_mid_stream_cancels_its_job(client):
     long = COMPLETION | {"max_tokens": 500, "stream": True}
     with trio.fail_after(30):

@@ -15,7 +15,7 @@ MESSAGES: list[wire.Message] = [
     wire.Token(1, " cat"),
     wire.Token(1, "€"),
     wire.Done(1, 17, 64, "length", 1.25, 4321.5),
-    wire.Failed(2, "prompt is 3000 tokens, the context holds 2048"),
+    wire.Failed(2, "prompt is 3000 tokens, the context holds 2048", refused=True),
 ]
 
 

@@ -310,7 +310,7 @@ async def test_prompt_longer_than_context_fails_and_worker_goes_on(start_worker)
         too_long = await client.generate(1, prompt="xyz " * 100)
         after = await client.generate(2, seed=1)
 
-    assert isinstance(too_long.end, wire.Failed) and too_long.pieces == []
+    assert isinstance(too_long.end, wire.Failed) and too_long.end.refused and too_long.pieces == []
     assert "the context holds 256" in too_long.end.error
     assert isinstance(after.end, wire.Done) and after.text
 
@@ -353,7 +353,7 @@ async def test_tokenize_answers_llama_cpps_tokens_and_pieces_and_refuses_ids_pas
     assert b"".join(plain.pieces).decode() == " Once upon a time </s>  in caf\u00e9s"
     assert any(len(piece) == 1 and piece[0] >= 0x80 for piece in plain.pieces)  # é as two byte tokens
     assert beyond == wire.Failed(id=4, error=f"tokens: token {10**6} is not one of the model's (ids 0 to "
-                                             f"{len(tinymodel.VOCAB) - 1})")  # fmt: skip
+                                             f"{len(tinymodel.VOCAB) - 1})", refused=True)  # fmt: skip
     assert isinstance(after.end, wire.Done) and after.text
 
 
@@ -363,7 +363,7 @@ async def test_messages_for_a_model_without_a_chat_template_fail_and_worker_goes
         refused = await client.generate(1, messages=[("user", "Hi")])
         after = await client.generate(2, seed=1)
 
-    assert refused.end == wire.Failed(id=1, error=wire.NO_CHAT_TEMPLATE) and refused.pieces == []
+    assert refused.end == wire.Failed(id=1, error=wire.NO_CHAT_TEMPLATE, refused=True) and refused.pieces == []
     assert isinstance(after.end, wire.Done) and after.text
 
 
@@ -583,8 +583,9 @@ async def test_an_encoder_worker_refuses_to_generate_and_an_input_past_its_batch
         await client.send(wire.Embed(3, ["the cat " * 20, "Hello"]))
         cut, hello, done = [await client.receive() for _ in range(3)]
 
-    assert refused == Generation([], wire.Failed(1, wire.EMBEDDINGS_ONLY))
-    assert too_long == wire.Failed(2, "input 0 is 42 tokens, an encoder's one batch holds 32; truncate it, or ask for a larger n_ctx")
+    assert refused == Generation([], wire.Failed(1, wire.EMBEDDINGS_ONLY, refused=True))
+    assert too_long == wire.Failed(2, "input 0 is 42 tokens, an encoder's one batch holds 32; truncate it, or ask for a larger n_ctx",
+                                   refused=True)  # fmt: skip
     assert (len(cut.vector), len(hello.vector), done) == (64, 64, wire.Embedded(3, 32 + 3))
 
 
