@@ -738,10 +738,8 @@ def infer_payload(payload: dict, history: Sequence[dict] = ()) -> dict:
 
 def defaults_payload(payload: dict) -> dict:
     """model_copy's or model_download's payload from rbee's options: infer's among them are the model's
-    defaults; each --message a message of its history."""
+    defaults."""
     defaults = {name: payload.pop(name) for name in Settings.__struct_fields__ if name in payload}
-    if "messages" in payload:
-        payload["messages"] = [{"role": role, "content": text} for role, text in payload["messages"]]
     return payload | ({"defaults": defaults} if defaults else {})
 
 
@@ -970,6 +968,18 @@ class _Biases(argparse.Action):
         setattr(namespace, self.dest, (getattr(namespace, self.dest) or {}) | dict([value]))
 
 
+class _Message(argparse.Action):
+    """Repeated --message ROLE TEXT: a history in order, each TEXT inline or as @FILE."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        role, text = values
+        try:
+            message = {"role": role, "content": _text(text)}
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"argument {option_string}: {exc}")
+        setattr(namespace, self.dest, (getattr(namespace, self.dest) or []) + [message])
+
+
 def _text(text: str) -> str:
     """Text given inline or as @FILE (infer's `grammar`, a model's `system`)."""
     try:
@@ -1063,9 +1073,9 @@ def make_parser() -> argparse.ArgumentParser:
     )
     system = _arg("--system", type=_text, metavar="TEXT",
                   help="the system message of its chats that have none, inline or as @FILE ('' removes it)")
-    message = _arg("--message", nargs=2, action="append", dest="messages", metavar=("ROLE", "TEXT"),
+    message = _arg("--message", nargs=2, action=_Message, dest="messages", metavar=("ROLE", "TEXT"),
                    help="a message (ROLE: system, user or assistant) of the history its chats get first, "
-                        "as a Modelfile's MESSAGE; repeat it for each")  # fmt: skip
+                        "as a Modelfile's MESSAGE, its TEXT inline or as @FILE; repeat it for each")  # fmt: skip
     no_messages = _arg("--no-messages", action="store_const", const=[], dest="messages",
                        help="remove the history (for a model present, or the copy's)")  # fmt: skip
     _command(model, "download", "model_download",

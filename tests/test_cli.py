@@ -536,6 +536,17 @@ def test_format_is_json_or_a_schema_inline_or_from_a_file(tmp_path):
             cli._format(given)
 
 
+def test_a_history_message_is_given_inline_or_from_a_file(tmp_path, capsys):
+    (tmp_path / "answer.txt").write_text("Forty-two.\nAsk again.\n")
+    args = ["model", "copy", "m", "n", "--message", "user", f"@{tmp_path}/none.txt"]
+    with pytest.raises(SystemExit) as exit_:
+        cli.make_parser().parse_args(args)
+    assert exit_.value.code == 2 and "argument --message: cannot read " in capsys.readouterr().err
+    args[-2:] = ["user", "Why?", "--message", "assistant", f"@{tmp_path}/answer.txt"]
+    assert cli.make_parser().parse_args(args).messages == [
+        {"role": "user", "content": "Why?"}, {"role": "assistant", "content": "Forty-two.\nAsk again.\n"}]
+
+
 async def test_grammar_is_gbnf_given_inline_or_from_a_file(tmp_path):
     source = tmp_path / "answer.gbnf"
     source.write_text('root ::= "yes" | "no"\n')
