@@ -44,6 +44,7 @@ class JobsConfig(Section):
     event_buffer: Positive = 4096  # events kept per job for replay
     max_jobs: Positive = 10_000  # jobs held at once (all states); more is 503
     max_unstreamed_bytes: Positive = 64 * 1024 * 1024  # request bodies of jobs not yet streamed; more is 503
+    max_finished_bytes: Positive = 64 * 1024 * 1024  # events finished jobs keep; past it the oldest go before their TTL
 
 
 class HivesConfig(Section):

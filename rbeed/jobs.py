@@ -110,7 +110,7 @@ class Job:
 
     __slots__ = ("id", "operation", "payload", "state", "error", "created_at", "started_at", "finished_at",
                  "cancel_on_disconnect", "readers", "end_id", "_events", "_next_id", "_subscribers", "_scope",
-                 "quiet_rounds", "_cancel_reason", "payload_bytes", "error_status", "__weakref__")  # fmt: skip
+                 "quiet_rounds", "_cancel_reason", "payload_bytes", "error_status", "event_bytes", "__weakref__")  # fmt: skip
 
     def __init__(self, operation: AnyOperation, buffer: int, payload_bytes: int = 0):
         self.id = f"job-{uuid.uuid4()}"
@@ -127,6 +127,7 @@ class Job:
         self.readers = 0
         self.end_id: int | None = None  # the id of the end event, once the job has finished
         self._events: deque[tuple[int, bytes]] = deque(maxlen=buffer)
+        self.event_bytes = 0  # of the events kept
         self._next_id = 1
         self._subscribers: set[trio.MemorySendChannel[tuple[int, bytes]]] = set()
         self._scope: trio.CancelScope | None = None
@@ -160,6 +161,9 @@ class Job:
         event_id = self._next_id
         self._next_id += 1
         event = (event_id, b"id: %d\nevent: %s\ndata: %s\n\n" % (event_id, name.encode(), payload))
+        if len(self._events) == self._events.maxlen:
+            self.event_bytes -= len(self._events[0][1])
+        self.event_bytes += len(event[1])
         self._events.append(event)
         self._deliver(event)
 
@@ -250,6 +254,7 @@ class JobRegistry:
         self._unstreamed: dict[Job, float] = {}
         self.unstreamed_bytes = 0  # their payload_bytes: a flood of unstreamed jobs is held to a budget
         self._finished: deque[tuple[float, Job]] = deque()
+        self.finished_bytes = 0  # the event_bytes of the jobs in _finished, held to a budget
         self._reaper: trio.CancelScope | None = None
         self._counts = dict.fromkeys(JobState, 0)  # jobs held, by state
         self.ended: Counter[tuple[str, str]] = Counter()  # jobs ever finished, by (operation, state)
@@ -415,6 +420,11 @@ class JobRegistry:
         job._finish(state, error)
         self._take_payload(job)  # cancelled while queued
         self._finished.append((self._arm(self._config.finished_ttl), job))
+        self.finished_bytes += job.event_bytes
+        # Past the budget the oldest go early: a stream of large results (embeddings) would
+        # otherwise hold finished_ttl's worth of them. A reader still relaying one keeps it.
+        while self.finished_bytes > self._config.max_finished_bytes:
+            self._forget(self._finished.popleft()[1])
         self._signal()
 
     def _signal(self) -> None:
@@ -451,6 +461,10 @@ class JobRegistry:
             self._move(job, None)
             del self._jobs[job.id]
         while self._finished and self._finished[0][0] <= now:
-            _, job = self._finished.popleft()
-            if self._jobs.pop(job.id, None) is not None:
-                self._move(job, None)
+            self._forget(self._finished.popleft()[1])
+
+    def _forget(self, job: Job) -> None:
+        """Drop a finished job: its id is unknown from now on."""
+        self.finished_bytes -= job.event_bytes
+        if self._jobs.pop(job.id, None) is not None:
+            self._move(job, None)

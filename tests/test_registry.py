@@ -173,7 +173,7 @@ async def test_a_running_job_outlives_unstreamed_ttl_and_a_finished_one_stays_fi
         assert registry.get(job.id) is job and job.state is JobState.COMPLETED
         assert registry.list(JobState.COMPLETED) == [job]
         await trio.sleep(0.2)
-        assert registry.get(job.id) is None and registry.list() == []
+        assert registry.get(job.id) is None and registry.list() == [] and registry.finished_bytes == 0
 
 
 async def test_registry_size_stays_bounded_under_an_endless_stream_of_jobs(autojump_clock):
@@ -228,6 +228,38 @@ async def test_payloads_not_yet_streamed_are_held_to_a_byte_budget(autojump_cloc
         await trio.sleep(10.1)  # expired unstreamed
         assert registry.get(expiring.id) is None and registry.unstreamed_bytes == 0
         assert registry.create(LIST, 1000).payload_bytes == 1000
+
+async def test_the_events_finished_jobs_keep_are_held_to_a_byte_budget(autojump_clock):
+    sizes = iter([3000, 3000, 3000, 4000, 20_000])
+
+    async def result(job: Job, operation) -> None:
+        job.result("x" * next(sizes))
+
+    async with running_registry(result, max_finished_bytes=10_000, finished_ttl=100) as registry:
+        jobs = []
+        for _ in range(5):
+            jobs.append(job := registry.create(LIST))
+            registry.start(job)
+            await until_finished(registry, job)
+            assert job.event_bytes == sum(len(frame) for _, frame in job.subscribe(0)[0])
+            assert registry.finished_bytes == sum(j.event_bytes for j in registry.list()) <= 10_000
+            if len(jobs) == 3:
+                assert registry.list() == jobs[::-1]  # 9,200 bytes or so: all kept
+            elif len(jobs) == 4:  # over: the oldest went, as many as it took
+                assert registry.list() == [jobs[3], jobs[2]]
+        assert registry.list() == []  # the fifth alone is over the budget
+        assert frames(jobs[4].subscribe(0)[0])[-1]["data"] == "[DONE]"  # a reader holding it reads it all
+        await trio.sleep(100.1)
+        assert registry.list() == [] and registry.finished_bytes == 0
+
+
+async def test_a_jobs_event_bytes_count_only_the_events_its_buffer_keeps(autojump_clock):
+    async with running_registry(Gate(narrations=5), event_buffer=2) as registry:
+        registry.start(job := registry.create(LIST))
+        await trio.sleep(1)
+        kept = job.subscribe(0)[0]
+        assert ids_of(kept) == [4, 5] and job.event_bytes == sum(len(frame) for _, frame in kept)
+
 
 # -- cancel -----------------------------------------------------------------------------------
 
