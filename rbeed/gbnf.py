@@ -29,10 +29,12 @@ class Beyond(GrammarError):
     """Past a bound of rbeed's, which keeps llama.cpp from crashing or hanging on the grammar."""
 
 
-def check(text: str) -> None:
-    """GrammarError unless `text` is a GBNF grammar with a `root` rule that llama.cpp takes.
+def check(text: str) -> list[int]:
+    """GrammarError unless `text` is a GBNF grammar with a `root` rule that llama.cpp takes; the
+    token ids it names (`<[id]>`), which the model's vocabulary must hold (llama.cpp aborts on one
+    past it).
 
-    What a <token> names is left to the worker, which has the model's vocabulary.
+    What a <text> token names is left to the worker, which has the model's vocabulary.
     """
     if len(text) > LARGEST:
         raise Beyond(f"the grammar has {len(text)} characters, more than the {LARGEST} rbeed takes")
@@ -43,6 +45,7 @@ def check(text: str) -> None:
     if "root" not in parser.symbols:
         raise GrammarError("the grammar has no rule named root, where the output starts")
     parser.check_left_recursion()
+    return parser.token_ids
 
 
 class _Parser:
@@ -54,6 +57,7 @@ class _Parser:
         self.rules: dict[int, list[tuple[int, int]]] = {}
         self.elements = 0
         self.steps = 0
+        self.token_ids: list[int] = []  # of the `<[id]>` tokens
 
     def parse(self) -> None:
         at = self._space(0, True)
@@ -191,7 +195,8 @@ class _Parser:
         if self._char(at) != "<":
             raise GrammarError(f"expecting '<' at {self._rest(at)}")
         if self._char(at + 1) == "[":
-            at = self._int(at + 2, "integer")[1]
+            token_id, at = self._int(at + 2, "integer")
+            self.token_ids.append(token_id)
             for close in "]>":
                 if self._char(at) != close:
                     raise GrammarError(f"expecting '{close}' at {self._rest(at)}")

@@ -13,6 +13,8 @@ import llama_cpp
 import numpy
 from llama_cpp._internals import LlamaSampler, LlamaTokenDataArray
 
+from rbeed import gbnf, wire
+
 
 class Llama(llama_cpp.Llama):
     """llama_cpp.Llama whose generate() takes `grammar` as GBNF text, and samples under it
@@ -33,10 +35,13 @@ class Llama(llama_cpp.Llama):
             chain = _biased(chain, self.n_vocab(), self.logit_bias)
         if grammar is None:
             return chain
+        # The daemon checks the ids from the catalog; again here, as llama.cpp aborts on one past the vocabulary.
+        if "<[" in grammar and (why := wire.unknown_token("grammar", gbnf.check(grammar), self.n_vocab(), "the model's")):
+            raise gbnf.GrammarError(why)
         parsed = llama_cpp.llama_sampler_init_grammar(self._model.vocab, grammar.encode(), b"root")
         if not parsed:  # LlamaSampler.add_grammar would put NULL in its chain: a segfault at the first token
-            raise ValueError("the output's grammar does not parse (is each <token> in it one of the model's?); "
-                             "the worker's log says why")  # llama.cpp wrote it
+            raise gbnf.GrammarError("the output's grammar does not parse (is each <token> in it one of the model's?); "
+                                    "the worker's log says why")  # llama.cpp wrote it
         checker = LlamaSampler()
         llama_cpp.llama_sampler_chain_add(checker.sampler, parsed)  # the chain owns it from here
         return _GrammarChecked(chain, checker, self.n_vocab())

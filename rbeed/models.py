@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlsplit
 import msgspec
 import trio
 
-from . import wire
+from . import gbnf, wire
 from .catalog import Catalog
 from .config import ModelsConfig, read_secret
 from .blobs import Blobs, sha256_of
@@ -94,6 +94,9 @@ class Model(msgspec.Struct):
                 return "messages", wire.NO_CHAT_TEMPLATE
             if vocab_size and (why := wire.unknown_token("logit_bias", op.logit_bias, vocab_size, f"{self.id}'s")):
                 return "logit_bias", why
+            if vocab_size and op.grammar and (why := wire.unknown_token("grammar", gbnf.check(op.grammar), vocab_size,
+                                                                        f"{self.id}'s")):  # fmt: skip
+                return "grammar", why
         return None
 
 

@@ -49,7 +49,7 @@ import jinja2
 # Not imported here: llama_cpp, until the device is known (it reads CUDA_VISIBLE_DEVICES); numpy,
 # until after llama_cpp: imported before a CUDA build's llama.cpp, numpy (2.4.6 and 2.5.2) made its
 # model load crash (SIGSEGV) on an H100 machine, on the cpu device and on cuda alike.
-from rbeed import wire
+from rbeed import gbnf, wire
 from rbeed.config import parse_cpu_list
 
 EXIT_FAILED = 3
@@ -764,6 +764,10 @@ class _Worker:
                 tokens.close()
         except _PromptCancelled:
             finish = "cancelled"
+        except gbnf.GrammarError as exc:  # before the first token: the request's grammar does not fit the model
+            _log(f"generation {request.id} refused: {exc}")
+            send(wire.Failed(request.id, str(exc), refused=True))
+            return
         except (RuntimeError, ValueError) as exc:
             if self._terminating:
                 raise _Terminated from None

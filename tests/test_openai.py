@@ -209,6 +209,11 @@ async def test_grammar_holds_completions_and_chats_to_gbnf_as_llama_servers_does
      "Expected `float` <= 100.0 - at `$.logit_bias[...]`"),
     ("/v1/completions", COMPLETION | {"logit_bias": {"5": 1, "100000": 1}}, 400, "logit_bias",
      "logit_bias: token 100000 is not one of tiny's (ids 0 to 598)"),
+    # llama.cpp aborts on a token id past the vocabulary: its worker died of it.
+    ("/v1/completions", COMPLETION | {"grammar": "root ::= <[5]> <[100000]>"}, 400, "grammar",
+     "grammar: token 100000 is not one of tiny's (ids 0 to 598)"),
+    ("/v1/completions", COMPLETION | {"grammar": "root ::= <nosuchtoken>"}, 400, None,  # the worker finds it out
+     "the output's grammar does not parse (is each <token> in it one of the model's?)"),
     ("/v1/chat/completions", CHAT | {"tools": [{"type": "function"}]}, 400, "tools", "tools is not supported"),
     ("/v1/chat/completions", CHAT | {"messages": [{"role": "tool", "content": "4"}]}, 400, "messages[0].role",
      "role 'tool' is not supported; use system, user or assistant"),

@@ -372,12 +372,17 @@ async def test_a_grammar_holds_the_text_and_one_that_does_not_parse_fails_withou
         _, client = await ready_client(start_worker)
         held = await client.generate(1, seed=1, grammar='root ::= "yes" | "no"')
         broken = await client.generate(2, grammar='root ::= "yes" (')  # llama-cpp-python would segfault on it
-        after = await client.generate(3, seed=1)
+        unknown = await client.generate(3, grammar="root ::= <nosuchtoken>")
+        beyond = await client.generate(4, grammar="root ::= <[1000000]>")  # llama.cpp would abort on it
+        after = await client.generate(5, seed=1)
 
     assert held.text in ("yes", "no") and held.end.finish_reason == "stop"
-    assert broken.end.error == ("generation failed: the output's grammar does not parse (is each <token> in it one of the "
-                                  "model's?); the worker's log says why")
-    assert not broken.pieces
+    error = "the output's grammar does not parse (is each <token> in it one of the model's?); the worker's log says why"
+    assert broken.end == wire.Failed(2, error, refused=True)
+    assert unknown.end == wire.Failed(3, error, refused=True)
+    assert beyond.end == wire.Failed(4, f"grammar: token 1000000 is not one of the model's (ids 0 to {len(tinymodel.VOCAB) - 1})",
+                                     refused=True)  # fmt: skip
+    assert not broken.pieces and not unknown.pieces and not beyond.pieces
     assert isinstance(after.end, wire.Done) and after.text
 
 
