@@ -84,7 +84,12 @@ class _StartupError(Exception):
 
 
 class _ChatError(Exception):
-    """Why a chat's messages cannot become a prompt: no chat template, or the template refused them."""
+    """Why a chat's messages cannot become a prompt: no chat template, or the template refused them
+    (`refused`: the request's fault), or it failed on them (a bug in the model's template)."""
+
+    def __init__(self, message: str, refused: bool = True):
+        super().__init__(message)
+        self.refused = refused
 
 
 class _InputError(Exception):
@@ -617,8 +622,10 @@ class _Worker:
         messages = [{"role": role, "content": content} for role, content in request.messages]
         try:
             text = self._chat_template()(messages=messages).prompt
-        except (ValueError, jinja2.TemplateError) as exc:  # the template's raise_exception, or its bugs
+        except ValueError as exc:  # the template's raise_exception: messages it does not take
             raise _ChatError(f"the model's chat template refused the messages: {exc}") from None
+        except jinja2.TemplateError as exc:  # its bugs (an undefined name, say)
+            raise _ChatError(f"the model's chat template failed on the messages: {exc}", refused=False) from None
         tokens = llm.tokenize(text.encode(), add_bos=False, special=True)
         bos = llm.token_bos()
         if self._add_bos and bos != -1 and tokens[:1] != [bos]:  # most templates write the BOS themselves
@@ -640,7 +647,7 @@ class _Worker:
             try:
                 self._chat_formatter = Jinja2ChatFormatter(template, text(llm.token_eos()), text(llm.token_bos()))
             except jinja2.TemplateError as exc:
-                raise _ChatError(f"the model's chat template is not valid Jinja: {exc}") from None
+                raise _ChatError(f"the model's chat template is not valid Jinja: {exc}", refused=False) from None
         return self._chat_formatter
 
     def _cached_prefix(self, prompt_tokens: list[int]) -> int:
@@ -664,7 +671,7 @@ class _Worker:
         try:
             prompt_tokens = self._prompt_tokens(request)
         except _ChatError as exc:
-            connection.send(wire.Failed(request.id, str(exc), refused=True))
+            connection.send(wire.Failed(request.id, str(exc), refused=exc.refused))
             return
         except RuntimeError as exc:
             connection.send(wire.Failed(request.id, f"cannot tokenize the prompt: {exc}", refused=True))

@@ -367,6 +367,24 @@ async def test_messages_for_a_model_without_a_chat_template_fail_and_worker_goes
     assert isinstance(after.end, wire.Done) and after.text
 
 
+async def test_a_chat_template_that_refuses_the_messages_is_told_from_one_that_fails_on_them(start_worker, tmp_path):
+    # raise_exception is a template's refusal (the request's fault); an undefined name, its bug.
+    template = ("{% if messages[0].role != 'user' %}{{ raise_exception('a chat starts with the user') }}{% endif %}"
+                "{% if messages | length > 1 %}{{ messages[1].nope.deeper }}{% endif %}{{ messages[0].content }}")
+    model = tinymodel.write_tiny_model(tmp_path / "buggy.gguf", chat_template=template)
+    with trio.fail_after(10):
+        _, client = await ready_client(start_worker, model=model)
+        refused = await client.generate(1, messages=[("assistant", "Hi")])
+        failed = await client.generate(2, messages=[("user", "Hi"), ("user", "again")])
+        after = await client.generate(3, messages=[("user", "Hi")], seed=1)
+
+    assert refused.end == wire.Failed(1, "the model's chat template refused the messages: a chat starts with the user",
+                                      refused=True)  # fmt: skip
+    assert failed.end == wire.Failed(2, "the model's chat template failed on the messages: 'dict object' has no "
+                                        "attribute 'nope'")  # fmt: skip
+    assert isinstance(after.end, wire.Done) and after.text
+
+
 async def test_a_grammar_holds_the_text_and_one_that_does_not_parse_fails_without_a_crash(start_worker):
     with trio.fail_after(10):
         _, client = await ready_client(start_worker)
