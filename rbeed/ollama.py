@@ -412,9 +412,10 @@ class OllamaAPI:
             if (model := self.models.catalog.get(worker.model)) is None:
                 continue
             record = worker.record()
-            stops = record.stops_at or (time.time() + 10 * 365 * 86400 if record.keep_alive == -1 else None)
+            forever = time.time() + 10 * 365 * 86400  # as Ollama shows a model kept for good, or past a date can be
+            stops = record.stops_at or (forever if record.keep_alive == -1 else None)
             models.append(_tag(model) | {"size": record.rss or 0, "size_vram": 0, "context_length": worker.n_ctx,
-                                         "expires_at": _timestamp(stops) if stops else None})  # fmt: skip
+                                         "expires_at": _timestamp(min(stops, forever)) if stops else None})  # fmt: skip
         return {"models": models}
 
     def _loaded(self) -> list:

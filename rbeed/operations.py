@@ -123,7 +123,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True, fo
     max_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS)] | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0, le=100)] | None = None
     top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
-    top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    top_k: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] | None = None  # llama.cpp's is an int32
     min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
     repeat_penalty: Annotated[float, msgspec.Meta(gt=0, le=100)] | None = None  # 1: off
     presence_penalty: Penalty | None = None
@@ -241,7 +241,7 @@ class Embed(_OnWorker, tag="embed", kw_only=True):
     input: EmbedText | Annotated[list[EmbedText], msgspec.Meta(max_length=2048)]  # [] only loads the model
     truncate: bool = True  # an input longer than the context is cut to it; false: the job fails
     normalize: bool = True  # false: as pooled (Ollama's older /api/embeddings)
-    dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None  # keep the first N, as Matryoshka models allow
+    dimensions: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] | None = None  # keep the first N, as Matryoshka models allow
     n_ctx: Context | None = None
 
     @property

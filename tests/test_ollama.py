@@ -144,6 +144,10 @@ async def test_an_empty_request_loads_the_model_and_keep_alive_zero_unloads_it(c
     entry = (await loaded(client))["chatty"]
     assert entry["context_length"] == 2048 and entry["size"] > 10 << 20  # the worker's resident memory
     assert abs(datetime.fromisoformat(entry["expires_at"]).timestamp() - (time.time() + 3600)) < 60
+    # Past any date a timestamp can hold: shown as a model kept for good is, ten years on.
+    await post(client, "/api/chat", {"model": "chatty", "keep_alive": "99999999999999999999h", "stream": False})
+    entry = (await loaded(client))["chatty"]
+    assert abs(datetime.fromisoformat(entry["expires_at"]).timestamp() - (time.time() + 10 * 365 * 86400)) < 60
 
     done = await lines(client, "/api/generate", {"model": "Chatty:latest", "keep_alive": 0})  # names are any case
     assert [(d["done"], d["done_reason"], d["response"]) for d in done] == [(True, "unload", "")]
@@ -201,6 +205,10 @@ async def test_format_holds_the_answer_to_json_or_a_schema_as_infers_does(client
      "Expected `int | null`, got `str` - at `$.options.num_predict`"),
     ("/api/generate", GENERATE | {"options": {"temperature": -1}}, 400, "Expected `float` >= 0.0 - at `$.options.temperature`"),
     ("/api/generate", GENERATE | {"options": {"num_predict": 0}}, 400, "Expected `int` >= 1 - at `$.options.num_predict`"),
+    ("/api/generate", GENERATE | {"options": {"top_k": 10**23}}, 400, "Expected `int` <= 2147483647 - at `$.options.top_k`"),
+    ("/api/create", {"model": "x", "from": "tiny", "parameters": {"top_k": 10**23}}, 400,
+     "Expected `int` <= 2147483647 - at `$.parameters.top_k`"),
+    ("/api/embed", {"model": "tiny", "input": "x", "dimensions": 2**64}, 400, "Expected `int` <= 1048576"),
     ("/api/generate", GENERATE | {"options": {"repeat_penalty": 0}}, 400,
      "Expected `float` > 0.0 - at `$.options.repeat_penalty`"),
     ("/api/generate", GENERATE | {"options": {"num_ctx": 40000}}, 400, "n_ctx 40000 is more than tiny was trained for"),
