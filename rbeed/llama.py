@@ -91,4 +91,8 @@ class _GrammarChecked:
         candidates.copy_logits(logits)
         for sampler in samplers:
             llama_cpp.llama_sampler_apply(sampler.sampler, ctypes.byref(candidates.candidates))
+            # Sampled anyway, a token the grammar refuses makes its accept() throw: llama.cpp aborts.
+            if sampler is self.grammar and not numpy.isfinite(candidates.candidates_data.logit).any():
+                raise gbnf.GrammarError("the grammar allows no token here: it matches nothing (an empty range, "
+                                        "such as [z-a]?) or nothing the model's vocabulary can write")  # fmt: skip
         return int(candidates.candidates_data.id[candidates.candidates.selected])

@@ -214,6 +214,8 @@ async def test_grammar_holds_completions_and_chats_to_gbnf_as_llama_servers_does
      "grammar: token 100000 is not one of tiny's (ids 0 to 598)"),
     ("/v1/completions", COMPLETION | {"grammar": "root ::= <nosuchtoken>"}, 400, None,  # the worker finds it out
      "the output's grammar does not parse (is each <token> in it one of the model's?)"),
+    ("/v1/completions", COMPLETION | {"grammar": "root ::= [z-a]"}, 400, None,  # llama.cpp aborted on it
+     "the grammar allows no token here: it matches nothing"),
     ("/v1/chat/completions", CHAT | {"tools": [{"type": "function"}]}, 400, "tools", "tools is not supported"),
     ("/v1/chat/completions", CHAT | {"messages": [{"role": "tool", "content": "4"}]}, 400, "messages[0].role",
      "role 'tool' is not supported; use system, user or assistant"),

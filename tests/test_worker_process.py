@@ -392,6 +392,8 @@ async def test_a_grammar_holds_the_text_and_one_that_does_not_parse_fails_withou
         broken = await client.generate(2, grammar='root ::= "yes" (')  # llama-cpp-python would segfault on it
         unknown = await client.generate(3, grammar="root ::= <nosuchtoken>")
         beyond = await client.generate(4, grammar="root ::= <[1000000]>")  # llama.cpp would abort on it
+        empty = await client.generate(6, grammar="root ::= [z-a]")  # so would it on these
+        dead_end = await client.generate(7, grammar='root ::= "Once" [z-a]', prompt="Once", temperature=0.0)
         after = await client.generate(5, seed=1)
 
     assert held.text in ("yes", "no") and held.end.finish_reason == "stop"
@@ -401,6 +403,10 @@ async def test_a_grammar_holds_the_text_and_one_that_does_not_parse_fails_withou
     assert beyond.end == wire.Failed(4, f"grammar: token 1000000 is not one of the model's (ids 0 to {len(tinymodel.VOCAB) - 1})",
                                      refused=True)  # fmt: skip
     assert not broken.pieces and not unknown.pieces and not beyond.pieces
+    nothing = ("the grammar allows no token here: it matches nothing (an empty range, such as [z-a]?) or nothing "
+               "the model's vocabulary can write")  # fmt: skip
+    assert (empty.end, empty.pieces) == (wire.Failed(6, nothing, refused=True), [])
+    assert dead_end.end == wire.Failed(7, nothing, refused=True) and "".join(dead_end.pieces).strip() == "Once"
     assert isinstance(after.end, wire.Done) and after.text
 
 
