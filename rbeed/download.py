@@ -15,6 +15,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from stat import S_ISREG
 from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
@@ -47,6 +48,11 @@ class DownloadError(Exception):
 
 class VerificationError(DownloadError):
     """The bytes are not the expected model (magic or sha256); the partial file was removed."""
+
+
+class SourceError(DownloadError):
+    """The source names no file this host can read: another host's file://, a missing file, a
+    directory, a pipe or a device."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,15 +150,23 @@ def _local_path(source: str | os.PathLike[str]) -> pathlib.Path | None:
         return None
     if url.scheme == "file":
         if url.netloc not in ("", "localhost"):
-            raise DownloadError(f"cannot fetch {source}: file:// URL of another host")
+            raise SourceError(f"cannot fetch {source}: file:// URL of another host")
         return pathlib.Path(url2pathname(url.path))
     return pathlib.Path(source)
 
 
 async def _copy_local(source: pathlib.Path, part: _PartFile, progress: _Progress, origin: _Origin) -> None:
     """Copy source into part (resuming it, while the file is the one it began)."""
-    async with await trio.open_file(source, "rb") as src:
-        stat = os.fstat(src.fileno())
+    try:
+        # Not blocking: opening a FIFO would wait for a writer, in a thread a cancel cannot stop.
+        fd = await trio.to_thread.run_sync(os.open, source, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise SourceError(f"cannot read {source}: {exc.strerror}") from None
+    stat = os.fstat(fd)
+    if not S_ISREG(stat.st_mode):
+        os.close(fd)
+        raise SourceError(f"{source} is not a regular file")
+    async with trio.wrap_file(os.fdopen(fd, "rb")) as src:
         total, version = stat.st_size, f"{stat.st_size}:{stat.st_mtime_ns}"
         if part.size > total or (part.size and origin.validator != version):
             await part.truncate()

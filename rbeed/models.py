@@ -22,7 +22,7 @@ from . import gbnf, wire
 from .catalog import Catalog
 from .config import ModelsConfig, read_secret
 from .blobs import Blobs, sha256_of
-from .download import DownloadError, DownloadResult, download
+from .download import DownloadError, DownloadResult, SourceError, VerificationError, download
 from .ggufinfo import NEWEST_KEY
 from .httpclient import Client, StatusError
 from .jobs import Job, JobFailed
@@ -111,18 +111,25 @@ def model_id(file_name: str) -> str:
 
 def resolve_source(source: str, hf_base: str) -> tuple[str, str]:
     """The URL or path to fetch, and the file name the model id derives from."""
+    if any(ord(char) < 32 or char == "\x7f" for char in source):  # a NUL cannot even be opened
+        raise JobFailed(f"the source {source!r} holds a control character", 400)
     if source.startswith("hf:"):
         match = _HF.match(source)
         if match is None or ".." in source:
             raise JobFailed(f"bad hf: source {source!r}; expected hf:owner/repo/path/file.gguf", 400)
         owner, repo, path = match.groups()
         return hf_base.format(owner=owner, repo=repo, path=path), path.rsplit("/", 1)[-1]
-    url = urlsplit(source)
+    try:
+        url = urlsplit(source)
+    except ValueError as exc:  # Invalid IPv6 URL, and the like
+        raise JobFailed(f"bad source {source!r}: {exc}", 400) from None
     if url.scheme in ("http", "https"):
         return source, unquote(url.path.rsplit("/", 1)[-1])
     if url.scheme not in ("", "file"):
         raise JobFailed(f"unsupported source scheme {url.scheme!r}; use a path, file://, http(s):// or hf:", 400)
     path = unquote(url.path) if url.scheme else source
+    if "\0" in path:  # file:///x%00.gguf
+        raise JobFailed(f"the source {source!r} holds a NUL character", 400)
     if not Path(path).is_absolute():  # the daemon's working directory is nobody's business
         raise JobFailed(f"a local path must be absolute: {source!r} (rbee makes one so; the daemon does not "
                         "know the working directory it was meant from)", 400)  # fmt: skip
@@ -371,7 +378,8 @@ class Models:
             if hf and refused:
                 raise JobFailed(f"{exc}; a gated model needs its terms accepted on Hugging Face and a token: "
                                 "set HF_TOKEN, or the credential hf-token") from None  # fmt: skip
-            raise JobFailed(str(exc)) from None
+            # Not the file asked for, or none this host can read: the request's fault, as a bad source is.
+            raise JobFailed(str(exc), 400 if isinstance(exc, (SourceError, VerificationError)) else 500) from None
         if result.resumed_from:
             job.narrate(f"resumed from byte {result.resumed_from}")
         return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated, ClassVar, Literal, Union
 
 import msgspec
@@ -11,7 +12,11 @@ from . import gbnf, grammar
 # Ids become file names and URL parts: keep them to a safe, boring alphabet.
 Id = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")]
 HiveId = Id
-Host = Annotated[str, msgspec.Meta(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9._:\[\]-]+\Z")]
+# A name, an IPv4 address, or an IPv6 one without brackets (see _check_host).
+Host = Annotated[str, msgspec.Meta(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9._:-]+\Z")]
+# systemctl --host's [USER@]HOST: no leading dash, which ssh would take for an option.
+SshHost = Annotated[str, msgspec.Meta(min_length=1, max_length=253,
+                                      pattern=r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*@)?[A-Za-z0-9\[][A-Za-z0-9._:\[\]-]*\Z")]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-fA-F]{64}\Z")]
 # A hive's API key goes in an HTTP header: visible ASCII only. "" in hive_update removes it.
@@ -57,20 +62,35 @@ class HiveGet(Operation, tag="hive_get"):
     id: HiveId
 
 
+def _check_host(host: str | None) -> None:
+    """A host with a colon is an IPv6 address: one that is not would make no URL."""
+    if host and ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"host {host!r} is not a name or an IP address") from None
+
+
 class HiveCreate(Operation, tag="hive_create"):
     host: Host
     id: HiveId | None = None  # default: derived from host
     port: Port = 8500
-    ssh_host: Host | None = None
+    ssh_host: SshHost | None = None
     api_key: ApiKey | None = None  # what that hive's daemon wants from TCP clients
+
+    def __post_init__(self) -> None:
+        _check_host(self.host)
 
 
 class HiveUpdate(Operation, tag="hive_update"):
     id: HiveId
     host: Host | None = None
     port: Port | None = None
-    ssh_host: Host | None = None
+    ssh_host: SshHost | None = None
     api_key: ApiKey | None = None
+
+    def __post_init__(self) -> None:
+        _check_host(self.host)
 
 
 class HiveDelete(Operation, tag="hive_delete"):

@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from rbeed.download import BLOCK_SIZE, DownloadError, VerificationError, _PartFile, download
+from rbeed.download import BLOCK_SIZE, DownloadError, SourceError, VerificationError, _PartFile, download
 from rbeed.httpclient import Client
 
 from httpfixture import RecordedRequest, Reply, corrupted, gguf_bytes, serve_files
@@ -467,10 +467,17 @@ async def test_a_write_that_fails_leaves_the_blocks_before_it_and_no_hole(tmp_pa
     assert (result.resumed_from, dest.read_bytes()) == (calls[0], MODEL)
 
 
-async def test_missing_local_source_is_a_download_error(tmp_path):
-    with pytest.raises(DownloadError, match=r"No such file or directory: .*/nowhere\.gguf$"):
+async def test_a_local_source_that_is_no_regular_file_is_a_source_error(tmp_path):
+    with pytest.raises(SourceError, match=r"^cannot read .*/nowhere\.gguf: No such file or directory$"):
         await download(tmp_path / "nowhere.gguf", tmp_path / "dest.gguf")
     assert list(tmp_path.iterdir()) == []
+    # A pipe no one writes to: opened as a file, it waited for a writer in a thread nothing could cancel.
+    os.mkfifo(tmp_path / "pipe.gguf")
+    with trio.fail_after(5), pytest.raises(SourceError, match=r"^.*/pipe\.gguf is not a regular file$"):
+        await download(tmp_path / "pipe.gguf", tmp_path / "dest.gguf")
+    with pytest.raises(SourceError, match=r"^.*/tmp.* is not a regular file$"):
+        await download(f"file://{tmp_path}", tmp_path / "dest.gguf")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["pipe.gguf"]
 
 
 async def test_cancelled_wait_for_the_disk_still_leaves_a_prefix(tmp_path):

@@ -90,7 +90,7 @@ async def test_create_get_update_list_delete(hives_daemon):
     async with hives_daemon.client() as client:
         created = await run_job(client, {"operation": "hive_create", "id": "h-life", "host": "127.0.0.1", "port": port})
         got = result_of(await run_job(client, {"operation": "hive_get", "id": "h-life"}))
-        updated = await run_job(client, {"operation": "hive_update", "id": "h-life", "port": other_port, "ssh_host": "jump"})
+        updated = await run_job(client, {"operation": "hive_update", "id": "h-life", "port": other_port, "ssh_host": "ops@jump"})
         listed = result_of(await run_job(client, {"operation": "hive_list"}))
         deleted = await run_job(client, {"operation": "hive_delete", "id": "h-life"})
         after = await run_job(client, {"operation": "hive_get", "id": "h-life"})
@@ -101,7 +101,7 @@ async def test_create_get_update_list_delete(hives_daemon):
     assert (record["id"], record["host"], record["port"], record["ssh_host"]) == ("h-life", "127.0.0.1", port, None)
     assert record["local"] is False and record["online"] is False
     assert narrations(updated) == ["hive h-life updated: port, ssh_host"]
-    assert (result_of(updated)["port"], result_of(updated)["ssh_host"], result_of(updated)["host"]) == (other_port, "jump", "127.0.0.1")
+    assert (result_of(updated)["port"], result_of(updated)["ssh_host"], result_of(updated)["host"]) == (other_port, "ops@jump", "127.0.0.1")
     assert [h for h in listed if h["id"] == "h-life"][0]["port"] == other_port
     assert narrations(deleted) == ["hive h-life deleted"] and result_of(deleted) == {"id": "h-life", "deleted": True}
     assert_error(after, "unknown hive 'h-life'")

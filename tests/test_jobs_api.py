@@ -194,6 +194,10 @@ BAD_PAYLOADS = [
     ({"operation": "model_copy", "id": "m", "to": "n", "system": 7}, ["Expected `str | null`", "at `$.system`"]),
     ({"operation": "hive_create", "host": "h", "id": ".hidden"}, ["at `$.id`"]),
     ({"operation": "hive_create", "host": "h/../x"}, ["at `$.host`"]),
+    # They would make no URL: forwarding a job to the hive failed with an internal error.
+    ({"operation": "hive_create", "host": "[[::1]]"}, ["at `$.host`"]),
+    ({"operation": "hive_update", "id": "h", "host": "::::"}, ["host '::::' is not a name or an IP address"]),
+    ({"operation": "hive_update", "id": "h", "ssh_host": "-oProxyCommand"}, ["at `$.ssh_host`"]),  # not an option
     ({"operation": "hive_create", "host": "h", "port": 70000}, ["<= 65535", "at `$.port`"]),
     ({"operation": "hive_start", "hive_id": "../.."}, ["at `$.hive_id`"]),
     ({"operation": "worker_spawn", "model": "../m"}, ["at `$.model`"]),

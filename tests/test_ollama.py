@@ -230,6 +230,12 @@ async def test_format_holds_the_answer_to_json_or_a_schema_as_infers_does(client
     ("/api/pull", {"model": "hf:owner/model.gguf"}, 400, "bad hf: source 'hf:owner/model.gguf'"),
     ("/api/pull", {"model": "file:models/x.gguf"}, 400, "a local path must be absolute"),
     ("/api/pull", {"stream": False}, 400, "model is required"),
+    # These crashed the job (internal error: ValueError).
+    ("/api/pull", {"model": "http://[::1"}, 400, "bad source 'http://[::1': Invalid IPv6 URL"),
+    ("/api/pull", {"model": "/tmp/x\u0000.gguf"}, 400, "the source '/tmp/x\\x00.gguf' holds a control character"),
+    ("/api/pull", {"model": "file:///tmp/x%00.gguf"}, 400, "the source 'file:///tmp/x%00.gguf' holds a NUL character"),
+    ("/api/pull", {"model": "/nowhere/x.gguf", "stream": False}, 400,
+     "cannot read /nowhere/x.gguf: No such file or directory"),
     ("/api/show", {"model": "nope"}, 404, "unknown model 'nope'"),
 ])  # fmt: skip
 async def test_bad_requests_are_refused_with_a_message_naming_the_field(client, path, body, status, message):
