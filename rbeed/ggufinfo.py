@@ -109,9 +109,15 @@ def read(path: str) -> dict:
     }
 
 
+EXIT_UNREADABLE = 2  # the file could not be read (or memory ran out): not the file's fault
+
+
 def main() -> int:
     try:
         print(json.dumps(read(sys.argv[1])))
+    except (OSError, MemoryError) as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_UNREADABLE
     except Exception as exc:  # any parse failure is reported as one line, never a traceback
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -69,6 +69,10 @@ class Model(msgspec.Struct):
         over its own or instead of them; None leaves each as it is."""
         if why := self.refuses_system(system, messages):
             raise JobFailed(why, 400)
+        trained = self.metadata.get("context_length")
+        if defaults is not None and defaults.n_ctx and trained and defaults.n_ctx > trained:
+            # Refused here, not at each job the model's default would fail.
+            raise JobFailed(f"n_ctx {defaults.n_ctx} is more than {self.id} was trained for ({trained} tokens)", 400)
         if defaults is not None and over_own:
             defaults = layered(defaults, self.defaults)
         return msgspec.structs.replace(self, system=self.system if system is None else system or None,
@@ -499,5 +503,7 @@ async def read_metadata(path: Path) -> dict:
     )  # fmt: skip
     if result.returncode != 0:
         reason = result.stderr.decode(errors="replace").strip().splitlines()
-        raise JobFailed(f"not a valid GGUF model: {reason[-1] if reason else 'unreadable'}", 400)
+        if result.returncode == 1:  # the reader's verdict on the file; else it could not run (2, killed)
+            raise JobFailed(f"not a valid GGUF model: {reason[-1] if reason else 'unreadable'}", 400)
+        raise JobFailed(f"cannot read the model's metadata: {reason[-1] if reason else 'killed'}")
     return json.loads(result.stdout)

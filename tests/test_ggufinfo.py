@@ -136,6 +136,13 @@ def test_command_reports_garbage_in_one_line_without_traceback(tmp_path):
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
+def test_a_file_that_cannot_be_read_is_told_from_one_that_is_no_gguf(tmp_path):
+    # Exit 2: the daemon answers 500 (its side), not 400 (the file's fault) as for exit 1.
+    done = run_cli(tmp_path)  # a directory
+    assert (done.returncode, done.stdout) == (ggufinfo.EXIT_UNREADABLE, "")
+    assert done.stderr.startswith("IsADirectoryError: ") and len(done.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("cut", [lambda size: 1000, lambda size: size // 2, lambda size: size - 1],
                          ids=["in the vocabulary", "in the tensor data", "last byte missing"])  # fmt: skip
 def test_truncated_model_is_rejected(tmp_path, tiny_model, cut):

@@ -440,6 +440,9 @@ async def test_create_makes_a_model_with_a_system_message_and_parameters_from_on
         ({"model": "x", "from": "tiny", "parameters": {"temperature": -1}}, 400,
          "Expected `float` >= 0.0 - at `$.parameters.temperature`", ""),
         ({"model": "x", "from": "tiny", "parameters": {"num_ctx": "big"}}, 400, "at `$.parameters.num_ctx`", ""),
+        # Made, it would fail every job of the model with the client's fault.
+        ({"model": "x", "from": "tiny", "parameters": {"num_ctx": 40000}}, 400,
+         "n_ctx 40000 is more than tiny was trained for (32768 tokens)", ""),
         ({"model": "chatty", "from": "tiny"}, 409, "model chatty already exists (sha256 ", ""),
         ({"model": "x", "from": "tiny", "system": "Hi."}, 400, "model tiny has no chat template to put a system", ""),
         ({"model": "x", "from": "tiny", "messages": [{"role": "user", "content": "Hi"}]}, 400,
