@@ -48,6 +48,11 @@ def check(text: str) -> list[int]:
     return parser.token_ids
 
 
+def token_ids(text: str) -> list[int]:
+    """The token ids a grammar that check() took names (`<[id]>`): parsed again only if it names any."""
+    return check(text) if "<[" in text else []
+
+
 class _Parser:
     """llama_grammar_parser's rules, built as it builds them (the same rules, ids and checks)."""
 

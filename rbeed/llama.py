@@ -36,7 +36,7 @@ class Llama(llama_cpp.Llama):
         if grammar is None:
             return chain
         # The daemon checks the ids from the catalog; again here, as llama.cpp aborts on one past the vocabulary.
-        if "<[" in grammar and (why := wire.unknown_token("grammar", gbnf.check(grammar), self.n_vocab(), "the model's")):
+        if why := wire.unknown_token("grammar", gbnf.token_ids(grammar), self.n_vocab(), "the model's"):
             raise gbnf.GrammarError(why)
         parsed = llama_cpp.llama_sampler_init_grammar(self._model.vocab, grammar.encode(), b"root")
         if not parsed:  # LlamaSampler.add_grammar would put NULL in its chain: a segfault at the first token

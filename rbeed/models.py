@@ -69,15 +69,20 @@ class Model(msgspec.Struct):
         over its own or instead of them; None leaves each as it is."""
         if why := self.refuses_system(system, messages):
             raise JobFailed(why, 400)
-        trained = self.metadata.get("context_length")
-        if defaults is not None and defaults.n_ctx and trained and defaults.n_ctx > trained:
-            # Refused here, not at each job the model's default would fail.
-            raise JobFailed(f"n_ctx {defaults.n_ctx} is more than {self.id} was trained for ({trained} tokens)", 400)
+        if defaults is not None and defaults.n_ctx:
+            self.check_context(defaults.n_ctx)  # refused here, not at each job the default would fail
         if defaults is not None and over_own:
             defaults = layered(defaults, self.defaults)
         return msgspec.structs.replace(self, system=self.system if system is None else system or None,
                                        defaults=self.defaults if defaults is None else defaults,
                                        messages=self.messages if messages is None else messages)  # fmt: skip
+
+    def check_context(self, n_ctx: int) -> None:
+        """JobFailed (400) for a context longer than the model was trained for: past it llama.cpp's
+        output turns to garbage."""
+        trained = self.metadata.get("context_length")
+        if trained and n_ctx > trained:
+            raise JobFailed(f"n_ctx {n_ctx} is more than {self.id} was trained for ({trained} tokens)", 400)
 
     def refusal(self, op: Infer | Embed | Tokenize | Detokenize) -> tuple[str, str] | None:
         """The field at fault and why, where the catalog already tells that `op` would fail on
@@ -98,8 +103,8 @@ class Model(msgspec.Struct):
                 return "messages", wire.NO_CHAT_TEMPLATE
             if vocab_size and (why := wire.unknown_token("logit_bias", op.logit_bias, vocab_size, f"{self.id}'s")):
                 return "logit_bias", why
-            if vocab_size and op.grammar and (why := wire.unknown_token("grammar", gbnf.check(op.grammar), vocab_size,
-                                                                        f"{self.id}'s")):  # fmt: skip
+            grammar_ids = gbnf.token_ids(op.grammar) if op.grammar else None
+            if vocab_size and (why := wire.unknown_token("grammar", grammar_ids, vocab_size, f"{self.id}'s")):
                 return "grammar", why
         return None
 

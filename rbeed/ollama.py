@@ -408,11 +408,11 @@ class OllamaAPI:
 
     def _running(self) -> dict:
         models = []
+        forever = time.time() + 10 * 365 * 86400  # as Ollama shows a model kept for good, and one kept longer
         for worker in self._loaded():
             if (model := self.models.catalog.get(worker.model)) is None:
                 continue
             record = worker.record()
-            forever = time.time() + 10 * 365 * 86400  # as Ollama shows a model kept for good, or past a date can be
             stops = record.stops_at or (forever if record.keep_alive == -1 else None)
             models.append(_tag(model) | {"size": record.rss or 0, "size_vram": 0, "context_length": worker.n_ctx,
                                          "expires_at": _timestamp(min(stops, forever)) if stops else None})  # fmt: skip

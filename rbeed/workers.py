@@ -421,11 +421,11 @@ class Supervisor:
         The configured default is cut to what the model was trained for; more than that, asked
         for, is refused: past it llama.cpp's output turns to garbage.
         """
-        trained = self.models.lookup(model_id).metadata.get("context_length")
+        model = self.models.lookup(model_id)
+        trained = model.metadata.get("context_length")
         if n_ctx is None:
             return min(self.config.n_ctx, trained or self.config.n_ctx)
-        if trained and n_ctx > trained:
-            raise JobFailed(f"n_ctx {n_ctx} is more than {model_id} was trained for ({trained} tokens)", 400)
+        model.check_context(n_ctx)
         return n_ctx or trained or 0
 
     async def spawn(self, model_id: str, device: str, *, threads: int | None = None, n_ctx: int | None = None,
