@@ -4,7 +4,7 @@ Invoked as `rbeed worker --id ID --model PATH --socket PATH --device cpu|cuda:N|
 --threads N [--n-ctx 2048] [--n-batch 32]`, or as `rbeed worker --probe DEVICE` to check a
 device without loading a model. Protocol: rbeed.wire frames on one daemon connection at a time;
 requests (generations, embeddings) run one at a time in the main thread, which also reads the
-connection: while idle it blocks in recv, so a request wakes the thread that will run it.
+connection: while idle it waits for it in select, so a request wakes the thread that will run it.
 
 Readiness follows the sd_notify protocol when NOTIFY_SOCKET is set: "STATUS=loading <model>",
 then "READY=1" once the model is loaded and the socket listens, or "STATUS=failed: <reason>"
@@ -42,6 +42,7 @@ import sys
 import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jinja2
@@ -345,8 +346,9 @@ _REQUESTS = (wire.Generate, wire.Embed, wire.Tokenize)
 class _Connection:
     """One daemon connection, read only by the main thread: in recv while idle, on SIGIO while generating."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, wait_readable: Callable[[int], None]) -> None:
         self.sock = sock
+        self._wait_readable = wait_readable
         # Requests with their arrival times.
         self.pending: collections.deque[tuple[_Request, float]] = collections.deque()
         self.running: _Job | None = None
@@ -425,6 +427,8 @@ class _Connection:
     def _read(self, blocking: bool) -> None:
         """Read once if `blocking`, else until the socket is empty; the caller holds `_reading`."""
         while not self.closed:
+            if blocking:
+                self._wait_readable(self.sock.fileno())
             try:
                 data = self.sock.recv(65536, 0 if blocking else socket.MSG_DONTWAIT)
                 arrived = time.perf_counter()
@@ -498,6 +502,8 @@ class _Worker:
         self._ctx = llm._ctx.ctx
         self._prompt_job: _Job | None = None
         self._terminating = False  # SIGTERM came where a raise is dropped: exit at the next token
+        # run() has signal.set_wakeup_fd write a byte to wakeup_fd for each signal: see wait_readable.
+        self._wakeup, self.wakeup_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # Where a SIGIO may abandon a prompt: between llama_decode calls, in llama-cpp-python's
         # batch loop. Raised anywhere else (building a sampler, a finalizer) it could leave a
         # half-made object or be dropped; the abort callback or the next token stops it then.
@@ -544,12 +550,29 @@ class _Worker:
             job.in_prompt = False
             raise _PromptCancelled
 
+    def wait_readable(self, fd: int) -> None:
+        """Block until `fd` can be read; _Terminated once a SIGTERM came.
+
+        Not a blocking accept or recv: the kernel may give a SIGTERM to another thread (llama.cpp's,
+        the parent watch), as it does while this one has a SIGIO pending. Python then runs the
+        handler at this thread's next bytecode, and interrupts no system call of this thread:
+        the wakeup byte ends the select instead, and the loop's next turn runs the handler.
+        """
+        while not self._terminating:  # also set by a SIGTERM handled where its raise was dropped
+            readable, _, _ = select.select([fd, self._wakeup], [], [])
+            if self._wakeup in readable:
+                os.read(self._wakeup, 4096)
+            if fd in readable:
+                return
+        raise _Terminated
+
     def serve(self, listener: socket.socket) -> None:
         while True:
+            self.wait_readable(listener.fileno())
             sock, _ = listener.accept()
             _log("daemon connected")
             with sock:
-                self.connection = connection = _Connection(sock)
+                self.connection = connection = _Connection(sock, self.wait_readable)
                 while (item := connection.begin_next()) is not None:
                     request, received, job = item
                     try:
@@ -945,6 +968,7 @@ def run(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, worker.on_terminate)
         signal.signal(signal.SIGIO, worker.on_sigio)
         signal.siginterrupt(signal.SIGIO, False)  # let llama.cpp's system calls restart, not fail
+        signal.set_wakeup_fd(worker.wakeup_fd, warn_on_full_buffer=False)  # a byte per signal: many SIGIOs
         _notify(f"READY=1\nSTATUS=serving {args.model} on {args.device}")
         _log(f"worker {args.id}: serving on {args.socket}")
         worker.serve(listener)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import dataclasses
 import fcntl
 import itertools
@@ -194,6 +195,11 @@ def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of process `pid`."""
     fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_state(pid: int, tid: int) -> str:
+    """The state letter of thread `tid` of process `pid` (R running, S sleeping...)."""
+    return pathlib.Path(f"/proc/{pid}/task/{tid}/stat").read_text().rpartition(")")[2].split()[0]
 
 
 async def ready_client(start_worker, *args: str, **env: str) -> tuple[Worker, Client]:
@@ -482,7 +488,7 @@ def connection_without_sigio():
 
     daemon, ours = socket.socketpair()
     with daemon, ours:
-        connection = worker._Connection(ours)
+        connection = worker._Connection(ours, wait_readable=lambda fd: None)  # its blocking recv waits
         fcntl.fcntl(ours, fcntl.F_SETFL, fcntl.fcntl(ours, fcntl.F_GETFL) & ~os.O_ASYNC)
         yield daemon, connection
 
@@ -881,3 +887,29 @@ def test_tokenizes_answered_aside_are_left_when_a_sigio_finds_the_daemon_gone_me
         with HandlerAt(line, [worker._Worker._answer_aside], sigio) as handler:
             handled._answer_aside(connection)
         assert handler.ran and connection.closed and not connection.pending
+
+
+@pytest.mark.parametrize("waiting_in", ["accept", "recv"])
+async def test_a_sigterm_the_kernel_gives_to_another_thread_ends_an_idle_worker(start_worker, waiting_in):
+    # Seen once in CI: the daemon closed the connection (a SIGIO pending on the main thread) and
+    # sent SIGTERM, which the kernel then gave to another of the worker's threads. Python ran its
+    # handler at the main thread's next bytecode, and that thread sat in accept() for good.
+    tgkill = ctypes.CDLL(None, use_errno=True).tgkill
+    with trio.fail_after(10):
+        worker = await start_worker(RBEED_PDEATHSIG="1")  # with its parent-watch thread
+        await worker.ready()
+        if waiting_in == "recv":
+            client = await worker.connect()
+            await worker.stderr_until("daemon connected")
+        pid = worker.process.pid
+        while thread_state(pid, pid) != "S":  # bounded poll: until the main thread waits in a system call
+            await trio.sleep(0.001)
+        others = [int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
+        assert others, "the worker runs no other thread"
+        assert tgkill(pid, others[0], signal.SIGTERM) == 0, ctypes.get_errno()
+        with trio.fail_after(2):
+            assert await worker.exit_code() == 0
+
+    assert worker.stderr.splitlines()[-1] == "rbeed-worker: terminated"
+    if waiting_in == "recv":
+        assert await client.stream.receive_some() == b""
