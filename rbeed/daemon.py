@@ -140,7 +140,7 @@ class Daemon:
                     async with trio.open_nursery() as accepting:  # its own nursery: cancelling it closes the listeners
                         listen = partial(serve_listeners, on_count=self._count_connection,
                                          reads_body=self.api.reads_body)
-                        await accepting.start(listen, sockets, self.api, self.config.server, connections)
+                        timers = await accepting.start(listen, sockets, self.api, self.config.server, connections)
                         where = ", ".join(describe(sock) for sock in sockets)
                         log.info("rbeed %s listening on %s", __version__, where)
                         if self.api.api_key:
@@ -156,6 +156,8 @@ class Daemon:
                     self.notifier.notify("STOPPING=1", "STATUS=draining")
                     await self._drain()
                     # Streams have their end events queued; give them a moment to flush, then close.
+                    # Keep-alive connections between requests close at once: nothing is coming to them.
+                    timers.close_idle()
                     connections.cancel_scope.deadline = trio.current_time() + 1
                 services.cancel_scope.cancel()  # stops the workers too
         finally:

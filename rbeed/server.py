@@ -103,6 +103,7 @@ class ReadTimers:
         self._config = config
         self._connections: set[HTTPConnection] = set()
         self._added = trio.Event()
+        self.closing = False  # shutting down: each response is its connection's last
         self._tick()
 
     def _tick(self) -> float:
@@ -121,6 +122,12 @@ class ReadTimers:
 
     def discard(self, connection: HTTPConnection) -> None:
         self._connections.discard(connection)
+
+    def close_idle(self) -> None:
+        """Shutting down: close the connections waiting for a request now, the others after their response."""
+        self.closing = True
+        for connection in self._connections:
+            connection.close_if_idle()
 
     async def run(self) -> None:
         while True:
@@ -157,6 +164,11 @@ class HTTPConnection:
     def timed_out(self) -> None:
         self._expired = True
         self._scope.cancel()
+
+    def close_if_idle(self) -> None:
+        conn = self.conn
+        if conn.their_state is h11.IDLE and conn.our_state is h11.IDLE and not conn.trailing_data[0]:
+            self._scope.cancel()
 
     async def run(self) -> None:
         self.timers.add(self)
@@ -210,7 +222,7 @@ class HTTPConnection:
                 await self._send_complete(response)
             if unread:
                 await self._discard_body()
-            if self.conn.our_state is h11.MUST_CLOSE or self.conn.their_state is not h11.DONE:
+            if self.conn.our_state is h11.MUST_CLOSE or self.conn.their_state is not h11.DONE or timers.closing:
                 return
             try:
                 self.conn.start_next_cycle()
@@ -328,6 +340,8 @@ class HTTPConnection:
 
     def _head(self, status: int, content_type: str, headers: list[tuple[str, str]], length: int | None):
         all_headers = [SERVER_HEADER, ("content-type", content_type), *headers]
+        if self.timers.closing and ("connection", "close") not in headers:
+            all_headers.append(("connection", "close"))
         if length is not None:
             all_headers.append(("content-length", str(length)))
         return h11.Response(status_code=status, headers=all_headers, reason=_REASONS.get(status, b""))
@@ -489,7 +503,8 @@ async def serve_listeners(
 
     `on_count(+1)` / `on_count(-1)` is called as each connection opens and closes.
     Keeping connections in a nursery of their own lets shutdown stop accepting first and let
-    open streams end with a marker before they are cancelled.
+    open streams end with a marker before they are cancelled. Started, it gives the connections'
+    ReadTimers, whose close_idle() ends them once their jobs have.
     """
 
     timers = ReadTimers(config)
@@ -509,4 +524,4 @@ async def serve_listeners(
         nursery.start_soon(timers.run)
         for sock in sockets:
             nursery.start_soon(accept_forever, sock, handle, connection_nursery)
-        task_status.started()
+        task_status.started(timers)

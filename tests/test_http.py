@@ -675,3 +675,31 @@ async def test_a_body_that_stalls_while_an_app_reads_it_gets_408(timeouts_daemon
             reply = await _read_all(stream)
     assert error_of(reply) == (408, "request timed out")
     assert list((timeouts_daemon.state_dir / "blobs").iterdir()) == []  # its part is gone
+
+
+async def test_at_shutdown_idle_keep_alive_connections_close_at_once_and_busy_ones_after_their_response():
+    timers = ReadTimers(ServerConfig())
+    release = trio.Event()
+
+    async def app(request) -> Response:
+        if request.path == "/slow":
+            await release.wait()
+        return Response(200, b"{}")
+
+    idle_server, idle = trio.testing.memory_stream_pair()
+    busy_server, busy = trio.testing.memory_stream_pair()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(HTTPConnection(idle_server, app, ServerConfig(), timers).run)
+            nursery.start_soon(HTTPConnection(busy_server, app, ServerConfig(), timers).run)
+            await idle.send_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = await idle.receive_some()
+            await busy.send_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            await trio.testing.wait_all_tasks_blocked()
+            timers.close_idle()
+            assert await idle.receive_some() == b""  # closed without waiting for a request
+            release.set()
+            last = await _read_all(busy)
+    assert parse_response(first)[::2] == (200, b"{}") and b"connection: close" not in first.lower()
+    status, headers, body = parse_response(last)
+    assert (status, body, headers["connection"]) == (200, b"{}", "close")

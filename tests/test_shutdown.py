@@ -24,7 +24,7 @@ from support import (
     submit,
 )
 
-GRACE = 0.5
+GRACE = 2  # room for the six exchanges that must see the job still running
 
 
 async def until_draining(client) -> None:
@@ -133,6 +133,8 @@ async def test_an_idle_daemon_exits_0_promptly_and_removes_its_socket(tmp_path):
     async with daemon.client() as client:
         assert (await client.request("GET", "/health")).status == 200  # a keep-alive connection stays open
         daemon.proc.send_signal(signal.SIGINT)
-        assert wait_exit(daemon, within=5) < 2
+        # Closed at once, that connection does not hold the exit for the second given to streams
+        # (here ~0.1 s in all).
+        assert wait_exit(daemon, within=5) < 1
     assert not daemon.socket_path.exists()
     assert "rbeed stopped" in daemon.log() and "Traceback" not in daemon.log()
