@@ -32,7 +32,7 @@ from support import (
 )
 
 KEEPALIVE = 0.2  # [server] sse_keepalive of the api daemon
-TTL = 1.0  # [jobs] unstreamed_ttl and finished_ttl of the small daemon
+TTL = 2.0  # [jobs] unstreamed_ttl and finished_ttl of the small daemon: room for a few exchanges
 
 OPERATIONS = {
     "hive_start": {},
@@ -348,7 +348,7 @@ async def test_an_idle_stream_gets_keep_alive_comments(api_daemon):
                 await other.request("DELETE", f"/v1/jobs/{job_id}")
                 async for chunk in chunks:
                     received += chunk
-    assert idle == b": keep-alive\n\n" * 2  # nothing else while the job is quiet
+    assert idle.replace(b": keep-alive\n\n", b"") == b""  # nothing else while the job is quiet
     assert idle_for >= 2 * KEEPALIVE * 0.75
     assert parse_sse(received.decode())[-1]["data"] == "[CANCELLED]"
 

@@ -147,11 +147,15 @@ async def test_a_cancelled_generation_counts_the_tokens_it_made(tiny_model):
                 received = await read_events_until(events, lambda e: e.event == "token" and json.loads(e.data)["i"] == 2)
                 assert (await client.request("DELETE", f"/v1/jobs/{job_id}")).status == 200
                 assert end_marker(await rest_of(events, timeout=5)) == "[CANCELLED]"
-            # The worker's Done arrives after the job has ended: no job waits for it.
+            # The worker's Done arrives after the job has ended: no job waits for it. The worker logs
+            # the count once it has sent it, which the daemon may read after a scrape: bounded poll.
             made = int((await logged(slow, r"^rbeed-worker: generation \d+: cancelled, (\d+) tokens")).group(1))
-            after, _ = await scrape(client)
-    tiny = {"model": "tiny"}
-    assert value(after, "rbeed_generations_total", finish_reason="cancelled", **tiny) == 1
+            tiny = {"model": "tiny"}
+            cancelled = {"finish_reason": "cancelled", **tiny}
+            with trio.fail_after(5):
+                while value(after := (await scrape(client))[0], "rbeed_generations_total", **cancelled) == 0:
+                    await trio.sleep(0.01)
+    assert value(after, "rbeed_generations_total", **cancelled) == 1
     assert value(after, "rbeed_generations_total", finish_reason="length", **tiny) == 1  # the first job only
     added = value(after, "rbeed_completion_tokens_total", **tiny) - value(before, "rbeed_completion_tokens_total", **tiny)
     assert added == made >= len([e for e in received if e.event == "token"]) == 3

@@ -437,7 +437,7 @@ async def test_greedy_text_under_a_grammar_is_llama_cpp_pythons_with_the_grammar
 async def test_cancel_mid_stream_then_next_generation(start_worker, long_seed):
     seed = long_seed
     with trio.fail_after(10):
-        _, client = await ready_client(start_worker, RBEED_WORKER_TOKEN_DELAY="0.05")
+        _, client = await ready_client(start_worker, RBEED_WORKER_TOKEN_DELAY="0.2")
 
         await client.send(request(1, seed=seed, max_tokens=60))
         await client.send(request(2, seed=seed, max_tokens=60))  # queued behind 1
@@ -462,7 +462,7 @@ async def test_frames_that_arrive_mid_generation_are_read_and_served_in_order(st
     # Sent once generation 1 streams, 2 and 3 reach the worker while it generates: they are
     # read then (not when 1 ends), so the cancel of 3 is honoured and 2 runs next.
     with trio.fail_after(10):
-        worker, client = await ready_client(start_worker, RBEED_WORKER_TOKEN_DELAY="0.05")
+        worker, client = await ready_client(start_worker, RBEED_WORKER_TOKEN_DELAY="0.2")
         await client.send(request(1, seed=long_seed, max_tokens=4))
         first = await client.receive()
         assert isinstance(first, wire.Token) and first.id == 1
@@ -476,8 +476,8 @@ async def test_frames_that_arrive_mid_generation_are_read_and_served_in_order(st
     assert one.end.finish_reason == "length" and len([first, *one.pieces]) == 4
     assert two.end.finish_reason == "length" and two.text == first.text + one.text
     assert three == Generation([], wire.Done(3, 0, 0, "cancelled", 0.0, 0.0))
-    # 2 waited about three token delays behind 1; its TTFT counts from its arrival
-    assert two.end.ttft_ms >= 100
+    # 2 waited about three token delays (600 ms) behind 1; its TTFT counts from its arrival
+    assert two.end.ttft_ms >= 300
 
 
 @contextlib.contextmanager

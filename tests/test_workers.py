@@ -211,7 +211,7 @@ async def test_a_load_on_demand_waits_for_a_busy_on_demand_worker_to_drain(clien
     # As Ollama swaps models: an infer of another model waits for the busy on-demand worker to
     # finish its jobs, then that worker stops and the other model loads. Jobs for the first model
     # that come meanwhile are not queued on the draining worker, so they cannot starve the wait.
-    async with job_events(client, LONG | {"max_tokens": 20}) as (_, busy_events):
+    async with job_events(client, LONG | {"max_tokens": 40}) as (_, busy_events):
         await read_events_until(busy_events, is_token)
         [busy] = await job_result(client, {"operation": "worker_list"})
         async with job_events(client, SHORT | {"model": other_model}) as (_, other_events):
@@ -223,7 +223,7 @@ async def test_a_load_on_demand_waits_for_a_busy_on_demand_worker_to_drain(clien
                 other_rest = await rest_of(other_events, timeout=10)
                 later_rest = await rest_of(later_events, timeout=10)
     assert end_marker(busy_rest) == end_marker(other_rest) == end_marker(later_rest) == "[DONE]"
-    assert result_of(busy_rest)["completion_tokens"] == 20  # drained, not cut short
+    assert result_of(busy_rest)["completion_tokens"] == 40  # drained, not cut short
     assert result_of(other_rest)["worker_id"].startswith(f"{other_model}-cpu-")
     later = result_of(later_rest)["worker_id"]
     assert later.startswith("tiny-cpu-") and later != busy["id"]
@@ -231,7 +231,7 @@ async def test_a_load_on_demand_waits_for_a_busy_on_demand_worker_to_drain(clien
 
 
 async def test_a_cancelled_wait_leaves_the_busy_worker_taking_jobs(client, other_model):
-    async with job_events(client, LONG | {"max_tokens": 20}) as (_, busy_events):
+    async with job_events(client, LONG | {"max_tokens": 40}) as (_, busy_events):
         await read_events_until(busy_events, is_token)
         [busy] = await job_result(client, {"operation": "worker_list"})
         async with job_events(client, SHORT | {"model": other_model}) as (job_id, other_events):
@@ -249,7 +249,7 @@ async def test_a_cancelled_wait_leaves_the_busy_worker_taking_jobs(client, other
 
 async def test_a_model_waiting_to_load_cannot_be_deleted_from_under_its_job(client, other_model):
     # The load of `other` waits for the busy worker to drain; no worker for it is listed yet.
-    async with job_events(client, LONG | {"max_tokens": 20}) as (_, busy_events):
+    async with job_events(client, LONG | {"max_tokens": 40}) as (_, busy_events):
         await read_events_until(busy_events, is_token)
         async with job_events(client, SHORT | {"model": other_model}) as (job_id, other_events):
             await read_events_until(other_events, lambda e: e.event == "narration")
