@@ -4,7 +4,7 @@ Invoked as `rbeed worker --id ID --model PATH --socket PATH --device cpu|cuda:N|
 --threads N [--n-ctx 2048] [--n-batch 32]`, or as `rbeed worker --probe DEVICE` to check a
 device without loading a model. Protocol: rbeed.wire frames on one daemon connection at a time;
 requests (generations, embeddings) run one at a time in the main thread, which also reads the
-connection: while idle it waits for it in select, so a request wakes the thread that will run it.
+connection: while idle it waits for it in poll, so a request wakes the thread that will run it.
 
 Readiness follows the sd_notify protocol when NOTIFY_SOCKET is set: "STATUS=loading <model>",
 then "READY=1" once the model is loaded and the socket listens, or "STATUS=failed: <reason>"
@@ -556,13 +556,16 @@ class _Worker:
         Not a blocking accept or recv: the kernel may give a SIGTERM to another thread (llama.cpp's,
         the parent watch), as it does while this one has a SIGIO pending. Python then runs the
         handler at this thread's next bytecode, and interrupts no system call of this thread:
-        the wakeup byte ends the select instead, and the loop's next turn runs the handler.
+        the wakeup byte ends the poll instead, and the loop's next turn runs the handler.
         """
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(self._wakeup, select.POLLIN)
         while not self._terminating:  # also set by a SIGTERM handled where its raise was dropped
-            readable, _, _ = select.select([fd, self._wakeup], [], [])
-            if self._wakeup in readable:
+            ready = [ready_fd for ready_fd, _ in poller.poll()]
+            if self._wakeup in ready:
                 os.read(self._wakeup, 4096)
-            if fd in readable:
+            if fd in ready:  # readable, closed or failed: the read that follows tells
                 return
         raise _Terminated
 
