@@ -155,7 +155,7 @@ class ProcessBackend:
     async def launch(self, spec: LaunchSpec) -> AsyncIterator[ProcessHandle]:
         notify_path = self.dir / f"{spec.id}.notify"
         notify = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
-        env = worker_env() | {"NOTIFY_SOCKET": str(notify_path), "RBEED_PDEATHSIG": "1"}
+        env = worker_env() | {"NOTIFY_SOCKET": str(notify_path), "RBEED_PDEATHSIG": str(os.getpid())}
         try:
             try:  # a runtime dir too deep for a socket's path, one not writable, no memory to fork
                 self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -20,7 +20,7 @@ processing its prompt, so a late signal is harmless.
 
 Environment:
   NOTIFY_SOCKET              sd_notify datagram socket (path, or "@name" for an abstract one).
-  RBEED_PDEATHSIG=1          exit (as on SIGTERM) when the parent process exits.
+  RBEED_PDEATHSIG=PID        exit (as on SIGTERM) when process PID, the parent, exits (or has).
   RBEED_WORKER_TOKEN_DELAY   TEST-ONLY: seconds to sleep after each generated token, so tests
                              can cancel mid-stream on a model that generates thousands of tok/s.
 """
@@ -311,13 +311,14 @@ def _listen(path: str) -> socket.socket:
     return listener
 
 
-def _exit_with_parent() -> None:
-    """SIGTERM ourselves when the parent process exits.
+def _exit_with_parent(parent: int) -> None:
+    """SIGTERM ourselves when the parent process, `parent`, exits.
 
     Not PR_SET_PDEATHSIG: that fires when the parent *thread* that forked us exits, and
-    trio.open_process forks from a cached worker thread that retires after being idle.
+    trio.open_process forks from a cached worker thread that retires after being idle. The
+    parent's pid comes from it, not from getppid(): by the time Python has started, a parent
+    killed meanwhile has left us to init, which we would watch for good.
     """
-    parent = os.getppid()
     try:
         pidfd = os.pidfd_open(parent)
     except OSError as exc:
@@ -327,6 +328,7 @@ def _exit_with_parent() -> None:
         return
     if os.getppid() != parent:  # it exited before pidfd_open; the pid may be reused
         os.close(pidfd)
+        _log(f"parent process {parent} exited")
         raise _Terminated
 
     def watch() -> None:
@@ -953,8 +955,8 @@ def run(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _on_terminate)
     listener: socket.socket | None = None
     try:
-        if os.environ.get("RBEED_PDEATHSIG") == "1":
-            _exit_with_parent()
+        if parent := os.environ.get("RBEED_PDEATHSIG"):
+            _exit_with_parent(int(parent))
         _log(f"worker {args.id}: loading {args.model} on {args.device}")
         _notify(f"STATUS=loading {args.model}")
         try:

@@ -760,9 +760,10 @@ def test_the_worker_module_leaves_llama_cpp_and_numpy_unloaded():
 # Forks the worker from a thread that exits at once (as trio.open_process does from its thread
 # cache), prints the worker's pid, and exits when its stdin closes.
 SPAWNER = """
-import subprocess, sys, threading
+import os, subprocess, sys, threading
 spawned = []
-thread = threading.Thread(target=lambda: spawned.append(subprocess.Popen(sys.argv[1:])))
+env = dict(os.environ, RBEED_PDEATHSIG=str(os.getpid()))
+thread = threading.Thread(target=lambda: spawned.append(subprocess.Popen(sys.argv[1:], env=env)))
 thread.start()
 thread.join()
 print(spawned[0].pid, flush=True)
@@ -776,7 +777,7 @@ async def test_worker_exits_with_its_parent_process_not_thread(tmp_path, tiny_mo
     command = worker_command(tiny_model, worker.socket_path)
     spawner = await trio.lowlevel.open_process(
         [sys.executable, "-c", SPAWNER, *command],
-        env=worker.env(RBEED_PDEATHSIG="1"),
+        env=worker.env(),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
@@ -896,7 +897,7 @@ async def test_a_sigterm_the_kernel_gives_to_another_thread_ends_an_idle_worker(
     # handler at the main thread's next bytecode, and that thread sat in accept() for good.
     tgkill = ctypes.CDLL(None, use_errno=True).tgkill
     with trio.fail_after(10):
-        worker = await start_worker(RBEED_PDEATHSIG="1")  # with its parent-watch thread
+        worker = await start_worker(RBEED_PDEATHSIG=str(os.getpid()))  # with its parent-watch thread
         await worker.ready()
         if waiting_in == "recv":
             client = await worker.connect()
@@ -913,3 +914,16 @@ async def test_a_sigterm_the_kernel_gives_to_another_thread_ends_an_idle_worker(
     assert worker.stderr.splitlines()[-1] == "rbeed-worker: terminated"
     if waiting_in == "recv":
         assert await client.stream.receive_some() == b""
+
+
+async def test_a_worker_whose_daemon_died_before_it_looked_exits_without_loading(start_worker):
+    # Killed while its worker's Python started, the daemon left it to init: had the worker taken
+    # getppid() for its daemon, it would have watched init, and served on with nobody to stop it.
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # reaped: its pid names no process
+    with trio.fail_after(10):
+        worker = await start_worker(RBEED_PDEATHSIG=str(gone.pid))
+        assert await worker.exit_code() == 0
+    assert worker.stderr.splitlines()[-2:] == [f"rbeed-worker: cannot watch parent process {gone.pid}: No such process",
+                                               "rbeed-worker: terminated"]  # fmt: skip
+    assert "loading" not in worker.stderr
