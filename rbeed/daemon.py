@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import socket
+from collections.abc import AsyncIterator
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
@@ -52,6 +53,14 @@ def bind_sockets(config: Config) -> tuple[list[socket.socket], Path | None]:
     path = config.socket_path
     sockets.append(bind_unix(path, config.server.socket_mode))
     return sockets, path
+
+
+def _file_id(path: Path | None) -> tuple[int, int] | None:
+    try:
+        status = os.stat(path) if path is not None else None
+    except FileNotFoundError:
+        return None
+    return (status.st_dev, status.st_ino) if status else None
 
 
 def claim(directory: Path, what: str) -> int:
@@ -132,7 +141,6 @@ class Daemon:
         log.info("workers run as %s", self.supervisor.backend.name)
         try:
             async with trio.open_nursery() as services:
-                services.start_soon(self._handle_signals)
                 services.start_soon(self.models.refresh)
                 await services.start(self.supervisor.run)
                 await services.start(self.registry.run)
@@ -258,32 +266,38 @@ class Daemon:
         self._reloaded.fire()
         self._poked.fire()
 
-    async def _handle_signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    self.notifier.notify("RELOADING=1")
-                    self.reload()
-                    self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
-                elif not self._stop.is_set():
-                    log.info("%s: shutting down", signal.Signals(signum).name)
-                    self.stop()
-                else:
-                    log.warning("second %s: stopping now", signal.Signals(signum).name)
-                    self.registry.cancel_all(JobState.CANCELLED, "daemon shutting down")
+    async def handle_signals(self, signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                self.notifier.notify("RELOADING=1")
+                self.reload()
+                self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
+            elif not self._stop.is_set():
+                log.info("%s: shutting down", signal.Signals(signum).name)
+                self.stop()
+            else:
+                log.warning("second %s: stopping now", signal.Signals(signum).name)
+                self.registry.cancel_all(JobState.CANCELLED, "daemon shutting down")
 
 
 async def serve(config: Config, config_path: Path | None = None, overrides: dict | None = None) -> None:
-    with ExitStack() as held:
+    # Handled from here to the end: a signal while the daemon starts, or while it stops its
+    # workers, must not kill it (and leave its socket and workers behind).
+    with ExitStack() as held, trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         # One lock per directory: the state and runtime dirs may be the same one.
         dirs = {config.runtime_path.resolve(): "runtime dir", config.state_path.resolve(): "state dir"}
         for directory, what in dirs.items():
             held.callback(os.close, claim(directory, what))
         sockets, unix_path = bind_sockets(config)
+        bound = _file_id(unix_path)
         try:
-            await Daemon(config, config_path, overrides).run(sockets)
+            daemon = Daemon(config, config_path, overrides)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(daemon.handle_signals, signals)
+                await daemon.run(sockets)
+                nursery.cancel_scope.cancel()
         finally:
             for sock in sockets:
                 sock.close()
-            if unix_path is not None:
+            if unix_path is not None and _file_id(unix_path) == bound:  # not one a later daemon bound there
                 unix_path.unlink(missing_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from contextlib import asynccontextmanager
@@ -16,13 +17,16 @@ from support import (
     SLOW_JOB,
     end_marker,
     is_narration,
+    job_result,
     open_stream,
     read_events_until,
     run_job,
+    short_base,
     slow_hive_config,
     start_daemon,
     submit,
 )
+from rbeed.httpclient import Client
 
 GRACE = 2  # room for the six exchanges that must see the job still running
 
@@ -138,3 +142,58 @@ async def test_an_idle_daemon_exits_0_promptly_and_removes_its_socket(tmp_path):
         assert wait_exit(daemon, within=5) < 1
     assert not daemon.socket_path.exists()
     assert "rbeed stopped" in daemon.log() and "Traceback" not in daemon.log()
+
+
+def status_of(pid: int) -> dict[str, str]:
+    """/proc/PID/status: State, ShdPnd (the signals pending for the process, SIGTERM = 1 << 14)..."""
+    return dict(line.split(":\t", 1) for line in open(f"/proc/{pid}/status").read().splitlines() if ":\t" in line)
+
+
+async def test_signals_that_come_while_the_workers_stop_are_handled_not_fatal(tmp_path, tiny_model):
+    # Stopping a worker may take stop_grace (one that ignores SIGTERM). A SIGTERM or SIGHUP then
+    # killed the daemon: its signal handling ended with its services, before the workers stopped.
+    daemon = start_daemon(short_base(), config="[workers]\nstop_grace = 3\n")
+    try:
+        async with daemon.client() as client:
+            await job_result(client, {"operation": "model_download", "model": str(tiny_model)})
+            worker = await job_result(client, {"operation": "worker_spawn", "model": "tiny", "threads": 1})
+        os.kill(worker["pid"], signal.SIGSTOP)  # its SIGTERM stays pending
+        with trio.fail_after(5):  # bounded polls: until it has stopped (before, a SIGTERM would be taken)...
+            while not status_of(worker["pid"])["State"].startswith("T"):
+                await trio.sleep(0.01)
+            daemon.proc.send_signal(signal.SIGTERM)
+            while not int(status_of(worker["pid"])["ShdPnd"], 16) & 1 << signal.SIGTERM - 1:
+                await trio.sleep(0.01)  # ...and until the daemon has sent it SIGTERM
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert wait_exit(daemon, within=10) >= 2  # it waited out the worker's stop_grace
+        log = daemon.log()
+        assert "ignored SIGTERM for 3 s: SIGKILL" in log and log.rstrip().endswith("rbeed stopped")
+        assert not daemon.socket_path.exists()
+    finally:
+        daemon.stop()
+        shutil.rmtree(daemon.socket_path.parent)
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker["pid"], 0)
+
+
+async def test_a_daemon_leaves_the_socket_a_later_one_bound_at_its_path(tmp_path):
+    # A socket path outside the runtime dir, which no lock guards: a daemon started while the
+    # first drains binds it again (the first's is stale), and the first must not remove it at exit.
+    shared = tmp_path / "shared.sock"
+    first = start_daemon(tmp_path / "a", "--socket", str(shared), config=slow_hive_config("[server]\nshutdown_grace = 30\n"))
+    first.socket_path = shared
+    second = None
+    try:
+        async with draining_mid_job(first, "starting 127.0.0.1 start") as events:
+            second = start_daemon(tmp_path / "b", "--socket", str(shared))
+            first.proc.send_signal(signal.SIGTERM)  # the second: at once
+            with trio.fail_after(10):
+                assert end_marker([event async for event in events]) == "[CANCELLED]"
+            wait_exit(first, within=5)
+        async with Client(f"unix:{shared}") as client:
+            assert (await client.request("GET", "/health")).status == 200
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
