@@ -73,6 +73,10 @@ class WorkerDied(Exception):
     pass
 
 
+class WorkerHung(WorkerDied):
+    """Alive but not answering: no exit status is coming until it is stopped."""
+
+
 # How a request ended: the worker's last frame for it, or why the daemon gave up on it (its worker died).
 Outcome = wire.Done | wire.Embedded | wire.Tokenized | wire.Failed | str
 _ENDINGS = (wire.Done, wire.Embedded, wire.Tokenized, wire.Failed)
@@ -303,13 +307,13 @@ class Worker:
                 while generation.outcome is None:
                     await self._read(stream, decoder, generation)
             if generation.outcome is None:
-                raise WorkerDied(f"did not stop its generation within {self.config.cancel_timeout:g} s of a cancel")
+                raise WorkerHung(f"did not stop its generation within {self.config.cancel_timeout:g} s of a cancel")
             self.current = None
             with trio.move_on_after(self.config.cancel_timeout):  # tokenizes sent aside as it ended
                 while self.aside:
                     await self._read(stream, decoder, generation)
             if self.aside:
-                raise WorkerDied(f"did not answer a tokenize within {self.config.cancel_timeout:g} s")
+                raise WorkerHung(f"did not answer a tokenize within {self.config.cancel_timeout:g} s")
             self.restarts = 0
 
     async def _read(self, stream: trio.abc.Stream, decoder: wire.FrameDecoder, generation: Generation) -> None:
@@ -570,7 +574,8 @@ class Supervisor:
                         # or within the stop grace), says more.
                         if ended is None:
                             ended = str(exc) if isinstance(exc, WorkerDied) else "lost its connection"
-                        await trio.sleep(self.config.stop_grace)
+                        if not isinstance(exc, WorkerHung):  # else its stop's own grace is enough
+                            await trio.sleep(self.config.stop_grace)
                     else:
                         worker.state = WorkerState.STOPPING
                         ended = None

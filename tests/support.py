@@ -390,6 +390,25 @@ def steady(record: dict) -> dict:
     return {key: value for key, value in record.items() if key != "rss"}
 
 
+def proc_status(pid: int) -> dict[str, str]:
+    """/proc/PID/status: State, ShdPnd (the signals pending for the process, SIGTERM = 1 << 14)..."""
+    return dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+
+
+async def until_stopped(pid: int) -> None:
+    """Bounded poll: until process `pid`, sent SIGSTOP, has stopped (before, a signal would be taken)."""
+    with trio.fail_after(5):
+        while not proc_status(pid)["State"].startswith("T"):
+            await trio.sleep(0.01)
+
+
+async def until_pending(pid: int, signum: int) -> None:
+    """Bounded poll: until stopped process `pid` has been sent `signum`."""
+    with trio.fail_after(5):
+        while not int(proc_status(pid)["ShdPnd"], 16) & 1 << signum - 1:
+            await trio.sleep(0.01)
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process `pid` exists and is not a zombie (an exited child nobody reaped yet)."""
     try:

@@ -25,6 +25,8 @@ from support import (
     slow_hive_config,
     start_daemon,
     submit,
+    until_pending,
+    until_stopped,
 )
 from rbeed.httpclient import Client
 
@@ -144,11 +146,6 @@ async def test_an_idle_daemon_exits_0_promptly_and_removes_its_socket(tmp_path):
     assert "rbeed stopped" in daemon.log() and "Traceback" not in daemon.log()
 
 
-def status_of(pid: int) -> dict[str, str]:
-    """/proc/PID/status: State, ShdPnd (the signals pending for the process, SIGTERM = 1 << 14)..."""
-    return dict(line.split(":\t", 1) for line in open(f"/proc/{pid}/status").read().splitlines() if ":\t" in line)
-
-
 async def test_signals_that_come_while_the_workers_stop_are_handled_not_fatal(tmp_path, tiny_model):
     # Stopping a worker may take stop_grace (one that ignores SIGTERM). A SIGTERM or SIGHUP then
     # killed the daemon: its signal handling ended with its services, before the workers stopped.
@@ -158,12 +155,9 @@ async def test_signals_that_come_while_the_workers_stop_are_handled_not_fatal(tm
             await job_result(client, {"operation": "model_download", "model": str(tiny_model)})
             worker = await job_result(client, {"operation": "worker_spawn", "model": "tiny", "threads": 1})
         os.kill(worker["pid"], signal.SIGSTOP)  # its SIGTERM stays pending
-        with trio.fail_after(5):  # bounded polls: until it has stopped (before, a SIGTERM would be taken)...
-            while not status_of(worker["pid"])["State"].startswith("T"):
-                await trio.sleep(0.01)
-            daemon.proc.send_signal(signal.SIGTERM)
-            while not int(status_of(worker["pid"])["ShdPnd"], 16) & 1 << signal.SIGTERM - 1:
-                await trio.sleep(0.01)  # ...and until the daemon has sent it SIGTERM
+        await until_stopped(worker["pid"])
+        daemon.proc.send_signal(signal.SIGTERM)
+        await until_pending(worker["pid"], signal.SIGTERM)
         daemon.proc.send_signal(signal.SIGHUP)
         daemon.proc.send_signal(signal.SIGTERM)
         assert wait_exit(daemon, within=10) >= 2  # it waited out the worker's stop_grace

@@ -17,7 +17,7 @@ import trio.testing
 from support import (
     end_marker, is_narration, is_token, job_error, job_events, job_result, narrations, pid_alive, read_events_until,
     register, register_copy, rest_of, result_of, run_job, running_daemon, short_base, start_daemon, steady,
-    wait_pids_gone,
+    until_pending, until_stopped, wait_pids_gone,
 )  # fmt: skip
 from rbeed import wire
 from rbeed.config import WorkersConfig
@@ -395,16 +395,20 @@ async def test_without_restart_a_killed_worker_is_failed_and_sigterm_stops_the_o
 
 async def test_a_worker_that_does_not_end_a_cancelled_generation_is_restarted(tiny_model):
     # SIGSTOP stands for a worker stuck in llama.cpp: it neither reads the Cancel nor answers.
-    async with slow_daemon(tiny_model, CONFIG + "cancel_timeout = 0.5\nstop_grace = 0.5\n") as (daemon, leftovers):
+    async with slow_daemon(tiny_model, CONFIG + "cancel_timeout = 0.5\nstop_grace = 60\n") as (daemon, leftovers):
         async with daemon.client() as client:
             worker = await job_result(client, spawn(threads=1))
             async with job_events(client, LONG | {"worker_id": worker["id"]}) as (job_id, events):
                 await read_events_until(events, is_token)
                 leftovers.append(worker["pid"])
                 os.kill(worker["pid"], signal.SIGSTOP)
+                await until_stopped(worker["pid"])
                 assert (await client.request("DELETE", f"/v1/jobs/{job_id}")).status == 200
                 rest = await rest_of(events, timeout=5)
             assert end_marker(rest) == "[CANCELLED]"
+            # Stopped at once once found hung, not after a stop_grace spent waiting for it to exit.
+            await until_pending(worker["pid"], signal.SIGTERM)
+            os.kill(worker["pid"], signal.SIGKILL)  # as its stop_grace would, 60 s on
             # Queued behind the hung generation, served by the worker's next process.
             result = await job_result(client, SHORT | {"worker_id": worker["id"]}, timeout=10)
             assert (result["worker_id"], result["completion_tokens"]) == (worker["id"], 3)
