@@ -31,6 +31,9 @@ EXIT_FAILED = 1  # the job ended with [ERROR], or the daemon answered something 
 EXIT_USAGE = 2  # bad arguments, or the daemon refused the payload (400)
 EXIT_UNREACHABLE = 3
 EXIT_CANCELLED = 130  # 128 + SIGINT, as shells report Ctrl-C
+EXIT_HANGUP = 129  # 128 + SIGHUP: the terminal closed while rbee followed its job
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+_SIGNAL_EXITS = {signal.SIGINT: EXIT_CANCELLED, signal.SIGHUP: EXIT_HANGUP, signal.SIGTERM: EXIT_TERMINATED}
 
 CONNECT_TIMEOUT = 5.0
 REQUEST_TIMEOUT = 30.0  # a plain request (create, status, cancel) must be answered within this
@@ -584,12 +587,13 @@ class Session:
     async def attach(self, job_id: str, view: View, console: Console,
                      on_interrupt: Callable[[], Awaitable[None]], after: str = "") -> int:  # fmt: skip
         """Follow a job to its end and return rbee's exit status; Ctrl-C stops following and
-        runs `on_interrupt`."""
-        with trio.open_signal_receiver(signal.SIGINT) as interrupts:
+        runs `on_interrupt`, as do SIGTERM and SIGHUP (a closed terminal)."""
+        received: list[int] = []
+        with trio.open_signal_receiver(*_SIGNAL_EXITS) as interrupts:
             with trio.CancelScope() as following:
                 try:
                     async with trio.open_nursery() as nursery:
-                        nursery.start_soon(_cancel_on_signal, interrupts, following)
+                        nursery.start_soon(_cancel_on_signal, interrupts, following, received)
                         end = await self.follow(job_id, view, after)
                         nursery.cancel_scope.cancel()
                 except* CliError as group:  # the nursery is a detail: raise the error itself
@@ -597,7 +601,7 @@ class Session:
             if following.cancelled_caught:
                 view.interrupted()
                 await on_interrupt()
-                return EXIT_CANCELLED
+                return _SIGNAL_EXITS[received[0]]
         if end == "[DONE]":
             return EXIT_OK
         if end == "[CANCELLED]":
@@ -617,8 +621,9 @@ def _members_only(socket_path: str) -> str:
     return "the daemon's socket is not open to you: ask its administrator, or use sudo"
 
 
-async def _cancel_on_signal(interrupts, scope: trio.CancelScope) -> None:
-    async for _ in interrupts:
+async def _cancel_on_signal(interrupts, scope: trio.CancelScope, received: list[int]) -> None:
+    async for signum in interrupts:
+        received.append(signum)
         scope.cancel()
         return
 
@@ -1035,7 +1040,7 @@ def make_parser() -> argparse.ArgumentParser:
         description="Client of the rbeed daemon: runs each command as a job and follows its events.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="exit status: 0 done, 1 job failed, 2 usage error or payload refused,\n"
-        "  3 daemon unreachable, 130 cancelled (Ctrl-C cancels the job)\n"
+        "  3 daemon unreachable, 130 cancelled (Ctrl-C cancels the job; SIGTERM 143, SIGHUP 129)\n"
         "environment: RBEE_URL (daemon address), RBEE_API_KEY (sent over TCP), RBEE_MODEL (infer's\n"
         "  default model), NO_COLOR",
     )

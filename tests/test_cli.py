@@ -245,27 +245,31 @@ def test_usage_errors_exit_2(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
-async def interrupt_slow_job(*args: str) -> str:
-    """Run rbee on the slow hive_start job, Ctrl-C it once the job runs; its stderr (it exits 130)."""
+async def interrupt_slow_job(*args: str, signum: int = signal.SIGINT) -> str:
+    """Run rbee on the slow hive_start job, Ctrl-C it (or send `signum`) once the job runs; its
+    stderr (it exits 128 + signum: 130 for Ctrl-C)."""
     process = await trio.lowlevel.open_process(argv(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                                env=cli_env(), cwd=ROOT)  # fmt: skip
     try:
         with trio.fail_after(TIMEOUT):
             # "· $ <command>", then the first line the command printed: the job is running.
             seen = await read_until(process.stderr, lambda text: re.search(r"^· [^$].*\n", text, re.M))
-            process.send_signal(signal.SIGINT)
+            process.send_signal(signum)
             while chunk := await process.stderr.receive_some():
                 seen += chunk.decode()
-            assert await process.wait() == 130
+            assert await process.wait() == 128 + signum
     finally:
         process.kill()
     return seen
 
 
-async def test_ctrl_c_cancels_the_job_and_exits_130(slow_daemon):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["Ctrl-C", "SIGTERM", "SIGHUP"])
+async def test_ctrl_c_cancels_the_job_and_exits_130(slow_daemon, signum):
+    # SIGTERM (timeout(1)) and SIGHUP (a closed terminal) too: they left a download running on.
     created = await arbee("--socket", str(slow_daemon.socket_path), "submit", json.dumps(SLOW_HIVE))
     assert created.returncode == 0, created.stderr
-    seen = await interrupt_slow_job("--socket", str(slow_daemon.socket_path), "hive", "start", SLOW_JOB["hive_id"])
+    seen = await interrupt_slow_job("--socket", str(slow_daemon.socket_path), "hive", "start", SLOW_JOB["hive_id"],
+                                    signum=signum)  # fmt: skip
     [job_id] = re.findall(r"^rbee: cancelled job (job-\S+)$", seen, re.M)
 
     async with slow_daemon.client() as client:

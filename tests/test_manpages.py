@@ -310,7 +310,7 @@ def test_rbee_documents_every_exit_status():
     page = Page("rbee.1")
     documented = {tag for tag, _ in page.entries(page.section("EXIT STATUS"))}
     codes = {str(value) for name, value in vars(cli).items() if name.startswith("EXIT_")}
-    assert documented == codes == {"0", "1", "2", "3", "130"}
+    assert documented == codes == {"0", "1", "2", "3", "129", "130", "143"}
 
 
 def test_rbee_documents_its_environment():
