@@ -56,11 +56,14 @@ def bind_sockets(config: Config) -> tuple[list[socket.socket], Path | None]:
 
 
 def _file_id(path: Path | None) -> tuple[int, int] | None:
+    """The file at `path` (device, inode), None if there is none."""
+    if path is None:
+        return None
     try:
-        status = os.stat(path) if path is not None else None
+        status = os.stat(path)
     except FileNotFoundError:
         return None
-    return (status.st_dev, status.st_ino) if status else None
+    return status.st_dev, status.st_ino
 
 
 def claim(directory: Path, what: str) -> int:

@@ -320,12 +320,12 @@ class Models:
         """An uploaded blob as the model's file, by a hard link: None where links cannot be made."""
         digest = sha256_of(blob.name)  # checked as it was written
         if sha256 and sha256.lower() != digest:
-            raise JobFailed(f"sha256 mismatch: blob {blob.name} is not {sha256}")
+            raise JobFailed(f"sha256 mismatch: blob {blob.name} is not {sha256}", 400)
         try:
             await link(blob, dest)
         except FileNotFoundError:
             raise JobFailed(f"blob {blob.name} is gone (its model deleted, or removed at a restart); "
-                            "upload it again") from None  # fmt: skip
+                            "upload it again", 400) from None  # fmt: skip
         except OSError as exc:
             log.info("blob %s copied, not linked: %s", blob.name, exc.strerror)
             return None

@@ -346,7 +346,7 @@ _REQUESTS = (wire.Generate, wire.Embed, wire.Tokenize)
 
 
 class _Connection:
-    """One daemon connection, read only by the main thread: in recv while idle, on SIGIO while generating."""
+    """One daemon connection, read only by the main thread: after a poll while idle, on SIGIO while generating."""
 
     def __init__(self, sock: socket.socket, wait_readable: Callable[[int], None]) -> None:
         self.sock = sock
@@ -597,8 +597,6 @@ class _Worker:
                         raise _Terminated
                 self.connection = None
             _log("daemon disconnected")
-            if self._terminating:  # handled where a raise is dropped while the connection was read
-                raise _Terminated
 
     def _piece(self, token: int, special: bool = False) -> bytes:
         """The bytes `token` stands for; a special token's (`<eos>`) are none unless `special`."""
