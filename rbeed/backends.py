@@ -43,6 +43,16 @@ class Handle(Protocol):
     async def wait(self) -> str: ...  # returns once the worker has ended: how it ended
 
 
+def remove_leftover_files(directory: Path) -> None:
+    """Remove the sockets and settings of workers a killed daemon left in `directory`, the
+    runtime dir's workers/, which this daemon holds (its lock): none of them is its own."""
+    leftovers = [path for path in directory.glob("*") if path.suffix in (".sock", ".notify", ".env")]
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    if leftovers:
+        log.info("removed %d leftover worker file(s) from %s", len(leftovers), directory)
+
+
 def worker_options(spec: LaunchSpec, config: WorkersConfig) -> list[str]:
     """The worker's llama.cpp flags, the same for every backend."""
     options = ["--n-ctx", str(spec.n_ctx), "--n-batch", str(spec.n_batch)]
@@ -150,6 +160,10 @@ class ProcessBackend:
     def __init__(self, runtime_dir: Path, config: WorkersConfig):
         self.dir = runtime_dir / "workers"
         self.config = config  # read at each launch, so that a reload applies to new workers
+
+    async def remove_leftovers(self) -> None:
+        """What a killed daemon left: its workers saw it go (PDEATHSIG), their files stayed."""
+        remove_leftover_files(self.dir)
 
     @contextlib.asynccontextmanager
     async def launch(self, spec: LaunchSpec) -> AsyncIterator[ProcessHandle]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import trio
 
-from .backends import LaunchSpec, WorkerStartError, worker_options, describe_exit
+from .backends import LaunchSpec, WorkerStartError, describe_exit, remove_leftover_files, worker_options
 from .config import WorkersConfig
 
 log = logging.getLogger("rbeed.workers")
@@ -108,6 +108,18 @@ class SystemdBackend:
     def __init__(self, runtime_dir: Path, config: WorkersConfig):
         self.dir = runtime_dir / "workers"
         self.config = config
+
+    async def remove_leftovers(self) -> None:
+        """Stop the worker units running when the daemon starts, and remove their files. A crash of
+        rbeed.service stops its units (StopPropagatedFrom=), but not one of a daemon run outside it;
+        and `systemctl start` of a unit already running would leave it as it is, so that this
+        daemon would take that process, with its old model and options, for its new worker."""
+        pattern, running = TEMPLATE.format("*"), "--state=active,activating,reloading"
+        output = await systemctl("list-units", "--plain", "--no-legend", running, pattern, check=False)
+        if units := [line.split()[0] for line in output.splitlines() if line.strip()]:
+            log.warning("stopping worker units this rbeed did not start: %s", " ".join(units))
+            await systemctl("stop", "--job-mode=ignore-dependencies", *units, check=False)
+        remove_leftover_files(self.dir)
 
     def _environment(self, spec: LaunchSpec) -> str:
         options = " ".join(worker_options(spec, self.config))

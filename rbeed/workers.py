@@ -358,6 +358,7 @@ class Supervisor:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Own every worker's task; when cancelled, each worker is stopped before this returns."""
+        await self.backend.remove_leftovers()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()

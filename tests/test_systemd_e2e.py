@@ -321,6 +321,59 @@ async def test_stopping_the_service_drains_its_streams_and_stops_its_worker_unit
     assert not pid_alive(worker["pid"])
 
 
+async def test_a_crash_of_rbeed_stops_its_worker_units_and_the_restarted_rbeed_starts_afresh(rbeed):
+    await rbeed.acheck("restart", SERVICE)  # its first worker, tiny-cpu-1
+    async with rbeed.client() as client:
+        worker = await job_result(client, spawn())
+    unit = unit_of(worker["id"])
+    crashed = rbeed.main_pid()
+    await rbeed.acheck("kill", "--signal=SIGKILL", SERVICE)
+    # StopPropagatedFrom=: the worker unit goes with the crashed service, not on behind its back.
+    await rbeed.wait_state(unit, "inactive")
+    assert not pid_alive(worker["pid"])
+    # Restart=on-failure brings rbeed back; it numbers its workers from 1 again, the same unit.
+    await rbeed.wait_state(SERVICE, "active")
+    assert rbeed.main_pid() != crashed
+    async with rbeed.client() as again:
+        assert await job_result(again, {"operation": "worker_list"}) == []
+        fresh = await job_result(again, spawn())
+        assert (fresh["id"], rbeed.main_pid(unit)) == (worker["id"], fresh["pid"])
+        assert fresh["pid"] != worker["pid"]
+        result = await job_result(again, SHORT | {"worker_id": fresh["id"]})
+        assert result["completion_tokens"] == 3
+    assert rbeed.show(SERVICE, "NRestarts") == "1"
+    await delete_workers(rbeed)
+
+
+async def test_worker_units_left_running_are_stopped_when_rbeed_starts(rbeed):
+    """Units this rbeed did not start (those of a daemon run outside rbeed.service that crashed,
+    an admin's systemctl start): the new daemon would take one for its worker of the same id."""
+    await rbeed.acheck("restart", SERVICE)
+    async with rbeed.client() as client:
+        worker = await job_result(client, spawn())
+    workers_dir = rbeed.rbeed_dir / "workers"
+    settings = (workers_dir / f"{worker['id']}.env").read_text()
+    await rbeed.acheck("stop", SERVICE)  # stops the worker; the next daemon's first is worker 1 again
+    leftovers = {}
+    for worker_id in (worker["id"], "tiny-cpu-9"):
+        (workers_dir / f"{worker_id}.env").write_text(settings.replace(worker["id"], worker_id))
+        await rbeed.acheck("start", unit_of(worker_id))
+        leftovers[worker_id] = rbeed.main_pid(unit_of(worker_id))
+    await rbeed.acheck("start", SERVICE)
+    units = " ".join(sorted(map(unit_of, leftovers)))
+    assert f"stopping worker units this rbeed did not start: {units}" in rbeed.logs()
+    for worker_id, pid in leftovers.items():
+        assert rbeed.show(unit_of(worker_id), "ActiveState") == "inactive"
+        assert not pid_alive(pid)
+    assert list(workers_dir.iterdir()) == []
+    async with rbeed.client() as client:
+        fresh = await job_result(client, spawn())
+        assert fresh["id"] == worker["id"]
+        assert fresh["pid"] == rbeed.main_pid(unit_of(worker["id"])) not in leftovers.values()
+        assert (await job_result(client, SHORT | {"worker_id": fresh["id"]}))["completion_tokens"] == 3
+    await delete_workers(rbeed)
+
+
 # --- 6. idle exit ---------------------------------------------------------------------------
 
 

@@ -446,6 +446,16 @@ async def test_workers_exit_when_the_daemon_is_killed(tiny_model):
         assert all(map(pid_alive, pids))
         assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
         await wait_pids_gone(pids, timeout=10)
+        workers_dir = daemon.runtime_dir / "workers"
+        assert sorted(p.name for p in workers_dir.iterdir()) == ["tiny-cpu-1.notify", "tiny-cpu-2.notify"]
+        # The next daemon on this runtime dir removes them (its workers would reuse some paths only).
+        again = start_daemon(daemon.socket_path.parent, config=CONFIG)
+        try:
+            assert list(workers_dir.iterdir()) == []
+            assert f"removed 2 leftover worker file(s) from {workers_dir}" in again.log()
+            assert again.stop() == 0
+        finally:
+            again.stop(signal.SIGKILL)
 
 
 async def test_a_worker_deleted_while_it_loads_fails_its_spawn(rbeed, client, tiny_model):
