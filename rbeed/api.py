@@ -17,6 +17,8 @@ from .server import Request, Response, StreamingResponse, error_response, json_r
 
 _JOB_PATH = re.compile(r"^/v1/jobs/([^/]+)(/stream)?$")
 _STATES = ", ".join(state.value for state in JobState)
+_SECONDS = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3})?")
+MAX_RESUME_WITHIN = 60  # seconds an infer may go on unread, waiting for its reader to resume
 
 
 class JobAPI:
@@ -101,6 +103,10 @@ class JobAPI:
         if not (header.isascii() and header.isdigit() and len(header) <= 18):
             return error_response(400, f"Last-Event-ID must be an event id, got {header[:40]!r}")
         first_after = int(header)
+        resume_within = request.query.get("resume_within", "0")
+        if not (_SECONDS.fullmatch(resume_within) and float(resume_within) <= MAX_RESUME_WITHIN):
+            return error_response(400, f"resume_within must be a number of seconds from 0 to {MAX_RESUME_WITHIN}, "
+                                       f"got {resume_within[:40]!r}")  # fmt: skip
         if request.method == "GET":  # not HEAD: only a real stream starts the job
             self.registry.start(job)
 
@@ -126,7 +132,9 @@ class JobAPI:
                     if after is None:
                         return
 
-        on_disconnect = partial(self.registry.reader_left, job) if job.cancel_on_disconnect else None
+        on_disconnect = None
+        if job.cancel_on_disconnect:
+            on_disconnect = partial(self.registry.reader_left, job, float(resume_within))
         return StreamingResponse(200, produce, on_disconnect=on_disconnect)
 
     async def _follow(self, job: Job, feed: trio.MemoryReceiveChannel, send, after: int) -> int | None:

@@ -22,6 +22,9 @@ STREAM_READ_TIMEOUT = 60.0
 RECONNECTS = 5  # a broken stream is resumed from its last event id this many times in a row,
 RECONNECT_DELAY = 0.5  # after this pause, doubling: ~15 s in all
 CANCEL_TIMEOUT = 5.0
+# An infer there goes on this long without us (it ends when its last reader leaves): the time
+# the reconnects above take, if the hive answers them.
+RESUME_WITHIN = 20.0
 
 RELAYED = frozenset({"narration", "progress", "token", "result", "gap"})
 
@@ -49,7 +52,8 @@ async def forward(job: Job, operation: ops.AnyOperation, hive: Hive) -> None:
                     hive_id=hive.id, remote_job_id=remote_id)  # fmt: skip
         ended = False
         try:
-            end = await jobs.follow(remote_id, lambda event: _relay(job, event))
+            resume_within = RESUME_WITHIN if operation.cancel_on_disconnect else 0
+            end = await jobs.follow(remote_id, lambda event: _relay(job, event), resume_within=resume_within)
             ended = True
         except Refused as exc:  # the hive forgot the job: restarted, or its TTL ran out
             raise JobFailed(f"hive {hive.id}: job {remote_id}: {exc}") from None

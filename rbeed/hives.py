@@ -45,7 +45,8 @@ class Hive(msgspec.Struct, frozen=True):
 
 
 def _slug(host: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", host).strip("-.")[:128] or "hive"
+    """An id made of `host`: it starts with a letter or digit, as an id must (IPv6's ::1 gives 1)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", host).lstrip("-._").rstrip("-.")[:128] or "hive"
 
 
 class Hives:
@@ -123,8 +124,9 @@ class Hives:
         if op.id == LOCAL:
             raise JobFailed("hive 'localhost' is this daemon and cannot be changed")
         changes = {k: v for k in ("host", "port", "ssh_host", "api_key") if (v := getattr(op, k)) is not None}
-        if changes.get("api_key") == "":
-            changes["api_key"] = None  # removed
+        for removable in ("ssh_host", "api_key"):
+            if changes.get(removable) == "":
+                changes[removable] = None
         async with self._changing:
             hive = msgspec.structs.replace(self.remote(op.id), **changes)
             await self.catalog.put(hive.id, hive)

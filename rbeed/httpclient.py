@@ -32,6 +32,10 @@ __all__ = [
 
 USER_AGENT = "rbeed"
 RECEIVE_SIZE = 256 * 1024
+# Bounds on what a peer can make us hold: an answer read whole (stream a bigger one), and one
+# line or event of an event stream.
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
+MAX_EVENT_BYTES = 64 * 1024 * 1024
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 
@@ -83,8 +87,13 @@ class _Origin:
 
 def _parse_url(url: str) -> tuple[_Origin, str]:
     """Split an http(s):// or unix: URL into its origin and request target."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # an unclosed [ of an IPv6 address
+        raise HTTPError(f"invalid URL {url!r}: {exc}") from None
     if parts.scheme == "unix":
+        if parts.netloc:  # unix://run/x.sock would quietly drop "run"
+            raise HTTPError(f"invalid URL {url!r}: write unix:/PATH or unix:///PATH")
         if not parts.path:
             raise HTTPError(f"invalid URL {url!r}: unix: needs a socket path")
         return _Origin("unix", parts.path, 0), "/"
@@ -126,11 +135,15 @@ class SSEDecoder:
     """Sans-io text/event-stream parser (WHATWG HTML, 'Parsing an event stream').
 
     feed() accepts arbitrary byte chunks and returns the events completed by them;
-    close() marks the end of the stream.
+    close() marks the end of the stream. A line or an event's data over `max_event_bytes` is a
+    ProtocolError: the stream is not one we can use, and would hold our memory.
     """
 
-    def __init__(self) -> None:
-        self._buffer = b""
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._max = max_event_bytes
+        self._buffer = bytearray()
+        self._scanned = 0  # where the search for the next line end resumes: a long line is read once
+        self._data_bytes = 0
         self._at_start = True
         self._data: list[str] = []
         self._event = ""
@@ -143,10 +156,11 @@ class SSEDecoder:
             if _BOM.startswith(self._buffer):
                 return []  # too short yet to tell whether the stream starts with a BOM
             self._at_start = False
-            self._buffer = self._buffer.removeprefix(_BOM)
+            if self._buffer.startswith(_BOM):
+                del self._buffer[: len(_BOM)]
         events: list[ServerSentEvent] = []
         pos = 0
-        while (match := _LINE_END.search(self._buffer, pos)) is not None:
+        while (match := _LINE_END.search(self._buffer, max(pos, self._scanned))) is not None:
             # A CR at the very end may be the first half of a CRLF split across chunks.
             if match.group() == b"\r" and match.end() == len(self._buffer):
                 break
@@ -154,13 +168,16 @@ class SSEDecoder:
             pos = match.end()
             if event := self._process_line(line):
                 events.append(event)
-        self._buffer = self._buffer[pos:]
+        del self._buffer[:pos]
+        self._scanned = max(len(self._buffer) - 1, 0)  # a held-back CR is searched again
+        if len(self._buffer) > self._max:
+            raise ProtocolError(f"an event stream line over {self._max} bytes")
         return events
 
     def close(self) -> list[ServerSentEvent]:
         """End of stream: a held-back final CR ends its line after all; a partial event is dropped."""
         events = self.feed(b"\n") if self._buffer.endswith(b"\r") else []
-        self._buffer = b""
+        self._buffer.clear()
         return events
 
     def _process_line(self, line: str) -> ServerSentEvent | None:
@@ -172,6 +189,9 @@ class SSEDecoder:
         if colon and value.startswith(" "):
             value = value[1:]
         if name == "data":
+            self._data_bytes += len(value)
+            if self._data_bytes > self._max:
+                raise ProtocolError(f"an event stream event over {self._max} bytes")
             self._data.append(value)
         elif name == "event":
             self._event = value
@@ -183,7 +203,7 @@ class SSEDecoder:
 
     def _dispatch(self) -> ServerSentEvent | None:
         data, event, retry = self._data, self._event, self._retry
-        self._data, self._event, self._retry = [], "", None
+        self._data, self._event, self._retry, self._data_bytes = [], "", None, 0
         if not data:
             return None
         return ServerSentEvent(event or "message", "\n".join(data), self._last_id, retry)
@@ -325,9 +345,19 @@ class Response:
                 self._complete = True
                 return
 
-    async def aread(self) -> bytes:
+    async def aread(self, limit: int = MAX_ANSWER_BYTES) -> bytes:
+        """The whole body; one over `limit` bytes is a ProtocolError (stream those instead)."""
         if self.content is None:
-            self.content = b"".join([chunk async for chunk in self.aiter_bytes()])
+            too_big = ProtocolError(f"the answer of {self.method} {self.url} is over {limit} bytes")
+            declared = self.headers.get("content-length", "").partition(",")[0].strip()
+            if declared.isdigit() and int(declared) > limit:
+                raise too_big
+            chunks, size = [], 0
+            async for chunk in self.aiter_bytes():
+                chunks.append(chunk)
+                if (size := size + len(chunk)) > limit:
+                    raise too_big
+            self.content = b"".join(chunks)
         return self.content
 
     async def aiter_sse(self) -> AsyncIterator[ServerSentEvent]:
@@ -477,16 +507,16 @@ class Client:
             headers["content-length"] = str(len(body or b""))
         try:
             request = h11.Request(method=method, target=target, headers=list(headers.items()))
+        except UnicodeError:
+            raise HTTPError(f"invalid request {method} {target!r}: a header or the target is not ASCII") from None
         except h11.LocalProtocolError as exc:
-            raise HTTPError(f"invalid request {method} {target!r}: {exc}") from None
+            # Not the value itself: a header may carry a secret (an API key).
+            reason = "a header value holds characters HTTP does not allow" if "header value" in str(exc) else exc
+            raise HTTPError(f"invalid request {method} {target!r}: {reason}") from None
         while True:
             conn = self._idle.pop(origin, None) or await self._connect(origin)
             try:
-                await conn.send(request)
-                if body:
-                    await conn.send(h11.Data(data=body))
-                await conn.send(h11.EndOfMessage())
-                event = await conn.next_event()
+                event = await self._send_request(conn, request, body)
                 while isinstance(event, h11.InformationalResponse):  # 100 Continue and friends
                     event = await conn.next_event()
             except ProtocolError:
@@ -499,6 +529,22 @@ class Client:
                 raise
             assert isinstance(event, h11.Response)  # h11 yields nothing else before the head
             return Response(conn, event, method, f"{origin}{target}")
+
+    @staticmethod
+    async def _send_request(conn: _Connection, request: h11.Request, body: bytes | None) -> h11.Event:
+        """Send the request; return the first event of the answer. A server may answer before it
+        has read the whole body (a 413) and close: that answer is the result, not the broken pipe."""
+        try:
+            await conn.send(request)
+            if body:
+                await conn.send(h11.Data(data=body))
+            await conn.send(h11.EndOfMessage())
+        except ProtocolError as exc:
+            try:
+                return await conn.next_event()
+            except ProtocolError:
+                raise exc from None
+        return await conn.next_event()
 
     async def _connect(self, origin: _Origin) -> _Connection:
         stream: trio.abc.Stream | None = None
@@ -521,6 +567,9 @@ class Client:
         except (OSError, trio.BrokenResourceError) as exc:
             await _close_quietly(stream)
             raise ConnectError(f"cannot connect to {origin}: {_reason(exc)}") from exc
+        except UnicodeError:  # a name IDNA cannot encode: an empty label, one over 63 characters
+            await _close_quietly(stream)
+            raise ConnectError(f"cannot connect to {origin}: not a valid host name") from None
         except BaseException:
             await _close_quietly(stream)
             raise

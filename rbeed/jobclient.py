@@ -51,6 +51,12 @@ def status_end_marker(status: Any) -> str | None:
     return end_marker(JobState(state), status.get("error")) if state in FINISHED else None
 
 
+def _after(event_id: str, last_id: str) -> bool:
+    """Whether `event_id` comes after `last_id`: a job's events are numbered 1, 2, 3... (all but a
+    gap event, which has no id of its own)."""
+    return not last_id or (event_id.isdigit() and last_id.isdigit() and int(event_id) > int(last_id))
+
+
 class JobClient:
     """Jobs on one daemon, through `client`. Plain requests are bounded by `request_timeout`;
     a dropped stream is resumed from the last event id, `reconnects` times in a row, after
@@ -90,23 +96,31 @@ class JobClient:
         if response.status != 201:
             raise Refused(server_message(response), response.status)
         try:
-            return response.json()["job_id"]
+            job_id = response.json()["job_id"]
         except (HTTPError, KeyError, TypeError):
-            raise HTTPError(f"unexpected answer to POST /v1/jobs: {response.content[:200]!r}") from None
+            job_id = None
+        if not isinstance(job_id, str) or not job_id:
+            raise HTTPError(f"unexpected answer to POST /v1/jobs: {response.content[:200]!r}")
+        return job_id
 
-    async def follow(self, job_id: str, on_event: Callable[[ServerSentEvent], None], after: str = "") -> str:
+    async def follow(self, job_id: str, on_event: Callable[[ServerSentEvent], None], after: str = "",
+                     resume_within: float = 0) -> str:  # fmt: skip
         """Hand the job's events after event id `after` to `on_event` until its end event; return
-        that event's data. A stream that answers other than 200 raises Refused."""
+        that event's data. A stream that answers other than 200 raises Refused. `resume_within`:
+        how long an infer goes on while we reconnect (by default it ends when its reader leaves)."""
         last_id = after
         retries = 0
+        path = f"{job_path(job_id)}/stream" + (f"?resume_within={resume_within:g}" if resume_within else "")
         while True:
             headers = {"last-event-id": last_id} if last_id else None
             try:
-                async with self.client.stream("GET", f"{job_path(job_id)}/stream", headers=headers) as response:
+                async with self.client.stream("GET", path, headers=headers) as response:
                     if response.status != 200:
                         await response.aread()
                         raise Refused(server_message(response), response.status)
                     async for event in response.aiter_sse():
+                        if event.event != "gap" and not _after(event.id, last_id):
+                            continue  # one we had: from a server that ignored Last-Event-ID
                         retries = 0  # the stream moved on: a later drop gets its own retries
                         last_id = event.id or last_id
                         on_event(event)

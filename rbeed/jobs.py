@@ -110,7 +110,8 @@ class Job:
 
     __slots__ = ("id", "operation", "payload", "state", "error", "created_at", "started_at", "finished_at",
                  "cancel_on_disconnect", "readers", "end_id", "_events", "_next_id", "_subscribers", "_scope",
-                 "quiet_rounds", "_cancel_reason", "payload_bytes", "error_status", "event_bytes", "__weakref__")  # fmt: skip
+                 "quiet_rounds", "_cancel_reason", "payload_bytes", "error_status", "event_bytes", "left_at",
+                 "__weakref__")  # fmt: skip
 
     def __init__(self, operation: AnyOperation, buffer: int, payload_bytes: int = 0):
         self.id = f"job-{uuid.uuid4()}"
@@ -125,6 +126,7 @@ class Job:
         self.finished_at: float | None = None
         self.cancel_on_disconnect = operation.cancel_on_disconnect
         self.readers = 0
+        self.left_at = 0.0  # when its last reader left (trio time), for reader_left's grace
         self.end_id: int | None = None  # the id of the end event, once the job has finished
         self._events: deque[tuple[int, bytes]] = deque(maxlen=buffer)
         self.event_bytes = 0  # of the events kept
@@ -383,10 +385,22 @@ class JobRegistry:
         job._scope.cancel()
         return True
 
-    def reader_left(self, job: Job) -> None:
-        """Cancel a job whose output is all it is for (infer) once its last reader has gone."""
-        if job.readers == 0 and not job.finished:
+    def reader_left(self, job: Job, resume_within: float = 0.0) -> None:
+        """Cancel a job whose output is all it is for (infer) once its last reader has gone: at
+        once, or when no reader has come back within `resume_within` seconds (a relay resuming)."""
+        if job.readers or job.finished:
+            return
+        if resume_within <= 0:
             self.cancel(job)
+            return
+        assert self._nursery is not None, "JobRegistry.run() is not running"
+        job.left_at = left_at = trio.current_time()
+        self._nursery.start_soon(self._cancel_unless_resumed, job, left_at, resume_within)
+
+    async def _cancel_unless_resumed(self, job: Job, left_at: float, resume_within: float) -> None:
+        await trio.sleep_until(left_at + resume_within)
+        if job.left_at == left_at:  # a later leave has its own timer
+            self.reader_left(job)
 
     def cancel_all(self, state: JobState, reason: str) -> None:
         for job in list(self._jobs.values()):

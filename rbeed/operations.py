@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Annotated, ClassVar, Literal, Union
 
 import msgspec
@@ -13,10 +14,12 @@ from . import gbnf, grammar
 Id = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")]
 HiveId = Id
 # A name, an IPv4 address, or an IPv6 one without brackets (see _check_host).
-Host = Annotated[str, msgspec.Meta(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9._:-]+\Z")]
+# No leading dash: a host is ssh_host's default, which ssh would take for an option.
+Host = Annotated[str, msgspec.Meta(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9:][A-Za-z0-9._:-]*\Z")]
 # systemctl --host's [USER@]HOST: no leading dash, which ssh would take for an option.
-SshHost = Annotated[str, msgspec.Meta(min_length=1, max_length=253,
-                                      pattern=r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*@)?[A-Za-z0-9\[][A-Za-z0-9._:\[\]-]*\Z")]
+_SSH_HOST = r"(?:[A-Za-z0-9][A-Za-z0-9._-]*@)?[A-Za-z0-9\[][A-Za-z0-9._:\[\]-]*"
+SshHost = Annotated[str, msgspec.Meta(min_length=1, max_length=253, pattern=rf"^{_SSH_HOST}\Z")]
+SshHostOrNone = Annotated[str, msgspec.Meta(max_length=253, pattern=rf"^(?:{_SSH_HOST})?\Z")]  # "": removed
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-fA-F]{64}\Z")]
 # A hive's API key goes in an HTTP header: visible ASCII only. "" in hive_update removes it.
@@ -62,13 +65,23 @@ class HiveGet(Operation, tag="hive_get"):
     id: HiveId
 
 
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?")
+
+
 def _check_host(host: str | None) -> None:
-    """A host with a colon is an IPv6 address: one that is not would make no URL."""
-    if host and ":" in host:
+    """A host with a colon is an IPv6 address: one that is not would make no URL. A name's labels
+    are 1 to 63 characters that start and end with a letter or digit, or it cannot be resolved."""
+    if not host:
+        return
+    if ":" in host:
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
             raise ValueError(f"host {host!r} is not a name or an IP address") from None
+    elif not all(_LABEL.fullmatch(label) for label in host.removesuffix(".").split(".")):
+        raise ValueError(f"host {host!r} is not a name or an IP address: each part between dots must be "
+                         "1 to 63 letters, digits, - or _, starting and ending with a letter or digit")  # fmt: skip
+
 
 
 class HiveCreate(Operation, tag="hive_create"):
@@ -86,7 +99,7 @@ class HiveUpdate(Operation, tag="hive_update"):
     id: HiveId
     host: Host | None = None
     port: Port | None = None
-    ssh_host: SshHost | None = None
+    ssh_host: SshHostOrNone | None = None
     api_key: ApiKey | None = None
 
     def __post_init__(self) -> None:

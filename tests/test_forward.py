@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -12,6 +13,8 @@ import trio
 from httpfixture import serve_files
 from rbeed import operations
 from rbeed.forward import remote_payload
+from rbeed.httpclient import Client, HTTPError
+from rbeed.jobclient import JobClient, StreamLost
 from support import (
     end_marker,
     job_error,
@@ -142,11 +145,12 @@ async def test_cancelling_or_leaving_the_job_here_cancels_it_on_the_hive(daemons
 
 class CuttingProxy:
     """A TCP relay to `port` that cuts the first job stream through it right after event 1, and
-    notes the Last-Event-ID of every stream request."""
+    notes the Last-Event-ID and the query of every stream request."""
 
     def __init__(self, port: int):
         self.port = port
         self.streams: list[str | None] = []
+        self.queries: list[str] = []
         self.cut = False
 
     async def serve(self, nursery: trio.Nursery) -> int:
@@ -165,9 +169,10 @@ class CuttingProxy:
         unread = b""  # what the client sent after the last stream request's head: a head may come in pieces
         async for data in client:
             unread += data
-            while match := re.search(rb"GET /v1/jobs/\S+/stream HTTP/1.1\r\n((?:.+\r\n)*)\r\n", unread):
-                last = re.search(rb"(?im)^last-event-id: *(\S+)", match[1])
+            while match := re.search(rb"GET /v1/jobs/\S+/stream(\S*) HTTP/1.1\r\n((?:.+\r\n)*)\r\n", unread):
+                last = re.search(rb"(?im)^last-event-id: *(\S+)", match[2])
                 self.streams.append(last and last[1].decode())
+                self.queries.append(match[1].decode())
                 streaming.set()
                 unread = unread[match.end() :]
             await server.send_all(data)
@@ -195,13 +200,78 @@ async def test_a_dropped_stream_is_resumed_from_its_last_event(daemons, tiny_mod
                                                 "model": str(tiny_model)})  # fmt: skip
         nursery.cancel_scope.cancel()
     assert end_marker(events) == "[DONE]", events
-    assert proxy.cut and proxy.streams == [None, "1"]
+    assert proxy.cut and proxy.streams == [None, "1"] and proxy.queries == ["", ""]
     remote = await remote_events(hive, remote_id_of(events))
     assert len(remote) >= 4 and kinds_and_data(events[1:]) == kinds_and_data(remote)
     assert "tiny" in {m["id"] for m in await hive_models(hive)}
+
+
+async def test_a_dropped_infer_stream_is_resumed_not_cancelled_there(daemons, tiny_model):
+    # An infer ends when its last reader leaves: the relay asks the hive to wait for it a while.
+    queen, hive = daemons
+    async with hive.client() as direct:
+        await job_result(direct, {"operation": "model_download", "model": str(tiny_model)})
+    proxy = CuttingProxy(hive.port)
+    infer = {"operation": "infer", "model": "tiny", "prompt": "Once", "max_tokens": 40, "seed": 3}
+    async with trio.open_nursery() as nursery:
+        await register(queen, hive, port=await proxy.serve(nursery))
+        async with queen.client() as client:
+            with trio.fail_after(60):
+                events = await run_job(client, {**infer, "hive_id": "h2"})
+        nursery.cancel_scope.cancel()
+    assert end_marker(events) == "[DONE]", events
+    assert proxy.cut and proxy.streams == [None, "1"] and proxy.queries == ["?resume_within=20"] * 2
+    remote = await remote_events(hive, remote_id_of(events))
+    assert kinds_and_data(events[1:]) == kinds_and_data(remote)
+    result = json.loads(next(e.data for e in events if e.event == "result"))
+    assert result["completion_tokens"] == sum(e.event == "token" for e in events) >= 2
 
 
 async def hive_models(hive) -> list:
     async with hive.client() as client:
         return await job_result(client, {"operation": "model_list"})
 
+
+
+@asynccontextmanager
+async def fake_daemon(answer):
+    """A server on 127.0.0.1 that answers each request with `answer(head)`, then closes."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += await stream.receive_some(65536)
+            await stream.send_all(answer(head))
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+        yield JobClient(Client(f"http://127.0.0.1:{listener.socket.getsockname()[1]}"), request_timeout=5,
+                        reconnect_delay=0.01, reconnects=3)  # fmt: skip
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("body", [b'{"job_id": 123}', b'{"job_id": null}', b'{"job_id": ""}', b'["job-1"]'])
+async def test_a_created_job_without_a_job_id_is_an_unexpected_answer(body):
+    answer = b"HTTP/1.1 201 Created\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    async with fake_daemon(lambda head: answer) as jobs:
+        with pytest.raises(HTTPError, match=r"^unexpected answer to POST /v1/jobs: "):
+            await jobs.create(b'{"operation": "hive_list"}')
+
+
+async def test_a_daemon_that_replays_the_same_event_is_given_up_on_and_relayed_once():
+    stream = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\nid: 1\nevent: narration\ndata: {}\n\n"
+    heads: list[bytes] = []
+
+    def answer(head: bytes) -> bytes:
+        heads.append(head)
+        if not head.startswith(b"GET /v1/jobs/job-1/stream "):  # its status: still running
+            return b'HTTP/1.1 200 OK\r\ncontent-length: 20\r\n\r\n{"state": "running"}'
+        return stream  # then closes, whatever Last-Event-ID asked for
+
+    relayed = []
+    async with fake_daemon(answer) as jobs:
+        with trio.fail_after(5), pytest.raises(StreamLost, match="the stream ended before the job did"):
+            await jobs.follow("job-1", relayed.append)
+    assert [e.id for e in relayed] == ["1"]
+    assert len([h for h in heads if h.startswith(b"GET /v1/jobs/job-1/stream ")]) == 4  # the first, 3 reconnects

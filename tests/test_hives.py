@@ -116,6 +116,37 @@ async def test_create_defaults_the_port_and_derives_the_id_from_the_host(hives_d
 
 
 @pytest.mark.parametrize(
+    ("host", "message"),
+    [
+        ("a..b", "host 'a..b' is not a name or an IP address: each part between dots must be 1 to 63 letters, "
+                 "digits, - or _, starting and ending with a letter or digit"),  # fmt: skip
+        ("x" * 64 + ".lan", "is not a name or an IP address: each part between dots"),
+        # A host is ssh_host's default: ssh would take a leading dash for an option.
+        ("-oProxyCommand", "Expected `str` matching regex '^[A-Za-z0-9:][A-Za-z0-9._:-]*"),
+        ("_x", "Expected `str` matching regex"),  # its derived id, _x, would be no id
+        ("::1::2", "host '::1::2' is not a name or an IP address"),
+    ],
+    ids=["empty-label", "long-label", "leading-dash", "leading-underscore", "bad-ipv6"],
+)
+async def test_a_host_that_could_not_be_reached_is_refused(hives_daemon, host, message):
+    async with hives_daemon.client() as client:
+        response = await client.request("POST", "/v1/jobs", json={"operation": "hive_create", "host": host})
+    assert response.status == 400 and message in response.json()["error"], response.json()
+
+
+async def test_an_empty_ssh_host_removes_it_and_start_uses_the_host_again(hives_daemon):
+    async with hives_daemon.client() as client:
+        await run_job(client, {"operation": "hive_create", "id": "jump", "host": "10.0.0.9", "port": closed_port(),
+                               "ssh_host": "ops@bastion"})  # fmt: skip
+        via_bastion = await run_job(client, {"operation": "hive_start", "hive_id": "jump"})
+        updated = result_of(await run_job(client, {"operation": "hive_update", "id": "jump", "ssh_host": ""}))
+        direct = await run_job(client, {"operation": "hive_start", "hive_id": "jump"})
+        await run_job(client, {"operation": "hive_delete", "id": "jump"})
+    assert "start on ops@bastion" in narrations(via_bastion)
+    assert updated["ssh_host"] is None and "start on 10.0.0.9" in narrations(direct)
+
+
+@pytest.mark.parametrize(
     ("payload", "message"),
     [
         ({"operation": "hive_create", "id": "dup", "host": "127.0.0.1"}, "hive 'dup' already exists"),

@@ -1,5 +1,6 @@
 """Tests of rbeed.httpclient against real servers on 127.0.0.1 and Unix sockets."""
 
+import re
 import shutil
 import socket
 import ssl
@@ -9,6 +10,7 @@ import msgspec
 import pytest
 import trio
 
+import rbeed.httpclient
 from rbeed.httpclient import (
     Client,
     ConnectError,
@@ -349,3 +351,106 @@ async def test_https_verifies_the_server_certificate(tls_files):
     assert response.url.startswith("https://localhost:")
     assert (response.status, response.content) == (200, b"secret")
     assert server.requests[0].headers["host"] == server.base_url.removeprefix("https://")
+
+
+# -- what a peer can make us hold ------------------------------------------------------------
+
+
+def test_sse_decoder_bounds_a_line_and_an_event_and_reads_a_long_line_once():
+    decoder = SSEDecoder(max_event_bytes=1 << 20)
+    with pytest.raises(ProtocolError, match=r"^an event stream line over 1048576 bytes$"):
+        for _ in range(65):  # no line end, ever: past 1 MiB in 16 KiB pieces
+            decoder.feed(b"x" * 16384)
+    decoder = SSEDecoder(max_event_bytes=1000)
+    with pytest.raises(ProtocolError, match=r"^an event stream event over 1000 bytes$"):
+        for _ in range(100):  # short lines, no blank one to end the event
+            decoder.feed(b"data: " + b"y" * 50 + b"\n")
+    # Each piece of a long line is searched once: the per-feed cost does not grow with the line.
+    # Counted through the line-end search itself, not timed.
+    decoder, searched = SSEDecoder(), []
+    real = rbeed.httpclient._LINE_END
+
+    class Counting:
+        def search(self, buffer, pos):
+            searched.append(len(buffer) - pos)
+            return real.search(buffer, pos)
+
+    rbeed.httpclient._LINE_END = Counting()
+    try:
+        for _ in range(100):
+            decoder.feed(b"z" * 1000)
+        events = decoder.feed(b"\ndata: end\n\n")
+    finally:
+        rbeed.httpclient._LINE_END = real
+    assert max(searched) < 2000 and [e.data for e in events] == ["end"]
+
+
+async def test_an_answer_read_whole_is_bounded():
+    async def endless(request: RecordedRequest) -> Reply:
+        async def body():
+            while True:
+                yield b"a" * 65536
+
+        return Reply(200, {}, body())
+
+    async def declared(request: RecordedRequest) -> Reply:
+        return Reply(200, {"content-length": str(17 << 20)}, stall_after=0, body=b"")
+
+    async with serve_files() as server, Client(server.base_url, read_timeout=5) as client:
+        server.routes["/endless"] = endless
+        with pytest.raises(ProtocolError, match=r"^the answer of GET http://127\.0\.0\.1:\d+/endless is over 16777216 bytes$"):
+            await client.request("GET", "/endless")
+        async with client.stream("GET", "/endless") as response:
+            with pytest.raises(ProtocolError, match=r"is over 100 bytes$"):
+                await response.aread(limit=100)
+
+
+async def test_an_answer_sent_before_the_whole_body_was_read_is_the_result_not_a_broken_pipe(tmp_path):
+    # As rbeed answers a body over its limit: 413 at once, then it closes.
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            while b"\r\n\r\n" not in (await stream.receive_some(65536)):
+                pass
+            message = b'{"error": "request body over 1048576 bytes"}'
+            await stream.send_all(b"HTTP/1.1 413 Content Too Large\r\ncontent-type: application/json\r\n"
+                                  b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(message), message))  # fmt: skip
+
+    for unix in (False, True):
+        async with trio.open_nursery() as nursery:
+            if unix:
+                sock = trio.socket.socket(trio.socket.AF_UNIX)
+                await sock.bind(str(tmp_path / "s.sock"))
+                sock.listen()
+                listener = trio.SocketListener(sock)
+                url = f"unix:{tmp_path / 's.sock'}"
+            else:
+                [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
+                url = f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
+            nursery.start_soon(trio.serve_listeners, handle, [listener])
+            async with Client(url, read_timeout=5) as client:
+                response = await client.request("POST", "/v1/jobs", body=b"a" * (8 << 20))
+            assert (response.status, response.json()) == (413, {"error": "request body over 1048576 bytes"})
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_header_that_http_cannot_carry_is_an_error_that_does_not_show_it():
+    async with serve_files() as server:
+        for key in ("secret\nx", "ключ"):
+            async with Client(server.base_url, headers={"authorization": f"Bearer {key}"}) as client:
+                with pytest.raises(HTTPError) as caught:
+                    await client.request("GET", "/")
+            assert key not in str(caught.value) and str(caught.value).startswith("invalid request GET '/': ")
+
+
+@pytest.mark.parametrize(("url", "problem"), [
+    ("http://[::1", "Invalid IPv6 URL"), ("unix://run/x.sock", "write unix:/PATH or unix:///PATH"),
+])  # fmt: skip
+def test_an_unusable_url_is_an_http_error(url, problem):
+    with pytest.raises(HTTPError, match=rf"^invalid URL {re.escape(repr(url))}: {re.escape(problem)}$"):
+        Client(url)
+
+
+async def test_a_host_name_idna_cannot_encode_is_a_connect_error():
+    async with Client("http://a..b:80") as client:
+        with pytest.raises(ConnectError, match=r"^cannot connect to http://a\.\.b: not a valid host name$"):
+            await client.request("GET", "/")

@@ -484,6 +484,54 @@ async def test_a_client_that_drops_the_stream_cancels_its_infer(slow, slow_clien
     assert cancelled_generations(slow[0]) == before + 1  # logged by the worker before it took the next job
 
 
+async def open_connections(client) -> int:
+    metrics = (await client.request("GET", "/metrics")).content.decode()
+    return int(re.search(r"^rbeed_http_connections (\d+)$", metrics, re.MULTILINE)[1])
+
+
+async def drop_stream_after_a_token(daemon, client, job_id: str, resume_within: str) -> str:
+    """Read the job's stream with ?resume_within= up to its first token, drop it, and return
+    that token's id once the daemon has seen the connection go (its gauge of connections)."""
+    async with daemon.client() as reader:
+        async with reader.stream("GET", f"/v1/jobs/{job_id}/stream?resume_within={resume_within}") as response:
+            last_id = (await read_events_until(response.aiter_sse(), is_token))[-1].id
+    with trio.fail_after(3):
+        while await open_connections(client) > 1:
+            await trio.sleep(0.02)
+    return last_id
+
+
+async def test_resume_within_keeps_a_dropped_infer_running_for_its_reader_to_come_back(slow, slow_client):
+    job_id = await submit(slow_client, GREEDY | {"max_tokens": 30})  # 3 s
+    last_id = await drop_stream_after_a_token(slow[0], slow_client, job_id, "5")
+    assert await job_state(slow_client, job_id) == "running"  # not cancelled, as without resume_within
+    async with slow_client.stream("GET", f"/v1/jobs/{job_id}/stream", headers={"last-event-id": last_id}) as response:
+        rest = await rest_of(response.aiter_sse(), 10)
+    assert end_marker(rest) == "[DONE]" and int(rest[0].id) == int(last_id) + 1
+    assert result_of(rest)["completion_tokens"] == 30
+
+    # One that does not come back: the infer is cancelled once resume_within has passed.
+    job_id = await submit(slow_client, LONG)
+    await drop_stream_after_a_token(slow[0], slow_client, job_id, "1")
+    left = trio.current_time()
+    with trio.fail_after(5):
+        while await job_state(slow_client, job_id) != "cancelled":
+            await trio.sleep(0.02)
+    assert trio.current_time() - left > 0.9
+    with trio.fail_after(2):
+        _, result = await infer(slow_client, SHORT | {"worker_id": slow[1]["id"]})
+    assert result["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize("value", ["61", "-1", "abc", "1e3", "0x10"])
+async def test_resume_within_must_be_seconds_up_to_a_minute(slow_client, value):
+    job_id = await submit(slow_client, SHORT)
+    response = await slow_client.request("GET", f"/v1/jobs/{job_id}/stream?resume_within={value}")
+    assert response.status == 400
+    assert response.json()["error"] == f"resume_within must be a number of seconds from 0 to 60, got {value!r}"
+    assert await job_state(slow_client, job_id) == "queued"  # a refused stream starts nothing
+
+
 async def test_a_client_that_sends_on_while_its_infer_streams_is_left_to_wait_not_buffered(slow, slow_client):
     """The stream watches its socket for the client leaving: what the client pipelines meanwhile is
     kept for its next request only up to a request's worth (2 MiB here), not to the end of memory."""
