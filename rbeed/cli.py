@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlsplit
@@ -86,6 +87,17 @@ def human_count(value: Any) -> str:
     return str(value)
 
 
+# Control characters in what rbee shows (a model's name, a hive's message) are shown escaped: raw,
+# they could retitle, clear or rewrite the terminal, or break a line of fields in two.
+_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(32), *range(127, 160))}
+_CONTROLS_BUT_LINES = {code: escape for code, escape in _CONTROLS.items() if chr(code) not in "\n\t"}
+
+
+def shown(text: str, lines: bool = False) -> str:
+    """`text` with its control characters escaped (with `lines`, all but newline and tab)."""
+    return text.translate(_CONTROLS_BUT_LINES if lines else _CONTROLS)
+
+
 def format_value(value: Any) -> str:
     if value is None:
         return "-"
@@ -95,7 +107,7 @@ def format_value(value: Any) -> str:
         return f"{value:g}"
     if isinstance(value, dict | list):
         return msgspec.json.encode(value).decode()
-    return str(value)
+    return shown(str(value))
 
 
 def format_duration(seconds: float) -> str:
@@ -318,10 +330,13 @@ class ProgressDisplay:
 class Console:
     """stdout for results and tokens; stderr for narration, progress and errors."""
 
-    def __init__(self, stdout: TextIO, stderr: TextIO, *, color: bool, tty: bool, width: int):
+    def __init__(self, stdout: TextIO, stderr: TextIO, *, color: bool, tty: bool, width: int,
+                 stdout_tty: bool = False):  # fmt: skip
         self.stdout = stdout
         self.stderr = stderr
-        self._prefix = "\x1b[2m·\x1b[0m " if color else "· "
+        self.stdout_tty = stdout_tty  # generated text is shown with its control characters escaped
+        marker = "·" if "·".encode(stderr.encoding or "utf-8", errors="ignore") else "-"  # LANG=C: -
+        self._prefix = f"\x1b[2m{marker}\x1b[0m " if color else f"{marker} "
         self.progress = ProgressDisplay(stderr, tty=tty, width=width)
 
     @classmethod
@@ -335,21 +350,39 @@ class Console:
             except OSError:
                 pass
         width = width or 80  # a terminal that does not know its size says 0
-        return cls(sys.stdout, sys.stderr, color=color, tty=tty, width=width)
+        # Output in a locale that cannot encode it (LANG=C, PYTHONIOENCODING=ascii) is escaped, not
+        # a crash; a closed standard output (>&-) is none at all.
+        stdout = sys.stdout or open(os.devnull, "w")  # noqa: SIM115  for the process's life
+        stdout.reconfigure(errors="backslashreplace")  # type: ignore[attr-defined]
+        return cls(stdout, sys.stderr, color=color, tty=tty, width=width, stdout_tty=stdout.isatty())
 
     def note(self, message: str) -> None:
         self.progress.clear()
-        self.stderr.write(f"{self._prefix}{message}\n")
+        self.stderr.write(f"{self._prefix}{shown(message, lines=True)}\n")
         self.stderr.flush()
 
     def error(self, message: str) -> None:
         self.progress.clear()
-        self.stderr.write(f"rbee: {message}\n")
+        self.stderr.write(f"rbee: {shown(message, lines=True)}\n")
         self.stderr.flush()
 
     def out(self, text: str) -> None:
-        self.stdout.write(text)
-        self.stdout.flush()
+        try:
+            self.stdout.write(text)
+            self.stdout.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:  # a full disk, a device that refuses
+            raise CliError(f"cannot write to standard output: {os.strerror(exc.errno or 0).lower()}") from None
+
+
+def read_stdin() -> str:
+    """All of standard input, as text: bytes that are not UTF-8 are a usage error, not a crash."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode()
+    except UnicodeDecodeError as exc:
+        raise CliError(f"standard input is not UTF-8 text (at byte {exc.start})", EXIT_USAGE) from None
 
 
 def decode_data(data: str) -> Any:
@@ -371,7 +404,10 @@ class View:
     def event(self, event: ServerSentEvent) -> None:
         if event.event == "token":
             data = decode_data(event.data)
-            self._pieces.append(data.get("t", "") if isinstance(data, dict) else str(data))
+            piece = data.get("t") if isinstance(data, dict) else None
+            if not isinstance(piece, str):
+                raise TypeError("a token event without its text")
+            self._pieces.append(piece)
         elif event.event == "result":
             self.result = decode_data(event.data)
 
@@ -382,6 +418,15 @@ class View:
     def text(self) -> str:
         whole = self.result.get("text") if isinstance(self.result, dict) else None
         return whole if isinstance(whole, str) else "".join(self._pieces)
+
+
+def _show_event(view: View, event: ServerSentEvent) -> None:
+    """Hand `event` to `view`; an event shaped other than the job API's ends rbee (exit 1)."""
+    try:
+        view.event(event)
+    except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
+        data = event.data[:120] + ("..." if len(event.data) > 120 else "")
+        raise CliError(f"the daemon sent an event rbee cannot use ({event.event}: {data}): {exc}") from None
 
 
 class JsonView(View):
@@ -468,7 +513,8 @@ class HumanView(View):
         if self._first_token_at is None:
             self._first_token_at = now
         self._last_token_at = now
-        self.console.out(self._pieces[-1])
+        piece = self._pieces[-1]
+        self.console.out(shown(piece, lines=True) if self.console.stdout_tty else piece)
 
     def _finish_infer(self, ok: bool) -> None:
         answer = self.result if isinstance(self.result, dict) else {}
@@ -557,7 +603,7 @@ class Session:
         event's data. A stream that drops before the end is resumed from the last event id seen."""
         try:
             with self._errors(f"cannot follow job {job_id}: "):
-                return await self.jobs.follow(job_id, view.event, after)
+                return await self.jobs.follow(job_id, partial(_show_event, view), after)
         except StreamLost as exc:
             if isinstance(exc.problem, ConnectError | HTTPTimeout):
                 raise self.unreachable(exc.problem) from None
@@ -701,7 +747,7 @@ async def run_command(args: argparse.Namespace, console: Console) -> int:
         if handler := getattr(args, "handler", None):
             return await handler(session, args, console)
         if args.operation == "submit":
-            raw = sys.stdin.read() if args.payload == "-" else args.payload
+            raw = read_stdin() if args.payload == "-" else args.payload
             decoded = decode_data(raw)
             operation = decoded.get("operation") if isinstance(decoded, dict) else None
             body = raw.encode()
@@ -709,7 +755,7 @@ async def run_command(args: argparse.Namespace, console: Console) -> int:
             payload = build_payload(args)
             if args.operation == "infer":
                 if payload.get("prompt", "-") == "-":  # `rbee infer < notes.txt`
-                    payload["prompt"] = sys.stdin.read()
+                    payload["prompt"] = read_stdin()
                 if not await settle_model(session, console, payload):
                     return EXIT_CANCELLED
                 payload = infer_payload(payload)
@@ -719,7 +765,7 @@ async def run_command(args: argparse.Namespace, console: Console) -> int:
                 if args.operation == "embed":
                     payload["input"] = embed_inputs(payload.get("input") or [])
                 elif args.operation == "tokenize" and payload.get("text", "-") == "-":
-                    payload["text"] = sys.stdin.read()
+                    payload["text"] = read_stdin()
                 if not await settle_model(session, console, payload, template=False):
                     return EXIT_CANCELLED
             operation = args.operation
@@ -751,8 +797,8 @@ def defaults_payload(payload: dict) -> dict:
 def embed_inputs(texts: list[str]) -> list[str]:
     """embed's inputs: the TEXTs, "-" standing for all of stdin; with none, each line of stdin."""
     if not texts:
-        return [line for line in sys.stdin.read().splitlines() if line.strip()]
-    return [sys.stdin.read() if text == "-" else text for text in texts]
+        return [line for line in read_stdin().splitlines() if line.strip()]
+    return [read_stdin() if text == "-" else text for text in texts]
 
 
 # -- rbee infer on a terminal: one prompt after another ------------------------------------------
@@ -897,22 +943,32 @@ def _default(operation: type[msgspec.Struct], field: str) -> str:
     return f"(default {format_value(default)})"
 
 
+def _finite(text: str) -> float:
+    """A number option's value: inf and nan would reach the daemon as null, its default."""
+    try:
+        if math.isfinite(value := float(text)):
+            return value
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+
+
 def _settings(default: Callable[[str], str]) -> tuple[Argument, ...]:
     """infer's options that a model can set defaults for; `default(field)` ends each help."""
     return (
         _arg("-n", "--max-tokens", dest="max_tokens", type=int, metavar="N",
              help=f"tokens to generate at most {default('max_tokens')}"),
-        _arg("--temperature", type=float, metavar="F", help=f"sampling temperature {default('temperature')}"),
-        _arg("--top-p", dest="top_p", type=float, metavar="F", help=f"nucleus sampling mass {default('top_p')}"),
+        _arg("--temperature", type=_finite, metavar="F", help=f"sampling temperature {default('temperature')}"),
+        _arg("--top-p", dest="top_p", type=_finite, metavar="F", help=f"nucleus sampling mass {default('top_p')}"),
         _arg("--top-k", dest="top_k", type=int, metavar="N",
              help=f"sample among the K likeliest tokens, 0 = all {default('top_k')}"),
-        _arg("--min-p", dest="min_p", type=float, metavar="F",
+        _arg("--min-p", dest="min_p", type=_finite, metavar="F",
              help=f"drop tokens less likely than F times the likeliest {default('min_p')}"),
-        _arg("--repeat-penalty", dest="repeat_penalty", type=float, metavar="F",
+        _arg("--repeat-penalty", dest="repeat_penalty", type=_finite, metavar="F",
              help=f"scale down the logits of the last tokens by F, 1 = off {default('repeat_penalty')}"),
-        _arg("--presence-penalty", dest="presence_penalty", type=float, metavar="F",
+        _arg("--presence-penalty", dest="presence_penalty", type=_finite, metavar="F",
              help=f"subtract F from the logits of the last tokens, -2 to 2 {default('presence_penalty')}"),
-        _arg("--frequency-penalty", dest="frequency_penalty", type=float, metavar="F",
+        _arg("--frequency-penalty", dest="frequency_penalty", type=_finite, metavar="F",
              help=f"subtract F per occurrence among the last tokens, -2 to 2 {default('frequency_penalty')}"),
         _arg("--repeat-last-n", dest="repeat_last_n", type=int, metavar="N",
              help=f"the last tokens the penalties look at, -1 = the whole context {default('repeat_last_n')}"),
@@ -931,15 +987,19 @@ _MODEL = _arg("-m", "--model", metavar="ID", help="model id (default: $RBEE_MODE
 _ON_WORKER = (
     _arg("--device", metavar="D", help="cpu, cuda, cuda:N or metal"),
     _arg("--worker-id", dest="worker_id", metavar="ID", help="use this worker"),
-    _arg("--keep-alive", dest="keep_alive", type=float, metavar="SECONDS",
+    _arg("--keep-alive", dest="keep_alive", type=_finite, metavar="SECONDS",
          help="keep the worker this long after the job (0 unload, -1 forever)"),
     _HIVE,
 )  # fmt: skip
 
 
 def _source(text: str) -> str:
-    """A model source, with a relative path made absolute: the daemon does not share our working directory."""
-    return text if urlsplit(text).scheme or os.path.isabs(text) else os.path.abspath(text)  # hf: is a scheme too
+    """A model source, with a relative path made absolute: the daemon does not share our working
+    directory. A file that is there is a path, even with a colon in its name (a:b.gguf)."""
+    if os.path.isabs(text) or (urlsplit(text).scheme and not os.path.exists(text)):  # hf: is a scheme too
+        return text
+    return os.path.abspath(text)
+
 
 
 def _format(text: str) -> str | dict:
@@ -1181,6 +1241,9 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    for name, value in vars(args).items():  # undecodable bytes in an argument come as surrogates
+        if any(isinstance(text, str) and not _utf8(text) for text in (value if isinstance(value, list) else [value])):
+            parser.error(f"argument {name}: not UTF-8 text")
     if args.url and args.socket:  # one given before the command, the other after it
         parser.error("argument --socket: not allowed with argument --url")
     console = Console.for_process()
@@ -1201,6 +1264,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except* BrokenPipeError:  # e.g. `rbee model list | head -1`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return status
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

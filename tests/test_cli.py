@@ -1006,3 +1006,69 @@ def test_the_daemon_address_comes_from_flags_then_env_then_the_default(monkeypat
     monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     assert cli.daemon_address(parse(["hive", "list"])) == f"unix:{tmp_path}/rbeed/rbeed.sock"
+
+
+# -- input rbee cannot send, answers it cannot use, output it cannot write ----------------------
+
+
+def test_a_body_over_the_daemons_limit_gets_its_413_not_a_broken_pipe(shared_daemon):
+    done = rbee(shared_daemon, "submit", "-", stdin='{"operation": "hive_list", "x": "' + "a" * 1_500_000 + '"}')
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("rbee: error: the daemon refused the job: request body over 1048576 bytes"), done.stderr
+
+
+def test_input_that_is_not_utf8_is_a_usage_error():
+    prompt = subprocess.run([*argv("--url", "http://127.0.0.1:9", "infer", "-m", "m", "--raw", "-")], input=b"caf\xe9",
+                            capture_output=True, timeout=TIMEOUT, env=cli_env(), cwd=ROOT)  # fmt: skip
+    assert (prompt.returncode, prompt.stderr) == (2, b"rbee: error: standard input is not UTF-8 text (at byte 3)\n")
+    argument = subprocess.run([*argv("--url", "http://127.0.0.1:9", "tokenize", "-m", "m"), b"\xff"],
+                              capture_output=True, timeout=TIMEOUT, env=cli_env(), cwd=ROOT)  # fmt: skip
+    assert argument.returncode == 2 and argument.stderr.endswith(b"error: argument text: not UTF-8 text\n")
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "1e999"])
+def test_a_number_option_must_be_finite(value):
+    done = rbee(None, "--url", "http://127.0.0.1:9", "infer", "p", "-m", "m", "--temperature", value)
+    assert done.returncode == 2 and done.stderr.endswith(f"argument --temperature: {value!r} is not a finite number\n")
+
+
+async def test_what_a_daemon_sends_is_shown_with_its_control_characters_escaped():
+    title = "\x1b]0;PWNED\x07\x1b[2J"
+    async with serve_files() as server:
+        ScriptedAPI(server, [play(sse(1, "narration", {"message": f"loading {title}"}),
+                                  sse(2, "result", {"name": title, "size": 1}), sse(3, "end", "[DONE]"))])  # fmt: skip
+        done = await arbee("--url", server.base_url, "submit", '{"operation": "model_get"}')
+    assert "\x1b" not in done.stdout + done.stderr and "\x07" not in done.stdout + done.stderr
+    assert "loading \\x1b]0;PWNED\\x07\\x1b[2J" in done.stderr
+    assert fields_of(done.stdout)["name"].strip() == "\\x1b]0;PWNED\\x07\\x1b[2J"
+
+
+@pytest.mark.parametrize("event", [
+    sse(1, "token", {"t": 5, "i": 0}), sse(1, "gap", {"from": 1}), sse(1, "progress", {"done": 1, "total": 1e308, "rate": 1e-308}),
+], ids=["token-not-text", "gap-without-ids", "progress-overflow"])  # fmt: skip
+async def test_an_event_rbee_cannot_use_ends_it_with_an_error_not_a_traceback(event):
+    async with serve_files() as server:
+        ScriptedAPI(server, [play(event, sse(2, "end", "[DONE]"))])
+        done = await arbee("--url", server.base_url, "infer", "p", "-m", "m", "--raw")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("rbee: error: the daemon sent an event rbee cannot use ("), done.stderr
+
+
+async def test_output_the_locale_cannot_encode_is_escaped_and_a_full_disk_is_an_error():
+    async with serve_files() as server:
+        ScriptedAPI(server, [play(sse(1, "token", {"t": "caf\u00e9 \u2603", "i": 0}), sse(2, "end", "[DONE]"))] * 2)
+        ascii_only = await arbee("--url", server.base_url, "infer", "p", "-m", "m", "--raw",
+                                 env=cli_env(PYTHONIOENCODING="ascii"))  # fmt: skip
+        assert (ascii_only.returncode, ascii_only.stdout) == (0, "caf\\xe9 \\u2603\n"), ascii_only.stderr
+        with open("/dev/full", "w") as full:
+            done = await trio.run_process(argv("--url", server.base_url, "infer", "p", "-m", "m", "--raw"), stdout=full,
+                                          capture_stderr=True, check=False, env=cli_env(), cwd=ROOT)  # fmt: skip
+    assert (done.returncode, done.stderr.decode()) == (1, "rbee: error: cannot write to standard output: no space left on device\n")
+
+
+def test_a_relative_path_with_a_colon_is_a_path_when_the_file_is_there(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli._source("a:b.gguf") == "a:b.gguf"  # not there: taken for a URL, which the daemon refuses
+    (tmp_path / "a:b.gguf").write_bytes(b"GGUF")
+    assert cli._source("a:b.gguf") == str(tmp_path / "a:b.gguf")
+    assert cli._source("hf:org/repo") == "hf:org/repo"
