@@ -341,8 +341,9 @@ class Console:
 
     @classmethod
     def for_process(cls) -> Console:
-        tty = sys.stderr.isatty()
-        color = tty and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+        # A dumb terminal cannot erase a line: it gets the progress lines a pipe gets.
+        tty = sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+        color = tty and "NO_COLOR" not in os.environ
         width = 0
         if tty:
             try:
@@ -943,6 +944,12 @@ def _default(operation: type[msgspec.Struct], field: str) -> str:
     return f"(default {format_value(default)})"
 
 
+def _event_id(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an event id (0, 1, 2 ...)")
+    return int(text)
+
+
 def _finite(text: str) -> float:
     """A number option's value: inf and nan would reach the daemon as null, its default."""
     try:
@@ -1233,7 +1240,7 @@ def make_parser() -> argparse.ArgumentParser:
     _job_command(job, "get", job_get, "show a job's state and times", by_id)
     _job_command(job, "follow", job_follow,
                  "show a job's events from its start, then follow it to its end (Ctrl-C stops following)", by_id,
-                 _arg("--after", type=int, metavar="N", help="only the events after event id N"))  # fmt: skip
+                 _arg("--after", type=_event_id, metavar="N", help="only the events after event id N"))  # fmt: skip
     _job_command(job, "cancel", job_cancel, "cancel a queued or running job", by_id)
     return parser
 

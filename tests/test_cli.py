@@ -790,22 +790,29 @@ async def test_download_progress_is_a_bar_on_a_terminal():
                 enumerate((1, 2, 8), start=1)]  # fmt: skip
     script = play(sse(None, "narration", {"message": "fetching x"}), *progress,
                   sse(4, "result", {"id": "m", "size": 8 * mib}), sse(5, "end", "[DONE]"))  # fmt: skip
-    main_fd, terminal_fd = pty.openpty()
-    fcntl.ioctl(terminal_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 60, 0, 0))  # 60 columns
-    async with serve_files() as server:
-        ScriptedAPI(server, [script])
-        try:
-            with trio.fail_after(TIMEOUT):
-                process = await trio.lowlevel.open_process(
-                    argv("--url", server.base_url, "model", "download", "x"), stdout=subprocess.PIPE,
-                    stderr=terminal_fd, env=cli_env(TERM="xterm"), cwd=ROOT,
-                )  # fmt: skip
-                os.close(terminal_fd)
-                stdout = await read_until(process.stdout, lambda text: "size" in text)
-                assert await process.wait() == 0
-                terminal = await trio.to_thread.run_sync(read_terminal, main_fd)
-        finally:
-            os.close(main_fd)
+    async def download_on_a_terminal(term: str) -> tuple[str, str]:
+        main_fd, terminal_fd = pty.openpty()
+        fcntl.ioctl(terminal_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 60, 0, 0))  # 60 columns
+        async with serve_files() as server:
+            ScriptedAPI(server, [script])
+            try:
+                with trio.fail_after(TIMEOUT):
+                    process = await trio.lowlevel.open_process(
+                        argv("--url", server.base_url, "model", "download", "x"), stdout=subprocess.PIPE,
+                        stderr=terminal_fd, env=cli_env(TERM=term), cwd=ROOT,
+                    )  # fmt: skip
+                    os.close(terminal_fd)
+                    stdout = await read_until(process.stdout, lambda text: "size" in text)
+                    assert await process.wait() == 0
+                    return stdout, await trio.to_thread.run_sync(read_terminal, main_fd)
+            finally:
+                os.close(main_fd)
+
+    # A dumb terminal cannot erase a line: plain lines, as on a pipe, and no colors.
+    stdout, terminal = await download_on_a_terminal("dumb")
+    assert "\x1b" not in terminal
+    assert terminal.startswith("· fetching x\r\n") and terminal.endswith("  8.0/8.0 MiB  2.0 MiB/s  done\r\n")
+    stdout, terminal = await download_on_a_terminal("xterm")
     assert stdout == "id:   m\nsize: 8.0 MiB\n"
     # Drawn in place with \r: the first report, then the complete one (the second came within 0.1 s).
     assert terminal.startswith("\x1b[2m·\x1b[0m fetching x\r\n\r\x1b[K 12% [")  # narration: a dim prefix
@@ -1072,3 +1079,9 @@ def test_a_relative_path_with_a_colon_is_a_path_when_the_file_is_there(tmp_path,
     (tmp_path / "a:b.gguf").write_bytes(b"GGUF")
     assert cli._source("a:b.gguf") == str(tmp_path / "a:b.gguf")
     assert cli._source("hf:org/repo") == "hf:org/repo"
+
+
+@pytest.mark.parametrize("value", ["-5", "x", "1.5"])
+def test_job_follow_after_takes_an_event_id(value):
+    done = rbee(None, "--url", "http://127.0.0.1:9", "job", "follow", "job-1", "--after", value)
+    assert done.returncode == 2 and done.stderr.endswith(f"argument --after: {value!r} is not an event id (0, 1, 2 ...)\n")
