@@ -1008,7 +1008,6 @@ def _source(text: str) -> str:
     return os.path.abspath(text)
 
 
-
 def _format(text: str) -> str | dict:
     """infer's `format`: json, or a JSON Schema given inline or as @FILE."""
     if text == "json":

@@ -221,6 +221,21 @@ class _Connection:
         self.received_in_cycle = 0
         self.peer_closed = False
 
+    async def send_request(self, request: h11.Request, body: bytes | None) -> h11.Event:
+        """Send the request; return the first event of the answer. A server may answer before it
+        has read the whole body (a 413) and close: that answer is the result, not the broken pipe."""
+        try:
+            await self.send(request)
+            if body:
+                await self.send(h11.Data(data=body))
+            await self.send(h11.EndOfMessage())
+        except ProtocolError as exc:
+            try:
+                return await self.next_event()
+            except ProtocolError:
+                raise exc from None
+        return await self.next_event()
+
     async def send(self, event: h11.Event) -> None:
         try:
             data = self.h11.send(event)
@@ -348,17 +363,19 @@ class Response:
     async def aread(self, limit: int = MAX_ANSWER_BYTES) -> bytes:
         """The whole body; one over `limit` bytes is a ProtocolError (stream those instead)."""
         if self.content is None:
-            too_big = ProtocolError(f"the answer of {self.method} {self.url} is over {limit} bytes")
             declared = self.headers.get("content-length", "").partition(",")[0].strip()
             if declared.isdigit() and int(declared) > limit:
-                raise too_big
+                raise self._too_big(limit)
             chunks, size = [], 0
             async for chunk in self.aiter_bytes():
                 chunks.append(chunk)
                 if (size := size + len(chunk)) > limit:
-                    raise too_big
+                    raise self._too_big(limit)
             self.content = b"".join(chunks)
         return self.content
+
+    def _too_big(self, limit: int) -> ProtocolError:
+        return ProtocolError(f"the answer of {self.method} {self.url} is over {limit} bytes")
 
     async def aiter_sse(self) -> AsyncIterator[ServerSentEvent]:
         decoder = SSEDecoder()
@@ -516,7 +533,7 @@ class Client:
         while True:
             conn = self._idle.pop(origin, None) or await self._connect(origin)
             try:
-                event = await self._send_request(conn, request, body)
+                event = await conn.send_request(request, body)
                 while isinstance(event, h11.InformationalResponse):  # 100 Continue and friends
                     event = await conn.next_event()
             except ProtocolError:
@@ -529,22 +546,6 @@ class Client:
                 raise
             assert isinstance(event, h11.Response)  # h11 yields nothing else before the head
             return Response(conn, event, method, f"{origin}{target}")
-
-    @staticmethod
-    async def _send_request(conn: _Connection, request: h11.Request, body: bytes | None) -> h11.Event:
-        """Send the request; return the first event of the answer. A server may answer before it
-        has read the whole body (a 413) and close: that answer is the result, not the broken pipe."""
-        try:
-            await conn.send(request)
-            if body:
-                await conn.send(h11.Data(data=body))
-            await conn.send(h11.EndOfMessage())
-        except ProtocolError as exc:
-            try:
-                return await conn.next_event()
-            except ProtocolError:
-                raise exc from None
-        return await conn.next_event()
 
     async def _connect(self, origin: _Origin) -> _Connection:
         stream: trio.abc.Stream | None = None

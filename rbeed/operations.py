@@ -83,7 +83,6 @@ def _check_host(host: str | None) -> None:
                          "1 to 63 letters, digits, - or _, starting and ending with a letter or digit")  # fmt: skip
 
 
-
 class HiveCreate(Operation, tag="hive_create"):
     host: Host
     id: HiveId | None = None  # default: derived from host
