@@ -36,6 +36,7 @@ RECEIVE_SIZE = 256 * 1024
 # line or event of an event stream.
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
 MAX_EVENT_BYTES = 64 * 1024 * 1024
+MAX_HEAD_BYTES = 64 * 1024  # an answer's head: curl takes 100 KiB per header, servers send a few KiB
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 
@@ -216,7 +217,7 @@ class _Connection:
         self.origin = origin
         self.stream = stream
         self.io_timeout = io_timeout
-        self.h11 = h11.Connection(h11.CLIENT)
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
         self.reused = False
         self.received_in_cycle = 0
         self.peer_closed = False
@@ -253,11 +254,17 @@ class _Connection:
             try:
                 event = self.h11.next_event()
             except h11.RemoteProtocolError as exc:
+                if exc.error_status_hint == 431:  # h11's bound on a head still incomplete
+                    raise self._head_too_big() from None
                 if self.peer_closed:
                     raise ProtocolError(
                         f"connection closed by {self.origin} before the response was complete"
                     ) from None
                 raise ProtocolError(f"bad response from {self.origin}: {exc}") from None
+            if isinstance(event, (h11.Response, h11.InformationalResponse)):
+                # h11 bounds only a head still incomplete after a read; one read can bring a whole big one.
+                if sum(len(name) + len(value) + 4 for name, value in event.headers.raw_items()) > MAX_HEAD_BYTES:
+                    raise self._head_too_big()
             if isinstance(event, h11.Event):
                 return event
             if event is h11.PAUSED:  # a 101 answer to a request that asked for no Upgrade
@@ -270,6 +277,9 @@ class _Connection:
             self.received_in_cycle += len(data)
             self.peer_closed = not data
             self.h11.receive_data(data)  # type: ignore[arg-type]  # h11 takes any bytes-like
+
+    def _head_too_big(self) -> ProtocolError:
+        return ProtocolError(f"bad response from {self.origin}: its head is over {MAX_HEAD_BYTES} bytes")
 
     def next_buffered_event(self) -> h11.Event | None:
         """The next event that needs no I/O, or None."""

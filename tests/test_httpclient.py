@@ -405,6 +405,21 @@ async def test_an_answer_read_whole_is_bounded():
                 await response.aread(limit=100)
 
 
+async def test_an_answer_head_is_bounded_however_it_arrives():
+    async def headed(request: RecordedRequest) -> Reply:
+        size = int(request.target.rpartition("/")[2])
+        return Reply(200, {"x-big": "b" * size}, b"ok")
+
+    async with serve_files() as server, Client(server.base_url, read_timeout=5) as client:
+        for size in (40_000, 100_000):
+            server.routes[f"/head/{size}"] = headed
+        # Past h11's 16 KiB for a head still incomplete after a read, as a real server may send one.
+        assert (await client.request("GET", "/head/40000")).content == b"ok"
+        # A whole head in one read passes h11's own bound.
+        with pytest.raises(ProtocolError, match=r"^bad response from http://127\.0\.0\.1:\d+: its head is over 65536 bytes$"):
+            await client.request("GET", "/head/100000")
+
+
 async def test_an_answer_sent_before_the_whole_body_was_read_is_the_result_not_a_broken_pipe(tmp_path):
     # As rbeed answers a body over its limit: 413 at once, then it closes.
     async def handle(stream: trio.SocketStream) -> None:
