@@ -8,6 +8,7 @@ import grp
 import math
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -690,8 +691,18 @@ def daemon_address(args: argparse.Namespace) -> str:
     if url := os.environ.get("RBEE_URL"):
         return url
     own = default_runtime_dir() / "rbeed.sock"
-    # A daemon of one's own first, else the system service's socket (rbeed.socket).
-    return f"unix:{own if own.exists() or not SYSTEM_SOCKET.exists() else SYSTEM_SOCKET}"
+    # A daemon of one's own first, else the system service's socket (rbeed.socket). A socket file
+    # outlives a killed daemon: a connection shows whether one listens.
+    return f"unix:{own if _listening(own) or not SYSTEM_SOCKET.exists() else SYSTEM_SOCKET}"
+
+
+def _listening(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def build_payload(args: argparse.Namespace) -> dict:

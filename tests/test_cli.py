@@ -1013,6 +1013,20 @@ def test_the_daemon_address_comes_from_flags_then_env_then_the_default(monkeypat
     monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     assert cli.daemon_address(parse(["hive", "list"])) == f"unix:{tmp_path}/rbeed/rbeed.sock"
+    # With the system service's socket there, one's own is taken only while a daemon listens on it.
+    system = tmp_path / "run" / "rbeed.sock"
+    own = tmp_path / "rbeed" / "rbeed.sock"
+    monkeypatch.setattr(cli, "SYSTEM_SOCKET", system)
+    for path in (system, own):
+        path.parent.mkdir()
+        with socket.socket(socket.AF_UNIX) as gone:  # the file a killed daemon leaves
+            gone.bind(str(path))
+    assert cli.daemon_address(parse(["hive", "list"])) == f"unix:{system}"
+    own.unlink()
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(own))
+        listener.listen()
+        assert cli.daemon_address(parse(["hive", "list"])) == f"unix:{own}"
 
 
 # -- input rbee cannot send, answers it cannot use, output it cannot write ----------------------
