@@ -33,6 +33,21 @@ def sha256_of(digest: str) -> str:
     return match.group(1).lower()
 
 
+def remove_unkept(directory: Path, kept: Callable[[Path], bool], why: str) -> None:
+    """Remove the files in `directory` that `kept` does not keep, each logged as `why`."""
+    if not directory.is_dir():
+        return
+    for entry in directory.iterdir():
+        try:
+            if kept(entry):
+                continue
+            entry.unlink()
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", entry, exc.strerror)
+        else:
+            log.info("removed %s, %s", entry.name, why)
+
+
 class Blobs:
     """The blobs directory under the state dir: `sha256-HEX`, each checked against its name as it
     was written. A model made of one has it as its file, by a hard link (see Models); the rest go
@@ -50,17 +65,11 @@ class Blobs:
     def prune(self, keep: set[tuple[int, int]]) -> None:
         """Remove what uploads left that no model is made of: blobs no create took (those whose
         inode is not in `keep`), and parts of uploads cut short."""
-        if not self.dir.is_dir():
-            return
-        for entry in self.dir.iterdir():
-            try:
-                if self.is_blob(entry) and ((file := entry.stat()).st_dev, file.st_ino) in keep:
-                    continue
-                entry.unlink()
-            except OSError as exc:
-                log.warning("cannot remove %s: %s", entry, exc.strerror)
-            else:
-                log.info("removed %s, uploaded and never made a model", entry.name)
+
+        def kept(entry: Path) -> bool:
+            return self.is_blob(entry) and ((file := entry.stat()).st_dev, file.st_ino) in keep
+
+        remove_unkept(self.dir, kept, "uploaded and never made a model")
 
     async def receive(self, digest: str, receive: Callable[[], Awaitable[bytes]], length: int | None) -> None:
         """Write a blob from the body `receive()` gives. BlobError for a body that is not it."""

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from pathlib import Path
 from typing import Generic, TypeVar
 
 import msgspec
 import trio
+
+from .jobs import JobFailed
+
+log = logging.getLogger("rbeed.catalog")
 
 Record = TypeVar("Record", bound=msgspec.Struct)
 
@@ -34,8 +39,13 @@ class Catalog(Generic[Record]):
         self._db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"CREATE TABLE IF NOT EXISTS {self._table} (id TEXT PRIMARY KEY, record BLOB NOT NULL)")
-        rows = self._db.execute(f"SELECT id, record FROM {self._table}").fetchall()
-        return {key: msgspec.json.decode(blob, type=self._type) for key, blob in rows}
+        records = {}
+        for key, blob in self._db.execute(f"SELECT id, record FROM {self._table}"):
+            try:
+                records[key] = msgspec.json.decode(blob, type=self._type)
+            except msgspec.DecodeError as exc:  # edited by hand, or by a newer rbeed: left as it is
+                log.warning("%s: skipped the %s record %r: %s", self._path, self._table, key, exc)
+        return records
 
     async def close(self) -> None:
         async with self._lock:
@@ -62,4 +72,8 @@ class Catalog(Generic[Record]):
         async with self._lock:
             if self._db is None:
                 raise RuntimeError(f"the {self._table} catalog is closed")
-            await trio.to_thread.run_sync(self._db.execute, sql, args)
+            try:
+                await trio.to_thread.run_sync(self._db.execute, sql, args)
+            except sqlite3.Error as exc:
+                full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+                raise JobFailed(f"cannot write the {self._table} catalog {self._path}: {exc}", 507 if full else 500) from None

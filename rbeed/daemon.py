@@ -140,6 +140,7 @@ class Daemon:
         self.config.state_path.mkdir(parents=True, exist_ok=True)
         for catalog in self.catalogs:
             await catalog.open()
+        self.models.prune()
         self.blobs.prune(self.models.blob_keep())
         log.info("workers run as %s", self.supervisor.backend.name)
         try:

@@ -21,7 +21,7 @@ import trio
 from . import gbnf, wire
 from .catalog import Catalog
 from .config import ModelsConfig, read_secret
-from .blobs import Blobs, sha256_of
+from .blobs import Blobs, remove_unkept, sha256_of
 from .download import DownloadError, DownloadResult, SourceError, VerificationError, download
 from .ggufinfo import NEWEST_KEY
 from .httpclient import Client, StatusError
@@ -45,6 +45,11 @@ class Model(msgspec.Struct):
     system: str | None = None  # the first message of its chats that have none
     defaults: Settings = msgspec.field(default_factory=Settings)  # for its infer jobs' settings they leave out
     messages: list[ChatMessage] = []  # put before each chat's own, after its system message
+
+    def __post_init__(self) -> None:
+        # Checked as records are read: a catalog edited by hand must not name a file elsewhere.
+        if Path(self.file).name != self.file or self.file in ("", ".", ".."):
+            raise ValueError(f"file {self.file!r} is not a name in the models directory")
 
     @property
     def without_chat_template(self) -> bool:
@@ -175,8 +180,8 @@ class Models:
         self._adopting: Counter[str] = Counter()  # sha256 -> creates taking its blob now: a delete leaves it
 
     def path_of(self, model: Model) -> Path:
-        path = (self.dir / model.file).resolve()
-        if path.parent != self.dir.resolve():  # defence in depth: ids are already slugs
+        path = self.dir / model.file  # a symlink there is the admin's own: followed
+        if path.parent != self.dir or model.file in (".", ".."):  # defence in depth: Model checks it
             raise JobFailed(f"model {model.id!r} points outside the models directory")
         return path
 
@@ -304,8 +309,7 @@ class Models:
             model = model.with_settings(op.system, op.defaults, op.messages, over_own=False)
             await self.catalog.put(model.id, model)
         except BaseException:  # not a model (JobFailed), or cancelled: no file without its record
-            if self.catalog.get(model_id_) is None:
-                dest.unlink(missing_ok=True)
+            dest.unlink(missing_ok=True)  # a record whose file was gone stays so: fetched again next time
             raise
         if blob and not linked and self._adopting[sha256_of(blob.name)] == 1:
             blob.unlink(missing_ok=True)  # copied, and no other create takes it: kept, it would take the space twice
@@ -348,11 +352,19 @@ class Models:
             if self._adopting[deleted.sha256] or not os.path.samefile(blob, path):
                 return
             if any(os.path.samefile(blob, other) for m in self.catalog.list()
-                   if m.sha256 == deleted.sha256 and (other := self.path_of(m)).exists()):  # fmt: skip
+                   if m.sha256 == deleted.sha256 and m.id != deleted.id and (other := self.path_of(m)).exists()):  # fmt: skip
                 return
             blob.unlink()
         except OSError:  # no such blob
             pass
+
+    def prune(self) -> None:
+        """Remove the files no record names that a crash or a failed catalog write left: a model's
+        file (no operation reaches it, and a link keeps its original's space taken) and half-made
+        links. The .part files stay for a download to resume."""
+        named = {model.file for model in self.catalog.list()}
+        remove_unkept(self.dir, lambda entry: entry.name in named or not entry.name.endswith((".gguf", ".link")),
+                      "which no model's record names")  # fmt: skip
 
     def blob_keep(self) -> set[tuple[int, int]]:
         """The inodes of the models' files: the blobs that are one of them stay at a start's prune."""
@@ -452,7 +464,11 @@ class Models:
             except OSError as exc:
                 raise JobFailed(f"cannot link {source} as {dest}: {exc.strerror} (a copy is a hard link: "
                                 "the models directory's file system must have them)") from None  # fmt: skip
-            await self.catalog.put(to, made)
+            try:
+                await self.catalog.put(to, made)
+            except BaseException:  # no file without its record: it would keep the original's space taken
+                dest.unlink(missing_ok=True)
+                raise
         finally:
             self._fetching.pop(to)[1].set()
         job.narrate(f"model {model.id} copied as {to} (a hard link to its file: no space used)")
@@ -467,13 +483,16 @@ class Models:
         if holders := self._placing.get(model.id):
             raise JobFailed(f"model {model.id} is being loaded for {', '.join(holders)}; "
                             "cancel that or delete its worker once loaded", 409)  # fmt: skip
+        if (fetching := self._fetching.get(model.id)) is not None:  # its file, gone, fetched again
+            raise JobFailed(f"model {model.id} is being written by {fetching[0]}; cancel that or wait for it", 409)
         self._deleting[model.id] = trio.Event()  # no worker may start on it while the catalog write is awaited
         try:
-            await self.catalog.delete(model.id)
             path = self.path_of(model)
             self._drop_blob(model, path)
             shared = path.exists() and path.stat().st_nlink > 1  # a copy's, or the original of one
+            # The file first: on a full disk, the catalog can be written once its space is free.
             path.unlink(missing_ok=True)
+            await self.catalog.delete(model.id)
         finally:
             self._deleting.pop(model.id).set()
         freed = "its file has other links, so no space was freed" if shared else f"{model.size} bytes freed"

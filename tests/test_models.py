@@ -355,6 +355,40 @@ async def test_a_download_cancelled_while_its_metadata_is_read_leaves_no_file_wi
     assert leftovers(rbeed, "late") == ["late.gguf"]
 
 
+async def test_a_failed_download_of_a_model_whose_file_was_gone_leaves_no_file_and_the_next_one_fetches_it(
+        rbeed, client, tiny):  # fmt: skip
+    source = rbeed.state_dir.parent / "regone.gguf"
+    source.write_bytes(tiny[0])
+    record = await job_result(client, download(str(source)))
+    (rbeed.state_dir / "models" / "regone.gguf").unlink()  # removed by hand
+    source.write_bytes(tiny[0][:300_000])
+    assert "truncated" in await job_error(client, download(str(source)))
+    # Kept under the record, it was "already present" from then on, and a worker loaded it.
+    assert leftovers(rbeed, "regone") == []
+    source.write_bytes(tiny[0])
+    events = await run_job(client, download(str(source)))
+    assert narrations(events)[0] == f"downloading {source} as model regone"
+    assert result_of(events) | {"added_at": record["added_at"]} == record
+
+
+async def test_model_delete_refuses_while_the_models_file_is_fetched_again(rbeed, client, tiny):
+    content = tiny[0]
+    async with serve_files({"refetch.gguf": content}) as server:
+        record = await job_result(client, download(server.url("refetch.gguf")))
+        (rbeed.state_dir / "models" / "refetch.gguf").unlink()
+        server.stall_after["refetch.gguf"] = 1000
+        async with job_events(client, download(server.url("refetch.gguf"))) as (job_id, downloading):
+            await read_events_until(downloading, lambda e: e.event == "progress")
+            error = await job_error(client, {"operation": "model_delete", "id": "refetch"})
+            # Deleted meanwhile, the download wrote the record back: a model the delete said was gone.
+            assert error == f"model refetch is being written by {job_id}; cancel that or wait for it"
+            assert await job_result(client, {"operation": "model_get", "id": "refetch"}) == record
+            assert (await client.request("DELETE", f"/v1/jobs/{job_id}")).status == 200
+            assert end_marker(await rest_of(downloading, timeout=5)) == "[CANCELLED]"
+    assert (await job_result(client, {"operation": "model_delete", "id": "refetch"}))["deleted"]
+    await assert_unknown(client, "refetch")
+
+
 @pytest.mark.parametrize("payload", [
     {"operation": "model_get", "id": "../x"},
     {"operation": "model_delete", "id": "../../etc/passwd"},
@@ -592,6 +626,62 @@ async def test_records_an_older_rbeed_made_get_their_metadata_read_again_at_star
         assert broken.exists()  # kept: it is the user's to delete
     finally:
         daemon.stop()
+
+
+async def test_odd_records_and_files_left_in_the_models_dir_do_not_stop_a_start(tmp_path, tiny_model, tiny):
+    base = tmp_path / "d"
+    daemon = await trio.to_thread.run_sync(start_daemon, base)
+    try:
+        async with daemon.client() as client:
+            for name in ("kept", "moved"):
+                await job_result(client, download(str(shutil.copyfile(tiny_model, tmp_path / f"{name}.gguf"))))
+            kept = await job_result(client, {"operation": "model_get", "id": "kept"})
+        assert daemon.stop() == 0
+        models = daemon.state_dir / "models"
+        # An admin moved a model's file to another disk and left a symlink.
+        elsewhere = shutil.move(models / "moved.gguf", tmp_path / "other-disk.gguf")
+        (models / "moved.gguf").symlink_to(elsewhere)
+        database = sqlite3.connect(daemon.state_dir / "rbeed.sqlite3", isolation_level=None)
+        for key, record in [("bad", {"id": "bad", "file": "bad.gguf"}), ("out", {**kept, "id": "out", "file": "../x.gguf"})]:
+            database.execute("INSERT INTO models (id, record) VALUES (?, ?)", (key, json.dumps(record).encode()))
+        database.close()
+        # What a crash between writing a file and its record leaves: files no record names.
+        os.link(models / "kept.gguf", models / "orphan-copy.gguf")
+        os.link(models / "kept.gguf", models / ".kept-2.gguf.0a1b2c3d.link")
+        (models / "unrecorded.gguf").write_bytes(tiny[0])
+        (models / "resume.gguf.part").write_bytes(tiny[0][:1000])
+
+        daemon = await trio.to_thread.run_sync(start_daemon, base)
+        await logged(daemon, r"skipped the models record 'bad': Object missing required field `size`$")
+        await logged(daemon, r"skipped the models record 'out': file '\.\./x\.gguf' is not a name in the models directory")
+        for name in ("orphan-copy.gguf", ".kept-2.gguf.0a1b2c3d.link", "unrecorded.gguf"):
+            await logged(daemon, rf"removed {re.escape(name)}, which no model's record names$")
+        assert sorted(p.name for p in models.iterdir()) == ["kept.gguf", "moved.gguf", "resume.gguf.part"]
+        async with daemon.client() as client:
+            assert [m["id"] for m in await job_result(client, {"operation": "model_list"})] == ["kept", "moved"]
+            spawned = await job_result(client, {"operation": "worker_spawn", "model": "moved", "threads": 1})
+            await job_result(client, {"operation": "worker_delete", "id": spawned["id"]})
+            events = await run_job(client, {"operation": "model_delete", "id": "kept"})
+            assert narrations(events) == [f"model kept deleted ({kept['size']} bytes freed)"]  # no orphan link holds it
+    finally:
+        daemon.stop()
+
+
+async def test_a_catalog_write_that_fails_is_a_clear_error_and_leaves_no_file_without_its_record(rbeed, client, tiny_model):
+    _, installed = await register_copy(rbeed, client, tiny_model, "locked")
+    database = sqlite3.connect(rbeed.state_dir / "rbeed.sqlite3", isolation_level=None)
+    try:
+        database.execute("BEGIN IMMEDIATE")  # the daemon's writes wait SQLite's 5 s, then fail
+        copy_error = await job_error(client, {"operation": "model_copy", "id": "locked", "to": "locked-copy"})
+        delete_error = await job_error(client, {"operation": "model_delete", "id": "locked"})
+    finally:
+        database.close()
+    catalog = f"cannot write the models catalog {rbeed.state_dir / 'rbeed.sqlite3'}: database is locked"
+    assert copy_error == delete_error == catalog  # not "internal error: OperationalError"
+    assert leftovers(rbeed, "locked") == []  # the copy's link went with its record; the delete's file went first
+    assert "is missing" in await job_error(client, {"operation": "infer", "model": "locked", "prompt": "x"})
+    assert (await job_result(client, {"operation": "model_delete", "id": "locked"}))["deleted"]
+    await assert_unknown(client, "locked")
 
 
 @asynccontextmanager
