@@ -10,9 +10,11 @@ import msgspec
 
 DEFAULT_CONFIG_FILE = Path("/etc/rbeed/rbeed.toml")
 
-Seconds = Annotated[float, msgspec.Meta(ge=0)]
-Interval = Annotated[float, msgspec.Meta(gt=0)]
-CPUList = Annotated[str, msgspec.Meta(pattern=r"^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*\Z")]
+YEAR = 365 * 86400.0  # a bound on durations: TOML's inf would overflow where they become microseconds
+Seconds = Annotated[float, msgspec.Meta(ge=0, le=YEAR)]
+Interval = Annotated[float, msgspec.Meta(gt=0, le=YEAR)]
+# CPU numbers below 10000 (Linux builds for at most 8192): a range is a set built in memory.
+CPUList = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,4}(-[0-9]{1,4})?(,[0-9]{1,4}(-[0-9]{1,4})?)*\Z")]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 # HOST:PORT with a port that fits 16 bits (HOST may be empty, or an IPv6 address in brackets).
 ListenAddress = Annotated[str, msgspec.Meta(
@@ -57,6 +59,15 @@ class ModelsConfig(Section):
     download_retries: Annotated[int, msgspec.Meta(ge=0)] = 5  # attempts in a row without new bytes
     download_retry_delay: Seconds = 1.0  # before the first retry; doubles up to 30 s
 
+    def __post_init__(self) -> None:
+        try:
+            url = self.hf_base.format(owner="o", repo="r", path="p")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"hf_base {self.hf_base!r} is unusable: {exc!r} (it may name {{owner}}, "
+                             "{repo} and {path})") from None  # fmt: skip
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"hf_base {self.hf_base!r} is not an http(s):// URL")
+
 
 class WorkersConfig(Section):
     backend: Literal["auto", "process", "systemd"] = "auto"
@@ -64,7 +75,7 @@ class WorkersConfig(Section):
     n_ctx: Positive = 2048
     n_batch: Positive = 32  # small batches let a cancel land during prompt processing
     queue_size: Annotated[int, msgspec.Meta(ge=0)] = 8  # jobs waiting per worker
-    keep_alive: Annotated[float, msgspec.Meta(ge=-1)] = 300.0  # idle seconds before an on-demand worker stops; -1 = never
+    keep_alive: Annotated[float, msgspec.Meta(ge=-1, le=YEAR)] = 300.0  # idle seconds before an on-demand worker stops; -1 = never
     load_timeout: Seconds = 120.0
     stop_grace: Seconds = 5.0  # SIGTERM → SIGKILL
     cancel_timeout: Seconds = 30.0  # a worker that has not ended a cancelled generation by then is restarted
@@ -74,6 +85,11 @@ class WorkersConfig(Section):
     cpu_affinity: CPUList | None = None  # CPUs every worker may run on, e.g. "0-3,6"; None = all
     memory_max: str | None = None  # systemd backend: MemoryMax= of each worker unit
     cpu_quota: str | None = None  # systemd backend: CPUQuota= of each worker unit
+
+    def __post_init__(self) -> None:
+        for part in (self.cpu_affinity or "").split(","):
+            if "-" in part and int((ends := part.split("-"))[0]) > int(ends[1]):
+                raise ValueError(f"cpu_affinity {self.cpu_affinity!r}: the range {part} runs backwards")
 
 
 class Config(Section):

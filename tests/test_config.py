@@ -49,6 +49,16 @@ def test_flags_override_the_file(tmp_path):
         ("[server]\nbogus = 1\n", "unknown field `bogus` - at `$.server`"),
         ("[workers]\nbackend = 'docker'\n", "at `$.workers.backend`"),
         ("[jobs]\nttl = ", "Invalid"),
+        # inf passed ge=0, and SIGTERM then crashed the daemon (OverflowError in EXTEND_TIMEOUT_USEC).
+        ("[server]\nshutdown_grace = inf\n", "Expected `float` <= 31536000.0 - at `$.server.shutdown_grace`"),
+        ("[workers]\nkeep_alive = inf\n", "at `$.workers.keep_alive`"),
+        # A range is a set in memory: 0-4294967295 hung the daemon; 3-1 left no CPU for any worker.
+        ("[workers]\ncpu_affinity = '0-4294967295'\n", "at `$.workers.cpu_affinity`"),
+        ("[workers]\ncpu_affinity = '0,3-1'\n", "cpu_affinity '0,3-1': the range 3-1 runs backwards - at `$.workers`"),
+        # Every download, a local path's too, formatted it: an internal KeyError for each.
+        ("[models]\nhf_base = 'https://x/{owner}/{bogus}'\n",
+         "hf_base 'https://x/{owner}/{bogus}' is unusable: KeyError('bogus') (it may name {owner}, {repo} and {path})"),
+        ("[models]\nhf_base = 'file:///srv/{path}'\n", "hf_base 'file:///srv/{path}' is not an http(s):// URL"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, text, expected):
