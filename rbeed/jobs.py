@@ -336,8 +336,12 @@ class JobRegistry:
 
     def create(self, operation: AnyOperation, payload_bytes: int = 0) -> Job:
         """A queued job for `operation`, decoded from `payload_bytes` of request body."""
+        # Past the limit the oldest finished jobs go early, as past max_finished_bytes: a steady
+        # stream of short jobs (each Ollama and OpenAI request is one) must not be refused.
+        while len(self._jobs) >= self._config.max_jobs and self._finished:
+            self._forget(self._finished.popleft()[1])
         if len(self._jobs) >= self._config.max_jobs:
-            raise RegistryFull(f"{len(self._jobs)} jobs held; try again later")
+            raise RegistryFull(f"{len(self._jobs)} jobs queued or running; try again later")
         if payload_bytes > self._config.max_unstreamed_bytes:
             raise RegistryFull(f"a payload of {payload_bytes} bytes is more than [jobs] max_unstreamed_bytes "
                                f"({self._config.max_unstreamed_bytes}) lets jobs not yet streamed hold",

@@ -222,7 +222,7 @@ async def test_a_full_registry_answers_503():
     request = Request("POST", "/v1/jobs", {}, {}, b'{"operation": "hive_list"}')
     assert (await api(request)).status == 201
     refused = await api(request)
-    assert refused.status == 503 and msgspec.json.decode(refused.body) == {"error": "1 jobs held; try again later"}
+    assert refused.status == 503 and msgspec.json.decode(refused.body) == {"error": "1 jobs queued or running; try again later"}
 
 
 async def test_a_post_past_the_unstreamed_byte_budget_answers_503_naming_it():

@@ -209,6 +209,30 @@ async def test_more_jobs_than_max_jobs_is_refused_until_some_expire(autojump_clo
         assert registry.create(LIST).state is JobState.QUEUED
 
 
+async def test_past_max_jobs_the_oldest_finished_jobs_make_room(autojump_clock):
+    holding = trio.Event()  # set: jobs run until cancelled
+
+    async def handler(job: Job, operation) -> None:
+        if holding.is_set():
+            await trio.sleep_forever()
+
+    async with running_registry(handler, max_jobs=3, finished_ttl=600) as registry:
+        oldest, older = registry.create(LIST), registry.create(LIST)
+        for job in (oldest, older):
+            registry.start(job)
+            await until_finished(registry, job)
+        holding.set()
+        running = registry.create(LIST)
+        registry.start(running)
+        # 10000 requests to the compat routes in finished_ttl made every request after them a 503.
+        newest = registry.create(LIST)
+        assert registry.get(oldest.id) is None and registry.get(older.id) is older
+        registry.create(LIST)
+        assert registry.get(older.id) is None and [registry.get(job.id) for job in (running, newest)] == [running, newest]
+        with pytest.raises(RegistryFull, match="^3 jobs queued or running; try again later$"):
+            registry.create(LIST)
+
+
 
 async def test_payloads_not_yet_streamed_are_held_to_a_byte_budget(autojump_clock):
     gate = Gate()
