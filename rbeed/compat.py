@@ -145,6 +145,8 @@ class Reply:
     async def _produce(self, send) -> None:
         with self.job.reading():
             await follow(self.job, partial(self._handle, send))
+        if self.response.on_disconnect is not None:  # ended before its job: its events were lost to a slow reader
+            self.response.on_disconnect()
 
     async def _handle(self, send, name: str, data: bytes) -> None:
         if name == "token":

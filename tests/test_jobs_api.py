@@ -15,7 +15,8 @@ from rbeed import __version__
 from rbeed import operations as ops
 from rbeed.api import JobAPI
 from rbeed.config import JobsConfig
-from rbeed.jobs import JobRegistry
+from rbeed.jobs import JobRegistry, JobState
+from rbeed.ollama import _Generate, _Reply
 from rbeed.server import Request
 from support import (
     SLOW_HIVE,
@@ -499,3 +500,36 @@ async def test_unstreamed_and_finished_jobs_expire_after_their_ttl(small_daemon)
     assert gone_at[unstreamed] - created >= TTL * 0.9
     assert gone_at[finished] - ended >= TTL * 0.9
     assert stream.status == 404
+
+
+async def test_an_answer_whose_reader_fell_behind_the_replay_buffer_ends_and_cancels_its_infer():
+    far_ahead = trio.Event()
+
+    async def generate_forever(job, operation) -> None:
+        while True:
+            job.emit("token", {"t": "a", "i": 0})
+            if job.last_event_id == 1000:
+                far_ahead.set()
+            await trio.sleep(0)
+
+    registry = JobRegistry(JobsConfig(event_buffer=8), generate_forever)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(registry.run)
+        job = registry.create(ops.Infer(model="m", prompt="p"))
+        registry.start(job)
+        reply = _Reply(job, msgspec.convert({"model": "m", "prompt": "p"}, _Generate), registry)
+        sent = []
+
+        async def send(data: bytes, last: bool = False) -> None:
+            sent.append(data)
+            if len(sent) == 1:  # a client that reads nothing for a while: the job goes on without it
+                await far_ahead.wait()
+
+        with trio.fail_after(5):
+            await reply.response.produce(send)
+            assert re.fullmatch(rb'\{"error":"\d+ events were lost to a slow reader"\}\n', sent[-1]), sent[-1]
+            # Nobody reads its output any more: it must not run on to its token limit.
+            while not job.finished:
+                await registry.changed.wait()
+        assert job.state is JobState.CANCELLED
+        nursery.cancel_scope.cancel()
