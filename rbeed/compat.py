@@ -58,15 +58,32 @@ def invalid(exc: msgspec.ValidationError, names: dict[str, str] | None = None) -
 
 
 def decode(body: bytes, kind: type):
-    """The request's JSON as a `kind`; Refused (400) naming the field at fault."""
+    """The request's JSON as a `kind`; Refused (400) naming the field at fault.
+
+    A null is taken for a field left out, as Go's encoding/json (Ollama) and OpenAI take it
+    (clients send `"raw": null`, `"n": null`): at the top, in `options` and in each message; not
+    in a JSON schema, where null is a value.
+    """
     try:
-        return msgspec.json.decode(body, type=kind)
+        return msgspec.convert(_without_nulls(msgspec.json.decode(body)), kind)
     except msgspec.ValidationError as exc:
         raise invalid(exc) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise Refused(400, f"malformed JSON: {exc}") from None
     except RecursionError:
         raise Refused(400, TOO_DEEP) from None
+
+
+def _without_nulls(value):
+    def given(fields):
+        return {key: item for key, item in fields.items() if item is not None} if isinstance(fields, dict) else fields
+
+    value = given(value)
+    if isinstance(value, dict) and "options" in value:
+        value["options"] = given(value["options"])
+    if isinstance(value, dict) and isinstance(messages := value.get("messages"), list):
+        value["messages"] = [given(message) for message in messages]
+    return value
 
 
 def start_model_job(registry: JobRegistry, models: Models, model_id: str, fields_for: Callable[[Model], dict],

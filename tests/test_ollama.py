@@ -182,6 +182,18 @@ async def test_options_reach_the_infer_job(client):
     assert (stopped["response"], stopped["done_reason"]) == (texts[0].partition(word)[0], "stop")
 
 
+async def test_a_null_is_a_field_left_out_as_langchain_sends_them(client):
+    # langchain_community's Ollama LLM sends every field it has, unset ones as null: each was a 400.
+    nulls = {"images": None, "format": None, "system": None, "template": None, "keep_alive": None, "raw": None,
+             "context": None}  # fmt: skip
+    body = GENERATE | nulls | {"stream": False, "options": GENERATE["options"] | {"stop": None, "seed": None}}
+    status, answer = await post(client, "/api/generate", body)
+    assert status == 200, answer
+    assert answer["response"] == (await post(client, "/api/generate", GENERATE | {"stream": False}))[1]["response"]
+    chat = CHAT | {"stream": False, "messages": [{**message, "images": None} for message in CHAT["messages"]]}
+    assert (await post(client, "/api/chat", chat))[1]["message"] == (await post(client, "/api/chat", CHAT | {"stream": False}))[1]["message"]
+
+
 async def test_format_holds_the_answer_to_json_or_a_schema_as_infers_does(client):
     schema = {"type": "array", "items": {"type": "boolean"}, "minItems": 2, "maxItems": 4}
     greedy = GENERATE | {"stream": False, "options": {"temperature": 0, "num_predict": 40}}

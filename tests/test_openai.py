@@ -97,6 +97,12 @@ async def test_a_completion_is_an_infer_job_with_its_text_and_usage(client):
     assert (stopped["text"], stopped["finish_reason"]) == (choice["text"].partition(word)[0], "stop")
 
 
+async def test_a_null_is_a_field_left_out_as_openai_takes_it(client):
+    status, answer = await post(client, "/v1/completions", COMPLETION | {"n": None, "stream": None, "echo": None, "stop": None})
+    assert status == 200, answer
+    assert answer["choices"][0]["text"] == (await post(client, "/v1/completions", COMPLETION))[1]["choices"][0]["text"]
+
+
 async def test_penalties_and_min_p_reach_the_infer_job(client):
     long = COMPLETION | {"max_tokens": 64}
     plain = (await post(client, "/v1/completions", long))[1]["choices"][0]["text"]
