@@ -191,7 +191,7 @@ def _infer_fields(body: _Generate | _Chat, model: Model) -> dict:
         # Ollama's default, -1, and -2 go on until the end of text or a full context.
         "max_tokens": no_limit(model) if predict is None else MAX_TOKENS if predict < 0 else predict,
         **sampling(options), "stop": options.stop, "n_ctx": options.num_ctx, "keep_alive": body.keep_alive,
-        "format": body.format or None,  # "" is Ollama's none
+        "format": None if body.format == "" else body.format,  # "" is Ollama's none; {} a schema (any JSON)
     }  # fmt: skip
     if _is_load(body):
         # A load is an infer of one token, its text dropped: the worker is loaded as for any job.
@@ -514,9 +514,14 @@ class OllamaAPI:
             raise Refused(404, f"model {name!r} not found; rbeed pulls hf:owner/repo/path/file.gguf, "
                                "an http(s):// or file:// URL, or an absolute path", "model")  # fmt: skip
         try:
-            return name, model_id(resolve_source(name, self.models.config.hf_base)[1])
+            model = model_id(resolve_source(name, self.models.config.hf_base)[1])
         except JobFailed as exc:
             raise Refused(400, str(exc), "model") from None
+        # model_download keeps the model it has and says so, in a narration a pull's answer has no
+        # room for: "success" would tell of a file it did not fetch. /api/create refuses as well.
+        if (existing := self.models.catalog.get(model)) is not None and existing.source != name:
+            raise Refused(409, f"model {model} exists, from {existing.source}; delete it to pull {name}", "model")
+        return name, model
 
     async def _delete(self, request: Request) -> Response:
         if refusal := only(request, "DELETE") or self._closed():

@@ -154,7 +154,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True, fo
 
     max_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS)] | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0, le=100)] | None = None
-    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+    top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None  # 0: the likeliest token only, as OpenAI allows
     top_k: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] | None = None  # llama.cpp's is an int32
     min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
     repeat_penalty: Annotated[float, msgspec.Meta(gt=0, le=100)] | None = None  # 1: off

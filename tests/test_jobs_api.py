@@ -152,7 +152,7 @@ BAD_PAYLOADS = [
     (_infer(max_tokens="10"), ["Expected `int | null`, got `str`", "at `$.max_tokens`"]),
     (_infer(max_tokens=1.5), ["Expected `int | null`, got `float`", "at `$.max_tokens`"]),
     (_infer(temperature=-0.1), [">= 0", "at `$.temperature`"]),
-    (_infer(top_p=0), ["> 0", "at `$.top_p`"]),
+    (_infer(top_p=-0.1), [">= 0", "at `$.top_p`"]),
     (_infer(top_p=1.01), ["<= 1", "at `$.top_p`"]),
     (_infer(top_k=-1), [">= 0", "at `$.top_k`"]),
     (_infer(min_p=1.5), ["<= 1", "at `$.min_p`"]),

@@ -199,10 +199,12 @@ async def test_format_holds_the_answer_to_json_or_a_schema_as_infers_does(client
     greedy = GENERATE | {"stream": False, "options": {"temperature": 0, "num_predict": 40}}
     native = NATIVE | {"model": "tiny", "prompt": GENERATE["prompt"], "max_tokens": 40}
     answers = {}
-    for given, format in [(schema, schema), ("json", "json"), ("", None)]:  # "": Ollama's none
+    # "": Ollama's none; {}: a schema that any JSON value meets (it was taken for none)
+    for given, format in [(schema, schema), ("json", "json"), ("", None), ({}, {})]:
         _, answer = await post(client, "/api/generate", greedy | {"format": given})
         assert answer["response"] == (await job_result(client, native | {"format": format}))["text"], given
-        answers[format and str(format)] = answer["response"]
+        answers[format if format is None else str(format)] = answer["response"]
+    json.loads(answers["{}"])
     values = json.loads(answers[str(schema)])
     assert 2 <= len(values) <= 4 and all(type(value) is bool for value in values), values
     assert isinstance(json.loads(answers["json"]), dict)
@@ -313,6 +315,11 @@ async def test_pull_downloads_a_source_with_progress_and_fetches_a_lost_file_aga
         again = await trio.to_thread.run_sync(lambda: list(client_of_ollama.pull(url, stream=True)))
         assert [(line.status, line.completed) for line in again] == [
             ("model pulled is already present", None), ("success", None)]  # fmt: skip
+
+        # Another file of that name: "success" would tell of a file it did not fetch.
+        other = server.base_url + "/other/pulled.gguf"
+        message = f"model pulled exists, from {url}; delete it to pull {other}"
+        assert await post(client, "/api/pull", {"model": other}) == (409, {"error": message})
 
         # A copy's file gone: a pull of the copy fetches it again as the copy, which keeps its defaults.
         await job_result(client, {"operation": "model_copy", "id": "pulled", "to": "brief", "defaults": {"top_k": 3}})

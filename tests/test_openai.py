@@ -97,6 +97,12 @@ async def test_a_completion_is_an_infer_job_with_its_text_and_usage(client):
     assert (stopped["text"], stopped["finish_reason"]) == (choice["text"].partition(word)[0], "stop")
 
 
+async def test_top_p_zero_keeps_the_likeliest_token_as_openai_allows(client):
+    greedy = (await post(client, "/v1/completions", COMPLETION | {"temperature": 0}))[1]["choices"][0]["text"]
+    status, answer = await post(client, "/v1/completions", COMPLETION | {"temperature": 1.5, "top_p": 0, "seed": 7})
+    assert (status, answer["choices"][0]["text"]) == (200, greedy), answer
+
+
 async def test_a_null_is_a_field_left_out_as_openai_takes_it(client):
     status, answer = await post(client, "/v1/completions", COMPLETION | {"n": None, "stream": None, "echo": None, "stop": None})
     assert status == 200, answer
