@@ -80,33 +80,45 @@ def read(path: str) -> dict:
             data_size = max(data_size, data_offset + count // block * block_bytes)
             parameters += count
         # A cut-off download or copy still has a whole header: check that the tensor data fits.
-        alignment = fields.get("general.alignment") or 32
+        alignment = _count(fields, "general.alignment") or 32
         data_end = -(-offset // alignment) * alignment + data_size
         if data_end > len(data):
             raise ValueError(f"truncated: the tensor data ends at byte {data_end}, the file has {len(data)} bytes")
 
-    architecture = fields.get("general.architecture")
-    file_type = fields.get("general.file_type")
-    pooling = fields.get(f"{architecture}.pooling_type")
+    architecture = _text(fields, "general.architecture", 64)
+    file_type = _count(fields, "general.file_type", 0)
+    pooling = _count(fields, f"{architecture}.pooling_type", 0)
     try:
         quantization = LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else None
     except ValueError:
         quantization = None
     return {
-        "name": fields.get("general.name"),
+        "name": _text(fields, "general.name", 256),
         "architecture": architecture,
         "parameters": parameters,
         "file_type": file_type,
         "quantization": quantization,
-        "context_length": fields.get(f"{architecture}.context_length"),
-        "embedding_length": fields.get(f"{architecture}.embedding_length"),
-        "vocab_size": fields.get("tokenizer.ggml.tokens"),  # token ids run from 0 to this less 1
+        "context_length": _count(fields, f"{architecture}.context_length"),
+        "embedding_length": _count(fields, f"{architecture}.embedding_length"),
+        "vocab_size": _count(fields, "tokenizer.ggml.tokens"),  # token ids run from 0 to this less 1
         "chat_template": "tokenizer.chat_template" in fields,
         # False for an encoder (BERT and its kind), whose attention looks both ways: it makes embeddings only.
-        "causal": fields.get(f"{architecture}.attention.causal", True),
+        "causal": fields.get(f"{architecture}.attention.causal") is not False,
         "pooling": None if pooling is None else _POOLING.get(pooling, str(pooling)),  # set: an embedding model
         "gguf_version": version,
     }
+
+
+# What the catalog keeps of a value, only of the type the daemon computes with: a file can put a
+# string where a number belongs, or a name of 40 MB.
+def _count(fields: dict, key: str, least: int = 1) -> int | None:
+    value = fields.get(key)
+    return value if type(value) is int and value >= least else None
+
+
+def _text(fields: dict, key: str, limit: int) -> str | None:
+    value = fields.get(key)
+    return value[:limit] if isinstance(value, str) else None
 
 
 EXIT_UNREADABLE = 2  # the file could not be read (or memory ran out): not the file's fault

@@ -90,6 +90,28 @@ def test_chat_template_and_nested_arrays_agree_with_gguf_reader(templated_model)
     assert info["vocab_size"] == 3
 
 
+def test_values_of_the_wrong_type_or_size_are_left_out(tmp_path):
+    # The daemon computes with these: a string context_length was a TypeError in every job
+    # that checked n_ctx, a 40 MB name went out with every model_list.
+    path = tmp_path / "odd.gguf"
+    writer = gguf.GGUFWriter(path, arch="llama")
+    writer.add_name("n" * 10_000)
+    writer.add_string("llama.context_length", "4096")
+    writer.add_int32("llama.embedding_length", -1)
+    writer.add_bool("general.file_type", True)
+    writer.add_string("tokenizer.ggml.tokens", "abc")
+    writer.add_string("llama.attention.causal", "no")
+    writer.add_tensor("a.weight", np.zeros(8, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    info = ggufinfo.read(str(path))
+    assert info["name"] == "n" * 256
+    assert [info[key] for key in ("context_length", "embedding_length", "file_type", "quantization", "vocab_size")] == [None] * 5
+    assert info["causal"] is True
+
+
 @pytest.mark.parametrize("kind", [gguf.PoolingType.MEAN, gguf.PoolingType.CLS, gguf.PoolingType.LAST])
 def test_an_embedding_models_pooling_is_named(tmp_path, kind):
     path = tinymodel.write_tiny_model(tmp_path / "embedder.gguf", pooling_type=kind)
