@@ -201,9 +201,9 @@ async def _fetch_http(client: Client, url: str, part: _PartFile, progress: _Prog
                 await origin.record(_validator(response))
                 length = response.headers.get("content-length", "")
                 total = int(length) if length.isdigit() else None
-            elif response.status == 206 and first == part.size:
+            elif response.status == 206 and first == part.size and _same_version(response, origin, total):
                 await part.hash_existing()
-            elif response.status == 416 and total == part.size and part.size:
+            elif response.status == 416 and total == part.size and part.size and origin.size in (None, total):
                 await part.hash_existing()  # the .part is already complete
                 progress.start(part.size, total)
                 progress.finish()
@@ -217,6 +217,7 @@ async def _fetch_http(client: Client, url: str, part: _PartFile, progress: _Prog
             else:
                 response.raise_for_status()
                 raise DownloadError(f"unexpected answer {response.status} {response.reason} from {response.url}")
+            origin.size = total
             if total is not None:
                 await _check_space(part, total)
             progress.start(part.size, total)
@@ -233,10 +234,19 @@ async def _fetch_http(client: Client, url: str, part: _PartFile, progress: _Prog
             return announced
 
 
+def _same_version(response: Response, origin: _Origin, total: int | None) -> bool:
+    """Whether a range is of the file the .part holds the start of: a server that ignores If-Range
+    sends another version's bytes, which would make a model of two halves."""
+    validator = _validator(response)
+    return (validator is None or origin.validator in (None, validator)) and origin.size in (None, total)
+
+
 def _validator(response: Response) -> str | None:
     """What tells this version of the file from another in If-Range: a strong ETag, else Last-Modified."""
     etag = response.headers.get("etag", "").strip()
-    return etag if etag.startswith('"') else response.headers.get("last-modified")
+    validator = etag if etag.startswith('"') else response.headers.get("last-modified")
+    # Bytes past ASCII (RFC 9110 lets an ETag have them) could not be sent back: no resume would work.
+    return validator if validator and validator.isascii() else None
 
 
 class _Origin:
@@ -246,6 +256,7 @@ class _Origin:
     def __init__(self, path: pathlib.Path, source: str) -> None:
         self.path, self.source = path, source
         self.validator: str | None = None
+        self.size: int | None = None  # the file's, as this download's answers told it: one that differs is another file
 
     async def matches(self) -> bool:
         try:

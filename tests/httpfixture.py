@@ -64,7 +64,8 @@ class FileServer:
 
     Fault knobs, per file name: drop_after (fires once), stall_after, corrupt (serve other
     bytes than the announced digest), ignore_range (answer 200 to Range), chunked, range_limit
-    (a 206 holds at most that many bytes), last_modified (sent, and matched against If-Range).
+    (a 206 holds at most that many bytes), last_modified (sent, and matched against If-Range
+    unless in ignore_if_range).
     """
 
     def __init__(
@@ -79,6 +80,7 @@ class FileServer:
         self.stall_after: dict[str, int] = {}
         self.corrupt: set[str] = set()
         self.ignore_range: set[str] = set()
+        self.ignore_if_range: set[str] = set()  # a range of whatever the file is now, as some servers send
         self.chunked: set[str] = set()
         self.range_limit: dict[str, int] = {}
         self.last_modified: dict[str, str] = {}
@@ -140,7 +142,8 @@ class FileServer:
         if name in self.last_modified:
             headers["last-modified"] = self.last_modified[name]
         if_range = request.headers.get("if-range")
-        if range_match and name not in self.ignore_range and if_range in (None, self.last_modified.get(name)):
+        fresh = if_range in (None, self.last_modified.get(name)) or name in self.ignore_if_range
+        if range_match and name not in self.ignore_range and fresh:
             first = int(range_match[1])
             last = min(int(range_match[2] or len(content) - 1), len(content) - 1)
             if name in self.range_limit:

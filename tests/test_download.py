@@ -433,6 +433,53 @@ async def test_a_part_is_resumed_only_from_its_own_source_and_version_of_the_fil
     assert (result.resumed_from, (tmp_path / "l.gguf").read_bytes()) == (0, MODEL)
 
 
+async def test_a_validator_http_cannot_send_back_is_not_used_to_resume(tmp_path):
+    # RFC 9110 lets a validator hold bytes past ASCII; sent back in If-Range, h11 refused the
+    # request, and every later download of the file failed on its .part.
+    dest, cut = tmp_path / "m.gguf", MiB + 11
+    async with serve_files({"m.gguf": MODEL}) as server:
+        server.last_modified["m.gguf"] = b"Mon, 23 Nov 2026 10:00:00 GMT \xe9"
+        server.drop_after["m.gguf"] = cut
+        with pytest.raises(DownloadError):
+            await download(server.url("m.gguf"), dest)
+        result = await download(server.url("m.gguf"), dest)
+    assert server.requests[-1].headers["range"] == f"bytes={cut}-" and "if-range" not in server.requests[-1].headers
+    assert (result.resumed_from, dest.read_bytes()) == (cut, MODEL)
+
+
+async def test_a_range_of_another_version_of_the_file_is_not_appended(tmp_path):
+    dest, cut = tmp_path / "m.gguf", MiB + 11
+    other = gguf_bytes(len(MODEL) + 1000)
+    async with serve_files({"m.gguf": MODEL}) as server:
+        server.last_modified["m.gguf"] = "Mon, 23 Nov 2026 10:00:00 GMT"
+        server.drop_after["m.gguf"] = cut
+        with pytest.raises(DownloadError):
+            await download(server.url("m.gguf"), dest)
+        # Changed meanwhile, on a server that answers Range whatever If-Range says.
+        server.files["m.gguf"], server.last_modified["m.gguf"] = other, "Tue, 24 Nov 2026 10:00:00 GMT"
+        server.ignore_if_range.add("m.gguf")
+        result = await download(server.url("m.gguf"), dest)
+    assert [request.headers.get("range") for request in server.requests[-2:]] == [f"bytes={cut}-", None]
+    assert (result.resumed_from, dest.read_bytes()) == (0, other)
+
+    # A 416 that calls the .part whole, from a server that said the file was longer.
+    answers = []
+
+    async def shrinking(request: RecordedRequest) -> Reply:
+        answers.append(request.headers.get("range"))
+        if len(answers) == 1:
+            return Reply(200, {"content-length": str(len(MODEL))}, MODEL, drop_after=cut)
+        if len(answers) == 2:
+            return Reply(416, {"content-range": f"bytes */{cut}", "content-length": "0"})
+        return Reply(200, {}, MODEL)
+
+    async with serve_files() as server:
+        server.routes["/s.gguf"] = shrinking
+        result = await download(server.url("s.gguf"), tmp_path / "s.gguf", retries=1, retry_delay=0.01)
+    assert answers == [None, f"bytes={cut}-", None]
+    assert (tmp_path / "s.gguf").read_bytes() == MODEL
+
+
 async def test_a_range_shorter_than_the_rest_is_followed_by_requests_for_what_is_left(tmp_path):
     dest = tmp_path / "m.gguf"
     async with serve_files({"m.gguf": MODEL}) as server:
