@@ -36,13 +36,28 @@ class JobAPI:
         # Other APIs' routes (OpenAI's): an exact path, or a prefix ending in "/" for one more segment.
         self.routes: dict[str, Callable[[Request], Awaitable[Response | StreamingResponse]]] = {}
         self.uploads: set[str] = set()  # the routes among them that read a POST's body themselves, as it comes
+        # Routes (keyed as above, "/v1/" for the rest of it) whose clients read errors in another shape.
+        self.error_shapes: dict[str, Callable[[Response], Response]] = {}
 
     def reads_body(self, request: Request) -> bool:
         """Whether the request's route reads its body itself (an upload: no body limit but its own)."""
         path = request.path
         return request.method == "POST" and (path in self.uploads or path[: path.rfind("/") + 1] in self.uploads)
 
+    def shape_error(self, path: str, response: Response) -> Response:
+        """An error response in the shape the clients of the path's route read."""
+        if path == "/v1/jobs" or path.startswith("/v1/jobs/"):
+            return response
+        for key in (path, path[: path.rfind("/") + 1], path[:4]):
+            if (shape := self.error_shapes.get(key)) is not None:
+                return shape(response)
+        return response
+
     async def __call__(self, request: Request) -> Response | StreamingResponse:
+        response = await self._route(request)
+        return self.shape_error(request.path, response) if isinstance(response, Response) else response
+
+    async def _route(self, request: Request) -> Response | StreamingResponse:
         path = request.path
         if path == "/health":
             return only(request, "GET") or json_response(200, {"status": "ok", "version": __version__})

@@ -120,7 +120,9 @@ class Daemon:
         })  # fmt: skip
         self.registry = JobRegistry(config.jobs, self.router, lambda: config.server.sse_keepalive)
         self.api = JobAPI(self.registry, api_key())
-        self.api.routes.update(OpenAIAPI(self.registry, self.models, lambda: self.api.accepting).routes)
+        openai = OpenAIAPI(self.registry, self.models, lambda: self.api.accepting)
+        self.api.routes.update(openai.routes)
+        self.api.error_shapes.update(openai.error_shapes)
         ollama = OllamaAPI(self.registry, self.models, self.supervisor, lambda: self.api.accepting)
         self.api.routes.update(ollama.routes)
         self.api.uploads.update(ollama.uploads)
@@ -151,7 +153,7 @@ class Daemon:
                 async with trio.open_nursery() as connections:
                     async with trio.open_nursery() as accepting:  # its own nursery: cancelling it closes the listeners
                         listen = partial(serve_listeners, on_count=self._count_connection,
-                                         reads_body=self.api.reads_body)
+                                         reads_body=self.api.reads_body, shape_error=self.api.shape_error)
                         timers = await accepting.start(listen, sockets, self.api, self.config.server, connections)
                         where = ", ".join(describe(sock) for sock in sockets)
                         log.info("rbeed %s listening on %s", __version__, where)

@@ -309,14 +309,16 @@ class OpenAIAPI:
             "/tokenize": partial(self._tokens, Tokenize),
             "/detokenize": partial(self._tokens, Detokenize),
         }
+        # Errors on these routes, and on any other under /v1/ but the job API's, in OpenAI's shape.
+        self.error_shapes = dict.fromkeys([*self.routes, "/v1/"], shaped)
 
     async def _list_models(self, request: Request) -> Response:
-        if refusal := _not_allowed(request, "GET"):
+        if refusal := only(request, "GET"):
             return refusal
         return json_response(200, {"object": "list", "data": [_model(m) for m in self.models.catalog.list()]})
 
     async def _get_model(self, request: Request) -> Response:
-        if refusal := _not_allowed(request, "GET"):
+        if refusal := only(request, "GET"):
             return refusal
         try:
             model = self.models.lookup(request.path.rpartition("/")[2])
@@ -344,7 +346,7 @@ class OpenAIAPI:
     async def _start(self, request: Request, kind: type, fields_for, reply: type[Reply],
                      operation: type = Infer) -> Response | StreamingResponse:  # fmt: skip
         """The job that a POST of a `kind` asks for, answered by a `reply`; OpenAI's error else."""
-        if refusal := _not_allowed(request, "POST"):
+        if refusal := only(request, "POST"):
             return refusal
         if not self.accepting():
             return _error(503, "daemon shutting down")
@@ -365,10 +367,15 @@ def _model_not_found(exc: JobFailed) -> Response:
     return _error(404, str(exc), "model", "model_not_found")
 
 
-def _not_allowed(request: Request, method: str) -> Response | None:
-    """server.only()'s 405, in OpenAI's error shape."""
-    if (refusal := only(request, method)) is None:
-        return None
-    failure = _error(405, msgspec.json.decode(refusal.body)["error"])
-    failure.headers = refusal.headers
-    return failure
+def shaped(response: Response) -> Response:
+    """An error another layer gave as {"error": MESSAGE} (the API key's 401, a 404, a 405, a 413), in
+    OpenAI's shape: its client libraries show the message only from there."""
+    if response.status < 400:
+        return response
+    try:
+        message = msgspec.json.decode(response.body).get("error")
+    except (msgspec.DecodeError, AttributeError):
+        return response
+    if not isinstance(message, str):  # in OpenAI's shape already
+        return response
+    return msgspec.structs.replace(response, body=_error(response.status, message).body)

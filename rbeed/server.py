@@ -80,6 +80,7 @@ def only(request: Request, *methods: str) -> Response | None:
 
 App = Callable[[Request], Awaitable[Response | StreamingResponse]]
 ReadsBody = Callable[[Request], bool]  # whether the app reads this request's body itself (no body limit)
+ShapeError = Callable[[str, Response], Response]  # an error for a path in the shape its clients read
 
 
 class _ClientError(Exception):
@@ -149,11 +150,14 @@ class HTTPConnection:
     """
 
     def __init__(self, stream: trio.abc.Stream, app: App, config: ServerConfig, timers: ReadTimers | None = None,
-                 *, local: bool = False, reads_body: ReadsBody | None = None):  # fmt: skip
+                 *, local: bool = False, reads_body: ReadsBody | None = None,
+                 shape_error: ShapeError | None = None):  # fmt: skip
         self.stream = stream
         self.local = local
         self.app = app
         self.reads_body = reads_body
+        self.shape_error = shape_error
+        self.path: str | None = None  # of the request being read or answered: its errors' shape
         self.config = config
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_header_bytes)
         self.timers = timers or ReadTimers(config)  # one of our own never ticks: no timeouts
@@ -196,6 +200,7 @@ class HTTPConnection:
         timers = self.timers
         self.read_deadline = timers.base + self.config.request_timeout
         while True:
+            self.path = None
             try:
                 event = self.conn.next_event()
                 if event is h11.NEED_DATA:
@@ -236,10 +241,10 @@ class HTTPConnection:
         except _PeerGone:
             raise
         except _ClientError as exc:  # from a body the app was reading
-            return error_response(exc.status, str(exc), [("connection", "close")])
+            return self._error(exc.status, str(exc), [("connection", "close")])
         except Exception:
             log.exception("handler for %s %s crashed", request.method, request.path)
-            return error_response(500, "internal error")
+            return self._error(500, "internal error")
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -268,6 +273,7 @@ class HTTPConnection:
             # h11 would let Transfer-Encoding win; the mix is a request-smuggling pattern (RFC 9112 6.1).
             raise _ClientError(400, "bad request: both Content-Length and Transfer-Encoding")
         path, _, query = event.target.decode("latin-1").partition("?")
+        self.path = path
         query_fields = dict(parse_qsl(query)) if query else {}
         request = Request(event.method.decode("ascii"), path, query_fields, headers, local=self.local)
         if self.reads_body is not None and self.reads_body(request):
@@ -410,13 +416,18 @@ class HTTPConnection:
         headers = [("cache-control", "no-cache"), *response.headers]
         return self._head(response.status, response.content_type, headers, None)
 
+    def _error(self, status: int, message: str, headers: list[tuple[str, str]] | None = None) -> Response:
+        response = error_response(status, message, headers)
+        if self.shape_error is not None and self.path is not None:
+            response = self.shape_error(self.path, response)
+        return response
+
     async def _send_error(self, status: int, message: str) -> None:
         # Only while a response can still be started; afterwards all we can do is close.
         if self.conn.our_state not in {h11.IDLE, h11.SEND_RESPONSE}:
             return
-        response = error_response(status, message, [("connection", "close")])
         try:
-            await self._send_complete(response)
+            await self._send_complete(self._error(status, message, [("connection", "close")]))
         except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
@@ -497,7 +508,7 @@ def describe(sock: socket.socket) -> str:
 async def serve_listeners(
     sockets: list[socket.socket], app: App, config: ServerConfig, connection_nursery: trio.Nursery,
     *, on_count: Callable[[int], None] | None = None, reads_body: ReadsBody | None = None,
-    task_status=trio.TASK_STATUS_IGNORED,
+    shape_error: ShapeError | None = None, task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept on every socket until cancelled; connections live in `connection_nursery`.
 
@@ -515,7 +526,8 @@ async def serve_listeners(
         stream.write_timeout = config.write_timeout
         try:
             local = stream.socket.family == socket.AF_UNIX
-            await HTTPConnection(stream, app, config, timers, local=local, reads_body=reads_body).run()
+            await HTTPConnection(stream, app, config, timers, local=local, reads_body=reads_body,
+                                 shape_error=shape_error).run()
         finally:
             if on_count is not None:
                 on_count(-1)

@@ -43,6 +43,8 @@ async def test_tcp_requests_need_the_key_and_get_a_clear_401(keyed):
     assert (wrong.status, wrong.json()["error"]) == (401, "wrong API key: send it as 'Authorization: Bearer KEY'")
     assert listed.status == 401 and health.status == 200 and root.status == 200
     assert (models.status, keyed_models.status) == (401, 200)  # whose clients send the key as OpenAI's
+    assert models.json()["error"] == {"message": "an API key is required over TCP: send it as 'Authorization: Bearer KEY'",
+                                      "type": "invalid_request_error", "param": None, "code": None}  # in OpenAI's shape
     assert (tags.status, keyed_tags.status) == (401, 200)
     assert (metrics.status, keyed_metrics.status) == (401, 200)
     assert upload.status == 401 and not (keyed.state_dir / "blobs").exists()

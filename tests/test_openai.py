@@ -266,6 +266,25 @@ async def test_malformed_json_and_wrong_methods(client):
         assert (await client.request("HEAD", path)).status == 200  # HEAD goes with GET
 
 
+async def test_errors_from_outside_the_routes_have_openais_shape_too(rbeed, client):
+    # OpenAI's client libraries take an error's message from this shape only (else they show the body).
+    def openai_error(message: str) -> dict:
+        return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+
+    too_big = await client.request("POST", "/v1/chat/completions", json=CHAT | {"x": "a" * (1 << 20)})
+    assert (too_big.status, too_big.json()) == (413, openai_error("request body over 1048576 bytes"))
+    unknown = await client.request("POST", "/v1/responses", json={})
+    assert (unknown.status, unknown.json()) == (404, openai_error("no such path: /v1/responses"))
+    # The job API keeps its own.
+    job = await client.request("GET", "/v1/jobs/nope")
+    assert (job.status, job.json()) == (404, {"error": "unknown job 'nope'"})
+    client_of_openai = openai.OpenAI(base_url=f"{rbeed.url}/v1", api_key="none", max_retries=0, timeout=30)
+    with pytest.raises(openai.APIStatusError) as refused:
+        await trio.to_thread.run_sync(lambda: client_of_openai.chat.completions.create(
+            model="chatty", messages=[{"role": "user", "content": "a" * (1 << 20)}]))
+    assert refused.value.message == "Error code: 413 - request body over 1048576 bytes"
+
+
 async def test_a_failure_before_any_output_is_an_http_error_not_a_stream(rbeed, client, tiny_model):
     _, installed = await register_copy(rbeed, client, tiny_model, "broken")
     installed.write_bytes(b"<html>gone</html>")
