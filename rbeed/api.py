@@ -12,7 +12,9 @@ import trio
 
 from . import __version__
 from .jobs import Job, JobRegistry, JobState, RegistryFull
+from .config import ServerConfig
 from .operations import PayloadError, decode
+from .origins import Origins
 from .server import Request, Response, StreamingResponse, error_response, json_response, only
 
 _JOB_PATH = re.compile(r"^/v1/jobs/([^/]+)(/stream)?$")
@@ -29,8 +31,9 @@ class JobAPI:
     probe it as Ollama answers it: "Ollama is running").
     """
 
-    def __init__(self, registry: JobRegistry, api_key: str | None = None):
+    def __init__(self, registry: JobRegistry, api_key: str | None = None, origins: Origins | None = None):
         self.registry = registry
+        self.origins = origins or Origins(ServerConfig())
         self.accepting = True
         self.api_key = api_key
         # Other APIs' routes (OpenAI's): an exact path, or a prefix ending in "/" for one more segment.
@@ -54,8 +57,12 @@ class JobAPI:
         return response
 
     async def __call__(self, request: Request) -> Response | StreamingResponse:
-        response = await self._route(request)
-        return self.shape_error(request.path, response) if isinstance(response, Response) else response
+        if refusal := self.origins.refusal(request):  # before the API key: a page is no client
+            return self.shape_error(request.path, refusal)
+        response = self.origins.preflight(request) or await self._route(request)
+        if isinstance(response, Response):
+            response = self.shape_error(request.path, response)
+        return self.origins.stamp(request, response)
 
     async def _route(self, request: Request) -> Response | StreamingResponse:
         path = request.path

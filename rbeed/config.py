@@ -38,6 +38,7 @@ class ServerConfig(Section):
     sse_keepalive: Interval = 15.0  # comment line on an idle event stream
     shutdown_grace: Seconds = 10.0  # how long SIGTERM waits for running jobs
     idle_exit: Seconds = 0.0  # socket activation: exit after this long with nothing to do; 0 = never
+    origins: list[str] = []  # web pages that may call the daemon, besides this machine's and apps' (`*` wildcards)
 
 
 class JobsConfig(Section):

@@ -27,6 +27,7 @@ from .hives import Hive, Hives
 from .inference import Inference
 from .jobs import Changed, JobRegistry, JobState
 from .metrics import MetricsRoute, Totals
+from .origins import Origins
 from .models import Model, Models
 from .ollama import OllamaAPI
 from .openai import OpenAIAPI
@@ -119,7 +120,7 @@ class Daemon:
             ops.Detokenize: inference.detokenize,
         })  # fmt: skip
         self.registry = JobRegistry(config.jobs, self.router, lambda: config.server.sse_keepalive)
-        self.api = JobAPI(self.registry, api_key())
+        self.api = JobAPI(self.registry, api_key(), Origins(config.server))
         openai = OpenAIAPI(self.registry, self.models, lambda: self.api.accepting)
         self.api.routes.update(openai.routes)
         self.api.error_shapes.update(openai.error_shapes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import math
 import os
@@ -37,6 +38,7 @@ class Request(msgspec.Struct):
     headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
     body: bytes = b""
     local: bool = False  # came over a Unix socket, which file permissions guard
+    loopback: bool = False  # came to a loopback address (127.0.0.1, ::1): from this machine only
     # For a route that reads its body as it comes (an upload): the next piece, b"" at its end.
     receive: Callable[[], Awaitable[bytes]] | None = None
 
@@ -150,10 +152,10 @@ class HTTPConnection:
     """
 
     def __init__(self, stream: trio.abc.Stream, app: App, config: ServerConfig, timers: ReadTimers | None = None,
-                 *, local: bool = False, reads_body: ReadsBody | None = None,
+                 *, local: bool = False, loopback: bool = False, reads_body: ReadsBody | None = None,
                  shape_error: ShapeError | None = None):  # fmt: skip
         self.stream = stream
-        self.local = local
+        self.local, self.loopback = local, loopback
         self.app = app
         self.reads_body = reads_body
         self.shape_error = shape_error
@@ -275,7 +277,8 @@ class HTTPConnection:
         path, _, query = event.target.decode("latin-1").partition("?")
         self.path = path
         query_fields = dict(parse_qsl(query)) if query else {}
-        request = Request(event.method.decode("ascii"), path, query_fields, headers, local=self.local)
+        request = Request(event.method.decode("ascii"), path, query_fields, headers, local=self.local,
+                          loopback=self.loopback)
         if self.reads_body is not None and self.reads_body(request):
             request.receive = self._receive
             return request
@@ -348,7 +351,7 @@ class HTTPConnection:
         all_headers = [SERVER_HEADER, ("content-type", content_type), *headers]
         if self.timers.closing and ("connection", "close") not in headers:
             all_headers.append(("connection", "close"))
-        if length is not None:
+        if length is not None and status != 204:  # which has no body, nor its length (RFC 9110 8.6)
             all_headers.append(("content-length", str(length)))
         return h11.Response(status_code=status, headers=all_headers, reason=_REASONS.get(status, b""))
 
@@ -498,6 +501,14 @@ def bind_unix(path: Path, mode: int) -> socket.socket:
     return sock
 
 
+def _loopback(sock: socket.socket) -> bool:
+    """Whether a TCP connection came to a loopback address (an IPv4 one mapped into IPv6 too)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    address = ipaddress.ip_address(sock.getsockname()[0].partition("%")[0])
+    return bool(address.is_loopback or (address.version == 6 and address.ipv4_mapped and address.ipv4_mapped.is_loopback))
+
+
 def describe(sock: socket.socket) -> str:
     name = sock.getsockname()
     if sock.family == socket.AF_UNIX:
@@ -526,8 +537,8 @@ async def serve_listeners(
         stream.write_timeout = config.write_timeout
         try:
             local = stream.socket.family == socket.AF_UNIX
-            await HTTPConnection(stream, app, config, timers, local=local, reads_body=reads_body,
-                                 shape_error=shape_error).run()
+            await HTTPConnection(stream, app, config, timers, local=local, loopback=_loopback(stream.socket),
+                                 reads_body=reads_body, shape_error=shape_error).run()
         finally:
             if on_count is not None:
                 on_count(-1)
