@@ -51,9 +51,11 @@ def invalid(exc: msgspec.ValidationError, names: dict[str, str] | None = None) -
     message, names = str(exc), names or {}
     match = _FIELD.search(message)
     field = match and (match.group(1) or match.group(2) or match.group(3))
-    if field in names:
-        message = message.replace(f"`$.{field}`", f"`$.{names[field]}`").replace(f"`{field}`: ", f"`{names[field]}`: ", 1)
-        field = names[field]
+    head = field and re.match(r"[^.\[]*", field)[0]  # `stop` of `stop[0]`: renamed, its index kept
+    if head in names:
+        renamed = names[head] + field[len(head) :]
+        message = message.replace(f"`$.{field}`", f"`$.{renamed}`").replace(f"`{field}`: ", f"`{renamed}`: ", 1)
+        field = renamed
     return Refused(400, message, field)
 
 

@@ -228,6 +228,7 @@ async def test_format_holds_the_answer_to_json_or_a_schema_as_infers_does(client
     ("/api/generate", GENERATE | {"options": {"num_ctx": 40000}}, 400, "n_ctx 40000 is more than tiny was trained for"),
     ("/api/generate", GENERATE | {"keep_alive": "5 minutes"}, 400, "keep_alive '5 minutes' is not a duration"),
     ("/api/generate", GENERATE | {"format": "xml"}, 400, "Invalid enum value 'xml' - at `$.format`"),
+    ("/api/generate", GENERATE | {"options": {"stop": [""]}}, 400, "Expected `str` of length >= 1 - at `$.options.stop[0]`"),
     ("/api/generate", GENERATE | {"format": {"type": "integer", "maximum": 9}}, 400,
      "`format`: rbeed's grammar cannot hold the output to 'maximum'"),
     ("/api/generate", GENERATE | {"images": ["aGk="]}, 400, "images is not supported by rbeed"),
