@@ -332,8 +332,16 @@ class _Reply(_Lines):
             done_reason=result.get("finish_reason"), total_duration=int((time.perf_counter() - self.began) * 1e9),
             load_duration=int(result.get("load_ms", 0) * 1e6),
             prompt_eval_count=result.get("prompt_tokens", 0), prompt_eval_duration=int(result.get("ttft_ms", 0) * 1e6),
-            eval_count=completion, eval_duration=int((completion - 1) / rate * 1e9) if rate else 0,  # rate: per gap
+            eval_count=completion, eval_duration=_eval_nanoseconds(completion, rate, result.get("ttft_ms", 0)),
         )  # fmt: skip
+
+
+def _eval_nanoseconds(completion: int, rate: float, ttft_ms: float) -> int:
+    """The time from the first token to the last (the rate is measured between tokens). One token
+    has no such time: its own is the time to it, as clients divide eval_count by eval_duration."""
+    if rate:
+        return int((completion - 1) / rate * 1e9)
+    return int(ttft_ms * 1e6) if completion else 0
 
 
 class _EmbedReply(_Lines):

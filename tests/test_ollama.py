@@ -116,6 +116,9 @@ async def test_generate_streams_lines_then_a_done_line_with_counts(client):
     status, whole = await post(client, "/api/generate", GENERATE | {"stream": False})
     assert status == 200
     assert (whole["response"], whole["done"], whole["done_reason"]) == (native["text"], True, "length")
+    # Clients show eval_count / eval_duration as the speed: a single token's time was 0.
+    one = (await post(client, "/api/generate", GENERATE | {"stream": False, "options": {"num_predict": 1}}))[1]
+    assert one["eval_count"] == 1 and one["eval_duration"] == one["prompt_eval_duration"] > 0
 
 
 async def test_a_prompt_goes_through_the_template_unless_raw_and_chat_takes_messages(client):
