@@ -3,6 +3,7 @@ that keeps a page out whose name was rebound to this machine's loopback address 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
@@ -81,4 +82,11 @@ def _local_host(host: str) -> bool:
         return True
     except ValueError:
         pass
-    return "." not in name or name == socket.gethostname().lower() or name.endswith(_LOCAL_NAMES)
+    return "." not in name or name.endswith(_LOCAL_NAMES) or name in _own_names()
+
+
+@functools.cache
+def _own_names() -> frozenset[str]:
+    # Debian maps the host's full name to 127.0.1.1: a loopback address, reached by that name.
+    # Looked up once, and only for a dotted name that is not local-only (getfqdn may ask DNS).
+    return frozenset({socket.gethostname().lower(), socket.getfqdn().lower()})

@@ -64,7 +64,7 @@ async def test_a_rebound_name_is_refused_on_the_loopback_listener_but_not_over_t
 
 
 @pytest.mark.parametrize("host", ["localhost", "localhost:8500", "127.0.0.1:8500", "[::1]:8500", "[::1]", "10.1.2.3",
-                                  "box.local", "app.localhost", "svc.internal", "nas", socket.gethostname()])  # fmt: skip
+                                  "box.local", "app.localhost", "svc.internal", "nas", socket.gethostname(), socket.getfqdn()])  # fmt: skip
 def test_names_of_this_machine_are_local_hosts(host):
     assert _local_host(host)
 
