@@ -473,7 +473,8 @@ class _Worker:
         import llama_cpp
 
         self.llm = llm
-        self.n_ctx = llm.n_ctx()
+        # llama.cpp pads the context (300 makes 512), but the Llama's token buffer is the size asked for.
+        self.n_ctx = min(llm.n_ctx(), llm.context_params.n_ctx)
         self.n_ctx_train = llm._model.n_ctx_train()
         self.token_delay = token_delay
         self._vocab = llm._model.vocab

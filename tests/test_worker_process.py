@@ -321,6 +321,23 @@ async def test_prompt_longer_than_context_fails_and_worker_goes_on(start_worker)
     assert isinstance(after.end, wire.Done) and after.text
 
 
+async def test_the_context_is_the_n_ctx_asked_for_not_llama_cpps_padded_one(start_worker, in_process):
+    # llama.cpp pads a context to a multiple of 256 (300 makes 512), but llama-cpp-python's token
+    # buffer holds the 300 asked for: a longer prompt failed in numpy, and text ran on past 300.
+    words = "xyz " * 200
+    prompt = words[: next(n for n in range(4, len(words), 4) if len(in_process.tokenize(words[:n].encode())) > 350)]
+    no_end = {_id: -100.0 for _id in (2, in_process.tokenize(b".", add_bos=False)[-1])}  # EOS, and "." before it
+    with trio.fail_after(20):
+        _, client = await ready_client(start_worker, "--n-ctx", "300")
+        too_long = await client.generate(1, prompt=prompt)
+        long = await client.generate(2, max_tokens=1000, temperature=0.0, logit_bias=no_end)
+
+    assert isinstance(too_long.end, wire.Failed) and too_long.end.refused, too_long.end
+    assert too_long.end.error.startswith("prompt is ") and "the context holds 300" in too_long.end.error
+    assert isinstance(long.end, wire.Done) and long.end.finish_reason == "length"
+    assert long.end.prompt_tokens + long.end.completion_tokens == 300
+
+
 async def test_a_logit_bias_past_the_vocabulary_fails_and_worker_goes_on(start_worker):
     """The daemon checks ids against the catalog; a record made before it knew the vocabulary
     size leaves that to the worker, where llama.cpp would read past its array."""
