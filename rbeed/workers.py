@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -138,7 +139,9 @@ class Worker:
         self.first: Generation | None = None  # on demand: the job it is loaded for, served before the queue
         self.draining = False  # takes no new jobs; stops once those queued are served (its threads are wanted)
         self.closing = False  # being stopped (deleted, idle, drained): takes no jobs at all
-        self.queue_in, self.queue_out = trio.open_memory_channel[Generation](config.queue_size)
+        # Waiting generations, at most queue_size: one whose job goes away leaves at once, freeing its place.
+        self.queue: deque[Generation] = deque()
+        self._queued = trio.lowlevel.ParkingLot()  # serve() waits here for the next one
         self.loaded = trio.Event()  # set once the first load succeeded or failed
         self.ready_once = False  # a load succeeded: a later end is not a failure to load
         self.stopped = trio.Event()
@@ -163,7 +166,7 @@ class Worker:
         return WorkerRecord(
             self.id, self.model, self.device, self.pid, self.state.value, self.threads, self.n_ctx, self.started_at,
             self.backend, self.on_demand, self.restarts, self.restarts_total,
-            self.queue_out.statistics().current_buffer_used, self.error, self.keep_alive, self.stops_at,
+            len(self.queue), self.error, self.keep_alive, self.stops_at,
             resident_bytes(self.pid),
         )  # fmt: skip
 
@@ -191,7 +194,7 @@ class Worker:
     @property
     def backlog(self) -> int:
         """Generations a new one would wait for: the running one and the queued ones."""
-        return (self.current is not None) + self.queue_out.statistics().current_buffer_used
+        return (self.current is not None) + len(self.queue)
 
     async def wait_loaded(self) -> None:
         """Return once the model is loaded; JobFailed if it never was, or the worker ended since."""
@@ -208,11 +211,10 @@ class Worker:
     def submit(self, generation: Generation) -> None:
         if not self.live or self.closing:
             raise JobFailed(f"worker {self.id} is {self.state.value if not self.live else 'stopping'}")
-        try:
-            self.queue_in.send_nowait(generation)
-        except trio.WouldBlock:
-            waiting = self.queue_out.statistics().current_buffer_used
-            raise JobFailed(f"busy: worker {self.id} has {waiting} jobs waiting", 503) from None
+        if len(self.queue) >= self.config.queue_size:
+            raise JobFailed(f"busy: worker {self.id} has {len(self.queue)} jobs waiting", 503)
+        self.queue.append(generation)
+        self._queued.unpark()
 
     async def submit_aside(self, generation: Generation) -> bool:
         """Send a tokenize at once, to be answered between the running generation's tokens (as
@@ -244,6 +246,8 @@ class Worker:
     async def abandon(self, generation: Generation) -> None:
         """The job went away (cancel, disconnect): stop its generation at once if it is running."""
         generation.abandoned = True
+        if generation in self.queue:
+            self.queue.remove(generation)
         if generation is self.current and generation.sent and generation.outcome is None and self._stream:
             # A worker that does not end the generation within cancel_timeout is taken for hung:
             # serve() gives up on it, and the supervisor kills it and starts it again.
@@ -278,23 +282,20 @@ class Worker:
         while True:
             self.state = WorkerState.READY
             generation, self.first = self.first, None
+            if generation is None and not self.queue:  # a queued job is taken at once, even with keep_alive 0
+                try:
+                    with trio.CancelScope() as self._idle:
+                        self._idle_since = trio.current_time()
+                        self.retime()
+                        while not self.queue:
+                            await self._queued.park()
+                finally:  # also when the process died, or a stop came, while it was idle
+                    self._idle, self.stops_at = None, None
             if generation is None:
-                try:  # a queued job is taken at once, even with keep_alive 0
-                    generation = self.queue_out.receive_nowait()
-                except trio.WouldBlock:
-                    try:
-                        with trio.CancelScope() as self._idle:
-                            self._idle_since = trio.current_time()
-                            self.retime()
-                            generation = await self.queue_out.receive()
-                    finally:  # also when the process died, or a stop came, while it was idle
-                        self._idle, self.stops_at = None, None
-                if generation is None:
-                    try:  # one queued after the wait timed out and before this task ran again
-                        generation = self.queue_out.receive_nowait()
-                    except trio.WouldBlock:
-                        self.closing = True  # from here to its exit it must take no job
-                        return
+                if not self.queue:  # idle for keep_alive: none was queued before this task ran again
+                    self.closing = True  # from here to its exit it must take no job
+                    return
+                generation = self.queue.popleft()
             if generation.abandoned:
                 continue
             # Left set if this raises: the supervisor fails the generation with the reason.
@@ -532,12 +533,8 @@ class Supervisor:
             worker.fail_sent(why)
             if worker.first is not None:
                 worker.first.finish(why)
-            worker.queue_in.close()
-            while True:
-                try:
-                    worker.queue_out.receive_nowait().finish(why)
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
+            while worker.queue:
+                worker.queue.popleft().finish(why)
             if worker.state is WorkerState.STOPPED or not worker.loaded.is_set():
                 self.workers.pop(worker.id, None)  # a worker that never loaded is not listed
             worker.loaded.set()

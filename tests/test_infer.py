@@ -405,6 +405,23 @@ async def test_one_job_runs_one_waits_and_one_more_is_refused(slow, slow_client)
     assert result_of(second_rest)["ttft_ms"] < 500
 
 
+async def test_a_waiting_job_that_is_cancelled_frees_its_place_in_the_queue_at_once(slow, slow_client):
+    worker_id = slow[1]["id"]
+    async with job_events(slow_client, GREEDY | {"max_tokens": 30}) as (running_id, running):
+        await read_events_until(running, is_token)
+        async with job_events(slow_client, SHORT) as (waiting_id, waiting):
+            await read_events_until(waiting, lambda e: e.event == "narration")
+            assert (await slow_client.request("DELETE", f"/v1/jobs/{waiting_id}")).status == 200
+            assert end_marker(await rest_of(waiting, 5)) == "[CANCELLED]"
+        worker = await job_result(slow_client, {"operation": "worker_get", "id": worker_id})
+        assert worker["queued"] == 0  # it held its place until the worker came to it, answering "busy"
+        async with job_events(slow_client, SHORT) as (_, after):
+            queued = await read_events_until(after, lambda e: e.event == "narration")
+            assert narrations(queued) == [f"queued on worker {worker_id} behind 1 job(s)"]
+            assert (await slow_client.request("DELETE", f"/v1/jobs/{running_id}")).status == 200
+            assert end_marker(await rest_of(after, 10)) == "[DONE]"
+
+
 async def test_a_tokenize_is_answered_between_a_running_generations_tokens_not_after_it(slow, slow_client, tiny_model):
     # As llama-server tokenizes beside its slots: a client counting tokens while a long generation
     # runs is held neither for the rest of it nor by the jobs queued behind it (the queue is full).
