@@ -370,8 +370,13 @@ class _Connection:
     def send(self, msg: wire.Message) -> None:
         if self.broken:
             return
+        data = wire.encode(msg)
+        if len(data) - 4 > wire.MAX_FRAME_SIZE:  # the daemon would take the worker for broken, and restart it
+            data = wire.encode(wire.Failed(msg.id, f"the answer is {len(data) - 4} bytes, more than the "
+                                                   f"{wire.MAX_FRAME_SIZE} a worker may send: ask for less at once",
+                                           refused=True))  # fmt: skip
         try:
-            self.sock.sendall(wire.encode(msg))
+            self.sock.sendall(data)
         except OSError:
             self.broken = True
             if self.running is not None:

@@ -10,6 +10,7 @@ import fcntl
 import itertools
 import os
 import pathlib
+import re
 import signal
 import socket
 import stat
@@ -336,6 +337,20 @@ async def test_the_context_is_the_n_ctx_asked_for_not_llama_cpps_padded_one(star
     assert too_long.end.error.startswith("prompt is ") and "the context holds 300" in too_long.end.error
     assert isinstance(long.end, wire.Done) and long.end.finish_reason == "length"
     assert long.end.prompt_tokens + long.end.completion_tokens == 300
+
+
+async def test_an_answer_too_big_for_a_frame_is_refused_and_worker_goes_on(start_worker):
+    # 1.25M tokens of " mountain" and their pieces: over the 16 MiB the daemon reads of a frame,
+    # which took the worker for broken and restarted it.
+    with trio.fail_after(30):
+        _, client = await ready_client(start_worker)
+        await client.send(wire.Tokenize(id=1, tokens=[tinymodel.VOCAB.index("\u2581mountain")] * 1_250_000))
+        too_big = await client.receive()
+        after = await client.generate(2, seed=1)
+
+    assert isinstance(too_big, wire.Failed) and too_big.refused, too_big
+    assert re.fullmatch(r"the answer is \d+ bytes, more than the 16777216 a worker may send: ask for less at once", too_big.error)
+    assert isinstance(after.end, wire.Done) and after.text
 
 
 async def test_a_logit_bias_past_the_vocabulary_fails_and_worker_goes_on(start_worker):
