@@ -445,6 +445,9 @@ class Supervisor:
         if device == "metal":
             raise JobFailed("device metal is only available on macOS; this host runs Linux", 400)
         wanted = threads or 1
+        if wanted > self.cores:  # no wait or delete would free that many
+            raise JobFailed(f"threads {wanted} is more than the {self.cores} the workers have in all "
+                            "([workers] threads, else the CPUs)", 400)  # fmt: skip
         with self.models.held(model_id, f"job {job.id}" if job else "a spawn") as model:
             path = self.models.path_of(model)
             n_ctx = self.context(model_id, n_ctx)

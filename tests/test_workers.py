@@ -170,6 +170,9 @@ async def test_threads_are_shared_out_and_never_oversubscribed(client):
     assert error == (f"no CPU threads free: 2 in all, held by {first['id']} (1), {second['id']} (1); "
                      "delete a worker first")  # fmt: skip
     assert [w["id"] for w in await job_result(client, {"operation": "worker_list"})] == [first["id"], second["id"]]
+    # More than there are in all: no delete would help ("held by ..." sent the user deleting workers).
+    assert await job_error(client, spawn(threads=3)) == ("threads 3 is more than the 2 the workers have in all "
+                                                         "([workers] threads, else the CPUs)")  # fmt: skip
     await job_result(client, {"operation": "worker_delete", "id": second["id"]})
     assert "no CPU threads free" in await job_error(client, spawn(threads=2))
     third = await job_result(client, spawn())  # no thread count: what is free
