@@ -515,6 +515,7 @@ class Supervisor:
                     except Exception as exc:  # a bug here must not take the daemon down
                         log.exception("worker %s: supervision failed", worker.id)
                         reason = f"internal error: {type(exc).__name__}"
+                    worker.pid = None  # its process is gone: a pid the system may give another (rss read from it)
                     worker.fail_sent(f"worker {worker.id} died ({reason})")
                     if reason is None:  # stopped after keep_alive idle time, or drained
                         log.info("worker %s %s: stopping", worker.id, "drained" if worker.draining else "idle")
@@ -530,6 +531,7 @@ class Supervisor:
                     log.warning("worker %s %s; restart %d in %.1f s", worker.id, reason, worker.restarts, delay)
                     await trio.sleep(delay)
         finally:
+            worker.pid = None
             if worker.state is not WorkerState.FAILED:
                 worker.state = WorkerState.STOPPED
             why = f"worker {worker.id} {worker.state.value}" + (f": {worker.error}" if worker.error else "")

@@ -364,6 +364,7 @@ async def test_a_killed_worker_fails_its_job_promptly_and_is_restarted(rbeed, cl
     assert end_marker(rest) == f"[ERROR] worker {worker['id']} died (killed by SIGKILL)"
     restarting = await job_result(client, {"operation": "worker_get", "id": worker["id"]})
     assert restarting["restarts"] == restarting["restarts_total"] == 1
+    assert restarting["pid"] != worker["pid"]  # None until the new process runs: the old pid may be another's
 
     # Queued while it restarts, served by the new process.
     result = await job_result(client, SHORT | {"worker_id": worker["id"]}, timeout=10)
@@ -389,6 +390,7 @@ async def test_without_restart_a_killed_worker_is_failed_and_sigterm_stops_the_o
             assert end_marker(rest) == f"[ERROR] worker {killed['id']} died (killed by SIGKILL)", daemon.log()
             failed = await job_result(client, {"operation": "worker_get", "id": killed["id"]})
             assert (failed["state"], failed["error"], failed["restarts"]) == ("failed", "killed by SIGKILL", 0)
+            assert failed["pid"] is None
             error = await job_error(client, SHORT | {"worker_id": killed["id"]})
             assert error == f"worker {killed['id']} is failed: killed by SIGKILL"
             assert (await job_result(client, SHORT))["worker_id"] == other["id"]  # the daemon goes on
