@@ -95,6 +95,8 @@ def _check(schema: object) -> int:
                        "with properties or a $ref, and no properties, union or $ref beside it); write the schema out")
     if schema.get("items") is True or schema.get("items") == {}:
         schema["items"] = _ANY
+    if empty := [key for key in ("enum", "anyOf", "oneOf") if schema.get(key) == []]:
+        raise _Refused(f"`format`: {empty[0]} [] allows no value at all, so no output could meet the schema")
     if isinstance(ref := schema.get("$ref"), str) and not ref.startswith("#"):
         raise _Refused(f"`format`: $ref {ref!r} is not in the schema; rbeed fetches none")
     for key in _BOUNDS:

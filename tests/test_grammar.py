@@ -44,6 +44,9 @@ def test_annotations_and_fields_named_like_constraints_are_taken():
     ({"allOf": [{"type": "integer"}, {"enum": [1, 2]}]}, "takes allOf only as the merge of objects' properties"),
     ({"type": "string", "allOf": [{"maxLength": 3}]}, "takes allOf only as the merge of objects' properties"),
     ({"properties": {"a": {}}, "allOf": [{"properties": {"b": {}}}]}, "takes allOf only as the merge"),
+    # A grammar that matched nothing failed in the worker: "the output's grammar does not parse".
+    ({"enum": []}, "enum [] allows no value at all"),
+    ({"properties": {"a": {"anyOf": []}}}, "anyOf [] allows no value at all"),
 ])  # fmt: skip
 def test_a_schema_the_grammar_cannot_hold_is_refused_naming_format(schema, message):
     with pytest.raises(ValueError, match="^`format`: ") as refused:
