@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -67,13 +68,47 @@ def decode(body: bytes, kind: type):
     in a JSON schema, where null is a value.
     """
     try:
-        return msgspec.convert(_without_nulls(msgspec.json.decode(body)), kind)
+        return msgspec.convert(_without_nulls(_json(body)), kind)
     except msgspec.ValidationError as exc:
         raise invalid(exc) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise Refused(400, f"malformed JSON: {exc}") from None
     except RecursionError:
         raise Refused(400, TOO_DEEP) from None
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _json(body: bytes):
+    """The body's JSON value. A lone surrogate escape (`"\\ud83d"`, what JavaScript's
+    JSON.stringify writes of a string cut mid-emoji) reads as U+FFFD, as Go's encoding/json
+    (Ollama) reads it; msgspec refuses it."""
+    try:
+        return msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        if not _SURROGATE_ESCAPE.search(body):
+            raise
+        refused = exc
+    try:
+        value = json.loads(body, parse_constant=_no_constant)
+    except ValueError:  # malformed otherwise too: msgspec's message says where
+        raise refused from None
+    return _replaced_surrogates(value)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _replaced_surrogates(value):
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, list):
+        return [_replaced_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {_replaced_surrogates(key): _replaced_surrogates(item) for key, item in value.items()}
+    return value
 
 
 def _without_nulls(value):

@@ -197,6 +197,17 @@ async def test_a_null_is_a_field_left_out_as_langchain_sends_them(client):
     assert (await post(client, "/api/chat", chat))[1]["message"] == (await post(client, "/api/chat", CHAT | {"stream": False}))[1]["message"]
 
 
+async def test_a_lone_surrogate_escape_reads_as_a_replacement_character_as_ollama_reads_it(client):
+    # JavaScript's JSON.stringify writes one for a string cut mid-emoji; it was "malformed JSON".
+    body = json.dumps({**GENERATE, "stream": False, "prompt": "Once upon a time \ud83d"}).encode()
+    assert b"\\ud83d" in body
+    status, answer = await post(client, "/api/generate", body)
+    assert status == 200, answer
+    replaced = (await post(client, "/api/generate", GENERATE | {"stream": False, "prompt": "Once upon a time \ufffd"}))[1]
+    assert answer["response"] == replaced["response"]
+    assert (await post(client, "/api/generate", body[:-1]))[0] == 400  # malformed otherwise too: still refused
+
+
 async def test_format_holds_the_answer_to_json_or_a_schema_as_infers_does(client):
     schema = {"type": "array", "items": {"type": "boolean"}, "minItems": 2, "maxItems": 4}
     greedy = GENERATE | {"stream": False, "options": {"temperature": 0, "num_predict": 40}}
