@@ -47,21 +47,22 @@ class JobAPI:
         path = request.path
         return request.method == "POST" and (path in self.uploads or path[: path.rfind("/") + 1] in self.uploads)
 
-    def shape_error(self, path: str, response: Response) -> Response:
-        """An error response in the shape the clients of the path's route read."""
-        if path == "/v1/jobs" or path.startswith("/v1/jobs/"):
-            return response
-        for key in (path, path[: path.rfind("/") + 1], path[:4]):
-            if (shape := self.error_shapes.get(key)) is not None:
-                return shape(response)
-        return response
+    def shape_error(self, request: Request, response: Response) -> Response:
+        """An error response in the shape the clients of the request's route read, readable by
+        the page that sent it if its origin is allowed (the server's own errors come here too)."""
+        path = request.path
+        shape = None
+        if path != "/v1/jobs" and not path.startswith("/v1/jobs/"):
+            keys = (path, path[: path.rfind("/") + 1], path[:4])
+            shape = next(filter(None, map(self.error_shapes.get, keys)), None)
+        return self.origins.stamp(request, shape(response) if shape else response)
 
     async def __call__(self, request: Request) -> Response | StreamingResponse:
         if refusal := self.origins.refusal(request):  # before the API key: a page is no client
-            return self.shape_error(request.path, refusal)
+            return self.shape_error(request, refusal)
         response = self.origins.preflight(request) or await self._route(request)
         if isinstance(response, Response):
-            response = self.shape_error(request.path, response)
+            return self.shape_error(request, response)
         return self.origins.stamp(request, response)
 
     async def _route(self, request: Request) -> Response | StreamingResponse:

@@ -64,10 +64,9 @@ class Origins:
             headers.append(("access-control-allow-headers", asked))
         return Response(204, headers=headers)
 
-    @staticmethod
-    def stamp(request: Request, response: Response | StreamingResponse) -> Response | StreamingResponse:
-        """The response, readable by the page that asked for it (its origin is allowed)."""
-        if (origin := request.headers.get("origin")) is not None:
+    def stamp(self, request: Request, response: Response | StreamingResponse) -> Response | StreamingResponse:
+        """The response, readable by the page that asked for it if its origin is allowed."""
+        if (origin := request.headers.get("origin")) is not None and self.allows(origin):
             response.headers = [*response.headers, ("access-control-allow-origin", origin), ("vary", "Origin")]
         return response
 

@@ -82,7 +82,7 @@ def only(request: Request, *methods: str) -> Response | None:
 
 App = Callable[[Request], Awaitable[Response | StreamingResponse]]
 ReadsBody = Callable[[Request], bool]  # whether the app reads this request's body itself (no body limit)
-ShapeError = Callable[[str, Response], Response]  # an error for a path in the shape its clients read
+ShapeError = Callable[["Request", Response], Response]  # an error in the shape the request's clients read
 
 
 class _ClientError(Exception):
@@ -159,7 +159,7 @@ class HTTPConnection:
         self.app = app
         self.reads_body = reads_body
         self.shape_error = shape_error
-        self.path: str | None = None  # of the request being read or answered: its errors' shape
+        self.request: Request | None = None  # the one being read or answered: its errors' shape
         self.config = config
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_header_bytes)
         self.timers = timers or ReadTimers(config)  # one of our own never ticks: no timeouts
@@ -202,7 +202,7 @@ class HTTPConnection:
         timers = self.timers
         self.read_deadline = timers.base + self.config.request_timeout
         while True:
-            self.path = None
+            self.request = None
             try:
                 event = self.conn.next_event()
                 if event is h11.NEED_DATA:
@@ -275,10 +275,9 @@ class HTTPConnection:
             # h11 would let Transfer-Encoding win; the mix is a request-smuggling pattern (RFC 9112 6.1).
             raise _ClientError(400, "bad request: both Content-Length and Transfer-Encoding")
         path, _, query = event.target.decode("latin-1").partition("?")
-        self.path = path
         query_fields = dict(parse_qsl(query)) if query else {}
-        request = Request(event.method.decode("ascii"), path, query_fields, headers, local=self.local,
-                          loopback=self.loopback)
+        request = self.request = Request(event.method.decode("ascii"), path, query_fields, headers,
+                                         local=self.local, loopback=self.loopback)  # fmt: skip
         if self.reads_body is not None and self.reads_body(request):
             request.receive = self._receive
             return request
@@ -421,8 +420,8 @@ class HTTPConnection:
 
     def _error(self, status: int, message: str, headers: list[tuple[str, str]] | None = None) -> Response:
         response = error_response(status, message, headers)
-        if self.shape_error is not None and self.path is not None:
-            response = self.shape_error(self.path, response)
+        if self.shape_error is not None and self.request is not None:
+            response = self.shape_error(self.request, response)
         return response
 
     async def _send_error(self, status: int, message: str) -> None:

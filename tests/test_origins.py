@@ -54,6 +54,15 @@ async def test_an_allowed_origin_gets_its_preflight_and_can_read_the_answer(rbee
     assert plain.status == 200 and "access-control-allow-origin" not in plain.headers  # not a page: no CORS
 
 
+async def test_an_allowed_page_can_read_the_servers_own_errors(rbeed):
+    # A 413 the server gives before any route: without the header the page saw only "CORS error".
+    async with rbeed.client(unix=False) as client:
+        too_big = await client.request("POST", "/v1/chat/completions", body=b"{" + b" " * (1 << 20) + b"}",
+                                       headers={"origin": "http://localhost:3000"})  # fmt: skip
+    assert (too_big.status, too_big.headers["access-control-allow-origin"]) == (413, "http://localhost:3000")
+    assert too_big.json()["error"]["message"] == "request body over 1048576 bytes"
+
+
 @pytest.mark.parametrize("host", ["evil.example", "evil.example:8500", "localhost.evil.example", "[::1].evil", "a.b:"])
 async def test_a_rebound_name_is_refused_on_the_loopback_listener_but_not_over_the_socket(rbeed, host):
     async with rbeed.client(unix=False, headers={"host": host}) as client:
