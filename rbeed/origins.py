@@ -75,7 +75,7 @@ def _local_host(host: str) -> bool:
     """Whether a Host header names this machine: an address (no name to rebind), a name of one
     label (no public DNS name has one; localhost, the host name), or a local-only name."""
     name = host.rpartition(":")[0] if re.fullmatch(r".*:[0-9]*", host) and not host.endswith("]") else host
-    name = name.strip("[]").lower()
+    name = name.strip("[]").lower().removesuffix(".")  # `localhost.`: the same name, fully qualified
     try:
         ipaddress.ip_address(name)
         return True

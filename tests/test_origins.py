@@ -72,7 +72,7 @@ async def test_a_rebound_name_is_refused_on_the_loopback_listener_but_not_over_t
         assert (await client.request("GET", "/api/tags")).status == 200
 
 
-@pytest.mark.parametrize("host", ["localhost", "localhost:8500", "127.0.0.1:8500", "[::1]:8500", "[::1]", "10.1.2.3",
+@pytest.mark.parametrize("host", ["localhost", "localhost.", "localhost.:8500", "localhost:8500", "127.0.0.1:8500", "[::1]:8500", "[::1]", "10.1.2.3",
                                   "box.local", "app.localhost", "svc.internal", "nas", socket.gethostname(), socket.getfqdn()])  # fmt: skip
 def test_names_of_this_machine_are_local_hosts(host):
     assert _local_host(host)
