@@ -252,8 +252,13 @@ class HTTPConnection:
 
     async def _next_event(self):
         while (event := self.conn.next_event()) is h11.NEED_DATA:
+            data = await self.stream.receive_some(65536)
+            if data and self.conn.their_state is h11.IDLE:
+                # A head has begun: it has the request timeout from here, not what is left of the
+                # keep-alive (a client dribbling heads would hold the connection that long).
+                self.read_deadline = min(self.read_deadline, self.timers.base + self.config.request_timeout)
             # b"" is the peer's EOF: h11 turns it into ConnectionClosed or a protocol error.
-            self.conn.receive_data(await self.stream.receive_some(65536))
+            self.conn.receive_data(data)
         return event
 
     async def _read_request(self, event) -> Request:

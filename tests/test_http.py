@@ -560,6 +560,30 @@ async def _read_all(stream) -> bytes:
     return reply
 
 
+async def test_a_next_head_on_a_kept_alive_connection_has_the_request_timeout_once_it_begins(autojump_clock):
+    # The keep-alive timeout bounds the wait for a next request, not how long its head may take:
+    # a client dribbling heads held each connection for the keep-alive (75 s) instead of 30 s.
+    config = ServerConfig(request_timeout=1.0, keepalive_timeout=60.0)
+    timers = ReadTimers(config)
+
+    async def app(request) -> Response:
+        return Response(200, b"{}")
+
+    server_stream, client_stream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(timers.run)
+        nursery.start_soon(HTTPConnection(server_stream, app, config, timers).run)
+        await client_stream.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        await trio.sleep(10)  # idle, well within the keep-alive (the autojump clock's seconds)
+        began = trio.current_time()
+        await client_stream.send_all(b"GET /health HTTP/1.1\r\nHo")
+        reply = await _read_all(client_stream)
+        closed = trio.current_time()
+        nursery.cancel_scope.cancel()
+    assert reply.startswith(b"HTTP/1.1 200 ") and reply.count(b"HTTP/1.1 408 Request Timeout\r\n") == 1
+    assert closed - began <= 1.0 + 3 * timers.granularity
+
+
 async def test_an_app_that_reads_its_body_gets_it_piece_by_piece_past_the_body_limit():
     """An upload route reads its body as it comes: no body limit, 100 Continue only once it reads."""
     server_stream, client_stream = trio.testing.memory_stream_pair()
