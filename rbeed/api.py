@@ -11,8 +11,8 @@ import msgspec
 import trio
 
 from . import __version__
-from .jobs import Job, JobRegistry, JobState, RegistryFull
 from .config import ServerConfig
+from .jobs import Job, JobRegistry, JobState, RegistryFull
 from .operations import PayloadError, decode
 from .origins import Origins
 from .server import Request, Response, StreamingResponse, error_response, json_response, only

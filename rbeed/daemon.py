@@ -27,10 +27,10 @@ from .hives import Hive, Hives
 from .inference import Inference
 from .jobs import Changed, JobRegistry, JobState
 from .metrics import MetricsRoute, Totals
-from .origins import Origins
 from .models import Model, Models
 from .ollama import OllamaAPI
 from .openai import OpenAIAPI
+from .origins import Origins
 from .router import Router
 from .sdnotify import Notifier, extend_timeout
 from .server import bind_tcp, bind_unix, describe, serve_listeners

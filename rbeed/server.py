@@ -82,7 +82,7 @@ def only(request: Request, *methods: str) -> Response | None:
 
 App = Callable[[Request], Awaitable[Response | StreamingResponse]]
 ReadsBody = Callable[[Request], bool]  # whether the app reads this request's body itself (no body limit)
-ShapeError = Callable[["Request", Response], Response]  # an error in the shape the request's clients read
+ShapeError = Callable[[Request, Response], Response]  # an error in the shape the request's clients read
 
 
 class _ClientError(Exception):
@@ -510,7 +510,7 @@ def _loopback(sock: socket.socket) -> bool:
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return False
     address = ipaddress.ip_address(sock.getsockname()[0].partition("%")[0])
-    return bool(address.is_loopback or (address.version == 6 and address.ipv4_mapped and address.ipv4_mapped.is_loopback))
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
 
 
 def describe(sock: socket.socket) -> str:

@@ -592,13 +592,24 @@ async def test_hf_sources_resolve_against_hf_base_and_the_catalog_survives_a_res
 
 
 
-async def test_records_an_older_rbeed_made_get_their_metadata_read_again_at_start(tmp_path, tiny_model):
-    base = tmp_path / "d"
-    daemon = await trio.to_thread.run_sync(start_daemon, base)
+async def daemon_with_copies(tmp_path, tiny_model, names: tuple[str, ...]):
+    """A daemon of its own under tmp_path/d, with a copy of the tiny model downloaded under each name."""
+    daemon = await trio.to_thread.run_sync(start_daemon, tmp_path / "d")
     try:
         async with daemon.client() as client:
-            for name in ("old", "broken"):
+            for name in names:
                 await job_result(client, download(str(shutil.copyfile(tiny_model, tmp_path / f"{name}.gguf"))))
+    except BaseException:
+        daemon.stop()
+        raise
+    return daemon
+
+
+async def test_records_an_older_rbeed_made_get_their_metadata_read_again_at_start(tmp_path, tiny_model):
+    base = tmp_path / "d"
+    daemon = await daemon_with_copies(tmp_path, tiny_model, ("old", "broken"))
+    try:
+        async with daemon.client() as client:
             record = await job_result(client, {"operation": "model_get", "id": "old"})
             copy = await job_result(client, {"operation": "model_copy", "id": "old", "to": "old-copy"})
         assert daemon.stop() == 0
@@ -630,11 +641,9 @@ async def test_records_an_older_rbeed_made_get_their_metadata_read_again_at_star
 
 async def test_odd_records_and_files_left_in_the_models_dir_do_not_stop_a_start(tmp_path, tiny_model, tiny):
     base = tmp_path / "d"
-    daemon = await trio.to_thread.run_sync(start_daemon, base)
+    daemon = await daemon_with_copies(tmp_path, tiny_model, ("kept", "moved"))
     try:
         async with daemon.client() as client:
-            for name in ("kept", "moved"):
-                await job_result(client, download(str(shutil.copyfile(tiny_model, tmp_path / f"{name}.gguf"))))
             kept = await job_result(client, {"operation": "model_get", "id": "kept"})
         assert daemon.stop() == 0
         models = daemon.state_dir / "models"
