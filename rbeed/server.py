@@ -264,6 +264,8 @@ class HTTPConnection:
     async def _read_request(self, event) -> Request:
         if type(event) is not h11.Request:
             raise _ClientError(400, "expected a request")
+        if not event.http_version.startswith(b"1."):  # h11 parses any version, HTTP/2's preface too
+            raise _ClientError(505, f"HTTP/{event.http_version.decode()} not supported: this server speaks HTTP/1.1")
         headers: dict[str, str] = {}
         # h11 bounds only a head still incomplete after a read; one read can bring a whole big one.
         head_size = len(event.target)
@@ -318,7 +320,7 @@ class HTTPConnection:
         """The request body's next piece, b"" at its end; the first call sends 100 Continue if asked for."""
         if self.conn.they_are_waiting_for_100_continue:
             deadline, self.read_deadline = self.read_deadline, math.inf  # a write is never timed
-            await self._send(h11.InformationalResponse(status_code=100, headers=[SERVER_HEADER]))
+            await self._send(h11.InformationalResponse(status_code=100, headers=[SERVER_HEADER], reason=b"Continue"))
             self.read_deadline = deadline
         if self.conn.their_state is not h11.SEND_BODY:
             return b""

@@ -249,7 +249,7 @@ async def test_expect_100_continue_is_answered_before_the_body_is_sent(shared_da
             interim = b""
             while b"\r\n\r\n" not in interim:
                 interim += await stream.receive_some(65536)
-            assert interim.startswith(b"HTTP/1.1 100 ") and interim.endswith(b"\r\n\r\n"), interim
+            assert interim.startswith(b"HTTP/1.1 100 Continue\r\n") and interim.endswith(b"\r\n\r\n"), interim
             await stream.send_all(body)
             final = b""
             while not final.endswith(b"}"):
@@ -344,6 +344,13 @@ async def test_a_body_over_the_limit_gets_413_and_a_close(shared_daemon, framing
 async def test_malformed_framing_gets_400_and_a_close(shared_daemon, request_bytes):
     status, message = error_of(await exchange(shared_daemon, request_bytes))
     assert status == 400 and message.startswith("bad request"), message
+
+
+@pytest.mark.parametrize("request_bytes", [b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"GET /health HTTP/3.0\r\nHost: x\r\n\r\n"],
+                         ids=["http2-preface", "http3"])
+async def test_a_request_of_another_major_version_gets_505(shared_daemon, request_bytes):
+    status, message = error_of(await exchange(shared_daemon, request_bytes))
+    assert status == 505 and message.endswith("not supported: this server speaks HTTP/1.1"), message
 
 
 async def test_unknown_path_is_404_and_a_wrong_method_405_with_allow(shared_daemon):
@@ -608,7 +615,7 @@ async def test_an_app_that_reads_its_body_gets_it_piece_by_piece_past_the_body_l
             nursery.start_soon(connection.run)
             await client_stream.send_all(post("/upload", b"", "Transfer-Encoding: chunked", "Expect: 100-continue"))
             interim = await client_stream.receive_some()
-            assert interim.startswith(b"HTTP/1.1 100 ") and reading.is_set(), interim
+            assert interim.startswith(b"HTTP/1.1 100 Continue\r\n") and reading.is_set(), interim
             await client_stream.send_all(chunked(body, piece=4096))
             await client_stream.send_all(b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             reply = await _read_all(client_stream)
