@@ -425,10 +425,20 @@ class Models:
                 log.info("model %s: metadata read again", model.id)
 
     async def list(self, job: Job, op: ModelList) -> None:
-        job.result(self.catalog.list())
+        models = self.catalog.list()
+        self._say_if_missing(job, *models)
+        job.result(models)
 
     async def get(self, job: Job, op: ModelGet) -> None:
-        job.result(self.lookup(op.id))
+        model = self.lookup(op.id)
+        self._say_if_missing(job, model)
+        job.result(model)
+
+    def _say_if_missing(self, job: Job, *models: Model) -> None:
+        for model in models:
+            if not os.path.exists(path := self.path_of(model)):
+                job.narrate(f"model {model.id}: its file {path} is missing; model_download fetches it again, "
+                            "model_delete removes the record")  # fmt: skip
 
     async def copy(self, job: Job, op: ModelCopy) -> None:
         model, to = self.lookup(op.id), model_id(op.to)

@@ -355,12 +355,15 @@ async def test_a_download_cancelled_while_its_metadata_is_read_leaves_no_file_wi
     assert leftovers(rbeed, "late") == ["late.gguf"]
 
 
-async def test_a_failed_download_of_a_model_whose_file_was_gone_leaves_no_file_and_the_next_one_fetches_it(
+async def test_a_model_whose_file_was_gone_is_said_so_and_a_failed_download_of_it_leaves_no_file(
         rbeed, client, tiny):  # fmt: skip
     source = rbeed.state_dir.parent / "regone.gguf"
     source.write_bytes(tiny[0])
     record = await job_result(client, download(str(source)))
-    (rbeed.state_dir / "models" / "regone.gguf").unlink()  # removed by hand
+    (path := rbeed.state_dir / "models" / "regone.gguf").unlink()  # removed by hand
+    for lookup in ({"operation": "model_get", "id": "regone"}, {"operation": "model_list"}):
+        events = await run_job(client, lookup)
+        assert f"model regone: its file {path} is missing; model_download fetches it again" in narrations(events)[0]
     source.write_bytes(tiny[0][:300_000])
     assert "truncated" in await job_error(client, download(str(source)))
     # Kept under the record, it was "already present" from then on, and a worker loaded it.
