@@ -482,7 +482,14 @@ class Models:
         job.result(made)
 
     async def delete(self, job: Job, op: ModelDelete) -> None:
-        model = self.lookup(op.id)
+        try:
+            model = self.lookup(op.id)
+        except JobFailed as exc:
+            if exc.status == 404 and (freed := self._drop_partial(model_id(op.id))) is not None:
+                job.narrate(f"the partial download of model {model_id(op.id)} removed ({freed} bytes freed)")
+                job.result({"id": model_id(op.id), "deleted": True})
+                return
+            raise
         await self.released(model.id, job)  # not in use, only slow to go: stop_grace bounds the wait
         model = self.lookup(op.id)  # again: another delete may have begun, or ended, meanwhile
         if users := self.in_use(model.id):
@@ -499,12 +506,27 @@ class Models:
             shared = path.exists() and path.stat().st_nlink > 1  # a copy's, or the original of one
             # The file first: on a full disk, the catalog can be written once its space is free.
             path.unlink(missing_ok=True)
+            self._drop_partial(model.id)  # a failed download of its file, gone
             await self.catalog.delete(model.id)
         finally:
             self._deleting.pop(model.id).set()
         freed = "its file has other links, so no space was freed" if shared else f"{model.size} bytes freed"
         job.narrate(f"model {model.id} deleted ({freed})")
         job.result({"id": model.id, "deleted": True})
+
+
+    def _drop_partial(self, model_id_: str) -> int | None:
+        """Remove the .part a failed download of model_id_ left for a resume; the bytes freed, None if none."""
+        if (fetching := self._fetching.get(model_id_)) is not None:
+            raise JobFailed(f"model {model_id_} is being downloaded by {fetching[0]}; cancel that first", 409)
+        part = self.dir / f"{model_id_}.gguf.part"
+        try:
+            size = part.stat().st_size
+        except FileNotFoundError:
+            return None
+        part.unlink(missing_ok=True)
+        part.with_name(part.name + ".from").unlink(missing_ok=True)
+        return size
 
 
 async def _nothing_to_wait_for(model_id: str, job: Job) -> None:

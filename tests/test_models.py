@@ -324,6 +324,8 @@ async def test_cancelling_a_download_keeps_the_part_and_the_next_one_resumes(rbe
                 while not part.exists() or part.stat().st_size < MiB:
                     await trio.sleep(0.02)
             assert not (rbeed.state_dir / "models" / "stall.gguf").exists()
+            error = await job_error(client, {"operation": "model_delete", "id": "stall"})
+            assert error == f"model stall is being downloaded by {job_id}; cancel that first"
             assert (await client.request("DELETE", f"/v1/jobs/{job_id}")).status == 200
             assert end_marker(await rest_of(events, timeout=5)) == "[CANCELLED]"
         kept = part.stat().st_size
@@ -374,6 +376,16 @@ async def test_a_model_whose_file_was_gone_is_said_so_and_a_failed_download_of_i
     assert result_of(events) | {"added_at": record["added_at"]} == record
 
 
+async def test_model_delete_of_a_model_only_partly_downloaded_removes_its_part(rbeed, client, tiny):
+    models = rbeed.state_dir / "models"
+    (models / "half.gguf.part").write_bytes(tiny[0][:1000])
+    (models / "half.gguf.part.from").write_text("{}")
+    events = await run_job(client, {"operation": "model_delete", "id": "half"})
+    assert narrations(events) == ["the partial download of model half removed (1000 bytes freed)"]
+    assert result_of(events) == {"id": "half", "deleted": True} and leftovers(rbeed, "half") == []
+    assert (await job_error(client, {"operation": "model_delete", "id": "half"})).startswith("unknown model 'half'")
+
+
 async def test_model_delete_refuses_while_the_models_file_is_fetched_again(rbeed, client, tiny):
     content = tiny[0]
     async with serve_files({"refetch.gguf": content}) as server:
@@ -388,8 +400,10 @@ async def test_model_delete_refuses_while_the_models_file_is_fetched_again(rbeed
             assert await job_result(client, {"operation": "model_get", "id": "refetch"}) == record
             assert (await client.request("DELETE", f"/v1/jobs/{job_id}")).status == 200
             assert end_marker(await rest_of(downloading, timeout=5)) == "[CANCELLED]"
+    assert leftovers(rbeed, "refetch") == ["refetch.gguf.part", "refetch.gguf.part.from"]  # kept for a resume
     assert (await job_result(client, {"operation": "model_delete", "id": "refetch"}))["deleted"]
     await assert_unknown(client, "refetch")
+    assert leftovers(rbeed, "refetch") == []
 
 
 @pytest.mark.parametrize("payload", [
