@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import msgspec
+import trio
 
 from . import operations as ops
 from .hives import LOCAL, Hive
@@ -43,7 +44,7 @@ async def forward(job: Job, operation: ops.AnyOperation, hive: Hive) -> None:
         jobs = JobClient(client, request_timeout=REQUEST_TIMEOUT, reconnect_delay=RECONNECT_DELAY,
                          reconnects=RECONNECTS)  # fmt: skip
         try:
-            remote_id = await jobs.create(payload)
+            remote_id = await _create(jobs, hive, payload)
         except Refused as exc:
             raise JobFailed(f"hive {hive.id} refused the job: {exc}") from None
         except HTTPError as exc:
@@ -67,6 +68,38 @@ async def forward(job: Job, operation: ops.AnyOperation, hive: Hive) -> None:
     if end == "[CANCELLED]":
         raise JobFailed(f"hive {hive.id}: job {remote_id} was cancelled there")
     raise JobFailed(f"hive {hive.id}: {end.removeprefix('[ERROR]').strip() or f'job {remote_id} failed'}")
+
+
+async def _create(jobs: JobClient, hive: Hive, payload: bytes) -> str:
+    """The id of the job `payload` makes on the hive. Cancelled while its POST is in flight, it
+    awaits the answer CANCEL_TIMEOUT more and cancels the job made there, which would otherwise
+    wait unstreamed for its TTL."""
+    answer: list[str | Exception] = []
+    answered = trio.Event()
+    request = trio.CancelScope(shield=True)
+
+    async def create() -> None:
+        with request:
+            try:
+                answer.append(await jobs.create(payload))
+            except Exception as exc:  # raised below, in the caller's task
+                answer.append(exc)
+        answered.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(create)
+        try:
+            await answered.wait()
+        except trio.Cancelled:
+            with trio.CancelScope(shield=True):
+                request.deadline = trio.current_time() + CANCEL_TIMEOUT
+                await answered.wait()
+                if answer and isinstance(remote_id := answer[0], str):
+                    await _cancel(jobs, hive, remote_id)
+    await trio.lowlevel.checkpoint()  # raises Cancelled again if that was caught
+    if isinstance(outcome := answer[0], Exception):
+        raise outcome
+    return outcome
 
 
 def _relay(job: Job, event: ServerSentEvent) -> None:

@@ -189,6 +189,42 @@ class CuttingProxy:
             await client.send_all(data)
 
 
+class HoldingProxy(CuttingProxy):
+    """A TCP relay to `port` that holds back the hive's answer to the first job created through it
+    until `release` is set."""
+
+    def __init__(self, port: int):
+        super().__init__(port)
+        self.job_id = ""
+        self.held, self.release = trio.Event(), trio.Event()
+
+    async def responses(self, server, client, streaming: trio.Event) -> None:
+        async for data in server:
+            if not self.job_id and (match := re.search(rb'"job_id": *"([^"]+)"', data)):
+                self.job_id = match[1].decode()
+                self.held.set()
+                await self.release.wait()
+            await client.send_all(data)
+
+
+async def test_a_job_cancelled_here_while_the_hive_makes_it_is_cancelled_there(daemons):
+    queen, hive = daemons
+    proxy = HoldingProxy(hive.port)
+    async with trio.open_nursery() as nursery:
+        await register(queen, hive, port=await proxy.serve(nursery))
+        async with queen.client() as client, queen.client() as other:
+            async with job_events(client, {"operation": "model_list", "hive_id": "h2"}) as (job_id, events):
+                with trio.fail_after(10):
+                    await proxy.held.wait()
+                assert (await other.request("DELETE", f"/v1/jobs/{job_id}")).status == 200
+                proxy.release.set()
+                assert end_marker(await rest_of(events, 10)) == "[CANCELLED]"
+        nursery.cancel_scope.cancel()
+    # Not cancelled, it waited there unstreamed for its TTL (600 s).
+    async with hive.client() as direct:
+        assert (await direct.request("GET", f"/v1/jobs/{proxy.job_id}")).json()["state"] == "cancelled"
+
+
 async def test_a_dropped_stream_is_resumed_from_its_last_event(daemons, tiny_model):
     queen, hive = daemons
     proxy = CuttingProxy(hive.port)
