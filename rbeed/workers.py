@@ -550,11 +550,10 @@ class Supervisor:
         """Run the worker once: launch, load, serve. Returns why it ended (None: idle stop)."""
         async with self.backend.launch(worker) as handle:
             worker.pid = handle.pid
-            with trio.fail_after(self.config.load_timeout):
-                try:
-                    await handle.ready()
-                except trio.TooSlowError:
-                    raise WorkerStartError(f"model not loaded within {self.config.load_timeout:.0f} s") from None
+            with trio.move_on_after(self.config.load_timeout) as loading:
+                await handle.ready()
+            if loading.cancelled_caught:
+                raise WorkerStartError(f"model not loaded within {self.config.load_timeout:g} s")
             stream = await open_unix_transport(str(worker.socket_path))
             # A unit's main pid is known only once it is ready.
             worker.pid, worker.error, worker.state = handle.pid, None, WorkerState.READY

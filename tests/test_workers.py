@@ -481,6 +481,20 @@ async def test_a_worker_deleted_while_it_loads_fails_its_spawn(rbeed, client, ti
         await job_result(client, {"operation": "model_delete", "id": "stuck"})
 
 
+async def test_a_worker_not_loaded_within_load_timeout_fails_its_spawn_and_is_not_restarted(tiny_model):
+    async with slow_daemon(tiny_model, CONFIG + "load_timeout = 1\n") as (daemon, _):
+        async with daemon.client() as client:
+            _, installed = await register_copy(daemon, client, tiny_model, "stuck")
+            installed.unlink()
+            os.mkfifo(installed)  # the worker's open() blocks until someone writes: it loads forever
+            # Was "internal error: TooSlowError", after three restarts that each waited it out again.
+            error = await job_error(client, spawn(model="stuck"), timeout=5)
+            assert error == "worker stuck-cpu-1 failed to load stuck: model not loaded within 1 s"
+            assert await job_result(client, {"operation": "worker_list"}) == []
+            assert (await job_result(client, spawn(threads=2)))["state"] == "ready"  # its threads are free
+        assert "restart" not in daemon.log() and "Traceback" not in daemon.log()
+
+
 def allowed_cpus(pid: int) -> str:
     status = Path(f"/proc/{pid}/status").read_text()
     return next(line.split()[1] for line in status.splitlines() if line.startswith("Cpus_allowed_list:"))
