@@ -96,8 +96,18 @@ async def first_of(*waits) -> None:
 
 def describe_exit(returncode: int) -> str:
     if returncode < 0:
-        return f"killed by {signal.Signals(-returncode).name}"
+        return f"killed by {signal_name(-returncode)}"
     return f"exited with status {returncode}"
+
+
+def signal_name(number: int) -> str:
+    """SIGTERM, SIGRTMIN+6 (Signals names only SIGRTMIN and SIGRTMAX of the real-time ones), signal 32."""
+    if signal.SIGRTMIN < number < signal.SIGRTMAX:
+        return f"SIGRTMIN+{number - signal.SIGRTMIN}"
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 async def probe_device(device: str, timeout: float) -> str | None:
