@@ -14,6 +14,9 @@ YEAR = 365 * 86400.0  # a bound on durations: TOML's inf would overflow where th
 Seconds = Annotated[float, msgspec.Meta(ge=0, le=YEAR)]
 Interval = Annotated[float, msgspec.Meta(gt=0, le=YEAR)]
 # CPU numbers below 10000 (Linux builds for at most 8192): a range is a set built in memory.
+# As systemd reads them (checked here: set-property would refuse them only as a worker starts).
+MemoryMax = Annotated[str, msgspec.Meta(pattern=r"^(infinity|[0-9]{1,20}(\.[0-9]{1,6})?[KMGTPE]?|[0-9]{1,3}(\.[0-9]{1,2})?%)\Z")]
+CPUQuota = Annotated[str, msgspec.Meta(pattern=r"^[1-9][0-9]{0,5}(\.[0-9]{1,2})?%\Z")]
 CPUList = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,4}(-[0-9]{1,4})?(,[0-9]{1,4}(-[0-9]{1,4})?)*\Z")]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 # HOST:PORT with a port that fits 16 bits (HOST may be empty, or an IPv6 address in brackets).
@@ -84,8 +87,8 @@ class WorkersConfig(Section):
     max_restarts: Annotated[int, msgspec.Meta(ge=0)] = 3
     restart_backoff: Seconds = 1.0  # doubled on each restart in a row
     cpu_affinity: CPUList | None = None  # CPUs every worker may run on, e.g. "0-3,6"; None = all
-    memory_max: str | None = None  # systemd backend: MemoryMax= of each worker unit
-    cpu_quota: str | None = None  # systemd backend: CPUQuota= of each worker unit
+    memory_max: MemoryMax | None = None  # systemd backend: MemoryMax= of each worker unit
+    cpu_quota: CPUQuota | None = None  # systemd backend: CPUQuota= of each worker unit
 
     def __post_init__(self) -> None:
         for part in (self.cpu_affinity or "").split(","):
@@ -192,4 +195,6 @@ def load(path: Path | None, overrides: dict | None = None) -> Config:
     try:
         return msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        # A value from a flag is the command line's fault, not the file's (which may not exist).
+        flagged = any(f"`$.{dotted}`" in str(exc) or f"`$.{dotted}[" in str(exc) for dotted in overrides or {})
+        raise ConfigError(f"{'the command line' if flagged else path}: {exc}") from None

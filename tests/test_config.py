@@ -59,6 +59,10 @@ def test_flags_override_the_file(tmp_path):
         ("[models]\nhf_base = 'https://x/{owner}/{bogus}'\n",
          "hf_base 'https://x/{owner}/{bogus}' is unusable: KeyError('bogus') (it may name {owner}, {repo} and {path})"),
         ("[models]\nhf_base = 'file:///srv/{path}'\n", "hf_base 'file:///srv/{path}' is not an http(s):// URL"),
+        # Refused only by systemctl set-property as each worker started, restarts of live ones too.
+        ("[workers]\nmemory_max = '4 GB'\n", "at `$.workers.memory_max`"),
+        ("[workers]\ncpu_quota = '2 cores'\n", "at `$.workers.cpu_quota`"),
+        ("[workers]\ncpu_quota = '0%'\n", "at `$.workers.cpu_quota`"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, text, expected):
@@ -68,6 +72,14 @@ def test_bad_config_names_the_key(tmp_path, text, expected):
         config.load(path)
     assert expected in str(info.value)
     assert str(path) in str(info.value)
+
+
+def test_a_bad_value_from_the_command_line_is_said_to_be_its():
+    # It named /etc/rbeed/rbeed.toml, which need not even exist.
+    with pytest.raises(config.ConfigError) as info:
+        config.load(None, {"server.listen": ["127.0.0.1:99999"]})
+    assert str(info.value).startswith("the command line: Expected `str` matching regex")
+    assert str(info.value).endswith("- at `$.server.listen[0]`")
 
 
 def test_missing_explicit_file_is_an_error(tmp_path):
