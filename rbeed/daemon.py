@@ -34,7 +34,7 @@ from .origins import Origins
 from .router import Router
 from .sdnotify import Notifier, extend_timeout
 from .server import bind_tcp, bind_unix, describe, serve_listeners
-from .systemd import SystemdBackend, systemd_reachable
+from .systemd import SystemdBackend, systemd_reachable, template_runtime_dir
 from .workers import Supervisor
 
 log = logging.getLogger("rbeed")
@@ -86,10 +86,18 @@ def claim(directory: Path, what: str) -> int:
 
 
 def choose_backend(config: Config):
-    wanted = config.workers.backend
-    if wanted == "systemd" or (wanted == "auto" and systemd_reachable()):
-        return SystemdBackend(config.runtime_path, config.workers)
-    return ProcessBackend(config.runtime_path, config.workers)
+    wanted, runtime = config.workers.backend, config.runtime_path
+    # The worker template reads its settings from %t/rbeed: a daemon with another runtime dir
+    # (a second one under the same manager, run by hand) cannot start its units, and would
+    # stop the ones of the daemon that can, whose names it shares.
+    template_dir = template_runtime_dir()
+    fits = runtime.resolve() == template_dir.resolve()
+    if wanted == "systemd" and not fits:
+        raise configuration.ConfigError(f"the systemd worker backend needs the runtime dir {template_dir}, "
+                                        f"where rbeed-worker@.service reads its settings, not {runtime}")  # fmt: skip
+    if wanted == "systemd" or (wanted == "auto" and fits and systemd_reachable()):
+        return SystemdBackend(runtime, config.workers)
+    return ProcessBackend(runtime, config.workers)
 
 
 def api_key() -> str | None:

@@ -66,4 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     except ActivationError as exc:
         logger.error("%s", exc)
         return 1
+    except configuration.ConfigError as exc:  # one the daemon could judge only as it started
+        logger.error("%s", exc)
+        return 2
     return 0

@@ -30,6 +30,12 @@ def systemd_reachable() -> bool:
     return Path("/run/systemd/system").is_dir()
 
 
+def template_runtime_dir() -> Path:
+    """%t/rbeed of the manager that started us: where the worker template reads its settings."""
+    under_user_manager = bool(os.environ.get("MANAGERPID"))
+    return Path(os.environ.get("XDG_RUNTIME_DIR", "") if under_user_manager else "/run") / "rbeed"
+
+
 def _systemctl() -> list[str]:
     return ["systemctl", "--user"] if os.environ.get("MANAGERPID") else ["systemctl"]
 
@@ -56,11 +62,17 @@ class UnitHandle:
     async def ready(self) -> None:
         # systemctl start returns once the Type=notify worker sent READY=1, or the unit failed.
         result = await trio.run_process([*_systemctl(), "start", self.unit], capture_stderr=True, check=False)
-        props = await unit_properties(self.unit, "MainPID", "InvocationID", "StatusText", "Result", "ActiveState")
+        props = await unit_properties(self.unit, "MainPID", "InvocationID", "StatusText", "Result", "ActiveState",
+                                      "ExecMainCode", "ExecMainStatus")  # fmt: skip
         if result.returncode != 0 or props.get("ActiveState") != "active":
             status = props.get("StatusText", "")
-            reason = status.removeprefix("failed: ") if status.startswith("failed") else ""
-            raise WorkerStartError(reason or f"unit {self.unit} failed to start ({props.get('Result', 'unknown')})")
+            if status.startswith("failed"):  # the worker's own word (STATUS=)
+                raise WorkerStartError(status.removeprefix("failed: "))
+            if (outcome := props.get("Result", "unknown")) in _DIED:
+                raise WorkerStartError(f"worker {_exit_of(props)} while loading")
+            if outcome == "success":  # its start job cancelled: a stop came first (rbeed's, propagated)
+                raise WorkerStartError(f"unit {self.unit} was stopped while loading")
+            raise WorkerStartError(f"unit {self.unit} failed to start ({outcome})")
         self.pid = int(props["MainPID"]) or None
         self.invocation = props["InvocationID"]
 
@@ -95,9 +107,22 @@ class UnitHandle:
         # InvocationID then); a failed one stays until reset-failed.
         if props.get("InvocationID") != self.invocation or result == "success":
             return f"unit {self.unit} stopped"
-        code, status = int(props.get("ExecMainCode") or 0), int(props.get("ExecMainStatus") or 0)
-        how = describe_exit(status if code == os.CLD_EXITED else -status)
-        return how if result in ("exit-code", "signal") else f"{how} ({result})"
+        how = _exit_of(props)
+        return how if result in _DIED else f"{how} ({result})"
+
+
+_DIED = ("exit-code", "signal", "core-dump")  # Result= of a unit whose main process ended it
+
+
+def _exit_of(props: dict[str, str]) -> str:
+    """ "exited with status 1", "killed by SIGKILL": its main process's end, from ExecMain*."""
+    code, status = int(props.get("ExecMainCode") or 0), int(props.get("ExecMainStatus") or 0)
+    return describe_exit(status if code == os.CLD_EXITED else -status)
+
+
+def _quoted(value: str) -> str:
+    """A value for an EnvironmentFile=, which reads backslashes, quotes and `$` as a shell would."""
+    return '"' + "".join(f"\\{char}" if char in '\\"`$' else char for char in value) + '"'
 
 
 class SystemdBackend:
@@ -125,7 +150,7 @@ class SystemdBackend:
         options = " ".join(worker_options(spec, self.config))
         values = {"RBEED_MODEL": spec.model_path, "RBEED_SOCKET": spec.socket_path, "RBEED_DEVICE": spec.device,
                   "RBEED_THREADS": spec.threads, "RBEED_WORKER_OPTS": options}  # fmt: skip
-        return "".join(f"{key}={value}\n" for key, value in values.items())
+        return "".join(f"{key}={_quoted(str(value))}\n" for key, value in values.items())
 
     @contextlib.asynccontextmanager
     async def launch(self, spec: LaunchSpec) -> AsyncIterator[UnitHandle]:
@@ -142,9 +167,23 @@ class SystemdBackend:
             yield UnitHandle(unit)
         finally:
             with trio.CancelScope(shield=True):
-                # A stop of rbeed.service queues the worker's stop behind its own (Before=, in the
-                # unit): joining that job as is would wait for us to exit.
-                await systemctl("stop", "--job-mode=ignore-dependencies", unit, check=False)
+                await self._stop(unit)
                 await systemctl("reset-failed", unit, check=False)
             env_file.unlink(missing_ok=True)
             spec.socket_path.unlink(missing_ok=True)
+
+    async def _stop(self, unit: str) -> None:
+        """Stop the unit: SIGTERM, then SIGKILL after stop_grace, as the process backend does (its
+        TimeoutStopSec= would take rbeed's whole stop time)."""
+        # A stop of rbeed.service queues the worker's stop behind its own (Before=, in the unit):
+        # joining that job as is would wait for us to exit.
+        stop = "stop", "--job-mode=ignore-dependencies", unit
+        with trio.move_on_after(self.config.stop_grace) as waiting:
+            try:
+                await systemctl(*stop)
+            except WorkerStartError as exc:
+                log.error("%s; the worker runs on, with its threads, until it is stopped by hand", exc)
+        if waiting.cancelled_caught:
+            log.warning("worker unit %s ignored SIGTERM for %g s: SIGKILL", unit, self.config.stop_grace)
+            await systemctl("kill", "--signal=SIGKILL", unit, check=False)
+            await systemctl(*stop, check=False)  # joins the stop job under way: it ends as the processes die

@@ -460,8 +460,11 @@ class Supervisor:
                     raise JobFailed(f"no CPU threads free: {self.cores} in all, held by {holders}; "
                                     "delete a worker first", 503)  # fmt: skip
                 threads = threads or free
-                serial = next(self._serial)
-                worker_id = f"{model.id[:48]}-{device.replace(':', '')}-{serial}"
+                serial = next(self._serial)  # of its socket: a short path, never reused
+                # The lowest number no listed worker has: a unit keeps its --runtime limits until
+                # reboot, so a new name for every load would pile them up (systemd backend).
+                prefix = f"{model.id[:48]}-{device.replace(':', '')}"
+                worker_id = next(f"{prefix}-{n}" for n in itertools.count(1) if f"{prefix}-{n}" not in self.workers)
                 n_batch = 0 if model.is_encoder else self.config.n_batch  # an encoder's inputs: one batch each
                 worker = Worker(
                     worker_id, model.id, path, device, threads, n_ctx, n_batch, self.socket_dir / f"{serial}.sock",

@@ -13,14 +13,21 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import trio
 
 import chaos
+from rbeed import config as configuration
+from rbeed.backends import ProcessBackend
+from rbeed.config import WorkersConfig
+from rbeed.daemon import choose_backend
 from rbeed.httpclient import Client
+from rbeed.systemd import SystemdBackend
 from support import (
     Daemon, end_marker, job_error, job_events, job_result, narrations, pid_alive, read_events_until,
     rest_of, result_of, run_job, short_base, start_daemon, steady,
@@ -152,7 +159,8 @@ def units(user_systemd) -> Iterator[Installed]:
         yield installed
     finally:
         installed.uninstall()
-    assert "Traceback" not in installed.log.read_text(), installed.logs()
+    whole_log = installed.log.read_text() if installed.log.exists() else ""  # none if rbeed never ran
+    assert "Traceback" not in whole_log, installed.logs()
 
 
 @pytest.fixture(scope="module")
@@ -256,6 +264,61 @@ async def test_worker_limits_follow_the_config_of_each_start(rbeed):
     assert values == ["infinity", "infinity"]
 
 
+def test_worker_settings_reach_the_unit_as_written_whatever_their_characters(units):
+    # EnvironmentFile= reads quotes, backslashes and $ as a shell would: written bare, a state
+    # dir's `we\ird` reached the worker as `weird`.
+    odd = Path('/srv/we\\ird "models"/$HOME `x` \'y\'/tiny.gguf')
+    spec = SimpleNamespace(id="odd", model_path=odd, socket_path=Path("/run/x.sock"), device="cpu", threads=1,
+                           n_ctx=0, n_batch=32)  # fmt: skip
+    settings, output = units.manager.base / "odd.env", units.manager.base / "odd.out"
+    settings.write_text(SystemdBackend(units.manager.base, WorkersConfig())._environment(spec))
+    run = subprocess.run(["systemd-run", "--user", "--wait", "--quiet", "-p", f"EnvironmentFile={settings}",
+                          "-p", f"StandardOutput=file:{output}", "/usr/bin/env"],
+                         env=units.manager.env, capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    seen = dict(line.partition("=")[::2] for line in output.read_text().splitlines())
+    assert seen["RBEED_MODEL"] == str(odd)
+    assert seen["RBEED_WORKER_OPTS"] == "--n-ctx 0 --n-batch 32" and seen["RBEED_THREADS"] == "1"
+
+
+def test_only_a_daemon_on_the_templates_runtime_dir_runs_workers_as_units(units, monkeypatch):
+    # As a second rbeed started from a unit (a shell in a terminal's user service) sees it: with
+    # the systemd backend it stopped the first one's worker units, whose names it shares.
+    monkeypatch.setenv("INVOCATION_ID", "0" * 32)
+    monkeypatch.setenv("MANAGERPID", str(units.manager.manager.pid))
+    for name, value in units.manager.env.items():
+        monkeypatch.setenv(name, value)
+
+    def backend(runtime_dir: Path, wanted: str = "auto"):
+        return choose_backend(configuration.load(Path("/dev/null"), {"runtime_dir": str(runtime_dir),
+                                                                     "workers.backend": wanted}))  # fmt: skip
+
+    other = units.manager.base / "other-run"
+    assert isinstance(backend(units.rbeed_dir), SystemdBackend)
+    assert isinstance(backend(other), ProcessBackend)
+    with pytest.raises(configuration.ConfigError) as refused:
+        backend(other, "systemd")
+    assert str(refused.value) == (f"the systemd worker backend needs the runtime dir {units.rbeed_dir}, where "
+                                  f"rbeed-worker@.service reads its settings, not {other}")  # fmt: skip
+
+
+async def test_a_worker_unit_that_ignores_sigterm_is_killed_after_stop_grace(rbeed):
+    drop_in = rbeed.manager.unit_dir / "rbeed-worker@.service.d" / "ignores-term.conf"
+    drop_in.write_text("[Service]\nKillSignal=SIGCONT\n")  # as a worker stuck in a driver call would
+    try:
+        await rbeed.acheck("daemon-reload")
+        rbeed.configure(CONFIG + "stop_grace = 1\n")
+        async with rbeed.client() as client:
+            worker = await job_result(client, spawn())
+            with trio.fail_after(10):  # was the unit's TimeoutStopSec=, 30 s: the whole of rbeed's own
+                stopped = await job_result(client, {"operation": "worker_delete", "id": worker["id"]})
+        assert stopped["state"] == "stopped" and not pid_alive(worker["pid"])
+        assert f"worker unit {unit_of(worker['id'])} ignored SIGTERM for 1 s: SIGKILL" in rbeed.logs()
+    finally:
+        drop_in.unlink()
+        await rbeed.acheck("daemon-reload")
+
+
 # --- 3. a worker unit stopped from outside ----------------------------------------------------
 
 
@@ -297,6 +360,52 @@ async def test_a_bad_model_file_fails_the_spawn_with_the_workers_reason(rbeed, c
         assert await job_result(client, {"operation": "worker_list"}) == []
     finally:
         await job_result(client, {"operation": "model_delete", "id": "broken"})
+
+
+@asynccontextmanager
+async def loading_forever(rbeed, client, registered_model) -> AsyncIterator[tuple[str, str]]:
+    """A spawn of model `stuck`, whose file is a FIFO (the worker's open() blocks: it loads
+    forever), once its unit's main process runs: (its unit, the spawn's events)."""
+    source = rbeed.manager.base / "stuck.gguf"
+    shutil.copyfile(registered_model, source)
+    await job_result(client, {"operation": "model_download", "model": str(source)})
+    installed = rbeed.state_dir / "models" / "stuck.gguf"
+    installed.unlink()
+    os.mkfifo(installed)
+    try:
+        async with rbeed.client() as spawning, job_events(spawning, spawn(model="stuck")) as (_, events):
+            [loading] = narrations(await read_events_until(events, lambda e: e.event == "narration"))
+            unit = unit_of(loading.rsplit(" ", 1)[1])
+            await rbeed.wait_state(unit, "activating")
+            with trio.fail_after(STATE_TIMEOUT):
+                while rbeed.show(unit, "MainPID") == "0":  # ExecStart= runs from here
+                    await trio.sleep(0.02)
+            yield unit, events
+    finally:
+        installed.unlink()
+
+
+async def test_a_worker_killed_while_loading_fails_its_spawn_with_how_it_ended(rbeed, client, registered_model):
+    async with loading_forever(rbeed, client, registered_model) as (unit, events):
+        os.kill(rbeed.main_pid(unit), signal.SIGKILL)
+        rest = await rest_of(events, timeout=10)
+    # Was "unit ... failed to start (signal)"; the process backend says how, and so does this one.
+    worker_id = unit.removeprefix("rbeed-worker@").removesuffix(".service")
+    assert end_marker(rest) == f"[ERROR] worker {worker_id} failed to load stuck: worker killed by SIGKILL while loading"
+    await job_result(client, {"operation": "model_delete", "id": "stuck"})
+
+
+async def test_a_worker_loading_when_rbeed_stops_is_said_stopped_not_failed(rbeed, client, registered_model):
+    async with loading_forever(rbeed, client, registered_model) as (unit, events):
+        # StopPropagatedFrom= cancels the worker's start job at once: its Result stays "success".
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(rbeed.acheck, "stop", SERVICE)
+            rest = await rest_of(events, timeout=10)
+    worker_id = unit.removeprefix("rbeed-worker@").removesuffix(".service")
+    assert end_marker(rest) == f"[ERROR] worker {worker_id} failed to load stuck: unit {unit} was stopped while loading", rbeed.logs()
+    await rbeed.acheck("start", SERVICE)
+    async with rbeed.client() as again:
+        await job_result(again, {"operation": "model_delete", "id": "stuck"})
 
 
 # --- 5. stopping rbeed.service --------------------------------------------------------------
