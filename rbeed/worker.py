@@ -769,12 +769,12 @@ class _Worker:
                 if job.cancelled:  # cancelled before in_prompt was set: no signal was sent
                     raise _PromptCancelled
                 for token in tokens:
-                    last = time.perf_counter()
+                    now = time.perf_counter()
                     if self._terminating:  # a SIGTERM handled where a raise is dropped
                         raise _Terminated
                     if job.in_prompt:
                         self._prompt_phase(job, False)
-                        first = last
+                        first = now
                     if job.cancelled:
                         finish = "cancelled"
                         break
@@ -782,6 +782,7 @@ class _Worker:
                         finish = "stop"
                         break
                     completion += 1
+                    last = now  # the rate's span ends at the last token it counts, not at the end token
                     text = decoder.decode(pieces[token] or piece_of(token))
                     if stopper is not None:
                         text, stopped = stopper.feed(text)

@@ -153,6 +153,17 @@ async def test_infer_uses_or_loads_a_worker_whose_context_holds_its_n_ctx(client
             assert (await job_result(client, SHORT | ask))["worker_id"] == large
 
 
+async def test_the_decode_rate_spans_the_tokens_it_counts_only(client):
+    # A generation that ends on the end-of-generation token counted that token's time, not the
+    # token: its rate read (n-1)/n of one cut at n tokens. At SLOW_TOKENS both are ~20 tok/s.
+    held = SHORT | {"format": {"enum": ["y"]}, "max_tokens": 50}  # "y" in quotes: 3 tokens
+    stopped = await job_result(client, held)
+    assert stopped["finish_reason"] == "stop" and stopped["completion_tokens"] == 3, str(stopped)
+    cut = await job_result(client, held | {"max_tokens": stopped["completion_tokens"]})
+    assert cut["finish_reason"] == "length"
+    assert stopped["tokens_per_s"] / cut["tokens_per_s"] > 0.85, (stopped, cut)
+
+
 async def test_worker_delete_ends_the_infer_running_on_it_with_an_error(client):
     worker = await job_result(client, spawn(threads=1))
     async with job_events(client, LONG | {"worker_id": worker["id"]}) as (_, events):
