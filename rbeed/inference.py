@@ -89,7 +89,7 @@ class Inference:
             frequency_penalty=settings.frequency_penalty, grammar=op.grammar if op.format is None else gbnf(op.format),
             logit_bias=op.logit_bias, repeat_last_n=settings.repeat_last_n,
         )  # fmt: skip
-        generation.on_finish = partial(self.totals.generated, op.model)  # a cancelled one's tokens count too
+        generation.on_finish = partial(self.totals.generated, op.model, generation)  # a cancelled one's tokens count too
         worker, outcome, load_ms = await self._run(job, op, model, generation, settings.n_ctx, wire.Done)
         result = {
             "model": op.model, "worker_id": worker.id, "load_ms": load_ms, "prompt_tokens": outcome.prompt_tokens,

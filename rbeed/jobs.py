@@ -476,6 +476,7 @@ class JobRegistry:
                 break
             self._take_payload(job)
             log.info("job %s expired: never streamed", job.id)
+            self.ended[job.operation, "expired"] += 1  # or jobs made would vanish from the counts
             self._move(job, None)
             del self._jobs[job.id]
         while self._finished and self._finished[0][0] <= now:

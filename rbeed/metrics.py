@@ -12,7 +12,7 @@ from . import __version__, wire
 from .jobs import JobRegistry, JobState
 from .models import Models
 from .server import Request, Response, only
-from .workers import Supervisor, resident_bytes
+from .workers import Generation, Outcome, Supervisor, resident_bytes
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Time to first token, in seconds: a small model warm on a CPU answers in tens of ms; a long
@@ -60,11 +60,15 @@ class Totals:
     def __init__(self) -> None:
         self.models: defaultdict[str, ModelTotals] = defaultdict(ModelTotals)
 
-    def generated(self, model: str, done: wire.Done | wire.Embedded | wire.Failed | str) -> None:
-        """Count a generation's end: a Done, whatever its finish reason (a failure has no tokens to count)."""
-        if type(done) is not wire.Done:
-            return
+    def generated(self, model: str, generation: Generation, done: Outcome) -> None:
+        """Count a generation's end: a Done, whatever its finish reason; or a failure of one its
+        worker took (finish reason "error"), with the tokens it made before."""
         totals = self.models[model]
+        if type(done) is not wire.Done:
+            if generation.sent and not (isinstance(done, wire.Failed) and done.refused):
+                totals.finishes["error"] += 1
+                totals.completion_tokens += generation.made
+            return
         totals.finishes[done.finish_reason] += 1
         totals.prompt_tokens += done.prompt_tokens
         totals.cached_tokens += done.cached_tokens
@@ -161,10 +165,11 @@ class MetricsRoute:
         states = [({"model": m, "device": d, "state": s}, n) for (m, d, s), n in sorted(by_state.items())]
         out.family("rbeed_workers", "gauge", "Workers of this hive, by model, device and state.", states)
         named = [({"worker": r.id, "model": r.model, "device": r.device}, r) for r in records]
+        holding = {worker.id for worker in self.supervisor.workers.values() if worker.live}
         out.family("rbeed_worker_resident_memory_bytes", "gauge", "Resident memory of each worker's process.",
                    [(labels, r.rss) for labels, r in named if r.rss is not None])  # fmt: skip
-        out.family("rbeed_worker_threads", "gauge", "llama.cpp threads of each worker.",
-                   [(labels, r.threads) for labels, r in named])  # fmt: skip
+        out.family("rbeed_worker_threads", "gauge", "llama.cpp threads of each worker (one that failed holds none).",
+                   [(labels, r.threads) for labels, r in named if r.id in holding])  # fmt: skip
         out.family("rbeed_worker_queued_jobs", "gauge", "Jobs waiting for each worker (not the one it runs).",
                    [(labels, r.queued) for labels, r in named])  # fmt: skip
         out.family("rbeed_worker_restarts_total", "counter", "Times each worker was restarted after it died.",

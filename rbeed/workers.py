@@ -95,6 +95,7 @@ class Generation:
         self.request = kind(id=next(self._ids), **fields)
         self.stream = stream
         self.pieces: list[str] = []
+        self.made = 0  # tokens the worker sent, those of a job gone too
         self.vectors: list[list[float]] = []
         self.done = trio.Event()
         self.outcome: Outcome | None = None
@@ -104,6 +105,7 @@ class Generation:
         self.on_finish: Callable[[Outcome], None] = lambda outcome: None
 
     def token(self, text: str) -> None:
+        self.made += 1
         if self.abandoned:
             return
         if self.stream:

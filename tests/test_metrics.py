@@ -4,7 +4,9 @@ on the real daemon with a real worker running the tiny model."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import time
 
 import pytest
@@ -160,6 +162,30 @@ async def test_a_cancelled_generation_counts_the_tokens_it_made(tiny_model):
     added = value(after, "rbeed_completion_tokens_total", **tiny) - value(before, "rbeed_completion_tokens_total", **tiny)
     assert added == made >= len([e for e in received if e.event == "token"]) == 3
     assert value(after, "rbeed_time_to_first_token_seconds_count", **tiny) == 2
+
+
+async def test_a_generation_whose_worker_died_counts_as_an_error_with_its_tokens(tiny_model):
+    with running_daemon("[workers]\nrestart = 'no'\n", {"RBEED_WORKER_TOKEN_DELAY": "0.05"}) as slow:
+        await register(slow, tiny_model)
+        async with slow.client() as client:
+            before, _ = await scrape(client)
+            long = {"operation": "infer", "model": "tiny", "prompt": "Once upon a time", "temperature": 0, "max_tokens": 200}
+            async with job_events(client, long) as (_, events):
+                received = await read_events_until(events, lambda e: e.event == "token" and json.loads(e.data)["i"] == 2)
+                [worker] = await job_result(client, {"operation": "worker_list"})
+                worker_id = worker["id"]
+                os.kill(worker["pid"], signal.SIGKILL)
+                received += await rest_of(events, timeout=5)
+            assert end_marker(received).startswith(f"[ERROR] worker {worker_id} died")
+            after, _ = await scrape(client)
+    tiny = {"model": "tiny"}
+    # Its tokens were made all the same: they went uncounted, as did the generation.
+    assert value(after, "rbeed_generations_total", finish_reason="error", **tiny) == 1
+    added = value(after, "rbeed_completion_tokens_total", **tiny) - value(before, "rbeed_completion_tokens_total", **tiny)
+    assert added == sum(e.event == "token" for e in received) >= 3
+    # Failed (restart = "no"), it is listed, and holds no threads: the sum of the gauge was more than the CPUs.
+    assert value(after, "rbeed_workers", model="tiny", device="cpu", state="failed") == 1
+    assert ("rbeed_worker_threads", frozenset({"worker": worker_id, "model": "tiny", "device": "cpu"}.items())) not in after
 
 
 async def test_metrics_is_read_only(daemon):
