@@ -39,6 +39,8 @@ def listen_fds(unset: bool = True) -> list[tuple[str, socket.socket]]:
     count = _parse_int("LISTEN_FDS", count_value)
     if count == 0:
         return []
+    if count > (most := os.sysconf("SC_OPEN_MAX") - SD_LISTEN_FDS_START):
+        raise ActivationError(f"LISTEN_FDS={count} is more than the {most} fds this process may have")
     names = names_value.split(":") if names_value is not None else ["unknown"] * count
     if len(names) != count:
         raise ActivationError(f"LISTEN_FDNAMES has {len(names)} names for LISTEN_FDS={count}")
@@ -79,10 +81,7 @@ def _listening_socket(fd: int, name: str) -> socket.socket:
 
 
 def _parse_int(variable: str, value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = -1
-    if number < 0:
+    # Digits only, as sd_listen_fds(3) reads them: int() would take " 1", "+1" and "1_0".
+    if not (value.isascii() and value.isdigit()):
         raise ActivationError(f"{variable}={value!r} is not a non-negative integer")
-    return number
+    return int(value)

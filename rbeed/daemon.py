@@ -17,7 +17,6 @@ from pathlib import Path
 import trio
 
 from . import __version__, config as configuration, operations as ops
-from .activation import listen_fds
 from .api import JobAPI
 from .backends import ProcessBackend
 from .blobs import Blobs
@@ -44,11 +43,10 @@ RESTART_ONLY = {"state_dir", "runtime_dir", "server.listen", "server.socket", "s
                 "server.max_header_bytes", "workers.backend"}  # fmt: skip
 
 
-def bind_sockets(config: Config) -> tuple[list[socket.socket], Path | None]:
-    """Sockets passed by systemd (socket activation) or bound here; the Unix path we own, if any."""
-    inherited = listen_fds()
+def bind_sockets(config: Config, inherited: list[tuple[str, socket.socket]]) -> tuple[list[socket.socket], Path | None]:
+    """Sockets passed by systemd (socket activation, `inherited`) or bound here; the Unix path we own, if any."""
     if inherited:
-        log.info("socket activation: %s", ", ".join(f"{name}={describe(s)}" for name, s in inherited))
+        log.info("socket activation: %s", ", ".join(f"{name!r}={describe(s)}" for name, s in inherited))
         return [sock for _, sock in inherited], None
     sockets = [bind_tcp(address) for address in config.server.listen]
     path = config.socket_path
@@ -295,7 +293,9 @@ class Daemon:
                 self.registry.cancel_all(JobState.CANCELLED, "daemon shutting down")
 
 
-async def serve(config: Config, config_path: Path | None = None, overrides: dict | None = None) -> None:
+async def serve(config: Config, config_path: Path | None = None, overrides: dict | None = None,
+                inherited: list[tuple[str, socket.socket]] | None = None) -> None:  # fmt: skip
+    """Run the daemon until a signal stops it, on the sockets socket activation passed (`inherited`), else its own."""
     # Handled from here to the end: a signal while the daemon starts, or while it stops its
     # workers, must not kill it (and leave its socket and workers behind).
     with ExitStack() as held, trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -303,7 +303,7 @@ async def serve(config: Config, config_path: Path | None = None, overrides: dict
         dirs = {config.runtime_path.resolve(): "runtime dir", config.state_path.resolve(): "state dir"}
         for directory, what in dirs.items():
             held.callback(os.close, claim(directory, what))
-        sockets, unix_path = bind_sockets(config)
+        sockets, unix_path = bind_sockets(config, inherited or [])
         bound = _file_id(unix_path)
         try:
             daemon = Daemon(config, config_path, overrides)

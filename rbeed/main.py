@@ -10,7 +10,7 @@ from pathlib import Path
 import trio
 
 from . import __version__, config as configuration, log
-from .activation import ActivationError
+from .activation import ActivationError, listen_fds
 
 logger = logging.getLogger("rbeed")
 
@@ -59,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     from .daemon import serve
 
     try:
-        trio.run(serve, config, args.config, flags)
+        # Before trio opens its epoll and wake-up fds: an fd the variables name that is not open
+        # must stay unopened, to be told as such.
+        inherited = listen_fds()
+        trio.run(serve, config, args.config, flags, inherited)
     except OSError as exc:  # ours carry the whole message, the kernel's name their file
         logger.error("%s", exc.strerror if exc.filename is None and exc.strerror else exc)
         return 1

@@ -66,12 +66,13 @@ def high_fd(fd: int) -> int:
     return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
 
 
-def spawn(fds: list[int], env: dict[str, str]) -> subprocess.Popen[str]:
+def spawn(fds: list[int], env: dict[str, str], command: tuple[str, ...] = ("-c", CHILD)) -> subprocess.Popen[str]:
+    """Python running `command` with `fds` passed as socket activation passes them."""
     passed = [high_fd(fd) for fd in fds]
     try:
         return subprocess.Popen(
             [sys.executable, "-c", LAUNCHER, str(len(passed)), *map(str, passed), "--",
-             sys.executable, "-c", CHILD],
+             sys.executable, *command],
             pass_fds=passed, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "PYTHONPATH": str(REPO), **env},
         )
@@ -205,13 +206,31 @@ def test_no_variables_no_sockets(monkeypatch):
     assert listen_fds() == []
 
 
-@pytest.mark.parametrize(("pid", "fds"), [("ours", "two"), ("ours", "-1"), ("x", "1")])
+@pytest.mark.parametrize(("pid", "fds"), [("ours", "two"), ("ours", "-1"), ("x", "1"), ("ours", " 1"), ("ours", "1_0"),
+                                          ("+ours", "1")])
 def test_malformed_variables_raise(monkeypatch, pid, fds):
-    monkeypatch.setenv("LISTEN_PID", str(os.getpid()) if pid == "ours" else pid)
+    monkeypatch.setenv("LISTEN_PID", pid.replace("ours", str(os.getpid())))
     monkeypatch.setenv("LISTEN_FDS", fds)
     with pytest.raises(ActivationError, match="is not a non-negative integer"):
         listen_fds()
     assert "LISTEN_FDS" not in os.environ
+
+
+def test_a_count_past_the_fd_table_is_refused_before_anything_is_made_of_it(monkeypatch):
+    # ["unknown"] * count: 10**15 was a MemoryError, 3*10**7 a quarter of a gigabyte first.
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    monkeypatch.setenv("LISTEN_FDS", "1000000000000000")
+    with pytest.raises(ActivationError, match=r"^LISTEN_FDS=1000000000000000 is more than the \d+ fds this process may have$"):
+        listen_fds()
+
+
+def test_the_daemon_reads_its_fds_before_it_opens_any_file(tcp_listener, tmp_path):
+    # Its lock files took the free numbers first: an fd 4 that was never passed was "not a socket".
+    serve = ("-m", "rbeed", "serve", "--state-dir", str(tmp_path / "state"), "--runtime-dir", str(tmp_path / "run"))
+    child = spawn([tcp_listener.fileno()], {"LISTEN_FDS": "2", "LISTEN_FDNAMES": "tcp:x\ny"}, serve)
+    _, stderr = child.communicate(timeout=30)
+    assert child.returncode == 1, stderr
+    assert stderr.rstrip().endswith("inherited fd 4 ('x\\ny') is not open: Bad file descriptor"), stderr
 
 
 def test_zero_fds_for_us_is_an_empty_list(monkeypatch):
