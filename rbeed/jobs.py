@@ -108,7 +108,7 @@ def _iso(timestamp: float | None) -> str | None:
 class Job:
     """One operation: its payload (until started), state, and a bounded log of rendered SSE events."""
 
-    __slots__ = ("id", "operation", "payload", "state", "error", "created_at", "started_at", "finished_at",
+    __slots__ = ("id", "operation", "hive", "payload", "state", "error", "created_at", "started_at", "finished_at",
                  "cancel_on_disconnect", "readers", "end_id", "_events", "_next_id", "_subscribers", "_scope",
                  "quiet_rounds", "_cancel_reason", "payload_bytes", "error_status", "event_bytes", "left_at",
                  "__weakref__")  # fmt: skip
@@ -116,6 +116,7 @@ class Job:
     def __init__(self, operation: AnyOperation, buffer: int, payload_bytes: int = 0):
         self.id = f"job-{uuid.uuid4()}"
         self.operation = operation.name
+        self.hive: str = getattr(operation, "hive_id", "localhost")  # the hive it names (runs on, if forwarded)
         self.payload: AnyOperation | None = operation
         self.payload_bytes = payload_bytes  # the request body it came in, counted while it waits for a stream
         self.state = JobState.QUEUED
@@ -259,7 +260,7 @@ class JobRegistry:
         self.finished_bytes = 0  # the event_bytes of the jobs in _finished, held to a budget
         self._reaper: trio.CancelScope | None = None
         self._counts = dict.fromkeys(JobState, 0)  # jobs held, by state
-        self.ended: Counter[tuple[str, str]] = Counter()  # jobs ever finished, by (operation, state)
+        self.ended: Counter[tuple[str, str, str]] = Counter()  # jobs ever finished, by (operation, hive, state)
         self._awaiting_first: deque[tuple[float, Job, int]] = deque()  # (deadline, job, its last event id)
         self._awaited = Changed()
         self.changed = Changed()  # fired whenever a job starts or finishes
@@ -432,7 +433,7 @@ class JobRegistry:
 
     def _end(self, job: Job, state: JobState, error: str | None = None) -> None:
         self._move(job, state)
-        self.ended[job.operation, state.value] += 1
+        self.ended[job.operation, job.hive, state.value] += 1
         self._running.discard(job)
         _log_end(job, state, error)
         job._finish(state, error)
@@ -476,7 +477,7 @@ class JobRegistry:
                 break
             self._take_payload(job)
             log.info("job %s expired: never streamed", job.id)
-            self.ended[job.operation, "expired"] += 1  # or jobs made would vanish from the counts
+            self.ended[job.operation, job.hive, "expired"] += 1  # or jobs made would vanish from the counts
             self._move(job, None)
             del self._jobs[job.id]
         while self._finished and self._finished[0][0] <= now:

@@ -152,8 +152,9 @@ class MetricsRoute:
         out.family("rbeed_jobs", "gauge", "Jobs the registry holds, by state (finished ones until their TTL).",
                    [({"state": state.value}, self.registry.count(state)) for state in JobState])  # fmt: skip
         ended = sorted(self.registry.ended.items())
-        out.family("rbeed_jobs_finished_total", "counter", "Jobs that ended, by operation and state.",
-                   [({"operation": operation, "state": state}, n) for (operation, state), n in ended])  # fmt: skip
+        out.family("rbeed_jobs_finished_total", "counter",
+                   "Jobs that ended, by operation, the hive they named (forwarded ones run there) and state.",
+                   [({"operation": operation, "hive": hive, "state": state}, n) for (operation, hive, state), n in ended])  # fmt: skip
         out.family("rbeed_models", "gauge", "Models in the catalog.", [({}, len(self.models.catalog.list()))])
         self._workers(out)
         self._totals(out)

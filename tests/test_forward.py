@@ -83,6 +83,10 @@ async def test_operations_run_on_the_hive_and_relay_its_events(daemons, tiny_mod
             forwarded = await run_job(client, {**infer, "hive_id": "h2"})
         [worker] = await job_result(client, {"operation": "worker_list", "hive_id": "h2"})
         assert worker["model"] == "tiny" and await job_result(client, {"operation": "worker_list"}) == []
+        # Counted here and there: the label keeps a fleet's sum from counting it twice.
+        metrics = (await client.request("GET", "/metrics")).content.decode()
+        assert 'rbeed_jobs_finished_total{operation="infer",hive="h2",state="completed"} 1\n' in metrics
+        assert 'operation="infer",hive="localhost"' not in metrics
     async with hive.client() as direct:
         with trio.fail_after(60):
             local = await run_job(direct, infer)

@@ -89,11 +89,11 @@ async def test_metrics_count_the_jobs_tokens_and_workers_the_daemon_served(daemo
         return value(after, name, **labels) - value(before, name, **labels)
 
     # Jobs, by operation and the state they ended in (the worker_get and model_list too).
-    assert added("rbeed_jobs_finished_total", operation="infer", state="completed") == 2
-    assert added("rbeed_jobs_finished_total", operation="infer", state="failed") == 1
-    assert added("rbeed_jobs_finished_total", operation="embed", state="completed") == 1
-    assert added("rbeed_jobs_finished_total", operation="hive_list", state="cancelled") == 1
-    assert added("rbeed_jobs_finished_total", operation="model_list", state="completed") == 1
+    assert added("rbeed_jobs_finished_total", hive="localhost", operation="infer", state="completed") == 2
+    assert added("rbeed_jobs_finished_total", hive="localhost", operation="infer", state="failed") == 1
+    assert added("rbeed_jobs_finished_total", hive="localhost", operation="embed", state="completed") == 1
+    assert added("rbeed_jobs_finished_total", hive="localhost", operation="hive_list", state="cancelled") == 1
+    assert added("rbeed_jobs_finished_total", hive="localhost", operation="model_list", state="completed") == 1
     assert value(after, "rbeed_jobs", state="running") == value(after, "rbeed_jobs", state="queued") == 0
     assert value(after, "rbeed_jobs", state="failed") >= 1  # held until their TTL
 

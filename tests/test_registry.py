@@ -159,7 +159,7 @@ async def test_a_job_never_streamed_expires_after_unstreamed_ttl(autojump_clock)
         await trio.sleep(0.2)  # t=15.1
         assert registry.list() == []
         # Counted as ended (rbeed_jobs_finished_total): jobs made are jobs held or ended.
-        assert registry.ended == {("hive_list", "expired"): 2}
+        assert registry.ended == {("hive_list", "localhost", "expired"): 2}
 
 
 async def test_a_running_job_outlives_unstreamed_ttl_and_a_finished_one_stays_finished_ttl(autojump_clock):
