@@ -301,7 +301,7 @@ async def test_load_on_demand_then_reuse_and_keep_alive(client):
     # keep_alive -1: loaded once and kept; the next job reuses it without a word about loading.
     events, result = await infer(client, GREEDY | {"model": "tiny2", "keep_alive": -1})
     kept = result["worker_id"]
-    assert kept != loaded and narrations(events)[0].startswith("loading tiny2 ")
+    assert narrations(events)[0].startswith("loading tiny2 ")  # anew, by the name the first one freed
     [worker] = await tiny2_workers(client)
     assert (worker["keep_alive"], worker["stops_at"]) == (-1, None)
 
@@ -329,10 +329,11 @@ async def test_jobs_back_to_back_never_land_on_a_worker_that_is_stopping(client)
     # Each job's worker stops right after it (keep_alive 0), while the next job, sent as soon as
     # the previous one ended, looks for a worker. Before the fix, every other job was queued on
     # the stopping worker and ended "[ERROR] worker tiny2-cpu-N stopped".
-    workers = set()
+    loads = 0
     for _ in range(6):
-        workers.add((await infer(client, GREEDY | {"model": "tiny2", "max_tokens": 2}))[1]["worker_id"])
-    assert len(workers) >= 2  # they did stop in between
+        events, _ = await infer(client, GREEDY | {"model": "tiny2", "max_tokens": 2})
+        loads += any(line.startswith("loading tiny2 ") for line in narrations(events))
+    assert loads >= 2  # they did stop in between
     await wait_no_tiny2_worker(client)
 
 
