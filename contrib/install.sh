@@ -90,12 +90,12 @@ fi
 # 3. polkit: rbee may start/stop/limit rbeed-worker@*.service
 put 0644 "$SRC/contrib/rbeed.polkit.rules" /etc/polkit-1/rules.d/50-rbeed.rules
 
-# 4. the units, ExecStart= rewritten to $PREFIX/bin/rbeed
+# 4. the units, ExecStart= and ExecReload= rewritten to $PREFIX/bin/rbeed
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 for unit in $UNITS; do
-    sed "/^ExecStart=/s|/usr/bin/rbeed|$PREFIX/bin/rbeed|" "$SRC/systemd/$unit" > "$tmp/$unit"
-    grep '^ExecStart=' "$tmp/$unit" | sed "s|^|  $unit: |"
+    sed -E "/^Exec(Start|Reload)=/s|/usr/bin/rbeed|$PREFIX/bin/rbeed|" "$SRC/systemd/$unit" > "$tmp/$unit"
+    grep -E '^Exec(Start|Reload)=' "$tmp/$unit" | sed "s|^|  $unit: |"
     put 0644 "$tmp/$unit" "/etc/systemd/system/$unit"
 done
 

@@ -138,6 +138,9 @@ class Daemon:
         self.connections = 0
         self._poked = Changed()  # jobs, workers or connections changed
         self._reloaded = Changed()
+        self.reload_record = config.runtime_path / "reloaded"  # what `rbeed reload` waits on
+        self.reload_record.unlink(missing_ok=True)  # an earlier daemon's
+        self.reloads = 0
         self.registry.on_change = self.supervisor.on_change = self._poked.fire
         self._stop = trio.Event()
 
@@ -248,6 +251,7 @@ class Daemon:
             fresh = configuration.load(self.config_path, self.overrides)
         except configuration.ConfigError as exc:
             log.error("reload failed, keeping the running config: %s", exc)
+            self._record_reload(f"failed, keeping the running config: {exc}")
             return
         changed, ignored = [], []
         for section in ("", "server", "jobs", "hives", "models", "workers"):
@@ -278,6 +282,17 @@ class Daemon:
             worker.retime()  # an idle worker's stop moves with [workers] keep_alive
         self._reloaded.fire()
         self._poked.fire()
+        self._record_reload("ok")
+
+    def _record_reload(self, outcome: str) -> None:
+        """Write RUNTIME_DIR/reloaded: `PID N OUTCOME` of this daemon's Nth reload."""
+        self.reloads += 1
+        beside = self.reload_record.with_name(".reloaded.new")
+        try:
+            beside.write_text(f"{os.getpid()} {self.reloads} {outcome}\n")
+            os.replace(beside, self.reload_record)
+        except OSError as exc:
+            log.warning("cannot record the reload in %s: %s", self.reload_record, exc.strerror)
 
     async def handle_signals(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import trio
@@ -24,6 +27,43 @@ def _serve_parser(sub) -> None:
     p.add_argument("--state-dir", metavar="DIR", help="where catalogs and models live")
     p.add_argument("--runtime-dir", metavar="DIR", help="where sockets and worker files live")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _reload_parser(sub) -> None:
+    p = sub.add_parser("reload", help="make a running daemon re-read its config, and wait until it has (ExecReload=)")
+    p.add_argument("pid", type=int, help="the daemon's pid ($MAINPID)")
+    p.add_argument("--config", type=Path, help="the daemon's config file, if it was given one")
+    p.add_argument("--runtime-dir", metavar="DIR", help="the daemon's runtime dir, if it was given one")
+    p.add_argument("--timeout", type=float, default=90.0, help="seconds to wait (default 90)")
+
+
+def reload(pid: int, record: Path, timeout: float) -> int:
+    """SIGHUP the daemon and wait until its reload record changes: 0 once it reloaded, 1 if that
+    failed (a config it could not read: it keeps the running one) or did not happen in time."""
+    def read() -> str:
+        try:
+            return record.read_text()
+        except FileNotFoundError:
+            return ""
+
+    before = read()
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        logger.error("cannot signal pid %d: %s", pid, exc.strerror)
+        return 1
+    deadline = time.monotonic() + timeout
+    # A bounded poll: the daemon says nothing else when it is done, and this process has no loop to be told in.
+    while (now := read()) == before or not now.startswith(f"{pid} "):
+        if time.monotonic() > deadline:
+            logger.error("pid %d did not record a reload in %s within %g s", pid, record, timeout)
+            return 1
+        time.sleep(0.02)
+    outcome = now.split(" ", 2)[2].strip()
+    if outcome != "ok":
+        logger.error("reload %s", outcome)
+        return 1
+    return 0
 
 
 def overrides(args: argparse.Namespace) -> dict:
@@ -47,8 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"rbeed {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    _reload_parser(sub)
     sub.add_parser("worker", help="run one llama.cpp worker (started by the daemon)")
     args = parser.parse_args(argv)
+    if args.command == "reload":
+        log.setup("info")
+        try:
+            runtime = configuration.load(args.config, {"runtime_dir": args.runtime_dir}).runtime_path
+        except configuration.ConfigError:  # the daemon reads it too, and says why it keeps its config
+            runtime = Path(args.runtime_dir) if args.runtime_dir else configuration.default_runtime_dir()
+        return reload(args.pid, runtime / "reloaded", args.timeout)
     log.setup(args.log_level)
     flags = overrides(args)
     try:

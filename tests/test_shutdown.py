@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from contextlib import asynccontextmanager
 
@@ -144,6 +146,35 @@ async def test_an_idle_daemon_exits_0_promptly_and_removes_its_socket(tmp_path):
         assert wait_exit(daemon, within=5) < 1
     assert not daemon.socket_path.exists()
     assert "rbeed stopped" in daemon.log() and "Traceback" not in daemon.log()
+
+
+def test_rbeed_reload_returns_once_the_daemon_has_reloaded_and_fails_when_it_could_not():
+    base = short_base()
+    daemon = start_daemon(base, config="[jobs]\nfinished_ttl = 600\n")
+    config = base / "rbeed.toml"
+
+    def reload() -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "rbeed", "reload", str(daemon.proc.pid), "--config", str(config),
+                   "--runtime-dir", str(daemon.runtime_dir), "--timeout", "20"]  # fmt: skip
+        return subprocess.run(command, capture_output=True, text=True, timeout=30)
+
+    try:
+        config.write_text("[jobs]\nfinished_ttl = 60\n")
+        done = reload()
+        assert done.returncode == 0, done.stderr
+        assert f"reloaded {config}: jobs.finished_ttl" in daemon.log()  # when it returned: no wait
+        # A config that does not parse: this command cannot read it either, and signals all the same.
+        config.write_text("[jobs]\nfinished_ttl = 'soon'\n")
+        refused = reload()
+        assert refused.returncode == 1
+        assert "reload failed, keeping the running config: " in refused.stderr
+        assert "Expected `float`, got `str` - at `$.jobs.finished_ttl`" in refused.stderr
+        gone = subprocess.run([sys.executable, "-m", "rbeed", "reload", "999999999"], capture_output=True, text=True)
+        assert gone.returncode == 1 and "cannot signal pid 999999999" in gone.stderr
+        assert daemon.stop() == 0
+    finally:
+        daemon.stop(signal.SIGKILL)
+        shutil.rmtree(base)
 
 
 async def test_signals_that_come_while_the_workers_stop_are_handled_not_fatal(tmp_path, tiny_model):

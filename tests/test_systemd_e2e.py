@@ -551,13 +551,21 @@ async def test_the_watchdog_is_fed(rbeed):
 async def test_reload_rereads_the_config_in_the_same_process(rbeed):
     main_pid = rbeed.main_pid()
     rbeed.config.write_text(CONFIG.replace('"auto"', '"process"') + "[jobs]\nfinished_ttl = 60\n")
-    rbeed.check("reload", SERVICE)  # ExecReload= sends SIGHUP
-    with trio.fail_after(5):  # bounded poll of the log: nothing else tells when rbeed has reloaded
-        while "not reloaded (restart needed): workers.backend" not in rbeed.logs():
-            await trio.sleep(0.05)
+    # ExecReload= (rbeed reload) sends SIGHUP and returns once rbeed has reloaded: it returned at
+    # once (kill -HUP), and the log had to be polled.
+    rbeed.check("reload", SERVICE)
     assert f"reloaded {rbeed.config}: jobs.finished_ttl\n" in rbeed.logs()
+    assert "not reloaded (restart needed): workers.backend" in rbeed.logs()
     assert (rbeed.show(SERVICE, "ActiveState"), rbeed.main_pid()) == ("active", main_pid)
     await poll_status_text(rbeed, "0 workers, 0 jobs running")
+
+    # A config it cannot read fails the reload, as systemctl tells; rbeed runs on with the old one.
+    rbeed.config.write_text(CONFIG + "[jobs]\nfinished_ttl = 'soon'\n")
+    refused = rbeed.manager.systemctl("reload", SERVICE)
+    assert refused.returncode != 0 and "reload failed" in refused.stderr + rbeed.logs()
+    assert "reload failed, keeping the running config" in rbeed.logs() and "Expected `float`" in rbeed.logs()
+    assert (rbeed.show(SERVICE, "ActiveState"), rbeed.main_pid()) == ("active", main_pid)
+    rbeed.config.write_text(CONFIG)
 
 
 # --- 8. both backends pass the same worker tests ---------------------------------------------

@@ -234,7 +234,7 @@ def test_install_into_an_image_is_complete_verified_and_idempotent(tmp_path):
     for unit in UNITS:
         installed = (root / "etc/systemd/system" / unit).read_text()
         expected = (REPO / "systemd" / unit).read_text()
-        expected = re.sub(r"(?m)^ExecStart=/usr/bin/rbeed ", f"ExecStart={prefix}/bin/rbeed ", expected)
+        expected = re.sub(r"(?m)^(ExecStart|ExecReload)=/usr/bin/rbeed ", rf"\1={prefix}/bin/rbeed ", expected)
         assert installed == expected
     for sock in ("rbeed.socket", "rbeed-tcp.socket"):
         link = root / "etc/systemd/system/sockets.target.wants" / sock

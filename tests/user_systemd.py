@@ -260,7 +260,7 @@ def install_rbeed_units(manager: UserSystemd, exec_start: str, log: Path, tcp_po
         "rbeed-tcp.socket": f"[Socket]\nListenStream=\nListenStream=127.0.0.1:{tcp_port}\n",
     }
     for unit in RBEED_UNITS:
-        text = re.sub(r"(?m)^ExecStart=/usr/bin/rbeed ", f"ExecStart={exec_start} ", (REPO / "systemd" / unit).read_text())
+        text = re.sub(r"(?m)^(ExecStart|ExecReload)=/usr/bin/rbeed ", rf"\1={exec_start} ", (REPO / "systemd" / unit).read_text())
         if serve_args:
             text = text.replace(f"ExecStart={exec_start} serve", f"ExecStart={exec_start} serve {serve_args}")
         (manager.unit_dir / unit).write_text(text)
