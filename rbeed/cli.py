@@ -23,7 +23,7 @@ import msgspec
 import trio
 
 from . import __version__
-from .config import default_runtime_dir
+from .config import default_runtime_dir, not_private, shared_tmp_dir
 from .httpclient import Client, ConnectError, HTTPError, HTTPTimeout, ServerSentEvent
 from .jobclient import JobClient, Refused, StreamLost, job_path, server_message
 from .operations import DEFAULTS, HiveCreate, Infer, Settings, WorkerSpawn
@@ -690,9 +690,13 @@ def daemon_address(args: argparse.Namespace) -> str:
         return f"unix:{os.path.abspath(args.socket)}"
     if url := os.environ.get("RBEE_URL"):
         return url
-    own = default_runtime_dir() / "rbeed.sock"
+    runtime = default_runtime_dir()
+    own = runtime / "rbeed.sock"
     # A daemon of one's own first, else the system service's socket (rbeed.socket). A socket file
-    # outlives a killed daemon: a connection shows whether one listens.
+    # outlives a killed daemon: a connection shows whether one listens. In /tmp, a socket is one's
+    # own only in a directory no one else can write: another user's would get every prompt.
+    if runtime == shared_tmp_dir() and not_private(runtime):
+        return f"unix:{SYSTEM_SOCKET}"
     return f"unix:{own if _listening(own) or not SYSTEM_SOCKET.exists() else SYSTEM_SOCKET}"
 
 

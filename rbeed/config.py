@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -166,7 +167,29 @@ def default_runtime_dir() -> Path:
         return path
     if xdg := os.environ.get("XDG_RUNTIME_DIR"):
         return Path(xdg) / "rbeed"
-    return Path(f"/tmp/rbeed-{os.getuid()}")
+    return shared_tmp_dir()
+
+
+def shared_tmp_dir() -> Path:
+    """The runtime dir without XDG_RUNTIME_DIR (ssh without pam_systemd, cron): in $TMPDIR or
+    /tmp, which every user may write, so it is used only if it is this user's alone (not_private)."""
+    return Path(os.environ.get("TMPDIR") or "/tmp") / f"rbeed-{os.getuid()}"
+
+
+def not_private(path: Path) -> str | None:
+    """Why `path` is not a directory only this user can write (another could plant a socket or
+    a symlink in it), None if it is one or is not there yet."""
+    try:
+        status = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(status.st_mode):
+        return "not a directory" + (" (a symlink)" if stat.S_ISLNK(status.st_mode) else "")
+    if status.st_uid != os.getuid():
+        return f"owned by uid {status.st_uid}"
+    if status.st_mode & 0o022:
+        return f"writable by others (mode {stat.S_IMODE(status.st_mode):04o})"
+    return None
 
 
 def load(path: Path | None, overrides: dict | None = None) -> Config:

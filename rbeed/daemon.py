@@ -69,7 +69,8 @@ def claim(directory: Path, what: str) -> int:
     """Lock `directory` for this daemon's life (the kernel drops the lock when it exits, however it
     exits): a second daemon on the same catalog or worker sockets would corrupt both."""
     directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / "rbeed.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    # O_NOFOLLOW: a symlink in its place would have this truncate and write the file it names.
+    fd = os.open(directory / "rbeed.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -315,6 +316,11 @@ async def serve(config: Config, config_path: Path | None = None, overrides: dict
     # workers, must not kill it (and leave its socket and workers behind).
     with ExitStack() as held, trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         # One lock per directory: the state and runtime dirs may be the same one.
+        if (runtime := config.runtime_path) == configuration.shared_tmp_dir():
+            runtime.mkdir(mode=0o700, exist_ok=True)
+            if why := configuration.not_private(runtime):
+                raise OSError(errno.EPERM, f"runtime dir {runtime} is {why}: another user may have made it; "
+                                           "remove it, or give rbeed one of its own (XDG_RUNTIME_DIR, --runtime-dir)")
         dirs = {config.runtime_path.resolve(): "runtime dir", config.state_path.resolve(): "state dir"}
         for directory, what in dirs.items():
             held.callback(os.close, claim(directory, what))

@@ -1029,6 +1029,28 @@ def test_the_daemon_address_comes_from_flags_then_env_then_the_default(monkeypat
         assert cli.daemon_address(parse(["hive", "list"])) == f"unix:{own}"
 
 
+def test_a_daemon_socket_in_tmp_is_taken_only_from_a_directory_that_is_ones_own(monkeypatch, tmp_path):
+    # Without XDG_RUNTIME_DIR the default is $TMPDIR/rbeed-UID, which another user could make first,
+    # with a listener of theirs in it that would get every prompt.
+    parse = cli.make_parser().parse_args
+    for name in ("RBEE_URL", "RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(cli, "SYSTEM_SOCKET", system := tmp_path / "system.sock")
+    own = tmp_path / f"rbeed-{os.getuid()}"
+    own.mkdir(mode=0o700)
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(own / "rbeed.sock"))
+        listener.listen()
+        assert cli.daemon_address(parse(["hive", "list"])) == f"unix:{own}/rbeed.sock"
+        own.chmod(0o777)
+        assert cli.daemon_address(parse(["hive", "list"])) == f"unix:{system}"
+        own.chmod(0o700)
+        if os.getuid() == 0:  # made by another user
+            os.chown(own, 1234, -1)
+            assert cli.daemon_address(parse(["hive", "list"])) == f"unix:{system}"
+
+
 # -- input rbee cannot send, answers it cannot use, output it cannot write ----------------------
 
 

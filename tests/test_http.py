@@ -9,6 +9,9 @@ import signal
 import socket
 import stat
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import trio
@@ -173,6 +176,64 @@ async def test_a_second_daemon_on_the_same_directories_is_refused(shared_daemon,
     assert "Traceback" not in result.stderr and "Errno" not in result.stderr
     assert not (tmp_path / "rbeed.sock").exists()  # refused before binding anything
     assert parse_response(await exchange(shared_daemon, b"GET /health HTTP/1.0\r\n\r\n", unix=True))[0] == 200
+
+
+def serve_in_shared_tmp(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """`rbeed serve` without XDG_RUNTIME_DIR, so with its runtime dir in $TMPDIR (here, one of
+    the test's); expected to exit. Its result, and that runtime dir."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir(exist_ok=True)
+    drop = ("XDG_RUNTIME_DIR", "RUNTIME_DIRECTORY", "NOTIFY_SOCKET")
+    env = {key: value for key, value in os.environ.items() if key not in drop} | {"TMPDIR": str(tmpdir)}
+    command = [sys.executable, "-m", "rbeed", "serve", "--state-dir", str(tmp_path / "state"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=30, env=env), tmpdir / f"rbeed-{os.getuid()}"
+
+
+@pytest.mark.parametrize("made", ["writable", "symlink", "foreign"])
+def test_a_runtime_dir_in_tmp_that_is_not_ones_own_is_refused(tmp_path, made):
+    # Made first by another user, it held a lock file linked to one of ours: the daemon truncated
+    # it and wrote its pid there; and a socket of theirs would get our clients' prompts.
+    runtime = tmp_path / "tmp" / f"rbeed-{os.getuid()}"
+    runtime.parent.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "rbeed.lock").write_text("precious")
+    if made == "symlink":
+        runtime.symlink_to(elsewhere)
+        why = "not a directory (a symlink)"
+    else:
+        runtime.mkdir(mode=0o700)
+        (runtime / "rbeed.lock").symlink_to(elsewhere / "rbeed.lock")
+        if made == "writable":
+            runtime.chmod(0o777)
+            why = "writable by others (mode 0777)"
+        elif os.getuid() == 0:
+            os.chown(runtime, 1234, -1)
+            why = "owned by uid 1234"
+        else:
+            pytest.skip("giving a directory to another user needs root")
+    result, _ = serve_in_shared_tmp(tmp_path, "--no-tcp")
+    assert result.returncode == 1, result.stderr
+    assert f"runtime dir {runtime} is {why}: another user may have made it; remove it" in result.stderr
+    assert (elsewhere / "rbeed.lock").read_text() == "precious"
+
+
+def test_a_runtime_dir_in_tmp_is_made_private_and_its_lock_is_never_a_link(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result, runtime = serve_in_shared_tmp(tmp_path, "--listen", f"127.0.0.1:{port}")
+    assert result.returncode == 1 and "Address already in use" in result.stderr  # once its dirs were claimed
+    assert stat.S_IMODE(runtime.stat().st_mode) == 0o700
+    # Any runtime dir: a lock file that is a symlink is refused, not followed.
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (runtime / "rbeed.lock").unlink()
+    (runtime / "rbeed.lock").symlink_to(victim)
+    result, _ = serve_in_shared_tmp(tmp_path, "--no-tcp")
+    assert result.returncode == 1 and "Too many levels of symbolic links" in result.stderr, result.stderr
+    assert victim.read_text() == "precious"
 
 
 def test_a_taken_tcp_port_is_named(tmp_path):
