@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from . import config as configuration
@@ -24,6 +25,17 @@ def _wait_ready(notify: socket.socket, daemon: subprocess.Popen) -> bool:
         except TimeoutError:
             continue
     return False
+
+
+def _drain(notify: socket.socket) -> None:
+    """Read the daemon's later STATUS= lines: unread, they fill the socket's queue and each
+    further one is a warning in the terminal."""
+    notify.settimeout(None)
+    try:
+        while notify.recv(4096):
+            pass
+    except OSError:  # closed at the end
+        pass
 
 
 def _register(models_dir: Path) -> None:
@@ -44,13 +56,19 @@ def main() -> int:
         notify_path = Path(scratch) / "notify"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
+        # A process group of its own: the terminal's Ctrl-C reaches the daemon once, forwarded
+        # from here, not twice (from the terminal and from here: a second one stops it at once).
         daemon = subprocess.Popen(
             [sys.executable, "-m", "rbeed", "serve", *sys.argv[1:]],
-            env={**os.environ, "NOTIFY_SOCKET": str(notify_path)},
-        )
+            env={**os.environ, "NOTIFY_SOCKET": str(notify_path)}, process_group=0,
+        )  # fmt: skip
+        # A kill of this process too; a hangup (the terminal closed) stops the daemon, not reloads it.
+        for forwarded in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(forwarded, lambda signum, _: daemon.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum))
         try:
             if not _wait_ready(notify, daemon):
-                return daemon.wait()
+                return _status(daemon.wait())
+            threading.Thread(target=_drain, args=(notify,), daemon=True).start()
             _register(config.state_path / "models")
             print(
                 "\nrbeed is running. In another terminal:\n"
@@ -58,10 +76,7 @@ def main() -> int:
                 "Ctrl-C stops the daemon.\n",
                 file=sys.stderr,
             )
-            return daemon.wait()
-        except KeyboardInterrupt:
-            daemon.send_signal(signal.SIGINT)
-            return daemon.wait()
+            return _status(daemon.wait())
         except subprocess.CalledProcessError as exc:
             print(f"rbeed demo: registering the model failed ({exc})", file=sys.stderr)
             daemon.send_signal(signal.SIGTERM)
@@ -69,6 +84,10 @@ def main() -> int:
             return 1
         finally:
             notify.close()
+
+
+def _status(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode  # killed by signal N: 128+N, as a shell says
 
 
 if __name__ == "__main__":
