@@ -40,11 +40,16 @@ bench: $(VENV)/.installed-test+demo+bench
 
 # rbeed and rbee in a venv of their own under PREFIX/lib/rbeed, linked from PREFIX/bin; the man
 # pages; then contrib/install.sh: user, directories, units (ExecStart under PREFIX), sockets.
-# DESTDIR stages the man pages and units into an image; the venv is built at PREFIX itself.
+# DESTDIR stages it all into an image: the venv is built there, its scripts' #! lines then
+# rewritten to PREFIX. The venv runs PYTHON's interpreter, which the service user rbee must be
+# able to run: not one in a home directory (ProtectHome=, such as pyenv's).
+LIB := $(DESTDIR)$(PREFIX)/lib/rbeed
 install:
-	$(PYTHON) -m venv "$(PREFIX)/lib/rbeed"
-	"$(PREFIX)/lib/rbeed/bin/python" -m pip install --quiet --upgrade pip
-	"$(PREFIX)/lib/rbeed/bin/python" -m pip install --quiet .
+	@$(PYTHON) -c 'import sys; sys.base_prefix.startswith(("/root/", "/home/")) and print(f"warning: {sys.base_prefix} is in a home directory, which rbeed.service (User=rbee, ProtectHome=yes) cannot read: use PYTHON=/usr/bin/python3", file=sys.stderr)'
+	$(PYTHON) -m venv "$(LIB)"
+	"$(LIB)/bin/python" -m pip install --quiet --upgrade pip
+	"$(LIB)/bin/python" -m pip install --quiet .
+	$(if $(DESTDIR),grep -lI '^#!$(LIB)/' "$(LIB)/bin/"* | xargs sed -i '1s|^#!$(LIB)/|#!$(PREFIX)/lib/rbeed/|')
 	install -d "$(DESTDIR)$(PREFIX)/bin"
 	ln -sf "$(PREFIX)/lib/rbeed/bin/rbeed" "$(DESTDIR)$(PREFIX)/bin/rbeed"
 	ln -sf "$(PREFIX)/lib/rbeed/bin/rbee" "$(DESTDIR)$(PREFIX)/bin/rbee"

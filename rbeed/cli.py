@@ -572,7 +572,7 @@ class Session:
         if reason == "permission denied" and self.address.startswith("unix:"):
             hint = _members_only(self.address.removeprefix("unix:"))
         else:
-            hint = "start it with `systemctl start rbeed` (or `systemctl --user start rbeed`), or run `rbeed serve`"
+            hint = "start it with `systemctl start rbeed.socket` (the service starts at the first connection), or run `rbeed serve`"
         return CliError(f"cannot reach the rbeed daemon at {self.address}: {reason}\n  hint: {hint}", EXIT_UNREACHABLE)
 
     @contextlib.contextmanager
