@@ -58,6 +58,11 @@ def reload(pid: int, record: Path, timeout: float) -> int:
         if time.monotonic() > deadline:
             logger.error("pid %d did not record a reload in %s within %g s", pid, record, timeout)
             return 1
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            logger.error("pid %d exited before it recorded a reload", pid)
+            return 1
         time.sleep(0.02)
     outcome = now.split(" ", 2)[2].strip()
     if outcome != "ok":

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import asynccontextmanager
 
@@ -171,6 +172,12 @@ def test_rbeed_reload_returns_once_the_daemon_has_reloaded_and_fails_when_it_cou
         assert "Expected `float`, got `str` - at `$.jobs.finished_ttl`" in refused.stderr
         gone = subprocess.run([sys.executable, "-m", "rbeed", "reload", "999999999"], capture_output=True, text=True)
         assert gone.returncode == 1 and "cannot signal pid 999999999" in gone.stderr
+        # Not a daemon (SIGHUP ends it): told at once, not after the timeout.
+        with subprocess.Popen(["sleep", "60"]) as sleeper:
+            threading.Thread(target=sleeper.wait, daemon=True).start()  # reaped as it dies, no zombie
+            command = [sys.executable, "-m", "rbeed", "reload", str(sleeper.pid), "--runtime-dir", str(daemon.runtime_dir)]
+            died = subprocess.run(command, capture_output=True, text=True, timeout=15)
+        assert died.returncode == 1 and f"pid {sleeper.pid} exited before it recorded a reload" in died.stderr
         assert daemon.stop() == 0
     finally:
         daemon.stop(signal.SIGKILL)
