@@ -40,8 +40,8 @@ bench: $(VENV)/.installed-test+demo+bench
 
 # rbeed and rbee in a venv of their own under PREFIX/lib/rbeed, linked from PREFIX/bin; the man
 # pages; then contrib/install.sh: user, directories, units (ExecStart under PREFIX), sockets.
-# DESTDIR stages it all into an image: the venv is built there, its scripts' #! lines then
-# rewritten to PREFIX. The venv runs PYTHON's interpreter, which the service user rbee must be
+# DESTDIR stages it all into an image: the venv is built there, then its scripts (#! lines,
+# pip's /bin/sh trampolines for long ones, activate) rewritten to PREFIX. The venv runs PYTHON's interpreter, which the service user rbee must be
 # able to run: not one in a home directory (ProtectHome=, such as pyenv's).
 LIB := $(DESTDIR)$(PREFIX)/lib/rbeed
 install:
@@ -49,7 +49,7 @@ install:
 	$(PYTHON) -m venv "$(LIB)"
 	"$(LIB)/bin/python" -m pip install --quiet --upgrade pip
 	"$(LIB)/bin/python" -m pip install --quiet .
-	$(if $(DESTDIR),grep -lI '^#!$(LIB)/' "$(LIB)/bin/"* | xargs sed -i '1s|^#!$(LIB)/|#!$(PREFIX)/lib/rbeed/|')
+	$(if $(DESTDIR),grep -lI '$(LIB)' "$(LIB)/bin/"* | xargs sed -i 's|$(LIB)|$(PREFIX)/lib/rbeed|g')
 	install -d "$(DESTDIR)$(PREFIX)/bin"
 	ln -sf "$(PREFIX)/lib/rbeed/bin/rbeed" "$(DESTDIR)$(PREFIX)/bin/rbeed"
 	ln -sf "$(PREFIX)/lib/rbeed/bin/rbee" "$(DESTDIR)$(PREFIX)/bin/rbee"

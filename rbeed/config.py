@@ -15,9 +15,11 @@ YEAR = 365 * 86400.0  # a bound on durations: TOML's inf would overflow where th
 Seconds = Annotated[float, msgspec.Meta(ge=0, le=YEAR)]
 Interval = Annotated[float, msgspec.Meta(gt=0, le=YEAR)]
 # CPU numbers below 10000 (Linux builds for at most 8192): a range is a set built in memory.
-# As systemd reads them (checked here: set-property would refuse them only as a worker starts).
+# As systemd reads them (checked here: set-property would refuse them only as a worker starts);
+# their ranges are checked in WorkersConfig.
 MemoryMax = Annotated[str, msgspec.Meta(pattern=r"^(infinity|[0-9]{1,20}(\.[0-9]{1,6})?[KMGTPE]?|[0-9]{1,3}(\.[0-9]{1,2})?%)\Z")]
-CPUQuota = Annotated[str, msgspec.Meta(pattern=r"^[1-9][0-9]{0,5}(\.[0-9]{1,2})?%\Z")]
+CPUQuota = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,6}(\.[0-9]{1,2})?%\Z")]
+_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50, "E": 1 << 60}
 CPUList = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,4}(-[0-9]{1,4})?(,[0-9]{1,4}(-[0-9]{1,4})?)*\Z")]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 # HOST:PORT with a port that fits 16 bits (HOST may be empty, or an IPv6 address in brackets).
@@ -95,6 +97,16 @@ class WorkersConfig(Section):
         for part in (self.cpu_affinity or "").split(","):
             if "-" in part and int((ends := part.split("-"))[0]) > int(ends[1]):
                 raise ValueError(f"cpu_affinity {self.cpu_affinity!r}: the range {part} runs backwards")
+        if (memory := self.memory_max) and memory != "infinity":
+            if memory.endswith("%"):
+                fits = 0 < float(memory[:-1]) <= 100
+            else:
+                number, suffix = (memory[:-1], memory[-1]) if memory[-1].isalpha() else (memory, "")
+                fits = 1 <= float(number) * _SIZE_SUFFIXES[suffix] < 1 << 64
+            if not fits:
+                raise ValueError(f"memory_max {memory!r} is out of range: more than 0, below 16E, at most 100%")
+        if self.cpu_quota and not float(self.cpu_quota[:-1]) > 0:
+            raise ValueError(f"cpu_quota {self.cpu_quota!r} is out of range: more than 0%")
 
 
 class Config(Section):

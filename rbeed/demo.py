@@ -62,20 +62,31 @@ def main() -> int:
             [sys.executable, "-m", "rbeed", "serve", *sys.argv[1:]],
             env={**os.environ, "NOTIFY_SOCKET": str(notify_path)}, process_group=0,
         )  # fmt: skip
-        # A kill of this process too; a hangup (the terminal closed) stops the daemon, not reloads it.
+        registering = threading.Event()
+
+        def forward(signum: int, _frame) -> None:
+            # A kill of this process too; a hangup (the terminal closed) stops the daemon, not reloads it.
+            daemon.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
+            if registering.is_set():  # the model's assembly, here, stops too
+                raise KeyboardInterrupt
+
         for forwarded in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(forwarded, lambda signum, _: daemon.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum))
+            signal.signal(forwarded, forward)
         try:
             if not _wait_ready(notify, daemon):
                 return _status(daemon.wait())
             threading.Thread(target=_drain, args=(notify,), daemon=True).start()
+            registering.set()
             _register(config.state_path / "models")
+            registering.clear()
             print(
                 "\nrbeed is running. In another terminal:\n"
                 f"  {Path(sys.executable).parent}/rbee infer 'The capital of France is'\n"
                 "Ctrl-C stops the daemon.\n",
                 file=sys.stderr,
             )
+            return _status(daemon.wait())
+        except KeyboardInterrupt:  # while registering: the daemon was told
             return _status(daemon.wait())
         except subprocess.CalledProcessError as exc:
             print(f"rbeed demo: registering the model failed ({exc})", file=sys.stderr)

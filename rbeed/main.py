@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "reload":
         log.setup("info")
         try:
-            runtime = configuration.load(args.config, {"runtime_dir": args.runtime_dir}).runtime_path
+            flags = {"runtime_dir": args.runtime_dir} if args.runtime_dir else {}  # else the file's, if it has one
+            runtime = configuration.load(args.config, flags).runtime_path
         except configuration.ConfigError:  # the daemon reads it too, and says why it keeps its config
             runtime = Path(args.runtime_dir) if args.runtime_dir else configuration.default_runtime_dir()
         return reload(args.pid, runtime / "reloaded", args.timeout)

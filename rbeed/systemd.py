@@ -70,8 +70,11 @@ class UnitHandle:
                 raise WorkerStartError(status.removeprefix("failed: "))
             if (outcome := props.get("Result", "unknown")) in _DIED:
                 raise WorkerStartError(f"worker {_exit_of(props)} while loading")
-            if outcome == "success":  # its start job cancelled: a stop came first (rbeed's, propagated)
+            said = result.stderr.decode(errors="replace").strip()
+            if outcome == "success" and "canceled" in said:  # its start job: a stop came first (rbeed's, propagated)
                 raise WorkerStartError(f"unit {self.unit} was stopped while loading")
+            if outcome == "success":  # it never ran: no such unit, access denied
+                raise WorkerStartError(f"systemctl start {self.unit}: {said or f'exit status {result.returncode}'}")
             raise WorkerStartError(f"unit {self.unit} failed to start ({outcome})")
         self.pid = int(props["MainPID"]) or None
         self.invocation = props["InvocationID"]

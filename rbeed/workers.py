@@ -546,7 +546,7 @@ class Supervisor:
             while worker.queue:
                 worker.queue.popleft().finish(why)
             if worker.state is WorkerState.STOPPED or not worker.loaded.is_set():
-                self.workers.pop(worker.id, None)  # a worker that never loaded is not listed
+                self._unlist(worker)  # a worker that never loaded is not listed
             worker.loaded.set()
             worker.stopped.set()
             self._signal()
@@ -614,5 +614,11 @@ class Supervisor:
         worker = self.lookup(op.id)
         job.narrate(f"stopping worker {worker.id} (pid {worker.pid})")
         await self.stop(worker)
-        self.workers.pop(worker.id, None)
+        self._unlist(worker)  # a failed one: listed until deleted
         job.result(worker.record())
+
+    def _unlist(self, worker: Worker) -> None:
+        # By identity: once a worker is gone its id is free, and a new worker may hold it already
+        # (a spawn woken by the same stop, run first).
+        if self.workers.get(worker.id) is worker:
+            del self.workers[worker.id]

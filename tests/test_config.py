@@ -62,7 +62,9 @@ def test_flags_override_the_file(tmp_path):
         # Refused only by systemctl set-property as each worker started, restarts of live ones too.
         ("[workers]\nmemory_max = '4 GB'\n", "at `$.workers.memory_max`"),
         ("[workers]\ncpu_quota = '2 cores'\n", "at `$.workers.cpu_quota`"),
-        ("[workers]\ncpu_quota = '0%'\n", "at `$.workers.cpu_quota`"),
+        ("[workers]\ncpu_quota = '0%'\n", "cpu_quota '0%' is out of range: more than 0%"),
+        *((f"[workers]\nmemory_max = '{value}'\n", f"memory_max '{value}' is out of range")
+          for value in ("0", "0.0G", "0%", "101%", "16E", "20000000000000000000")),  # systemd 252 refuses them
     ],
 )
 def test_bad_config_names_the_key(tmp_path, text, expected):

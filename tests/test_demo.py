@@ -41,9 +41,9 @@ def state(tiny_model) -> Iterator[Path]:
 
 
 @contextmanager
-def running_demo(state: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], list[str], int]]:
-    """`python -m rbeed.demo` in a session of its own, as a terminal runs it, once it has said the
-    daemon is running: (the demo, its output lines so far, the daemon's pid)."""
+def running_demo(state: Path, tmp_path: Path, until: str = "rbeed is running") -> Iterator[tuple[subprocess.Popen[str], list[str], int]]:
+    """`python -m rbeed.demo` in a session of its own, as a terminal runs it, once it has said
+    `until` (the daemon is running): (the demo, its output lines so far, the daemon's pid)."""
     env = {key: value for key, value in os.environ.items() if key != "NOTIFY_SOCKET"}
     env |= {"STATE_DIRECTORY": str(state), "RUNTIME_DIRECTORY": str(tmp_path / "run")}
     demo = subprocess.Popen([sys.executable, "-m", "rbeed.demo", "--listen", "127.0.0.1:0"], stderr=subprocess.PIPE,
@@ -52,7 +52,7 @@ def running_demo(state: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen
     threading.Thread(target=lambda: [lines.put(line) for line in demo.stderr], daemon=True).start()
     seen: list[str] = []
     try:
-        while "rbeed is running" not in "".join(seen):
+        while until not in "".join(seen):
             seen.append(lines.get(timeout=30))
         daemon_pid = int((tmp_path / "run" / "rbeed.lock").read_text())
         yield demo, seen, daemon_pid
@@ -72,6 +72,13 @@ def test_one_ctrl_c_stops_the_daemon_gracefully_once(state, tmp_path):
     assert demo.returncode == 0 and not pid_alive(daemon_pid)
     output = "".join(seen)
     assert "SIGINT: shutting down" in output and "second SIGINT" not in output, output
+
+
+def test_a_ctrl_c_while_the_model_is_assembled_stops_both(tmp_path):
+    with running_demo(tmp_path / "empty-state", tmp_path, until="assembling gemma3 270M") as (demo, seen, daemon_pid):
+        os.killpg(demo.pid, signal.SIGINT)
+    assert demo.returncode == 0 and not pid_alive(daemon_pid), "".join(seen)
+    assert "registering the model failed" not in "".join(seen)
 
 
 @pytest.mark.parametrize("sent", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])

@@ -154,19 +154,23 @@ def test_rbeed_reload_returns_once_the_daemon_has_reloaded_and_fails_when_it_cou
     daemon = start_daemon(base, config="[jobs]\nfinished_ttl = 600\n")
     config = base / "rbeed.toml"
 
-    def reload() -> subprocess.CompletedProcess[str]:
+    def reload(*flags: str) -> subprocess.CompletedProcess[str]:
         command = [sys.executable, "-m", "rbeed", "reload", str(daemon.proc.pid), "--config", str(config),
-                   "--runtime-dir", str(daemon.runtime_dir), "--timeout", "20"]  # fmt: skip
+                   "--timeout", "20", *flags]  # fmt: skip
         return subprocess.run(command, capture_output=True, text=True, timeout=30)
 
     try:
-        config.write_text("[jobs]\nfinished_ttl = 60\n")
+        # The runtime dir from the file: a None for the absent flag wrote over it.
+        config.write_text(f"runtime_dir = '{daemon.runtime_dir}'\n[jobs]\nfinished_ttl = 30\n")
         done = reload()
+        assert done.returncode == 0, done.stderr
+        config.write_text("[jobs]\nfinished_ttl = 60\n")
+        done = reload("--runtime-dir", str(daemon.runtime_dir))
         assert done.returncode == 0, done.stderr
         assert f"reloaded {config}: jobs.finished_ttl" in daemon.log()  # when it returned: no wait
         # A config that does not parse: this command cannot read it either, and signals all the same.
         config.write_text("[jobs]\nfinished_ttl = 'soon'\n")
-        refused = reload()
+        refused = reload("--runtime-dir", str(daemon.runtime_dir))
         assert refused.returncode == 1
         assert "reload failed, keeping the running config: " in refused.stderr
         assert "Expected `float`, got `str` - at `$.jobs.finished_ttl`" in refused.stderr

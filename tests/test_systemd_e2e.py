@@ -23,11 +23,11 @@ import trio
 
 import chaos
 from rbeed import config as configuration
-from rbeed.backends import ProcessBackend
+from rbeed.backends import ProcessBackend, WorkerStartError
 from rbeed.config import WorkersConfig
 from rbeed.daemon import choose_backend
 from rbeed.httpclient import Client
-from rbeed.systemd import SystemdBackend
+from rbeed.systemd import SystemdBackend, UnitHandle
 from support import (
     Daemon, end_marker, job_error, job_events, job_result, narrations, pid_alive, read_events_until,
     rest_of, result_of, run_job, short_base, start_daemon, steady,
@@ -281,13 +281,26 @@ def test_worker_settings_reach_the_unit_as_written_whatever_their_characters(uni
     assert seen["RBEED_WORKER_OPTS"] == "--n-ctx 0 --n-batch 32" and seen["RBEED_THREADS"] == "1"
 
 
-def test_only_a_daemon_on_the_templates_runtime_dir_runs_workers_as_units(units, monkeypatch):
-    # As a second rbeed started from a unit (a shell in a terminal's user service) sees it: with
-    # the systemd backend it stopped the first one's worker units, whose names it shares.
+@pytest.fixture
+def as_its_service(units, monkeypatch) -> None:
+    """This process's environment as a service of the test's user manager sees its own."""
     monkeypatch.setenv("INVOCATION_ID", "0" * 32)
     monkeypatch.setenv("MANAGERPID", str(units.manager.manager.pid))
     for name, value in units.manager.env.items():
         monkeypatch.setenv(name, value)
+
+
+async def test_a_unit_that_systemctl_cannot_start_is_told_by_systemctl_s_words(as_its_service):
+    # A unit that never ran has Result=success: it was told "stopped while loading".
+    with pytest.raises(WorkerStartError) as refused:
+        await UnitHandle("rbeed-nosuch@x.service").ready()
+    assert str(refused.value).startswith("systemctl start rbeed-nosuch@x.service: ")
+    assert "rbeed-nosuch@x.service not found" in str(refused.value)
+
+
+def test_only_a_daemon_on_the_templates_runtime_dir_runs_workers_as_units(units, as_its_service):
+    # As a second rbeed started from a unit (a shell in a terminal's user service) sees it: with
+    # the systemd backend it stopped the first one's worker units, whose names it shares.
 
     def backend(runtime_dir: Path, wanted: str = "auto"):
         return choose_backend(configuration.load(Path("/dev/null"), {"runtime_dir": str(runtime_dir),

@@ -454,6 +454,11 @@ async def test_a_job_for_a_worker_being_deleted_waits_and_loads_its_model_anew(t
         assert result_of(events)["worker_id"] == worker["id"]  # a new worker, by the name free again
         assert narrations(events)[0].startswith("loading tiny on cpu with 2 thread(s)")
         assert not pid_alive(worker["pid"])
+        # The delete, ending after the new worker took the id, unlisted that one (half the runs):
+        # a worker nobody could see or delete, holding its threads.
+        async with daemon.client() as client:
+            [listed] = await job_result(client, {"operation": "worker_list"})
+        assert listed["id"] == worker["id"] and listed["pid"] != worker["pid"] and pid_alive(listed["pid"])
 
 
 async def test_workers_exit_when_the_daemon_is_killed(tiny_model):
