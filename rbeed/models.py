@@ -485,9 +485,9 @@ class Models:
         try:
             model = self.lookup(op.id)
         except JobFailed as exc:
-            if exc.status == 404 and (freed := self._drop_partial(model_id(op.id))) is not None:
-                job.narrate(f"the partial download of model {model_id(op.id)} removed ({freed} bytes freed)")
-                job.result({"id": model_id(op.id), "deleted": True})
+            if exc.status == 404 and (freed := self._drop_partial(partial := model_id(op.id))) is not None:
+                job.narrate(f"the partial download of model {partial} removed ({freed} bytes freed)")
+                job.result({"id": partial, "deleted": True})
                 return
             raise
         await self.released(model.id, job)  # not in use, only slow to go: stop_grace bounds the wait

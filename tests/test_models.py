@@ -378,6 +378,7 @@ async def test_a_model_whose_file_was_gone_is_said_so_and_a_failed_download_of_i
 
 async def test_model_delete_of_a_model_only_partly_downloaded_removes_its_part(rbeed, client, tiny):
     models = rbeed.state_dir / "models"
+    models.mkdir(exist_ok=True)  # made by the first download: none yet if this test runs alone
     (models / "half.gguf.part").write_bytes(tiny[0][:1000])
     (models / "half.gguf.part.from").write_text("{}")
     events = await run_job(client, {"operation": "model_delete", "id": "half"})
